@@ -1,0 +1,20 @@
+//! CPU kernels, one module per op family. Each function reads strided inputs through
+//! [`crate::Layout`]s and returns (or fills) a contiguous row-major output.
+//!
+//! These are the reference kernels: plain, correct for every stride pattern, threaded
+//! with rayon where the work is large. The SIMD kernels slot in behind the same
+//! functions, which keeps the tensor layer unchanged.
+
+pub mod attention;
+pub mod binary;
+pub mod conv;
+pub mod copy;
+pub mod index;
+pub mod map;
+pub mod matmul;
+pub mod norm;
+pub mod pool;
+pub mod random;
+pub mod reduce;
+pub mod softmax;
+pub mod unary;

@@ -1,0 +1,18 @@
+//! # aigc-kernels
+//!
+//! Raw compute on buffers: every kernel takes flat slices plus [`Layout`]s (shape,
+//! strides, offset) and writes a flat, row-major result. There is no tensor type here;
+//! `aigc-tensor` owns the buffers, checks the arguments and dispatches to these
+//! functions by device and dtype.
+//!
+//! - [`layout`]: strided views and the one walker that visits their elements.
+//! - [`element`]: the element types and the math they compute with.
+//! - [`cpu`]: the CPU kernels, one module per op family.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod cpu;
+pub mod element;
+pub mod layout;
+
+pub use element::{Element, FloatElem, Real};
+pub use layout::Layout;

@@ -1,0 +1,443 @@
+//! The [`Tensor`]: a shared buffer seen through a strided [`Layout`].
+//!
+//! Cloning a tensor is cheap (it shares the buffer). Views (reshape, permute, narrow,
+//! broadcast, ...) make a new layout over the same buffer; ops that compute write a
+//! fresh contiguous buffer. This file holds the struct, constructors, accessors and
+//! conversions to and from plain Rust data; the ops live in `ops/`.
+
+use crate::storage::{CpuStorage, Storage, map_any, with_any};
+use crate::{DType, Device, Error, Result, Shape, WithDType};
+use aigc_kernels::{Layout, cpu};
+use std::sync::{Arc, RwLock};
+
+/// An n-dimensional array of one dtype on one device.
+#[derive(Clone)]
+pub struct Tensor {
+    storage: Arc<RwLock<Storage>>,
+    layout: Layout,
+    dtype: DType,
+    device: Device,
+}
+
+impl Tensor {
+    // ----- construction from buffers -----
+
+    /// Wraps a freshly computed row-major CPU buffer of shape `shape`.
+    pub(crate) fn from_cpu(storage: CpuStorage, shape: &[usize]) -> Tensor {
+        debug_assert_eq!(storage.len(), shape.iter().product::<usize>());
+        Tensor {
+            dtype: storage.dtype(),
+            device: Device::Cpu,
+            storage: Arc::new(RwLock::new(Storage::Cpu(storage))),
+            layout: Layout::contiguous(shape),
+        }
+    }
+
+    /// The same buffer seen through another layout (a view: nothing is copied).
+    pub(crate) fn with_layout(&self, layout: Layout) -> Tensor {
+        Tensor {
+            storage: self.storage.clone(),
+            layout,
+            dtype: self.dtype,
+            device: self.device,
+        }
+    }
+
+    /// Runs `f` on the CPU buffer and this tensor's layout.
+    pub(crate) fn read_cpu<R>(
+        &self,
+        f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>,
+    ) -> Result<R> {
+        let guard = self.storage.read().unwrap_or_else(|e| e.into_inner());
+        match &*guard {
+            Storage::Cpu(s) => f(s, &self.layout),
+        }
+    }
+
+    /// Runs `f` on the CPU buffers and layouts of two tensors on the same device.
+    pub(crate) fn read_cpu2<R>(
+        &self,
+        other: &Tensor,
+        op: &'static str,
+        f: impl FnOnce(&CpuStorage, &Layout, &CpuStorage, &Layout) -> Result<R>,
+    ) -> Result<R> {
+        self.same_device(other, op)?;
+        self.read_cpu(|a, la| other.read_cpu(|b, lb| f(a, la, b, lb)))
+    }
+
+    /// Mutable access to the CPU buffer, for in-place writes. The caller must only write
+    /// positions its own layout addresses.
+    pub(crate) fn write_cpu<R>(
+        &self,
+        f: impl FnOnce(&mut CpuStorage, &Layout) -> Result<R>,
+    ) -> Result<R> {
+        let mut guard = self.storage.write().unwrap_or_else(|e| e.into_inner());
+        match &mut *guard {
+            Storage::Cpu(s) => f(s, &self.layout),
+        }
+    }
+
+    /// Creates a tensor from a vector in row-major order.
+    pub fn from_vec<T: WithDType>(
+        data: Vec<T>,
+        shape: impl Into<Shape>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let shape = shape.into();
+        device.check_available()?;
+        if data.len() != shape.numel() {
+            return Err(Error::ElementCount {
+                op: "from_vec",
+                shape,
+                got: data.len(),
+            });
+        }
+        Ok(Tensor::from_cpu(T::into_storage(data), shape.dims()))
+    }
+
+    /// Creates a tensor from a slice in row-major order.
+    pub fn from_slice<T: WithDType>(
+        data: &[T],
+        shape: impl Into<Shape>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        Tensor::from_vec(data.to_vec(), shape, device)
+    }
+
+    /// A 1-d tensor holding `data`.
+    pub fn new<T: WithDType>(data: &[T], device: &Device) -> Result<Tensor> {
+        Tensor::from_vec(data.to_vec(), data.len(), device)
+    }
+
+    /// A 0-d tensor holding one value.
+    pub fn scalar<T: WithDType>(value: T, device: &Device) -> Result<Tensor> {
+        Tensor::from_vec(vec![value], (), device)
+    }
+
+    /// A tensor with every element equal to `value` (converted to `dtype`).
+    pub fn full(
+        value: f64,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let shape = shape.into();
+        device.check_available()?;
+        Ok(Tensor::from_cpu(
+            CpuStorage::full(dtype, shape.numel(), value),
+            shape.dims(),
+        ))
+    }
+
+    pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+        Tensor::full(0.0, shape, dtype, device)
+    }
+    pub fn ones(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+        Tensor::full(1.0, shape, dtype, device)
+    }
+    /// Zeros with this tensor's shape, dtype and device.
+    pub fn zeros_like(&self) -> Result<Tensor> {
+        Tensor::zeros(self.shape(), self.dtype, &self.device)
+    }
+    pub fn ones_like(&self) -> Result<Tensor> {
+        Tensor::ones(self.shape(), self.dtype, &self.device)
+    }
+    pub fn full_like(&self, value: f64) -> Result<Tensor> {
+        Tensor::full(value, self.shape(), self.dtype, &self.device)
+    }
+
+    /// `start, start + step, ...` up to but excluding `end` (like `torch.arange`).
+    pub fn arange_step(
+        start: f64,
+        end: f64,
+        step: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        if step == 0.0 || !step.is_finite() || !start.is_finite() || !end.is_finite() {
+            return Err(Error::invalid(
+                "arange",
+                format!("start {start}, end {end}, step {step}: need finite values and step != 0"),
+            ));
+        }
+        let n = ((end - start) / step).ceil().max(0.0) as usize;
+        let values: Vec<f64> = (0..n).map(|i| start + i as f64 * step).collect();
+        Tensor::from_vec(values, n, device)?.to_dtype(dtype)
+    }
+
+    /// `start, start + 1, ..., end - 1`.
+    pub fn arange(start: i64, end: i64, dtype: DType, device: &Device) -> Result<Tensor> {
+        Tensor::arange_step(start as f64, end as f64, 1.0, dtype, device)
+    }
+
+    /// `n` evenly spaced values from `start` to `end` inclusive.
+    pub fn linspace(
+        start: f64,
+        end: f64,
+        n: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let step = if n > 1 {
+            (end - start) / (n - 1) as f64
+        } else {
+            0.0
+        };
+        let values: Vec<f64> = (0..n)
+            .map(|i| {
+                if i + 1 == n && n > 1 {
+                    end
+                } else {
+                    start + i as f64 * step
+                }
+            })
+            .collect();
+        Tensor::from_vec(values, n, device)?.to_dtype(dtype)
+    }
+
+    /// The `n x n` identity matrix.
+    pub fn eye(n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+        let mut values = vec![0.0f64; n * n];
+        for i in 0..n {
+            values[i * n + i] = 1.0;
+        }
+        Tensor::from_vec(values, [n, n], device)?.to_dtype(dtype)
+    }
+
+    // ----- accessors -----
+
+    /// The sizes of the dimensions.
+    pub fn dims(&self) -> &[usize] {
+        self.layout.shape()
+    }
+    /// The shape as a value that prints like `[64, 400]`.
+    pub fn shape(&self) -> Shape {
+        Shape(self.dims().to_vec())
+    }
+    pub fn rank(&self) -> usize {
+        self.layout.rank()
+    }
+    /// The size of dimension `dim` (negative counts from the end).
+    pub fn dim(&self, dim: isize) -> Result<usize> {
+        Ok(self.dims()[crate::shape::resolve_dim("dim", dim, self.rank())?])
+    }
+    pub fn numel(&self) -> usize {
+        self.layout.numel()
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> Device {
+        self.device
+    }
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+    pub fn strides(&self) -> &[usize] {
+        self.layout.strides()
+    }
+    pub fn is_contiguous(&self) -> bool {
+        self.layout.is_contiguous()
+    }
+    /// Whether two tensors are views of the same buffer.
+    pub fn shares_storage_with(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.storage, &other.storage)
+    }
+
+    pub(crate) fn same_device(&self, other: &Tensor, op: &'static str) -> Result<()> {
+        if self.device != other.device {
+            return Err(Error::DeviceMismatch {
+                op,
+                lhs: self.device,
+                rhs: other.device,
+            });
+        }
+        Ok(())
+    }
+    pub(crate) fn same_dtype(&self, other: &Tensor, op: &'static str) -> Result<()> {
+        if self.dtype != other.dtype {
+            return Err(Error::DTypeMismatch {
+                op,
+                lhs: self.dtype,
+                rhs: other.dtype,
+            });
+        }
+        Ok(())
+    }
+    pub(crate) fn expect_float(&self, op: &'static str) -> Result<()> {
+        if !self.dtype.is_float() {
+            return Err(Error::UnsupportedDType {
+                op,
+                dtype: self.dtype,
+                expected: "a float dtype (f32, f64, f16, bf16)",
+            });
+        }
+        Ok(())
+    }
+    pub(crate) fn expect_index(&self, op: &'static str) -> Result<()> {
+        if self.dtype != DType::I64 {
+            return Err(Error::UnsupportedDType {
+                op,
+                dtype: self.dtype,
+                expected: "i64 indices",
+            });
+        }
+        Ok(())
+    }
+
+    // ----- copies and conversions -----
+
+    /// The tensor itself when already contiguous, else a row-major copy.
+    pub fn contiguous(&self) -> Result<Tensor> {
+        if self.is_contiguous() {
+            return Ok(self.clone());
+        }
+        self.copy()
+    }
+
+    /// A row-major copy in a buffer of its own.
+    pub fn copy(&self) -> Result<Tensor> {
+        let out = self.read_cpu(|s, l| Ok(map_any!(s, |b| cpu::copy::contiguous(b, l))))?;
+        Ok(Tensor::from_cpu(out, self.dims()))
+    }
+
+    /// Converts to another dtype (a copy; the same tensor when the dtype already matches).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype {
+            return Ok(self.clone());
+        }
+        let out = self.read_cpu(|s, l| {
+            Ok(with_any!(s, |b| match dtype {
+                DType::F32 => CpuStorage::F32(cpu::copy::cast(b, l)),
+                DType::F64 => CpuStorage::F64(cpu::copy::cast(b, l)),
+                DType::F16 => CpuStorage::F16(cpu::copy::cast(b, l)),
+                DType::BF16 => CpuStorage::BF16(cpu::copy::cast(b, l)),
+                DType::I64 => CpuStorage::I64(cpu::copy::cast(b, l)),
+                DType::U8 => CpuStorage::U8(cpu::copy::cast(b, l)),
+            }))
+        })?;
+        Ok(Tensor::from_cpu(out, self.dims()))
+    }
+
+    /// Moves the tensor to `device` (the same tensor when it is already there).
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        device.check_available()?;
+        Ok(self.clone())
+    }
+
+    /// The elements in row-major order. `T` must be the tensor's dtype.
+    pub fn to_vec<T: WithDType>(&self) -> Result<Vec<T>> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::DTypeMismatch {
+                op: "to_vec",
+                lhs: self.dtype,
+                rhs: T::DTYPE,
+            });
+        }
+        self.read_cpu(|s, l| {
+            Ok(T::from_storage(s)
+                .map(|b| cpu::copy::contiguous(b, l))
+                .expect("dtype checked"))
+        })
+    }
+
+    /// The elements converted to f64, row-major, whatever the dtype.
+    pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
+        self.read_cpu(|s, l| Ok(with_any!(s, |b| cpu::copy::cast::<_, f64>(b, l))))
+    }
+
+    /// The one element of a tensor with exactly one element.
+    pub fn to_scalar<T: WithDType>(&self) -> Result<T> {
+        if self.numel() != 1 {
+            return Err(Error::bad_shape(
+                "to_scalar",
+                &self.shape(),
+                "need exactly one element",
+            ));
+        }
+        Ok(self.to_vec::<T>()?[0])
+    }
+
+    /// The rows of a 2-d tensor.
+    pub fn to_vec2<T: WithDType>(&self) -> Result<Vec<Vec<T>>> {
+        if self.rank() != 2 {
+            return Err(Error::bad_shape(
+                "to_vec2",
+                &self.shape(),
+                "need a 2-d tensor",
+            ));
+        }
+        let flat = self.to_vec::<T>()?;
+        let cols = self.dims()[1];
+        Ok((0..self.dims()[0])
+            .map(|r| flat[r * cols..(r + 1) * cols].to_vec())
+            .collect())
+    }
+}
+
+impl<T: WithDType> TryFrom<&ndarray::ArrayD<T>> for Tensor {
+    type Error = Error;
+    fn try_from(a: &ndarray::ArrayD<T>) -> Result<Tensor> {
+        Tensor::from_vec(a.iter().copied().collect(), a.shape(), &Device::Cpu)
+    }
+}
+
+impl Tensor {
+    /// Copies into an `ndarray::ArrayD` (for interop). `T` must be the tensor's dtype.
+    pub fn to_ndarray<T: WithDType>(&self) -> Result<ndarray::ArrayD<T>> {
+        let v = self.to_vec::<T>()?;
+        Ok(ndarray::ArrayD::from_shape_vec(self.dims(), v).expect("length matches the shape"))
+    }
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor{} {} {}", self.shape(), self.dtype, self.device)
+    }
+}
+
+/// Prints the values, numpy style, eliding the middle of long dimensions.
+impl std::fmt::Display for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const EDGE: usize = 3;
+        fn rec(
+            f: &mut std::fmt::Formatter<'_>,
+            v: &[f64],
+            dims: &[usize],
+            is_int: bool,
+        ) -> std::fmt::Result {
+            if dims.is_empty() {
+                return if is_int {
+                    write!(f, "{}", v[0])
+                } else {
+                    write!(f, "{:.4}", v[0])
+                };
+            }
+            let inner: usize = dims[1..].iter().product();
+            write!(f, "[")?;
+            let n = dims[0];
+            let shown: Vec<usize> = if n > 2 * EDGE {
+                (0..EDGE).chain(n - EDGE..n).collect()
+            } else {
+                (0..n).collect()
+            };
+            for (k, &i) in shown.iter().enumerate() {
+                if k > 0 {
+                    write!(f, ", ")?;
+                }
+                if n > 2 * EDGE && i == n - EDGE {
+                    write!(f, "..., ")?;
+                }
+                rec(f, &v[i * inner..(i + 1) * inner], &dims[1..], is_int)?;
+            }
+            write!(f, "]")
+        }
+        match self.to_f64_vec() {
+            Ok(v) => {
+                rec(f, &v, self.dims(), self.dtype.is_int())?;
+                write!(f, " {:?}", self)
+            }
+            Err(e) => write!(f, "<{e}>"),
+        }
+    }
+}
