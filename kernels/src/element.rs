@@ -109,18 +109,10 @@ macro_rules! impl_real {
             }
             fn max(self, o: Self) -> Self {
                 // NaN propagates, as in PyTorch's maximum.
-                if self.is_nan() || o.is_nan() {
-                    <$t>::NAN
-                } else {
-                    <$t>::max(self, o)
-                }
+                if self.is_nan() || o.is_nan() { <$t>::NAN } else { <$t>::max(self, o) }
             }
             fn min(self, o: Self) -> Self {
-                if self.is_nan() || o.is_nan() {
-                    <$t>::NAN
-                } else {
-                    <$t>::min(self, o)
-                }
+                if self.is_nan() || o.is_nan() { <$t>::NAN } else { <$t>::min(self, o) }
             }
             fn is_nan(self) -> bool {
                 <$t>::is_nan(self)
@@ -290,11 +282,7 @@ mod tests {
             (-1.5, -0.966_105_146_475_310_7),
         ];
         for (x, want) in cases {
-            assert!(
-                (erf_f64(x) - want).abs() < 1e-14,
-                "erf({x}) = {} want {want}",
-                erf_f64(x)
-            );
+            assert!((erf_f64(x) - want).abs() < 1e-14, "erf({x}) = {} want {want}", erf_f64(x));
         }
     }
 

@@ -32,26 +32,14 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
 impl Layout {
     /// A row-major layout starting at offset 0.
     pub fn contiguous(shape: &[usize]) -> Self {
-        Self {
-            shape: shape.to_vec(),
-            strides: contiguous_strides(shape),
-            offset: 0,
-        }
+        Self { shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0 }
     }
 
     /// A layout with explicit strides and offset. The caller guarantees that every
     /// element it addresses lies inside the buffer it will be used with.
     pub fn new(shape: Vec<usize>, strides: Vec<usize>, offset: usize) -> Self {
-        assert_eq!(
-            shape.len(),
-            strides.len(),
-            "Layout::new: shape and strides need the same rank"
-        );
-        Self {
-            shape,
-            strides,
-            offset,
-        }
+        assert_eq!(shape.len(), strides.len(), "Layout::new: shape and strides need the same rank");
+        Self { shape, strides, offset }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -85,8 +73,7 @@ impl Layout {
 
     /// `Some(start..end)` of the buffer when the view is contiguous.
     pub fn contiguous_range(&self) -> Option<std::ops::Range<usize>> {
-        self.is_contiguous()
-            .then(|| self.offset..self.offset + self.numel())
+        self.is_contiguous().then(|| self.offset..self.offset + self.numel())
     }
 
     /// One past the largest buffer position addressed (0 for an empty view).
@@ -94,14 +81,7 @@ impl Layout {
         if self.numel() == 0 {
             return 0;
         }
-        self.offset
-            + self
-                .shape
-                .iter()
-                .zip(&self.strides)
-                .map(|(&n, &s)| (n - 1) * s)
-                .sum::<usize>()
-            + 1
+        self.offset + self.shape.iter().zip(&self.strides).map(|(&n, &s)| (n - 1) * s).sum::<usize>() + 1
     }
 
     /// Reorders the dimensions: result dim `i` is input dim `perm[i]`.
@@ -136,27 +116,15 @@ impl Layout {
         let mut strides = vec![0; shape.len()];
         for (d, s) in strides.iter_mut().enumerate().skip(extra) {
             let src = d - extra;
-            *s = if self.shape[src] == 1 && shape[d] != 1 {
-                0
-            } else {
-                self.strides[src]
-            };
+            *s = if self.shape[src] == 1 && shape[d] != 1 { 0 } else { self.strides[src] };
         }
-        Self {
-            shape: shape.to_vec(),
-            strides,
-            offset: self.offset,
-        }
+        Self { shape: shape.to_vec(), strides, offset: self.offset }
     }
 
     /// Inserts a size-1 dimension at `dim`.
     pub fn unsqueeze(&self, dim: usize) -> Self {
         let mut out = self.clone();
-        let stride = if dim < self.rank() {
-            self.strides[dim] * self.shape[dim]
-        } else {
-            1
-        };
+        let stride = if dim < self.rank() { self.strides[dim] * self.shape[dim] } else { 1 };
         out.shape.insert(dim, 1);
         out.strides.insert(dim, stride);
         out
@@ -175,28 +143,15 @@ impl Layout {
     /// contiguous within itself). Returns `None` when a copy is needed.
     pub fn reshape(&self, shape: &[usize]) -> Option<Self> {
         if self.is_contiguous() {
-            return Some(Self {
-                shape: shape.to_vec(),
-                strides: contiguous_strides(shape),
-                offset: self.offset,
-            });
+            return Some(Self { shape: shape.to_vec(), strides: contiguous_strides(shape), offset: self.offset });
         }
         let numel = self.numel();
         if numel == 0 {
-            return Some(Self {
-                shape: shape.to_vec(),
-                strides: contiguous_strides(shape),
-                offset: self.offset,
-            });
+            return Some(Self { shape: shape.to_vec(), strides: contiguous_strides(shape), offset: self.offset });
         }
         // Drop size-1 dims of the input: they impose no constraint.
-        let old: Vec<(usize, usize)> = self
-            .shape
-            .iter()
-            .zip(&self.strides)
-            .filter(|(n, _)| **n != 1)
-            .map(|(&n, &s)| (n, s))
-            .collect();
+        let old: Vec<(usize, usize)> =
+            self.shape.iter().zip(&self.strides).filter(|(n, _)| **n != 1).map(|(&n, &s)| (n, s)).collect();
         let mut new_strides = vec![0usize; shape.len()];
         let (mut oi, mut ni) = (0usize, 0usize);
         while ni < shape.len() {
@@ -232,20 +187,13 @@ impl Layout {
         if oi != old.len() {
             return None;
         }
-        Some(Self {
-            shape: shape.to_vec(),
-            strides: new_strides,
-            offset: self.offset,
-        })
+        Some(Self { shape: shape.to_vec(), strides: new_strides, offset: self.offset })
     }
 }
 
 /// Merges adjacent dims that are contiguous with each other in every layout, and drops
 /// size-1 dims. Returns the simplified shape and per-layout strides (same walk order).
-fn coalesce<const N: usize>(
-    shape: &[usize],
-    strides: [&[usize]; N],
-) -> (Vec<usize>, [Vec<usize>; N]) {
+fn coalesce<const N: usize>(shape: &[usize], strides: [&[usize]; N]) -> (Vec<usize>, [Vec<usize>; N]) {
     let mut out_shape: Vec<usize> = Vec::with_capacity(shape.len());
     let mut out_strides: [Vec<usize>; N] = std::array::from_fn(|_| Vec::with_capacity(shape.len()));
     for d in 0..shape.len() {
@@ -327,12 +275,7 @@ pub fn for_each_offsets<const N: usize>(
 
 /// Calls `f` with the buffer offset of every element of `layout`, row-major.
 pub fn for_each_offset(layout: &Layout, mut f: impl FnMut(usize)) {
-    for_each_offsets(
-        layout.shape(),
-        [layout.strides()],
-        [layout.offset()],
-        |[o]| f(o),
-    );
+    for_each_offsets(layout.shape(), [layout.strides()], [layout.offset()], |[o]| f(o));
 }
 
 #[cfg(test)]
@@ -361,9 +304,7 @@ mod tests {
 
     #[test]
     fn walker_matches_naive_index_math_on_a_transpose_and_slice() {
-        let l = Layout::contiguous(&[3, 4, 5])
-            .permute(&[2, 0, 1])
-            .narrow(1, 1, 2);
+        let l = Layout::contiguous(&[3, 4, 5]).permute(&[2, 0, 1]).narrow(1, 1, 2);
         assert_eq!(offsets(&l), naive_offsets(&l));
     }
 

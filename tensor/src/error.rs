@@ -9,52 +9,27 @@ use crate::{DType, Device, Shape};
 pub enum Error {
     /// Two operands whose shapes do not fit together.
     #[error("{op}: lhs {lhs} and rhs {rhs}: {reason}")]
-    ShapeMismatch {
-        op: &'static str,
-        lhs: Shape,
-        rhs: Shape,
-        reason: String,
-    },
+    ShapeMismatch { op: &'static str, lhs: Shape, rhs: Shape, reason: String },
 
     /// One operand whose shape is wrong for the op.
     #[error("{op}: input of shape {shape}: {reason}")]
-    BadShape {
-        op: &'static str,
-        shape: Shape,
-        reason: String,
-    },
+    BadShape { op: &'static str, shape: Shape, reason: String },
 
     /// A dimension index outside `-rank..rank`.
     #[error("{op}: dim {dim} is out of range for a tensor of rank {rank} (expected {}..{rank})", -(*rank as i64))]
-    DimOutOfRange {
-        op: &'static str,
-        dim: isize,
-        rank: usize,
-    },
+    DimOutOfRange { op: &'static str, dim: isize, rank: usize },
 
     /// Two operands of different dtypes (there is no implicit promotion).
     #[error("{op}: dtypes differ: lhs is {lhs}, rhs is {rhs} (convert one with to_dtype)")]
-    DTypeMismatch {
-        op: &'static str,
-        lhs: DType,
-        rhs: DType,
-    },
+    DTypeMismatch { op: &'static str, lhs: DType, rhs: DType },
 
     /// The op is not defined for this dtype.
     #[error("{op}: not supported for dtype {dtype} (expected {expected})")]
-    UnsupportedDType {
-        op: &'static str,
-        dtype: DType,
-        expected: &'static str,
-    },
+    UnsupportedDType { op: &'static str, dtype: DType, expected: &'static str },
 
     /// Operands on different devices.
     #[error("{op}: operands are on different devices: {lhs} and {rhs} (move one with to_device)")]
-    DeviceMismatch {
-        op: &'static str,
-        lhs: Device,
-        rhs: Device,
-    },
+    DeviceMismatch { op: &'static str, lhs: Device, rhs: Device },
 
     /// The device is not available in this build or on this machine.
     #[error("device {device} is not available: {reason}")]
@@ -62,19 +37,11 @@ pub enum Error {
 
     /// A buffer whose length does not match the shape it is given.
     #[error("{op}: shape {shape} holds {} elements but {got} were given", shape.numel())]
-    ElementCount {
-        op: &'static str,
-        shape: Shape,
-        got: usize,
-    },
+    ElementCount { op: &'static str, shape: Shape, got: usize },
 
     /// An index (in an index tensor or an argument) outside its dimension.
     #[error("{op}: index {index} is out of range for a dimension of size {size}")]
-    IndexOutOfRange {
-        op: &'static str,
-        index: i64,
-        size: usize,
-    },
+    IndexOutOfRange { op: &'static str, index: i64, size: usize },
 
     /// Any other invalid argument, described in words.
     #[error("{op}: {reason}")]
@@ -86,16 +53,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn invalid(op: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument {
-            op,
-            reason: reason.into(),
-        }
+        Error::InvalidArgument { op, reason: reason.into() }
     }
     pub(crate) fn bad_shape(op: &'static str, shape: &Shape, reason: impl Into<String>) -> Self {
-        Error::BadShape {
-            op,
-            shape: shape.clone(),
-            reason: reason.into(),
-        }
+        Error::BadShape { op, shape: shape.clone(), reason: reason.into() }
     }
 }

@@ -71,25 +71,15 @@ pub fn resolve_dim(op: &'static str, dim: isize, rank: usize) -> Result<usize> {
     if dim < -r || dim >= r {
         return Err(Error::DimOutOfRange { op, dim, rank });
     }
-    Ok(if dim < 0 {
-        (dim + r) as usize
-    } else {
-        dim as usize
-    })
+    Ok(if dim < 0 { (dim + r) as usize } else { dim as usize })
 }
 
 /// Resolves a list of dims, sorted ascending; a repeated dim is an error.
 pub fn resolve_dims(op: &'static str, dims: &[isize], rank: usize) -> Result<Vec<usize>> {
-    let mut out = dims
-        .iter()
-        .map(|&d| resolve_dim(op, d, rank))
-        .collect::<Result<Vec<_>>>()?;
+    let mut out = dims.iter().map(|&d| resolve_dim(op, d, rank)).collect::<Result<Vec<_>>>()?;
     out.sort_unstable();
     if out.windows(2).any(|w| w[0] == w[1]) {
-        return Err(Error::invalid(
-            op,
-            format!("dims {dims:?} name the same dimension twice"),
-        ));
+        return Err(Error::invalid(op, format!("dims {dims:?} name the same dimension twice")));
     }
     Ok(out)
 }
@@ -100,16 +90,8 @@ pub fn broadcast_shapes(op: &'static str, lhs: &[usize], rhs: &[usize]) -> Resul
     let rank = lhs.len().max(rhs.len());
     let mut out = vec![0; rank];
     for i in 0..rank {
-        let a = if i < rank - lhs.len() {
-            1
-        } else {
-            lhs[i - (rank - lhs.len())]
-        };
-        let b = if i < rank - rhs.len() {
-            1
-        } else {
-            rhs[i - (rank - rhs.len())]
-        };
+        let a = if i < rank - lhs.len() { 1 } else { lhs[i - (rank - lhs.len())] };
+        let b = if i < rank - rhs.len() { 1 } else { rhs[i - (rank - rhs.len())] };
         out[i] = if a == b || b == 1 {
             a
         } else if a == 1 {
@@ -138,26 +120,16 @@ mod tests {
         assert_eq!(resolve_dim("t", -1, 3).unwrap(), 2);
         assert_eq!(resolve_dim("t", 0, 3).unwrap(), 0);
         let e = resolve_dim("softmax", 3, 3).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "softmax: dim 3 is out of range for a tensor of rank 3 (expected -3..3)"
-        );
+        assert_eq!(e.to_string(), "softmax: dim 3 is out of range for a tensor of rank 3 (expected -3..3)");
     }
 
     #[test]
     fn broadcasting_follows_numpy() {
-        assert_eq!(
-            broadcast_shapes("add", &[8, 1, 6, 1], &[7, 1, 5]).unwrap(),
-            vec![8, 7, 6, 5]
-        );
+        assert_eq!(broadcast_shapes("add", &[8, 1, 6, 1], &[7, 1, 5]).unwrap(), vec![8, 7, 6, 5]);
         assert_eq!(broadcast_shapes("add", &[], &[3]).unwrap(), vec![3]);
         assert_eq!(broadcast_shapes("add", &[0], &[1]).unwrap(), vec![0]);
         let e = broadcast_shapes("add", &[2, 3], &[4, 3]).unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("add: lhs [2, 3] and rhs [4, 3]: cannot broadcast: dim -2"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("add: lhs [2, 3] and rhs [4, 3]: cannot broadcast: dim -2"), "{e}");
     }
 
     #[test]

@@ -72,11 +72,7 @@ macro_rules! zip_float {
                 $crate::storage::CpuStorage::BF16($body)
             }
             (l, r) if l.dtype() != r.dtype() => {
-                return Err($crate::Error::DTypeMismatch {
-                    op: $op,
-                    lhs: l.dtype(),
-                    rhs: r.dtype(),
-                })
+                return Err($crate::Error::DTypeMismatch { op: $op, lhs: l.dtype(), rhs: r.dtype() })
             }
             (l, _) => {
                 return Err($crate::Error::UnsupportedDType {
@@ -100,13 +96,7 @@ macro_rules! zip_any {
             ($crate::storage::CpuStorage::BF16($a), $crate::storage::CpuStorage::BF16($b)) => $body,
             ($crate::storage::CpuStorage::I64($a), $crate::storage::CpuStorage::I64($b)) => $body,
             ($crate::storage::CpuStorage::U8($a), $crate::storage::CpuStorage::U8($b)) => $body,
-            (l, r) => {
-                return Err($crate::Error::DTypeMismatch {
-                    op: $op,
-                    lhs: l.dtype(),
-                    rhs: r.dtype(),
-                })
-            }
+            (l, r) => return Err($crate::Error::DTypeMismatch { op: $op, lhs: l.dtype(), rhs: r.dtype() }),
         }
     };
 }

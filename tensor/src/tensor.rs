@@ -35,19 +35,11 @@ impl Tensor {
 
     /// The same buffer seen through another layout (a view: nothing is copied).
     pub(crate) fn with_layout(&self, layout: Layout) -> Tensor {
-        Tensor {
-            storage: self.storage.clone(),
-            layout,
-            dtype: self.dtype,
-            device: self.device,
-        }
+        Tensor { storage: self.storage.clone(), layout, dtype: self.dtype, device: self.device }
     }
 
     /// Runs `f` on the CPU buffer and this tensor's layout.
-    pub(crate) fn read_cpu<R>(
-        &self,
-        f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>,
-    ) -> Result<R> {
+    pub(crate) fn read_cpu<R>(&self, f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>) -> Result<R> {
         let guard = self.storage.read().unwrap_or_else(|e| e.into_inner());
         match &*guard {
             Storage::Cpu(s) => f(s, &self.layout),
@@ -67,10 +59,7 @@ impl Tensor {
 
     /// Mutable access to the CPU buffer, for in-place writes. The caller must only write
     /// positions its own layout addresses.
-    pub(crate) fn write_cpu<R>(
-        &self,
-        f: impl FnOnce(&mut CpuStorage, &Layout) -> Result<R>,
-    ) -> Result<R> {
+    pub(crate) fn write_cpu<R>(&self, f: impl FnOnce(&mut CpuStorage, &Layout) -> Result<R>) -> Result<R> {
         let mut guard = self.storage.write().unwrap_or_else(|e| e.into_inner());
         match &mut *guard {
             Storage::Cpu(s) => f(s, &self.layout),
@@ -78,29 +67,17 @@ impl Tensor {
     }
 
     /// Creates a tensor from a vector in row-major order.
-    pub fn from_vec<T: WithDType>(
-        data: Vec<T>,
-        shape: impl Into<Shape>,
-        device: &Device,
-    ) -> Result<Tensor> {
+    pub fn from_vec<T: WithDType>(data: Vec<T>, shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
         device.check_available()?;
         if data.len() != shape.numel() {
-            return Err(Error::ElementCount {
-                op: "from_vec",
-                shape,
-                got: data.len(),
-            });
+            return Err(Error::ElementCount { op: "from_vec", shape, got: data.len() });
         }
         Ok(Tensor::from_cpu(T::into_storage(data), shape.dims()))
     }
 
     /// Creates a tensor from a slice in row-major order.
-    pub fn from_slice<T: WithDType>(
-        data: &[T],
-        shape: impl Into<Shape>,
-        device: &Device,
-    ) -> Result<Tensor> {
+    pub fn from_slice<T: WithDType>(data: &[T], shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
         Tensor::from_vec(data.to_vec(), shape, device)
     }
 
@@ -115,18 +92,10 @@ impl Tensor {
     }
 
     /// A tensor with every element equal to `value` (converted to `dtype`).
-    pub fn full(
-        value: f64,
-        shape: impl Into<Shape>,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
+    pub fn full(value: f64, shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
         device.check_available()?;
-        Ok(Tensor::from_cpu(
-            CpuStorage::full(dtype, shape.numel(), value),
-            shape.dims(),
-        ))
+        Ok(Tensor::from_cpu(CpuStorage::full(dtype, shape.numel(), value), shape.dims()))
     }
 
     pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
@@ -147,13 +116,7 @@ impl Tensor {
     }
 
     /// `start, start + step, ...` up to but excluding `end` (like `torch.arange`).
-    pub fn arange_step(
-        start: f64,
-        end: f64,
-        step: f64,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
+    pub fn arange_step(start: f64, end: f64, step: f64, dtype: DType, device: &Device) -> Result<Tensor> {
         if step == 0.0 || !step.is_finite() || !start.is_finite() || !end.is_finite() {
             return Err(Error::invalid(
                 "arange",
@@ -171,27 +134,10 @@ impl Tensor {
     }
 
     /// `n` evenly spaced values from `start` to `end` inclusive.
-    pub fn linspace(
-        start: f64,
-        end: f64,
-        n: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
-        let step = if n > 1 {
-            (end - start) / (n - 1) as f64
-        } else {
-            0.0
-        };
-        let values: Vec<f64> = (0..n)
-            .map(|i| {
-                if i + 1 == n && n > 1 {
-                    end
-                } else {
-                    start + i as f64 * step
-                }
-            })
-            .collect();
+    pub fn linspace(start: f64, end: f64, n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+        let step = if n > 1 { (end - start) / (n - 1) as f64 } else { 0.0 };
+        let values: Vec<f64> =
+            (0..n).map(|i| if i + 1 == n && n > 1 { end } else { start + i as f64 * step }).collect();
         Tensor::from_vec(values, n, device)?.to_dtype(dtype)
     }
 
@@ -246,21 +192,13 @@ impl Tensor {
 
     pub(crate) fn same_device(&self, other: &Tensor, op: &'static str) -> Result<()> {
         if self.device != other.device {
-            return Err(Error::DeviceMismatch {
-                op,
-                lhs: self.device,
-                rhs: other.device,
-            });
+            return Err(Error::DeviceMismatch { op, lhs: self.device, rhs: other.device });
         }
         Ok(())
     }
     pub(crate) fn same_dtype(&self, other: &Tensor, op: &'static str) -> Result<()> {
         if self.dtype != other.dtype {
-            return Err(Error::DTypeMismatch {
-                op,
-                lhs: self.dtype,
-                rhs: other.dtype,
-            });
+            return Err(Error::DTypeMismatch { op, lhs: self.dtype, rhs: other.dtype });
         }
         Ok(())
     }
@@ -276,11 +214,7 @@ impl Tensor {
     }
     pub(crate) fn expect_index(&self, op: &'static str) -> Result<()> {
         if self.dtype != DType::I64 {
-            return Err(Error::UnsupportedDType {
-                op,
-                dtype: self.dtype,
-                expected: "i64 indices",
-            });
+            return Err(Error::UnsupportedDType { op, dtype: self.dtype, expected: "i64 indices" });
         }
         Ok(())
     }
@@ -328,17 +262,9 @@ impl Tensor {
     /// The elements in row-major order. `T` must be the tensor's dtype.
     pub fn to_vec<T: WithDType>(&self) -> Result<Vec<T>> {
         if T::DTYPE != self.dtype {
-            return Err(Error::DTypeMismatch {
-                op: "to_vec",
-                lhs: self.dtype,
-                rhs: T::DTYPE,
-            });
+            return Err(Error::DTypeMismatch { op: "to_vec", lhs: self.dtype, rhs: T::DTYPE });
         }
-        self.read_cpu(|s, l| {
-            Ok(T::from_storage(s)
-                .map(|b| cpu::copy::contiguous(b, l))
-                .expect("dtype checked"))
-        })
+        self.read_cpu(|s, l| Ok(T::from_storage(s).map(|b| cpu::copy::contiguous(b, l)).expect("dtype checked")))
     }
 
     /// The elements converted to f64, row-major, whatever the dtype.
@@ -349,11 +275,7 @@ impl Tensor {
     /// The one element of a tensor with exactly one element.
     pub fn to_scalar<T: WithDType>(&self) -> Result<T> {
         if self.numel() != 1 {
-            return Err(Error::bad_shape(
-                "to_scalar",
-                &self.shape(),
-                "need exactly one element",
-            ));
+            return Err(Error::bad_shape("to_scalar", &self.shape(), "need exactly one element"));
         }
         Ok(self.to_vec::<T>()?[0])
     }
@@ -361,17 +283,11 @@ impl Tensor {
     /// The rows of a 2-d tensor.
     pub fn to_vec2<T: WithDType>(&self) -> Result<Vec<Vec<T>>> {
         if self.rank() != 2 {
-            return Err(Error::bad_shape(
-                "to_vec2",
-                &self.shape(),
-                "need a 2-d tensor",
-            ));
+            return Err(Error::bad_shape("to_vec2", &self.shape(), "need a 2-d tensor"));
         }
         let flat = self.to_vec::<T>()?;
         let cols = self.dims()[1];
-        Ok((0..self.dims()[0])
-            .map(|r| flat[r * cols..(r + 1) * cols].to_vec())
-            .collect())
+        Ok((0..self.dims()[0]).map(|r| flat[r * cols..(r + 1) * cols].to_vec()).collect())
     }
 }
 
@@ -400,27 +316,15 @@ impl std::fmt::Debug for Tensor {
 impl std::fmt::Display for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         const EDGE: usize = 3;
-        fn rec(
-            f: &mut std::fmt::Formatter<'_>,
-            v: &[f64],
-            dims: &[usize],
-            is_int: bool,
-        ) -> std::fmt::Result {
+        fn rec(f: &mut std::fmt::Formatter<'_>, v: &[f64], dims: &[usize], is_int: bool) -> std::fmt::Result {
             if dims.is_empty() {
-                return if is_int {
-                    write!(f, "{}", v[0])
-                } else {
-                    write!(f, "{:.4}", v[0])
-                };
+                return if is_int { write!(f, "{}", v[0]) } else { write!(f, "{:.4}", v[0]) };
             }
             let inner: usize = dims[1..].iter().product();
             write!(f, "[")?;
             let n = dims[0];
-            let shown: Vec<usize> = if n > 2 * EDGE {
-                (0..EDGE).chain(n - EDGE..n).collect()
-            } else {
-                (0..n).collect()
-            };
+            let shown: Vec<usize> =
+                if n > 2 * EDGE { (0..EDGE).chain(n - EDGE..n).collect() } else { (0..n).collect() };
             for (k, &i) in shown.iter().enumerate() {
                 if k > 0 {
                     write!(f, ", ")?;

@@ -65,11 +65,8 @@ pub fn make_view(shape: &[usize], kind: ViewKind, seed: u64) -> Tensor {
             t
         }
         ViewKind::Broadcast => {
-            let small: Vec<usize> = shape
-                .iter()
-                .enumerate()
-                .map(|(d, &n)| if (seed >> d) & 1 == 1 { 1 } else { n })
-                .collect();
+            let small: Vec<usize> =
+                shape.iter().enumerate().map(|(d, &n)| if (seed >> d) & 1 == 1 { 1 } else { n }).collect();
             from(&small).broadcast_to(shape).unwrap()
         }
         _ => from(shape),
@@ -88,25 +85,17 @@ pub fn view_kind() -> impl Strategy<Value = ViewKind> {
 
 /// Shapes of rank `0..=max_rank` with dims in `0..=max_dim` (zero-size dims are rare).
 pub fn shape(max_rank: usize, max_dim: usize) -> impl Strategy<Value = Vec<usize>> {
-    proptest::collection::vec(
-        prop_oneof![1 => Just(0usize), 12 => 1..=max_dim],
-        0..=max_rank,
-    )
+    proptest::collection::vec(prop_oneof![1 => Just(0usize), 12 => 1..=max_dim], 0..=max_rank)
 }
 
 /// Shapes with every dim at least 1.
-pub fn nonempty_shape(
-    min_rank: usize,
-    max_rank: usize,
-    max_dim: usize,
-) -> impl Strategy<Value = Vec<usize>> {
+pub fn nonempty_shape(min_rank: usize, max_rank: usize, max_dim: usize) -> impl Strategy<Value = Vec<usize>> {
     proptest::collection::vec(1..=max_dim, min_rank..=max_rank)
 }
 
 /// An f32 tensor of random shape and random layout.
 pub fn strided_tensor(max_rank: usize, max_dim: usize) -> impl Strategy<Value = Tensor> {
-    (shape(max_rank, max_dim), view_kind(), any::<u64>())
-        .prop_map(|(s, k, seed)| make_view(&s, k, seed))
+    (shape(max_rank, max_dim), view_kind(), any::<u64>()).prop_map(|(s, k, seed)| make_view(&s, k, seed))
 }
 
 /// An f32 tensor of the given shape and random layout.
@@ -117,15 +106,8 @@ pub fn tensor_of_shape(shape: Vec<usize>) -> impl Strategy<Value = Tensor> {
 /// Two f32 tensors whose shapes broadcast together (some dims 1 on one side, and
 /// sometimes fewer leading dims), each with a random layout.
 pub fn broadcast_pair(max_rank: usize, max_dim: usize) -> impl Strategy<Value = (Tensor, Tensor)> {
-    (
-        shape(max_rank, max_dim),
-        any::<u64>(),
-        0usize..3,
-        view_kind(),
-        view_kind(),
-        any::<u64>(),
-    )
-        .prop_map(|(s, mask, drop, ka, kb, seed)| {
+    (shape(max_rank, max_dim), any::<u64>(), 0usize..3, view_kind(), view_kind(), any::<u64>()).prop_map(
+        |(s, mask, drop, ka, kb, seed)| {
             let mut a = s.clone();
             let mut b = s.clone();
             for d in 0..s.len() {
@@ -138,7 +120,8 @@ pub fn broadcast_pair(max_rank: usize, max_dim: usize) -> impl Strategy<Value = 
             let drop = drop.min(b.len());
             let b = b[drop..].to_vec();
             (make_view(&a, ka, seed), make_view(&b, kb, seed ^ 0xABCD))
-        })
+        },
+    )
 }
 
 /// A naive dense f64 n-d array for writing reference implementations.
@@ -160,10 +143,7 @@ impl NdArray {
         Self::new(t.dims().to_vec(), t.to_f64_vec().unwrap())
     }
     pub fn to_tensor(&self, dtype: DType) -> Tensor {
-        Tensor::from_vec(self.data.clone(), &self.shape[..], &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
+        Tensor::from_vec(self.data.clone(), &self.shape[..], &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
     }
     /// Row-major flat position of `idx`.
     pub fn flat(&self, idx: &[usize]) -> usize {
@@ -200,26 +180,14 @@ impl NdArray {
             p
         };
         let (sa, sb) = (pad(&self.shape), pad(&other.shape));
-        let shape: Vec<usize> = sa
-            .iter()
-            .zip(&sb)
-            .map(|(&a, &b)| if a == 1 { b } else { a })
-            .collect();
+        let shape: Vec<usize> = sa.iter().zip(&sb).map(|(&a, &b)| if a == 1 { b } else { a }).collect();
         let mut out = NdArray::zeros(&shape);
         let a = NdArray::new(sa.clone(), self.data.clone());
         let b = NdArray::new(sb.clone(), other.data.clone());
         let idxs: Vec<Vec<usize>> = out.indices().collect();
         for idx in idxs {
-            let ia: Vec<usize> = idx
-                .iter()
-                .zip(&sa)
-                .map(|(&i, &n)| if n == 1 { 0 } else { i })
-                .collect();
-            let ib: Vec<usize> = idx
-                .iter()
-                .zip(&sb)
-                .map(|(&i, &n)| if n == 1 { 0 } else { i })
-                .collect();
+            let ia: Vec<usize> = idx.iter().zip(&sa).map(|(&i, &n)| if n == 1 { 0 } else { i }).collect();
+            let ib: Vec<usize> = idx.iter().zip(&sb).map(|(&i, &n)| if n == 1 { 0 } else { i }).collect();
             out.set(&idx, f(a.get(&ia), b.get(&ib)));
         }
         out
@@ -233,9 +201,6 @@ pub fn assert_close(got: &[f64], want: &[f64], rtol: f64, atol: f64, what: &str)
     assert_eq!(got.len(), want.len(), "{what}: lengths differ");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let ok = (g.is_nan() && w.is_nan()) || g == w || (g - w).abs() <= atol + rtol * w.abs();
-        assert!(
-            ok,
-            "{what}: element {i}: got {g}, want {w} (rtol {rtol}, atol {atol})"
-        );
+        assert!(ok, "{what}: element {i}: got {g}, want {w} (rtol {rtol}, atol {atol})");
     }
 }

@@ -53,10 +53,7 @@ binary_ops! {
 impl BinaryOp {
     /// Ops that are closed over the integers (Div and Pow are not).
     pub fn is_integral(self) -> bool {
-        matches!(
-            self,
-            Self::Add | Self::Sub | Self::Mul | Self::Maximum | Self::Minimum
-        )
+        matches!(self, Self::Add | Self::Sub | Self::Mul | Self::Maximum | Self::Minimum)
     }
 }
 

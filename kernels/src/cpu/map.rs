@@ -11,11 +11,7 @@ use rayon::prelude::*;
 pub const PARALLEL_THRESHOLD: usize = 1 << 16;
 
 /// `out[i] = f(src[i])` over a strided view, written row-major.
-pub fn map<S: Element, D: Element>(
-    src: &[S],
-    layout: &Layout,
-    f: impl Fn(S) -> D + Sync,
-) -> Vec<D> {
+pub fn map<S: Element, D: Element>(src: &[S], layout: &Layout, f: impl Fn(S) -> D + Sync) -> Vec<D> {
     if let Some(range) = layout.contiguous_range() {
         let s = &src[range];
         if s.len() >= PARALLEL_THRESHOLD {
@@ -24,12 +20,7 @@ pub fn map<S: Element, D: Element>(
         return s.iter().map(|&v| f(v)).collect();
     }
     let mut out = Vec::with_capacity(layout.numel());
-    for_each_offsets(
-        layout.shape(),
-        [layout.strides()],
-        [layout.offset()],
-        |[o]| out.push(f(src[o])),
-    );
+    for_each_offsets(layout.shape(), [layout.strides()], [layout.offset()], |[o]| out.push(f(src[o])));
     out
 }
 
@@ -45,33 +36,19 @@ pub fn zip_map<A: Element, B: Element, D: Element>(
     if let (Some(ra), Some(rb)) = (la.contiguous_range(), lb.contiguous_range()) {
         let (a, b) = (&a[ra], &b[rb]);
         if a.len() >= PARALLEL_THRESHOLD {
-            return a
-                .par_iter()
-                .zip(b.par_iter())
-                .map(|(&x, &y)| f(x, y))
-                .collect();
+            return a.par_iter().zip(b.par_iter()).map(|(&x, &y)| f(x, y)).collect();
         }
         return a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect();
     }
     let mut out = Vec::with_capacity(la.numel());
-    for_each_offsets(
-        la.shape(),
-        [la.strides(), lb.strides()],
-        [la.offset(), lb.offset()],
-        |[oa, ob]| out.push(f(a[oa], b[ob])),
-    );
+    for_each_offsets(la.shape(), [la.strides(), lb.strides()], [la.offset(), lb.offset()], |[oa, ob]| {
+        out.push(f(a[oa], b[ob]))
+    });
     out
 }
 
 /// `out[i] = if cond[i] != 0 { a[i] } else { b[i] }` over three same-shaped views.
-pub fn select<C: Element, T: Element>(
-    cond: &[C],
-    lc: &Layout,
-    a: &[T],
-    la: &Layout,
-    b: &[T],
-    lb: &Layout,
-) -> Vec<T> {
+pub fn select<C: Element, T: Element>(cond: &[C], lc: &Layout, a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Vec<T> {
     let zero = C::zero();
     let mut out = Vec::with_capacity(lc.numel());
     for_each_offsets(

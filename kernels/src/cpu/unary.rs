@@ -83,11 +83,7 @@ fn recip<R: Real>(x: R) -> R {
 }
 
 fn relu<R: Real>(x: R) -> R {
-    if x > R::zero() || x.is_nan() {
-        x
-    } else {
-        R::zero()
-    }
+    if x > R::zero() || x.is_nan() { x } else { R::zero() }
 }
 
 fn leaky_relu<R: Real>(x: R, slope: R) -> R {
@@ -165,9 +161,7 @@ impl UnaryOp {
     /// Whether the op maps integers to integers exactly, so that it applies to i64/u8.
     pub fn is_integral(self) -> bool {
         match self {
-            Self::Neg | Self::Abs | Self::Sign | Self::Square | Self::Relu | Self::Clamp { .. } => {
-                true
-            }
+            Self::Neg | Self::Abs | Self::Sign | Self::Square | Self::Relu | Self::Clamp { .. } => true,
             Self::Affine { mul, add } => mul.fract() == 0.0 && add.fract() == 0.0,
             _ => false,
         }
@@ -188,14 +182,7 @@ mod tests {
     #[test]
     fn parameterised_ops_use_their_scalars() {
         assert_eq!(UnaryOp::Affine { mul: 2.0, add: 1.0 }.apply(3.0f64), 7.0);
-        assert_eq!(
-            UnaryOp::Clamp {
-                min: -1.0,
-                max: 1.0
-            }
-            .apply(5.0f32),
-            1.0
-        );
+        assert_eq!(UnaryOp::Clamp { min: -1.0, max: 1.0 }.apply(5.0f32), 1.0);
         assert_eq!(UnaryOp::LeakyRelu { slope: 0.1 }.apply(-2.0f64), -0.2);
         assert_eq!(UnaryOp::Powf { exponent: 3.0 }.apply(2.0f64), 8.0);
         assert_eq!(UnaryOp::Affine { mul: 1.0, add: 0.0 }.name(), "Affine");

@@ -39,9 +39,7 @@ impl Tensor {
     pub fn unary(&self, op: UnaryOp, name: &'static str) -> Result<Tensor> {
         let out = self.read_cpu(|s, l| {
             Ok(match s {
-                CpuStorage::I64(b) if op.is_integral() => {
-                    CpuStorage::I64(unary::unary_int(op, b, l))
-                }
+                CpuStorage::I64(b) if op.is_integral() => CpuStorage::I64(unary::unary_int(op, b, l)),
                 CpuStorage::U8(b) if op.is_integral() => CpuStorage::U8(unary::unary_int(op, b, l)),
                 s => map_float!(name, s, |b| unary::unary_float(op, b, l)),
             })
@@ -55,10 +53,7 @@ impl Tensor {
             return Ok((self.clone(), rhs.clone()));
         }
         let shape = broadcast_shapes(op, self.dims(), rhs.dims())?;
-        Ok((
-            self.with_layout(self.layout().broadcast_to(&shape)),
-            rhs.with_layout(rhs.layout().broadcast_to(&shape)),
-        ))
+        Ok((self.with_layout(self.layout().broadcast_to(&shape)), rhs.with_layout(rhs.layout().broadcast_to(&shape))))
     }
 
     /// Applies an elementwise [`BinaryOp`] with numpy broadcasting. Both operands must
@@ -89,9 +84,7 @@ impl Tensor {
         self.same_device(&rhs, name)?;
         let (a, b) = self.broadcast_pair(&rhs, name)?;
         let out = a.read_cpu2(&b, name, |sa, la, sb, lb| {
-            Ok(zip_any!(name, sa, sb, |x, y| binary::compare(
-                op, x, la, y, lb
-            )))
+            Ok(zip_any!(name, sa, sb, |x, y| binary::compare(op, x, la, y, lb)))
         })?;
         Ok(Tensor::from_cpu(CpuStorage::U8(out), a.dims()))
     }
@@ -105,22 +98,14 @@ impl Tensor {
         self.same_device(&on_false, "where_cond")?;
         let shape = broadcast_shapes("where_cond", self.dims(), on_true.dims())?;
         let shape = broadcast_shapes("where_cond", &shape, on_false.dims())?;
-        let (c, t, f) = (
-            self.broadcast_to(&shape[..])?,
-            on_true.broadcast_to(&shape[..])?,
-            on_false.broadcast_to(&shape[..])?,
-        );
+        let (c, t, f) =
+            (self.broadcast_to(&shape[..])?, on_true.broadcast_to(&shape[..])?, on_false.broadcast_to(&shape[..])?);
         let out = c.read_cpu(|sc, lc| {
             t.read_cpu2(&f, "where_cond", |st, lt, sf, lf| {
-                Ok(crate::storage::with_any!(sc, |cb| zip_any!(
-                    "where_cond",
-                    st,
-                    sf,
-                    |x, y| {
-                        let v = map::select(cb, lc, x, lt, y, lf);
-                        <_ as crate::WithDType>::into_storage(v)
-                    }
-                )))
+                Ok(crate::storage::with_any!(sc, |cb| zip_any!("where_cond", st, sf, |x, y| {
+                    let v = map::select(cb, lc, x, lt, y, lf);
+                    <_ as crate::WithDType>::into_storage(v)
+                })))
             })
         })?;
         Ok(Tensor::from_cpu(out, &shape))
@@ -226,10 +211,7 @@ impl Tensor {
     /// Limits every element to `[min, max]`.
     pub fn clamp(&self, min: f64, max: f64) -> Result<Tensor> {
         if min.is_nan() || max.is_nan() || min > max {
-            return Err(Error::invalid(
-                "clamp",
-                format!("min {min} must be <= max {max}"),
-            ));
+            return Err(Error::invalid("clamp", format!("min {min} must be <= max {max}")));
         }
         self.unary(UnaryOp::Clamp { min, max }, "clamp")
     }
@@ -279,14 +261,8 @@ mod tests {
         UnaryOp::Ceil,
         UnaryOp::Round,
         UnaryOp::Powf { exponent: 1.7 },
-        UnaryOp::Affine {
-            mul: -2.5,
-            add: 0.75,
-        },
-        UnaryOp::Clamp {
-            min: -0.5,
-            max: 1.25,
-        },
+        UnaryOp::Affine { mul: -2.5, add: 0.75 },
+        UnaryOp::Clamp { min: -0.5, max: 1.25 },
         UnaryOp::LeakyRelu { slope: 0.2 },
     ];
 
@@ -310,9 +286,7 @@ mod tests {
             UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
             UnaryOp::Relu => x.max(0.0),
             UnaryOp::Gelu => 0.5 * x * (1.0 + aigc_kernels::element::erf_f64(x / 2f64.sqrt())),
-            UnaryOp::GeluTanh => {
-                0.5 * x * (1.0 + ((2.0 / PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
-            }
+            UnaryOp::GeluTanh => 0.5 * x * (1.0 + ((2.0 / PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh()),
             UnaryOp::Silu => x / (1.0 + (-x).exp()),
             UnaryOp::Softplus => (1.0 + x.exp()).ln(),
             UnaryOp::Erf => aigc_kernels::element::erf_f64(x),
@@ -398,15 +372,9 @@ mod tests {
         let i = Tensor::new(&[3i64, -4, 5], &dev).unwrap();
         assert_eq!(i.abs().unwrap().to_vec::<i64>().unwrap(), vec![3, 4, 5]);
         assert_eq!(i.add(&i).unwrap().to_vec::<i64>().unwrap(), vec![6, -8, 10]);
-        assert_eq!(
-            (&i * 2.0).unwrap().to_vec::<i64>().unwrap(),
-            vec![6, -8, 10]
-        );
+        assert_eq!((&i * 2.0).unwrap().to_vec::<i64>().unwrap(), vec![6, -8, 10]);
         let e = i.exp().unwrap_err().to_string();
-        assert_eq!(
-            e,
-            "exp: not supported for dtype i64 (expected a float dtype (f32, f64, f16, bf16))"
-        );
+        assert_eq!(e, "exp: not supported for dtype i64 (expected a float dtype (f32, f64, f16, bf16))");
         assert!(i.div(&i).is_err());
         assert!((&i * 0.5).is_err());
     }
@@ -416,12 +384,7 @@ mod tests {
         let dev = Device::Cpu;
         let a = Tensor::zeros([2, 3], DType::F32, &dev).unwrap();
         let b = Tensor::zeros([4, 3], DType::F32, &dev).unwrap();
-        assert!(
-            a.add(&b)
-                .unwrap_err()
-                .to_string()
-                .contains("cannot broadcast")
-        );
+        assert!(a.add(&b).unwrap_err().to_string().contains("cannot broadcast"));
         let c = Tensor::zeros([2, 3], DType::F64, &dev).unwrap();
         assert_eq!(
             a.mul(&c).unwrap_err().to_string(),
@@ -446,9 +409,7 @@ mod tests {
         assert_eq!(s.to_vec::<f32>().unwrap(), vec![0.5, 1.0, 2.0]);
         assert_eq!(q.to_vec::<f32>().unwrap(), vec![-2.0, -4.0, -8.0]);
         assert_eq!(x.gt(1.5).unwrap().to_vec::<u8>().unwrap(), vec![0, 1, 1]);
-        let l = x
-            .lerp(&Tensor::new(&[3.0f32, 2.0, 0.0], &dev).unwrap(), 0.5)
-            .unwrap();
+        let l = x.lerp(&Tensor::new(&[3.0f32, 2.0, 0.0], &dev).unwrap(), 0.5).unwrap();
         assert_eq!(l.to_vec::<f32>().unwrap(), vec![2.0, 2.0, 2.0]);
     }
 }

@@ -14,53 +14,34 @@ impl Tensor {
                 op: "reshape",
                 lhs: self.shape(),
                 rhs: shape.clone(),
-                reason: format!(
-                    "{} elements cannot be viewed as {} elements",
-                    self.numel(),
-                    shape.numel()
-                ),
+                reason: format!("{} elements cannot be viewed as {} elements", self.numel(), shape.numel()),
             });
         }
         match self.layout().reshape(shape.dims()) {
             Some(layout) => Ok(self.with_layout(layout)),
-            None => Ok(self
-                .copy()?
-                .with_layout(aigc_kernels::Layout::contiguous(shape.dims()))),
+            None => Ok(self.copy()?.with_layout(aigc_kernels::Layout::contiguous(shape.dims()))),
         }
     }
 
     /// Reshape where one entry may be -1, inferred from the element count.
     pub fn reshape_infer(&self, dims: &[isize]) -> Result<Tensor> {
-        let known: usize = dims
-            .iter()
-            .filter(|&&d| d >= 0)
-            .map(|&d| d as usize)
-            .product();
+        let known: usize = dims.iter().filter(|&&d| d >= 0).map(|&d| d as usize).product();
         let holes = dims.iter().filter(|&&d| d < 0).count();
         if holes > 1 || dims.iter().any(|&d| d < -1) {
-            return Err(Error::invalid(
-                "reshape",
-                format!("{dims:?}: at most one -1 and no other negative sizes"),
-            ));
+            return Err(Error::invalid("reshape", format!("{dims:?}: at most one -1 and no other negative sizes")));
         }
         let fill = if holes == 1 {
             if known == 0 || self.numel() % known != 0 {
                 return Err(Error::invalid(
                     "reshape",
-                    format!(
-                        "cannot infer the -1 in {dims:?} for {} elements",
-                        self.numel()
-                    ),
+                    format!("cannot infer the -1 in {dims:?} for {} elements", self.numel()),
                 ));
             }
             self.numel() / known
         } else {
             0
         };
-        let shape: Vec<usize> = dims
-            .iter()
-            .map(|&d| if d < 0 { fill } else { d as usize })
-            .collect();
+        let shape: Vec<usize> = dims.iter().map(|&d| if d < 0 { fill } else { d as usize }).collect();
         self.reshape(shape)
     }
 
@@ -72,10 +53,7 @@ impl Tensor {
         let s = resolve_dim("flatten", start, self.rank())?;
         let e = resolve_dim("flatten", end, self.rank())?;
         if s > e {
-            return Err(Error::invalid(
-                "flatten",
-                format!("start dim {start} comes after end dim {end}"),
-            ));
+            return Err(Error::invalid("flatten", format!("start dim {start} comes after end dim {end}")));
         }
         let d = self.dims();
         let mut shape = d[..s].to_vec();
@@ -98,11 +76,7 @@ impl Tensor {
             return Err(Error::bad_shape(
                 "permute",
                 &self.shape(),
-                format!(
-                    "permutation {perm:?} has {} entries, expected {}",
-                    perm.len(),
-                    self.rank()
-                ),
+                format!("permutation {perm:?} has {} entries, expected {}", perm.len(), self.rank()),
             ));
         }
         let mut resolved = Vec::with_capacity(perm.len());
@@ -112,10 +86,7 @@ impl Tensor {
         let mut seen = vec![false; perm.len()];
         for &p in &resolved {
             if std::mem::replace(&mut seen[p], true) {
-                return Err(Error::invalid(
-                    "permute",
-                    format!("{perm:?} is not a permutation: dim {p} repeats"),
-                ));
+                return Err(Error::invalid("permute", format!("{perm:?} is not a permutation: dim {p} repeats")));
             }
         }
         Ok(self.with_layout(self.layout().permute(&resolved)))
@@ -146,10 +117,7 @@ impl Tensor {
             return Err(Error::bad_shape(
                 "narrow",
                 &self.shape(),
-                format!(
-                    "range {start}..{} is outside dim {dim} of size {size}",
-                    start.saturating_add(len)
-                ),
+                format!("range {start}..{} is outside dim {dim} of size {size}", start.saturating_add(len)),
             ));
         }
         Ok(self.with_layout(self.layout().narrow(d, start, len)))
@@ -178,11 +146,7 @@ impl Tensor {
         let shape = shape.into();
         let target = shape.dims();
         let ok = target.len() >= self.rank()
-            && self
-                .dims()
-                .iter()
-                .zip(&target[target.len() - self.rank()..])
-                .all(|(&a, &b)| a == b || a == 1);
+            && self.dims().iter().zip(&target[target.len() - self.rank()..]).all(|(&a, &b)| a == b || a == 1);
         if !ok {
             return Err(Error::ShapeMismatch {
                 op: "broadcast_to",
@@ -236,10 +200,7 @@ impl Tensor {
             return Err(Error::invalid("split", "split size must be at least 1"));
         }
         let n = self.dims()[d];
-        (0..n)
-            .step_by(size)
-            .map(|start| self.narrow(d as isize, start, size.min(n - start)))
-            .collect()
+        (0..n).step_by(size).map(|start| self.narrow(d as isize, start, size.min(n - start))).collect()
     }
 
     /// Splits `dim` into pieces of the given sizes, which must add up to the dim; views.
@@ -291,11 +252,7 @@ impl Tensor {
 
     /// Resolves reduction dims (empty slice = all dims).
     pub(crate) fn reduce_dims(&self, op: &'static str, dims: &[isize]) -> Result<Vec<usize>> {
-        if dims.is_empty() {
-            Ok((0..self.rank()).collect())
-        } else {
-            resolve_dims(op, dims, self.rank())
-        }
+        if dims.is_empty() { Ok((0..self.rank()).collect()) } else { resolve_dims(op, dims, self.rank()) }
     }
 }
 
@@ -307,12 +264,7 @@ mod tests {
 
     fn iota(shape: &[usize]) -> Tensor {
         let n: usize = shape.iter().product();
-        Tensor::from_vec(
-            (0..n).map(|i| i as f32).collect::<Vec<_>>(),
-            shape,
-            &Device::Cpu,
-        )
-        .unwrap()
+        Tensor::from_vec((0..n).map(|i| i as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
     }
 
     #[test]
@@ -337,36 +289,18 @@ mod tests {
     #[test]
     fn transpose_and_slice_read_the_right_elements() {
         let x = iota(&[2, 3]);
-        assert_eq!(
-            x.t().unwrap().to_vec::<f32>().unwrap(),
-            vec![0., 3., 1., 4., 2., 5.]
-        );
-        assert_eq!(
-            x.slice(1, 0, 3, 2).unwrap().to_vec::<f32>().unwrap(),
-            vec![0., 2., 3., 5.]
-        );
-        assert_eq!(
-            x.narrow(0, 1, 1).unwrap().to_vec::<f32>().unwrap(),
-            vec![3., 4., 5.]
-        );
-        let b = Tensor::new(&[1.0f32, 2.0], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(1)
-            .unwrap();
-        assert_eq!(
-            b.broadcast_to([2, 3]).unwrap().to_vec::<f32>().unwrap(),
-            vec![1., 1., 1., 2., 2., 2.]
-        );
+        assert_eq!(x.t().unwrap().to_vec::<f32>().unwrap(), vec![0., 3., 1., 4., 2., 5.]);
+        assert_eq!(x.slice(1, 0, 3, 2).unwrap().to_vec::<f32>().unwrap(), vec![0., 2., 3., 5.]);
+        assert_eq!(x.narrow(0, 1, 1).unwrap().to_vec::<f32>().unwrap(), vec![3., 4., 5.]);
+        let b = Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap().unsqueeze(1).unwrap();
+        assert_eq!(b.broadcast_to([2, 3]).unwrap().to_vec::<f32>().unwrap(), vec![1., 1., 1., 2., 2., 2.]);
     }
 
     #[test]
     fn split_and_chunk_cover_the_dim() {
         let x = iota(&[7, 2]);
         let parts = x.chunk(3, 0).unwrap();
-        assert_eq!(
-            parts.iter().map(|p| p.dims()[0]).collect::<Vec<_>>(),
-            vec![3, 3, 1]
-        );
+        assert_eq!(parts.iter().map(|p| p.dims()[0]).collect::<Vec<_>>(), vec![3, 3, 1]);
         let parts = x.split_sizes(&[2, 5], 0).unwrap();
         assert_eq!(parts[1].to_vec::<f32>().unwrap()[0], 4.0);
         assert!(x.split_sizes(&[2, 2], 0).is_err());
@@ -379,24 +313,9 @@ mod tests {
             x.reshape([4, 2]).unwrap_err().to_string(),
             "reshape: lhs [2, 3] and rhs [4, 2]: 6 elements cannot be viewed as 8 elements"
         );
-        assert!(
-            x.permute(&[0, 0])
-                .unwrap_err()
-                .to_string()
-                .contains("not a permutation")
-        );
-        assert!(
-            x.narrow(1, 2, 2)
-                .unwrap_err()
-                .to_string()
-                .contains("outside dim 1 of size 3")
-        );
-        assert!(
-            x.squeeze(0)
-                .unwrap_err()
-                .to_string()
-                .contains("size 2, not 1")
-        );
+        assert!(x.permute(&[0, 0]).unwrap_err().to_string().contains("not a permutation"));
+        assert!(x.narrow(1, 2, 2).unwrap_err().to_string().contains("outside dim 1 of size 3"));
+        assert!(x.squeeze(0).unwrap_err().to_string().contains("size 2, not 1"));
         assert!(x.broadcast_to([3, 3]).is_err());
         assert!(x.transpose(0, 5).is_err());
         assert!(x.reshape_infer(&[-1, -1]).is_err());
