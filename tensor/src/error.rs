@@ -43,6 +43,11 @@ pub enum Error {
     #[error("{op}: index {index} is out of range for a dimension of size {size}")]
     IndexOutOfRange { op: &'static str, index: i64, size: usize },
 
+    /// A misuse of the autodiff graph (a freed recording, a non-scalar `backward` without
+    /// a seed) or a non-finite value caught by anomaly mode. Raised by `aigc-autograd`.
+    #[error("{op}: {reason}")]
+    Graph { op: &'static str, reason: String },
+
     /// Any other invalid argument, described in words.
     #[error("{op}: {reason}")]
     InvalidArgument { op: &'static str, reason: String },
@@ -52,10 +57,10 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn invalid(op: &'static str, reason: impl Into<String>) -> Self {
+    pub fn invalid(op: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidArgument { op, reason: reason.into() }
     }
-    pub(crate) fn bad_shape(op: &'static str, shape: &Shape, reason: impl Into<String>) -> Self {
+    pub fn bad_shape(op: &'static str, shape: &Shape, reason: impl Into<String>) -> Self {
         Error::BadShape { op, shape: shape.clone(), reason: reason.into() }
     }
 }

@@ -2,7 +2,7 @@
 //! contiguous, transposed, sliced, stepped and broadcast views, and a naive f64 n-d
 //! array ([`NdArray`]) to write reference implementations against.
 
-use crate::{DType, Device, Tensor};
+use crate::{Device, Tensor};
 use proptest::prelude::*;
 
 /// How a generated tensor is laid out over its buffer.
@@ -141,9 +141,6 @@ impl NdArray {
     }
     pub fn from_tensor(t: &Tensor) -> Self {
         Self::new(t.dims().to_vec(), t.to_f64_vec().unwrap())
-    }
-    pub fn to_tensor(&self, dtype: DType) -> Tensor {
-        Tensor::from_vec(self.data.clone(), &self.shape[..], &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
     }
     /// Row-major flat position of `idx`.
     pub fn flat(&self, idx: &[usize]) -> usize {

@@ -1,1 +1,125 @@
-//! (being written)
+//! Reductions. The tensor layer permutes the reduced dims to the end, so a reduction
+//! here always folds *consecutive groups* of `group` elements of the row-major walk of a
+//! layout into one output each. That single shape covers every choice of axes. (Groups
+//! are never empty: the tensor layer answers reductions over zero-size dims itself.)
+//!
+//! Float sums accumulate in f64 whatever the storage type, so a sum of a million f32
+//! values is exact to f32 rounding. `max`/`min` propagate NaN (as PyTorch); `argmax`/
+//! `argmin` return the first position of the extreme, and the position of the first NaN
+//! if there is one.
+
+use crate::layout::{Layout, for_each_offset};
+use crate::{Element, FloatElem};
+use rayon::prelude::*;
+
+/// Folds each run of `group` consecutive elements (row-major over `layout`) with `fold`,
+/// starting from `init`, and maps the final state with `finish`.
+fn fold_groups<T: Element, S: Copy + Send + Sync, O: Send>(
+    src: &[T],
+    layout: &Layout,
+    group: usize,
+    init: S,
+    fold: impl Fn(S, usize, T) -> S + Sync,
+    finish: impl Fn(S) -> O + Sync,
+) -> Vec<O> {
+    assert!(group > 0, "reduce: the tensor layer handles reductions over empty dims");
+    let numel = layout.numel();
+    let groups = numel / group;
+    if let Some(range) = layout.contiguous_range() {
+        let data = &src[range];
+        let run = |chunk: &[T]| finish(chunk.iter().enumerate().fold(init, |s, (i, &v)| fold(s, i, v)));
+        if numel >= super::map::PARALLEL_THRESHOLD {
+            return data.par_chunks(group).map(run).collect();
+        }
+        return data.chunks(group).map(run).collect();
+    }
+    let mut out = Vec::with_capacity(groups);
+    let mut state = init;
+    let mut i = 0usize;
+    for_each_offset(layout, |o| {
+        state = fold(state, i, src[o]);
+        i += 1;
+        if i == group {
+            out.push(finish(state));
+            state = init;
+            i = 0;
+        }
+    });
+    out
+}
+
+/// Sum of each group, accumulated in f64.
+pub fn sum_float<T: FloatElem>(src: &[T], layout: &Layout, group: usize) -> Vec<T> {
+    fold_groups(src, layout, group, 0.0f64, |s, _, v| s + v.to_f64(), T::from_f64)
+}
+
+/// Sum of each group of integers (wrapping on overflow, like PyTorch's int64 sum).
+pub fn sum_i64(src: &[i64], layout: &Layout, group: usize) -> Vec<i64> {
+    fold_groups(src, layout, group, 0i64, |s, _, v| s.wrapping_add(v), |s| s)
+}
+
+/// Whether `v` should replace `best` as the maximum (`want_max`) or minimum, treating
+/// NaN as the most extreme value so that it propagates.
+fn beats<T: Element>(v: T, best: T, want_max: bool) -> bool {
+    #[allow(clippy::eq_op)]
+    let v_nan = v != v;
+    #[allow(clippy::eq_op)]
+    let best_nan = best != best;
+    if best_nan {
+        return false;
+    }
+    v_nan || if want_max { v > best } else { v < best }
+}
+
+/// Maximum (`want_max`) or minimum of each non-empty group.
+pub fn extreme<T: Element>(src: &[T], layout: &Layout, group: usize, want_max: bool) -> Vec<T> {
+    fold_groups(
+        src,
+        layout,
+        group,
+        None,
+        |best: Option<T>, _, v| match best {
+            Some(b) if !beats(v, b, want_max) => Some(b),
+            _ => Some(v),
+        },
+        |best| best.expect("the tensor layer rejects max/min over empty dims"),
+    )
+}
+
+/// Position (within its group) of the maximum or minimum of each non-empty group.
+pub fn arg_extreme<T: Element>(src: &[T], layout: &Layout, group: usize, want_max: bool) -> Vec<i64> {
+    fold_groups(
+        src,
+        layout,
+        group,
+        None,
+        |best: Option<(T, usize)>, i, v| match best {
+            Some((b, bi)) if !beats(v, b, want_max) => Some((b, bi)),
+            _ => Some((v, i)),
+        },
+        |best| best.expect("the tensor layer rejects argmax/argmin over empty dims").1 as i64,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_follow_the_row_major_walk_of_a_strided_view() {
+        // [[0, 1, 2], [3, 4, 5]] transposed is [[0, 3], [1, 4], [2, 5]]: sums of rows 3, 5, 7.
+        let src: Vec<f32> = (0..6).map(|v| v as f32).collect();
+        let l = Layout::contiguous(&[2, 3]).permute(&[1, 0]);
+        assert_eq!(sum_float(&src, &l, 2), vec![3.0, 5.0, 7.0]);
+        assert_eq!(arg_extreme(&src, &l, 2, true), vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn nan_wins_max_and_argmax_points_at_it() {
+        let src = [1.0f32, f32::NAN, 3.0];
+        let l = Layout::contiguous(&[3]);
+        assert!(extreme(&src, &l, 3, true)[0].is_nan());
+        assert_eq!(arg_extreme(&src, &l, 3, true), vec![1]);
+        assert_eq!(arg_extreme(&[2.0f32, 1.0, 1.0], &l, 3, false), vec![1]);
+    }
+}

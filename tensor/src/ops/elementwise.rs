@@ -8,26 +8,48 @@ use crate::{DType, Error, Result, Tensor};
 use aigc_kernels::cpu::binary::{self, BinaryOp, CmpOp};
 use aigc_kernels::cpu::{map, unary, unary::UnaryOp};
 
-/// A right-hand operand: a tensor, or a scalar that becomes a 0-d tensor of the left
-/// operand's dtype and device.
+/// A right-hand operand: a tensor, or a plain number.
+pub enum OperandValue {
+    Tensor(Tensor),
+    Scalar(f64),
+}
+
+/// Anything usable as an operand: `&Tensor`, `Tensor`, or a number. A number becomes a
+/// 0-d tensor of the other operand's dtype and device.
 pub trait Operand {
-    fn into_operand(self, like: &Tensor) -> Result<Tensor>;
+    fn into_value(self) -> OperandValue;
+
+    /// The operand as a tensor; a scalar takes `like`'s dtype and device.
+    fn into_operand(self, like: &Tensor) -> Result<Tensor>
+    where
+        Self: Sized,
+    {
+        match self.into_value() {
+            OperandValue::Tensor(t) => Ok(t),
+            OperandValue::Scalar(v) => Tensor::full(v, (), like.dtype(), &like.device()),
+        }
+    }
 }
 impl Operand for &Tensor {
-    fn into_operand(self, _: &Tensor) -> Result<Tensor> {
-        Ok(self.clone())
+    fn into_value(self) -> OperandValue {
+        OperandValue::Tensor(self.clone())
     }
 }
 impl Operand for Tensor {
-    fn into_operand(self, _: &Tensor) -> Result<Tensor> {
-        Ok(self)
+    fn into_value(self) -> OperandValue {
+        OperandValue::Tensor(self)
+    }
+}
+impl Operand for OperandValue {
+    fn into_value(self) -> OperandValue {
+        self
     }
 }
 macro_rules! scalar_operand {
     ($($t:ty),*) => {$(
         impl Operand for $t {
-            fn into_operand(self, like: &Tensor) -> Result<Tensor> {
-                Tensor::full(self as f64, (), like.dtype(), &like.device())
+            fn into_value(self) -> OperandValue {
+                OperandValue::Scalar(self as f64)
             }
         }
     )*};
@@ -89,10 +111,20 @@ impl Tensor {
         Ok(Tensor::from_cpu(CpuStorage::U8(out), a.dims()))
     }
 
-    /// `on_true` where this mask is non-zero, else `on_false`; all three broadcast.
+    /// `on_true` where this mask is non-zero, else `on_false`; all three broadcast. A
+    /// scalar branch takes the other branch's dtype (f32 when both are scalars).
     pub fn where_cond(&self, on_true: impl Operand, on_false: impl Operand) -> Result<Tensor> {
-        let on_true = on_true.into_operand(self)?;
-        let on_false = on_false.into_operand(&on_true)?;
+        let (on_true, on_false) = match (on_true.into_value(), on_false.into_value()) {
+            (OperandValue::Tensor(t), f) => {
+                let f = f.into_operand(&t)?;
+                (t, f)
+            }
+            (t, OperandValue::Tensor(f)) => (t.into_operand(&f)?, f),
+            (t, f) => {
+                let like = Tensor::zeros((), DType::F32, &self.device())?;
+                (t.into_operand(&like)?, f.into_operand(&like)?)
+            }
+        };
         on_true.same_dtype(&on_false, "where_cond")?;
         self.same_device(&on_true, "where_cond")?;
         self.same_device(&on_false, "where_cond")?;
@@ -409,6 +441,11 @@ mod tests {
         assert_eq!(s.to_vec::<f32>().unwrap(), vec![0.5, 1.0, 2.0]);
         assert_eq!(q.to_vec::<f32>().unwrap(), vec![-2.0, -4.0, -8.0]);
         assert_eq!(x.gt(1.5).unwrap().to_vec::<u8>().unwrap(), vec![0, 1, 1]);
+        let masked = x.gt(1.5).unwrap().where_cond(0.0, f64::NEG_INFINITY).unwrap();
+        assert_eq!(masked.dtype(), DType::F32);
+        assert_eq!(masked.to_vec::<f32>().unwrap(), vec![f32::NEG_INFINITY, 0.0, 0.0]);
+        let picked = x.gt(1.5).unwrap().where_cond(&x, -1.0).unwrap();
+        assert_eq!(picked.to_vec::<f32>().unwrap(), vec![-1.0, 2.0, 4.0]);
         let l = x.lerp(&Tensor::new(&[3.0f32, 2.0, 0.0], &dev).unwrap(), 0.5).unwrap();
         assert_eq!(l.to_vec::<f32>().unwrap(), vec![2.0, 2.0, 2.0]);
     }

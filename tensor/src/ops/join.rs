@@ -1,1 +1,250 @@
-//! (being written)
+//! Joining tensors: `cat` (`torch.cat`) puts tensors end to end along an existing
+//! dimension, `stack` (`torch.stack`) along a new one. The result is allocated once
+//! and each input is copied into its slice of it.
+
+use crate::shape::resolve_dim;
+use crate::storage::zip_any;
+use crate::{Error, Result, Tensor};
+use aigc_kernels::cpu::copy::copy_into;
+
+impl Tensor {
+    /// Concatenates `tensors` along `dim` (negative counts from the end). All must have
+    /// the same dtype, device and rank, and the same size in every other dim.
+    pub fn cat(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
+        concatenate("cat", tensors, dim)
+    }
+
+    /// Stacks same-shaped `tensors` along a new dim inserted at `dim`, which may equal
+    /// the rank (`-1` appends it at the end): `n` tensors of shape `[a, b]` stacked at
+    /// dim 1 give `[a, n, b]`.
+    pub fn stack(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
+        let first = first_of("stack", tensors)?;
+        let d = resolve_dim("stack", dim, first.rank() + 1)?;
+        for (k, t) in tensors.iter().enumerate().skip(1) {
+            if t.dims() != first.dims() {
+                return Err(Error::ShapeMismatch {
+                    op: "stack",
+                    lhs: first.shape(),
+                    rhs: t.shape(),
+                    reason: format!("tensor {k} must have the same shape as tensor 0"),
+                });
+            }
+        }
+        let expanded = tensors.iter().map(|t| t.unsqueeze(d as isize)).collect::<Result<Vec<_>>>()?;
+        concatenate("stack", &expanded.iter().collect::<Vec<_>>(), d as isize)
+    }
+
+    /// Copies `src` into the elements this view addresses in its buffer (same shape).
+    /// Only for a buffer the caller has just allocated: nobody else may observe it, and
+    /// `src` must not share it.
+    pub(crate) fn write_view(&self, src: &Tensor) -> Result<()> {
+        debug_assert_eq!(self.dims(), src.dims());
+        debug_assert!(!self.shares_storage_with(src));
+        self.write_cpu(|dst, dst_layout| {
+            src.read_cpu(|s, src_layout| {
+                zip_any!("write_view", dst, s, |d, s| copy_into(s, src_layout, d, dst_layout));
+                Ok(())
+            })
+        })
+    }
+}
+
+/// The first tensor of a non-empty list.
+fn first_of<'a>(op: &'static str, tensors: &[&'a Tensor]) -> Result<&'a Tensor> {
+    tensors.first().copied().ok_or_else(|| Error::invalid(op, "need at least one tensor, got an empty list"))
+}
+
+/// `cat`, reporting errors as `op`.
+fn concatenate(op: &'static str, tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
+    let first = first_of(op, tensors)?;
+    let d = resolve_dim(op, dim, first.rank())?;
+    for (k, t) in tensors.iter().enumerate().skip(1) {
+        first.same_dtype(t, op)?;
+        first.same_device(t, op)?;
+        check_fits_beside(op, first, t, k, d, dim)?;
+    }
+    let mut shape = first.dims().to_vec();
+    shape[d] = tensors.iter().map(|t| t.dims()[d]).sum();
+    let out = Tensor::zeros(shape, first.dtype(), &first.device())?;
+    let mut start = 0;
+    for t in tensors {
+        let len = t.dims()[d];
+        out.narrow(d as isize, start, len)?.write_view(t)?;
+        start += len;
+    }
+    Ok(out)
+}
+
+/// Checks that tensor `k` has the first tensor's rank and sizes in every dim but `d`.
+fn check_fits_beside(op: &'static str, first: &Tensor, t: &Tensor, k: usize, d: usize, dim: isize) -> Result<()> {
+    let mismatch = |reason: String| Error::ShapeMismatch { op, lhs: first.shape(), rhs: t.shape(), reason };
+    if t.rank() != first.rank() {
+        return Err(mismatch(format!("tensor {k} has rank {} but tensor 0 has rank {}", t.rank(), first.rank())));
+    }
+    match (0..first.rank()).find(|&a| a != d && t.dims()[a] != first.dims()[a]) {
+        Some(a) => Err(mismatch(format!(
+            "tensor {k} has size {} in dim {a} but tensor 0 has {}; only the {op} dim {dim} may differ",
+            t.dims()[a],
+            first.dims()[a]
+        ))),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::*;
+    use crate::{DType, Device, Tensor};
+    use proptest::prelude::*;
+
+    /// Naive concatenation: output element `idx` comes from the piece whose range along
+    /// `d` contains `idx[d]`.
+    fn naive_cat(pieces: &[NdArray], d: usize) -> NdArray {
+        let mut shape = pieces[0].shape.clone();
+        shape[d] = pieces.iter().map(|p| p.shape[d]).sum();
+        let mut out = NdArray::zeros(&shape);
+        let idxs: Vec<Vec<usize>> = out.indices().collect();
+        for idx in idxs {
+            let mut local = idx.clone();
+            let mut k = 0;
+            while local[d] >= pieces[k].shape[d] {
+                local[d] -= pieces[k].shape[d];
+                k += 1;
+            }
+            out.set(&idx, pieces[k].get(&local));
+        }
+        out
+    }
+
+    /// Naive stacking: output element `idx` is element `idx without d` of piece `idx[d]`.
+    fn naive_stack(pieces: &[NdArray], d: usize) -> NdArray {
+        let mut shape = pieces[0].shape.clone();
+        shape.insert(d, pieces.len());
+        let mut out = NdArray::zeros(&shape);
+        let idxs: Vec<Vec<usize>> = out.indices().collect();
+        for idx in idxs {
+            let mut local = idx.clone();
+            let k = local.remove(d);
+            out.set(&idx, pieces[k].get(&local));
+        }
+        out
+    }
+
+    /// A base shape, a dim (possibly negative) and the pieces' sizes along it (some 0),
+    /// each piece a random view.
+    fn cat_case() -> impl Strategy<Value = (Vec<Tensor>, isize, usize)> {
+        (nonempty_shape(1, 4, 4), any::<prop::sample::Index>(), any::<bool>(), prop::collection::vec(0usize..4, 1..4))
+            .prop_flat_map(|(shape, pick, negative, sizes)| {
+                let d = pick.index(shape.len());
+                let dim = if negative { d as isize - shape.len() as isize } else { d as isize };
+                let pieces: Vec<_> = sizes
+                    .iter()
+                    .map(|&n| {
+                        let mut s = shape.clone();
+                        s[d] = n;
+                        tensor_of_shape(s)
+                    })
+                    .collect();
+                (pieces, Just(dim), Just(d))
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn cat_matches_naive_reference_on_views_with_zero_size_pieces((pieces, dim, d) in cat_case()) {
+            let refs: Vec<&Tensor> = pieces.iter().collect();
+            let got = Tensor::cat(&refs, dim).unwrap();
+            let want = naive_cat(&pieces.iter().map(NdArray::from_tensor).collect::<Vec<_>>(), d);
+            prop_assert_eq!(got.dims(), &want.shape[..]);
+            prop_assert_eq!(got.to_f64_vec().unwrap(), want.data);
+        }
+
+        #[test]
+        fn cat_copies_every_dtype_exactly((pieces, dim, d) in cat_case(), k in 0usize..5) {
+            let dtype = [DType::I64, DType::U8, DType::F16, DType::BF16, DType::F64][k];
+            // Scale so the integer dtypes see distinct values.
+            let typed: Vec<Tensor> = pieces.iter().map(|p| (p * 60.0).unwrap().to_dtype(dtype).unwrap()).collect();
+            let refs: Vec<&Tensor> = typed.iter().collect();
+            let got = Tensor::cat(&refs, dim).unwrap();
+            prop_assert_eq!(got.dtype(), dtype);
+            let want = naive_cat(&typed.iter().map(NdArray::from_tensor).collect::<Vec<_>>(), d);
+            prop_assert_eq!(got.to_f64_vec().unwrap(), want.data);
+        }
+
+        #[test]
+        fn stack_matches_naive_reference_at_every_position_including_the_end(
+            (pieces, dim, d) in (nonempty_shape(0, 3, 4), 1usize..4, any::<prop::sample::Index>(), any::<bool>())
+                .prop_flat_map(|(shape, n, pick, negative)| {
+                    let d = pick.index(shape.len() + 1);
+                    let dim = if negative { d as isize - shape.len() as isize - 1 } else { d as isize };
+                    (prop::collection::vec(tensor_of_shape(shape), n), Just(dim), Just(d))
+                })
+        ) {
+            let refs: Vec<&Tensor> = pieces.iter().collect();
+            let got = Tensor::stack(&refs, dim).unwrap();
+            let want = naive_stack(&pieces.iter().map(NdArray::from_tensor).collect::<Vec<_>>(), d);
+            prop_assert_eq!(got.dims(), &want.shape[..]);
+            prop_assert_eq!(got.to_f64_vec().unwrap(), want.data);
+        }
+    }
+
+    #[test]
+    fn cat_of_transposed_i64_views_reads_them_in_logical_order() {
+        let dev = Device::Cpu;
+        let a = Tensor::from_vec((0..6i64).collect::<Vec<_>>(), [2, 3], &dev).unwrap().t().unwrap();
+        let b = Tensor::from_vec(vec![10i64, 11, 12], [3, 1], &dev).unwrap();
+        let got = Tensor::cat(&[&a, &b], -1).unwrap();
+        assert_eq!(got.to_vec2::<i64>().unwrap(), vec![vec![0, 3, 10], vec![1, 4, 11], vec![2, 5, 12]]);
+        let s = Tensor::stack(&[&b, &b], 2).unwrap();
+        assert_eq!(s.dims(), &[3, 1, 2]);
+        assert_eq!(s.to_vec::<i64>().unwrap(), vec![10, 10, 11, 11, 12, 12]);
+    }
+
+    #[test]
+    fn cat_shape_mismatch_names_both_shapes_and_the_dim() {
+        let dev = Device::Cpu;
+        let a = Tensor::zeros([2, 3], DType::F32, &dev).unwrap();
+        let b = Tensor::zeros([4, 5], DType::F32, &dev).unwrap();
+        let e = Tensor::cat(&[&a, &b], 1).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "cat: lhs [2, 3] and rhs [4, 5]: tensor 1 has size 4 in dim 0 but tensor 0 has 2; only the cat dim 1 may \
+             differ"
+        );
+        let c = Tensor::zeros([2], DType::F32, &dev).unwrap();
+        let e = Tensor::cat(&[&a, &a, &c], 0).unwrap_err().to_string();
+        assert_eq!(e, "cat: lhs [2, 3] and rhs [2]: tensor 2 has rank 1 but tensor 0 has rank 2");
+        let e = Tensor::stack(&[&a, &b], 0).unwrap_err().to_string();
+        assert_eq!(e, "stack: lhs [2, 3] and rhs [4, 5]: tensor 1 must have the same shape as tensor 0");
+    }
+
+    #[test]
+    fn cat_and_stack_reject_empty_lists_bad_dims_and_mixed_dtypes() {
+        let dev = Device::Cpu;
+        assert_eq!(Tensor::cat(&[], 0).unwrap_err().to_string(), "cat: need at least one tensor, got an empty list");
+        assert_eq!(
+            Tensor::stack(&[], 0).unwrap_err().to_string(),
+            "stack: need at least one tensor, got an empty list"
+        );
+        let a = Tensor::zeros([2, 3], DType::F32, &dev).unwrap();
+        let b = Tensor::zeros([2, 3], DType::F64, &dev).unwrap();
+        assert_eq!(
+            Tensor::cat(&[&a, &b], 0).unwrap_err().to_string(),
+            "cat: dtypes differ: lhs is f32, rhs is f64 (convert one with to_dtype)"
+        );
+        assert_eq!(
+            Tensor::stack(&[&a, &b], 0).unwrap_err().to_string(),
+            "stack: dtypes differ: lhs is f32, rhs is f64 (convert one with to_dtype)"
+        );
+        assert_eq!(
+            Tensor::cat(&[&a], 2).unwrap_err().to_string(),
+            "cat: dim 2 is out of range for a tensor of rank 2 (expected -2..2)"
+        );
+        assert_eq!(
+            Tensor::stack(&[&a], -4).unwrap_err().to_string(),
+            "stack: dim -4 is out of range for a tensor of rank 3 (expected -3..3)"
+        );
+    }
+}

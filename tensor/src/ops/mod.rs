@@ -17,4 +17,4 @@ pub mod softmax;
 pub mod view;
 
 pub use arith::Scalar;
-pub use elementwise::Operand;
+pub use elementwise::{Operand, OperandValue};

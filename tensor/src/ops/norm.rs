@@ -1,1 +1,358 @@
-//! (being written)
+//! Normalisation layers, forward: LayerNorm (Ba, Kiros & Hinton 2016), RMSNorm (Zhang &
+//! Sennrich 2019) and GroupNorm (Wu & He 2018), with PyTorch semantics.
+//!
+//! - `layer_norm`: `(x - mean) / sqrt(var + eps) * w + b` over the last `k` dims;
+//! - `rms_norm`: `x / sqrt(mean(x^2) + eps) * w` over the last dim;
+//! - `group_norm`: on `[N, C, *]`, the layer-norm formula over each group of `C / G`
+//!   channels (and all positions), then a per-channel `w`, `b`.
+//!
+//! `var` is the biased variance (divide by `n`). Mean and variance are computed in the
+//! accumulator type (f32 for f32/f16/bf16, f64 for f64) in two passes, mean first and
+//! then the mean of squared deviations, which stays accurate when the mean is large
+//! next to the spread (kernel: `aigc_kernels::cpu::norm`).
+
+use crate::storage::map_float;
+use crate::{Error, Result, Tensor, WithDType};
+use aigc_kernels::cpu::norm::{self, Norm};
+use aigc_kernels::{FloatElem, Layout};
+
+impl Tensor {
+    /// LayerNorm over the last `normalized_dims` dims:
+    /// `(x - mean) / sqrt(var + eps) * weight + bias`. `weight` and `bias`, when given,
+    /// have the shape of those dims (`self.dims()[rank - normalized_dims..]`).
+    pub fn layer_norm(
+        &self,
+        normalized_dims: usize,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<Tensor> {
+        const OP: &str = "layer_norm";
+        if normalized_dims == 0 || normalized_dims > self.rank() {
+            return Err(Error::bad_shape(
+                OP,
+                &self.shape(),
+                format!("normalized_dims {normalized_dims} must be between 1 and the rank {}", self.rank()),
+            ));
+        }
+        let param_shape = &self.dims()[self.rank() - normalized_dims..];
+        self.apply_norm(OP, Norm::Layer { dims: normalized_dims }, param_shape, weight, bias, eps)
+    }
+
+    /// RMSNorm over the last dim: `x / sqrt(mean(x^2) + eps) * weight`; `weight`, when
+    /// given, has the last dim's size.
+    pub fn rms_norm(&self, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+        const OP: &str = "rms_norm";
+        let Some(&last) = self.dims().last() else {
+            return Err(Error::bad_shape(OP, &self.shape(), "need at least 1 dim to normalise over"));
+        };
+        self.apply_norm(OP, Norm::Rms, &[last], weight, None, eps)
+    }
+
+    /// GroupNorm on `[N, C, *]`: splits the `C` channels into `num_groups` groups and
+    /// normalises each (sample, group) over its channels and positions, then applies the
+    /// per-channel `weight` and `bias` (each of shape `[C]`).
+    pub fn group_norm(
+        &self,
+        num_groups: usize,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<Tensor> {
+        const OP: &str = "group_norm";
+        if self.rank() < 2 {
+            return Err(Error::bad_shape(OP, &self.shape(), "need at least 2 dims [N, C, *]"));
+        }
+        let channels = self.dims()[1];
+        if num_groups == 0 || channels % num_groups != 0 {
+            return Err(Error::bad_shape(
+                OP,
+                &self.shape(),
+                format!("num_groups {num_groups} must be at least 1 and divide the {channels} channels (dim 1)"),
+            ));
+        }
+        self.apply_norm(OP, Norm::Group { groups: num_groups }, &[channels], weight, bias, eps)
+    }
+
+    /// Checks `eps`, the dtype and the parameters, then runs the norm kernel.
+    fn apply_norm(
+        &self,
+        op: &'static str,
+        norm: Norm,
+        param_shape: &[usize],
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<Tensor> {
+        if !(eps >= 0.0 && eps.is_finite()) {
+            return Err(Error::invalid(op, format!("eps {eps} must be finite and >= 0")));
+        }
+        self.expect_float(op)?;
+        for (name, param) in [("weight", weight), ("bias", bias)] {
+            if let Some(param) = param {
+                self.check_norm_param(op, name, param, param_shape)?;
+            }
+        }
+        let out = self.read_cpu(|s, l| Ok(map_float!(op, s, |x| normalize_typed(x, l, norm, weight, bias, eps)?)))?;
+        Ok(Tensor::from_cpu(out, self.dims()))
+    }
+
+    /// A weight or bias must be on this device, of this dtype, and shaped `shape`.
+    fn check_norm_param(&self, op: &'static str, name: &str, param: &Tensor, shape: &[usize]) -> Result<()> {
+        self.same_device(param, op)?;
+        self.same_dtype(param, op)?;
+        if param.dims() != shape {
+            return Err(Error::ShapeMismatch {
+                op,
+                lhs: self.shape(),
+                rhs: param.shape(),
+                reason: format!("{name} must have shape {shape:?}, got {}", param.shape()),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The kernel call for one dtype: the (small) parameters are read row-major first.
+fn normalize_typed<T: FloatElem + WithDType>(
+    x: &[T],
+    layout: &Layout,
+    norm: Norm,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Vec<T>> {
+    let weight = weight.map(Tensor::to_vec::<T>).transpose()?;
+    let bias = bias.map(Tensor::to_vec::<T>).transpose()?;
+    Ok(norm::normalize(x, layout, norm, weight.as_deref(), bias.as_deref(), eps))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::*;
+    use crate::{DType, Device, Tensor};
+    use proptest::prelude::*;
+
+    /// Naive normalisation of `x` viewed as `[rows, n]`, written with plain loops:
+    /// `center` subtracts the mean (else RMS); `param(r, p)` is the weight/bias index of
+    /// position `p` of row `r`.
+    fn reference(
+        x: &Tensor,
+        n: usize,
+        center: bool,
+        (weight, bias): (Option<&Tensor>, Option<&Tensor>),
+        eps: f64,
+        param: impl Fn(usize, usize) -> usize,
+    ) -> Vec<f64> {
+        let x = x.to_f64_vec().unwrap();
+        let (weight, bias) = (weight.map(|w| w.to_f64_vec().unwrap()), bias.map(|b| b.to_f64_vec().unwrap()));
+        let mut out = vec![0.0; x.len()];
+        if n == 0 {
+            return out;
+        }
+        for r in 0..x.len() / n {
+            let row = &x[r * n..(r + 1) * n];
+            let mean = if center { row.iter().sum::<f64>() / n as f64 } else { 0.0 };
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
+            for p in 0..n {
+                let w = weight.as_ref().map_or(1.0, |w| w[param(r, p)]);
+                let b = bias.as_ref().map_or(0.0, |b| b[param(r, p)]);
+                out[r * n + p] = (row[p] - mean) / (var + eps).sqrt() * w + b;
+            }
+        }
+        out
+    }
+
+    /// Optional parameter of `shape`, in a random layout (seeded), or `None`.
+    fn maybe_param(shape: &[usize], present: bool, kind: ViewKind, seed: u64) -> Option<Tensor> {
+        present.then(|| make_view(shape, kind, seed))
+    }
+
+    /// A tensor of rank >= 1 and a number of trailing dims to normalise over.
+    fn tensor_and_normalized_dims() -> impl Strategy<Value = (Tensor, usize)> {
+        shape(4, 5)
+            .prop_filter("rank >= 1", |s| !s.is_empty())
+            .prop_flat_map(|s| (tensor_of_shape(s.clone()), 1..=s.len()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn layer_norm_matches_naive_reference(
+            (t, k) in tensor_and_normalized_dims(),
+            (has_w, has_b) in (any::<bool>(), any::<bool>()),
+            (kw, kb, seed) in (view_kind(), view_kind(), any::<u64>()),
+        ) {
+            let pshape = t.dims()[t.rank() - k..].to_vec();
+            let (w, b) = (maybe_param(&pshape, has_w, kw, seed), maybe_param(&pshape, has_b, kb, seed ^ 1));
+            let got = t.layer_norm(k, w.as_ref(), b.as_ref(), 1e-5).unwrap();
+            prop_assert_eq!(got.dims(), t.dims());
+            let n = pshape.iter().product();
+            let want = reference(&t, n, true, (w.as_ref(), b.as_ref()), 1e-5, |_, p| p);
+            assert_close(&got.to_f64_vec().unwrap(), &want, 1e-4, 1e-4, "layer_norm");
+        }
+
+        #[test]
+        fn rms_norm_matches_naive_reference(
+            (t, _) in tensor_and_normalized_dims(),
+            has_w in any::<bool>(),
+            (kw, seed) in (view_kind(), any::<u64>()),
+        ) {
+            let last = *t.dims().last().unwrap();
+            let w = maybe_param(&[last], has_w, kw, seed);
+            let got = t.rms_norm(w.as_ref(), 1e-6).unwrap();
+            let want = reference(&t, last, false, (w.as_ref(), None), 1e-6, |_, p| p);
+            assert_close(&got.to_f64_vec().unwrap(), &want, 1e-4, 1e-4, "rms_norm");
+        }
+
+        #[test]
+        fn group_norm_matches_naive_reference_with_per_channel_affine(
+            (n, groups, per_group) in (0usize..3, 1usize..4, 1usize..3),
+            spatial in proptest::collection::vec(0usize..4, 0..3),
+            (kind, kw, kb, seed) in (view_kind(), view_kind(), view_kind(), any::<u64>()),
+            (has_w, has_b) in (any::<bool>(), any::<bool>()),
+        ) {
+            let channels = groups * per_group;
+            let mut dims = vec![n, channels];
+            dims.extend_from_slice(&spatial);
+            let t = make_view(&dims, kind, seed);
+            let w = maybe_param(&[channels], has_w, kw, seed ^ 2);
+            let b = maybe_param(&[channels], has_b, kb, seed ^ 3);
+            let got = t.group_norm(groups, w.as_ref(), b.as_ref(), 1e-5).unwrap();
+            prop_assert_eq!(got.dims(), t.dims());
+            // Row r is (sample r / groups, group r % groups); position p is in channel
+            // (r % groups) * per_group + p / S.
+            let s: usize = spatial.iter().product();
+            let channel = |r: usize, p: usize| (r % groups) * per_group + p / s;
+            let want = reference(&t, per_group * s, true, (w.as_ref(), b.as_ref()), 1e-5, channel);
+            assert_close(&got.to_f64_vec().unwrap(), &want, 1e-4, 1e-4, "group_norm");
+        }
+
+        #[test]
+        fn norms_in_f64_are_accurate_to_rounding(
+            t in nonempty_shape(2, 4, 4).prop_flat_map(tensor_of_shape),
+            (kw, seed) in (view_kind(), any::<u64>()),
+        ) {
+            let t = t.to_dtype(DType::F64).unwrap();
+            let dims = t.dims().to_vec();
+            let last = dims[dims.len() - 1];
+            let w = make_view(&[last], kw, seed).to_dtype(DType::F64).unwrap();
+            let b = make_view(&[last], kw, seed ^ 5).to_dtype(DType::F64).unwrap();
+            let got = t.layer_norm(1, Some(&w), Some(&b), 1e-5).unwrap().to_vec::<f64>().unwrap();
+            let want = reference(&t, last, true, (Some(&w), Some(&b)), 1e-5, |_, p| p);
+            assert_close(&got, &want, 1e-12, 1e-12, "layer_norm f64");
+            let got = t.rms_norm(Some(&w), 1e-5).unwrap().to_vec::<f64>().unwrap();
+            let want = reference(&t, last, false, (Some(&w), None), 1e-5, |_, p| p);
+            assert_close(&got, &want, 1e-12, 1e-12, "rms_norm f64");
+            let c = dims[1];
+            let wc = make_view(&[c], kw, seed ^ 7).to_dtype(DType::F64).unwrap();
+            let s: usize = dims[2..].iter().product();
+            let got = t.group_norm(1, Some(&wc), None, 1e-5).unwrap().to_vec::<f64>().unwrap();
+            let want = reference(&t, c * s, true, (Some(&wc), None), 1e-5, |_, p| p / s);
+            assert_close(&got, &want, 1e-12, 1e-12, "group_norm f64");
+        }
+    }
+
+    #[test]
+    fn half_precision_norms_compute_in_f32_and_round_once() {
+        // The reference sees the same rounded inputs; the output is rounded once.
+        let t = make_view(&[2, 4, 3], ViewKind::Stepped, 11);
+        let w = make_view(&[3], ViewKind::Contiguous, 12);
+        let wc = make_view(&[4], ViewKind::Contiguous, 13);
+        for dt in [DType::F16, DType::BF16] {
+            let (x, w, wc) = (t.to_dtype(dt).unwrap(), w.to_dtype(dt).unwrap(), wc.to_dtype(dt).unwrap());
+            let got = x.layer_norm(1, Some(&w), Some(&w), 1e-5).unwrap();
+            assert_eq!(got.dtype(), dt);
+            let want = reference(&x, 3, true, (Some(&w), Some(&w)), 1e-5, |_, p| p);
+            assert_close(&got.to_f64_vec().unwrap(), &want, 1e-2, 2e-2, "half layer_norm");
+            let got = x.rms_norm(Some(&w), 1e-5).unwrap().to_f64_vec().unwrap();
+            let want = reference(&x, 3, false, (Some(&w), None), 1e-5, |_, p| p);
+            assert_close(&got, &want, 1e-2, 2e-2, "half rms_norm");
+            let got = x.group_norm(2, Some(&wc), None, 1e-5).unwrap().to_f64_vec().unwrap();
+            let want = reference(&x, 6, true, (Some(&wc), None), 1e-5, |r, p| (r % 2) * 2 + p / 3);
+            assert_close(&got, &want, 1e-2, 2e-2, "half group_norm");
+        }
+    }
+
+    #[test]
+    fn layer_norm_stays_accurate_for_a_large_mean_in_f32() {
+        // Two-pass statistics: the spread of 1e4 + [-2, 2) survives in f32.
+        let base = make_view(&[4, 8], ViewKind::Contiguous, 3);
+        let t = (&base + 1.0e4).unwrap();
+        let got = t.layer_norm(1, None, None, 0.0).unwrap().to_f64_vec().unwrap();
+        let want = reference(&t, 8, true, (None, None), 0.0, |_, p| p);
+        assert_close(&got, &want, 1e-2, 1e-2, "large mean");
+    }
+
+    #[test]
+    fn a_constant_row_normalises_to_the_bias() {
+        let dev = Device::Cpu;
+        let t = Tensor::full(5.0, [2, 3], DType::F64, &dev).unwrap();
+        let b = Tensor::new(&[1.0f64, 2.0, 3.0], &dev).unwrap();
+        let got = t.layer_norm(1, None, Some(&b), 1e-5).unwrap().to_vec::<f64>().unwrap();
+        assert_eq!(got, vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn norm_errors_name_the_op_and_the_problem() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros([2, 4, 3], DType::F32, &dev).unwrap();
+        let w3 = Tensor::ones([3], DType::F32, &dev).unwrap();
+        let w4 = Tensor::ones([4], DType::F32, &dev).unwrap();
+        let err = |r: crate::Result<Tensor>| r.unwrap_err().to_string();
+
+        assert_eq!(
+            err(x.layer_norm(0, None, None, 1e-5)),
+            "layer_norm: input of shape [2, 4, 3]: normalized_dims 0 must be between 1 and the rank 3"
+        );
+        assert_eq!(
+            err(x.layer_norm(4, None, None, 1e-5)),
+            "layer_norm: input of shape [2, 4, 3]: normalized_dims 4 must be between 1 and the rank 3"
+        );
+        assert_eq!(
+            err(x.layer_norm(2, Some(&w3), None, 1e-5)),
+            "layer_norm: lhs [2, 4, 3] and rhs [3]: weight must have shape [4, 3], got [3]"
+        );
+        assert_eq!(
+            err(x.layer_norm(1, Some(&w3), Some(&w4), 1e-5)),
+            "layer_norm: lhs [2, 4, 3] and rhs [4]: bias must have shape [3], got [4]"
+        );
+        assert_eq!(
+            err(x.layer_norm(1, None, Some(&w3.to_dtype(DType::F64).unwrap()), 1e-5)),
+            "layer_norm: dtypes differ: lhs is f32, rhs is f64 (convert one with to_dtype)"
+        );
+        assert_eq!(err(x.layer_norm(1, None, None, -1.0)), "layer_norm: eps -1 must be finite and >= 0");
+        assert_eq!(err(x.rms_norm(None, f64::NAN)), "rms_norm: eps NaN must be finite and >= 0");
+        assert_eq!(
+            err(x.rms_norm(Some(&w4), 1e-6)),
+            "rms_norm: lhs [2, 4, 3] and rhs [4]: weight must have shape [3], got [4]"
+        );
+        let scalar = Tensor::scalar(1.0f32, &dev).unwrap();
+        assert_eq!(
+            err(scalar.rms_norm(None, 1e-6)),
+            "rms_norm: input of shape []: need at least 1 dim to normalise over"
+        );
+        assert_eq!(
+            err(x.group_norm(3, None, None, 1e-5)),
+            "group_norm: input of shape [2, 4, 3]: num_groups 3 must be at least 1 and divide the 4 channels (dim 1)"
+        );
+        assert_eq!(
+            err(x.group_norm(0, None, None, 1e-5)),
+            "group_norm: input of shape [2, 4, 3]: num_groups 0 must be at least 1 and divide the 4 channels (dim 1)"
+        );
+        assert_eq!(
+            err(x.group_norm(2, Some(&w3), None, 1e-5)),
+            "group_norm: lhs [2, 4, 3] and rhs [3]: weight must have shape [4], got [3]"
+        );
+        assert_eq!(
+            err(w3.group_norm(1, None, None, 1e-5)),
+            "group_norm: input of shape [3]: need at least 2 dims [N, C, *]"
+        );
+        let ints = Tensor::zeros([2, 3], DType::I64, &dev).unwrap();
+        assert_eq!(
+            err(ints.layer_norm(1, None, None, 1e-5)),
+            "layer_norm: not supported for dtype i64 (expected a float dtype (f32, f64, f16, bf16))"
+        );
+    }
+}
