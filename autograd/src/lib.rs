@@ -8,7 +8,8 @@
 //! - `ops/`: every differentiable op with its backward rule, written with `Var` ops so
 //!   that gradients can be differentiated again ([`grad`] with `create_graph`).
 //! - [`gradcheck`]/[`gradgradcheck`]: finite-difference checks in f64.
-//! - [`no_grad`] and [`detect_anomaly`] (`mode.rs`).
+//! - [`no_grad`] and [`detect_anomaly`] (`mode.rs`); [`checkpoint`] trades memory for
+//!   recomputation.
 //!
 //! ```
 //! use aigc_autograd::{Var, grad};
@@ -23,6 +24,7 @@
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod checkpoint;
 pub mod gradcheck;
 pub mod mode;
 pub mod ops;
@@ -31,6 +33,7 @@ pub mod tape;
 pub(crate) mod testing;
 pub mod var;
 
+pub use checkpoint::checkpoint;
 pub use gradcheck::{GradcheckOptions, gradcheck, gradcheck_with, gradgradcheck};
 pub use mode::{detect_anomaly, no_grad};
 pub use tape::{GradOptions, grad, grad_with};

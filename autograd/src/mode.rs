@@ -32,6 +32,14 @@ impl GradMode {
     }
 }
 
+impl GradMode {
+    /// Runs `f` with recording set to `enabled`, then restores the previous state.
+    pub fn scoped<R>(enabled: bool, f: impl FnOnce() -> R) -> R {
+        let _guard = GradMode::set(enabled);
+        f()
+    }
+}
+
 impl Drop for GradMode {
     fn drop(&mut self) {
         GRAD_ENABLED.with(|g| g.set(self.previous));
@@ -41,8 +49,7 @@ impl Drop for GradMode {
 /// Runs `f` with recording off: nothing it computes will have a gradient (evaluation,
 /// sampling, optimizer updates).
 pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
-    let _guard = GradMode::set(false);
-    f()
+    GradMode::scoped(false, f)
 }
 
 /// Restores the previous anomaly state when dropped.

@@ -158,7 +158,12 @@ fn walk(
         let (grads, inputs) = {
             let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
             let r = slot.as_ref().expect("checked when the tape was collected");
-            let grads = (r.backward)(&v, &g, &r.inputs)?;
+            // Anomaly checks apply to the rule as a whole (below), naming this op, not
+            // to the ops the rule is written with.
+            let grads = {
+                let _quiet = mode::AnomalyMode::set(false);
+                (r.backward)(&v, &g, &r.inputs)?
+            };
             let inputs = r.inputs.clone();
             if !opts.retain_graph {
                 *slot = None; // free the saved inputs now
@@ -198,4 +203,127 @@ pub(crate) fn accumulate(slot: &std::sync::Mutex<Option<Tensor>>, g: &Tensor) ->
         None => g.contiguous()?,
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::gradcheck;
+    use crate::mode::{detect_anomaly, no_grad};
+    use crate::testing::inputs;
+    use aigc_tensor::{Device, Tensor};
+
+    fn leaf(values: &[f64]) -> Var {
+        Var::leaf(Tensor::new(values, &Device::Cpu).unwrap())
+    }
+
+    #[test]
+    fn no_grad_records_nothing() {
+        let x = leaf(&[1.0, 2.0]);
+        let y = no_grad(|| x.exp().unwrap().sum_all().unwrap());
+        assert!(!y.needs_grad());
+        assert_eq!(y.op_name(), "constant");
+        let z = x.exp().unwrap().sum_all().unwrap();
+        assert!(z.needs_grad());
+        assert_eq!(z.op_name(), "sum");
+    }
+
+    #[test]
+    fn gradients_accumulate_across_two_backward_calls() {
+        let x = leaf(&[1.0, -2.0]);
+        x.square().unwrap().sum_all().unwrap().backward().unwrap();
+        x.square().unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(x.grad().unwrap().to_vec::<f64>().unwrap(), vec![4.0, -8.0]);
+        x.zero_grad();
+        assert!(x.grad().is_none());
+    }
+
+    #[test]
+    fn a_retained_graph_can_be_walked_twice_and_a_freed_one_cannot() {
+        let x = leaf(&[3.0]);
+        let y = x.square().unwrap().sum_all().unwrap();
+        y.backward_retain().unwrap();
+        y.backward().unwrap();
+        assert_eq!(x.grad().unwrap().to_vec::<f64>().unwrap(), vec![12.0]);
+        let err = y.backward().unwrap_err().to_string();
+        assert!(err.contains("was freed by an earlier backward; pass retain_graph"), "{err}");
+    }
+
+    #[test]
+    fn backward_of_a_non_scalar_needs_a_seed() {
+        let x = leaf(&[1.0, 2.0, 3.0]);
+        let y = x.square().unwrap();
+        let err = y.backward().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "backward: the output has shape [3]: backward needs a scalar, or a seed gradient of that shape"
+        );
+        y.backward_with(&Tensor::new(&[1.0f64, 0.0, -1.0], &Device::Cpu).unwrap()).unwrap();
+        assert_eq!(x.grad().unwrap().to_vec::<f64>().unwrap(), vec![2.0, 0.0, -6.0]);
+        let bad_seed = Tensor::new(&[1.0f64], &Device::Cpu).unwrap();
+        assert!(x.square().unwrap().backward_with(&bad_seed).unwrap_err().to_string().contains("seed of shape [1]"));
+    }
+
+    #[test]
+    fn a_shared_subexpression_gets_the_sum_of_its_uses() {
+        // y = x * x + x: dy/dx = 2x + 1, with x reached along three paths.
+        let x = leaf(&[2.0, -1.0]);
+        let y = x.mul(&x).unwrap().add(&x).unwrap().sum_all().unwrap();
+        y.backward().unwrap();
+        assert_eq!(x.grad().unwrap().to_vec::<f64>().unwrap(), vec![5.0, -1.0]);
+    }
+
+    #[test]
+    fn grad_of_an_unused_input_is_zero_and_leaves_are_untouched() {
+        let x = leaf(&[1.0, 2.0]);
+        let unused = leaf(&[5.0]);
+        let y = x.sum_all().unwrap();
+        let g = grad(&[&y], &[&x, &unused], false).unwrap();
+        assert_eq!(g[1].value().to_vec::<f64>().unwrap(), vec![0.0]);
+        assert!(x.grad().is_none(), "grad() returns gradients without storing them");
+    }
+
+    #[test]
+    fn anomaly_mode_names_the_op_that_first_made_a_nan() {
+        let x = leaf(&[-1.0, 4.0]);
+        let err = detect_anomaly(|| x.affine(1.0, 0.0).unwrap().log().map(|_| ())).unwrap_err().to_string();
+        assert!(err.starts_with("log: anomaly: forward produced 1 NaN/Inf value(s)"), "{err}");
+        // sqrt(0) is fine forward, but its gradient is infinite.
+        let z = leaf(&[0.0, 4.0]);
+        let err = detect_anomaly(|| z.sqrt().unwrap().sum_all().unwrap().backward()).unwrap_err().to_string();
+        assert!(err.starts_with("sqrt: anomaly: backward produced"), "{err}");
+        // Without anomaly mode the NaN passes silently, as in PyTorch.
+        assert!(x.log().is_ok());
+    }
+
+    /// The WGAN-GP penalty (Gulrajani et al. 2017) `(|| d critic(x) / dx || - 1)^2` for a
+    /// one-hidden-layer critic `w2 . tanh(W1 x)`, as a function of the critic's weights.
+    fn gradient_penalty(w1: &Var, w2: &Var, x: &Tensor) -> Result<Var> {
+        let x = Var::leaf(x.clone());
+        let critic = x.matmul(w1)?.tanh()?.matmul(w2)?;
+        let dx = grad(&[&critic.sum_all()?], &[&x], true)?;
+        dx[0].norm(2.0, &[-1], false)?.affine(1.0, -1.0)?.square()?.mean_all()
+    }
+
+    #[test]
+    fn wgan_gp_penalty_gradient_reaches_the_critic_weights_and_matches_finite_differences() {
+        let x = inputs::seeded(&[5, 3], 1);
+        let w1 = inputs::seeded(&[3, 4], 2);
+        let w2 = inputs::seeded(&[4, 1], 3);
+        gradcheck(|v| gradient_penalty(&v[0], &v[1], &x), &[&w1, &w2], "wgan_gp").unwrap();
+        let (w1, w2) = (Var::leaf(w1), Var::leaf(w2));
+        gradient_penalty(&w1, &w2, &x).unwrap().backward().unwrap();
+        assert!(w1.grad().unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() > 0.0);
+    }
+
+    #[test]
+    fn gradients_flow_into_f32_and_broadcast_inputs() {
+        let w = Var::leaf(Tensor::ones([3], aigc_tensor::DType::F32, &Device::Cpu).unwrap());
+        let x = Var::constant(Tensor::randn([4, 3], &Device::Cpu, 0).unwrap());
+        x.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = w.grad().unwrap();
+        assert_eq!(g.dims(), &[3]);
+        let want = x.value().sum(&[0], false).unwrap().to_vec::<f32>().unwrap();
+        assert_eq!(g.to_vec::<f32>().unwrap(), want);
+    }
 }

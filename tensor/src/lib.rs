@@ -36,5 +36,6 @@ pub use aigc_kernels::cpu::unary::UnaryOp;
 pub use device::Device;
 pub use dtype::{DType, WithDType};
 pub use error::{Error, Result};
+pub use ops::conv::{Conv1dParams, Conv2dParams, ConvTranspose1dParams, ConvTranspose2dParams};
 pub use shape::Shape;
 pub use tensor::Tensor;

@@ -345,3 +345,73 @@ impl std::fmt::Display for Tensor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vectors_slices_and_ndarrays_round_trip() {
+        let dev = Device::Cpu;
+        let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], [2, 3], &dev).unwrap();
+        assert_eq!(t.to_vec2::<f32>().unwrap(), vec![vec![1.0, 2.0, 3.0], vec![4.0, 5.0, 6.0]]);
+        let a = t.t().unwrap().to_ndarray::<f32>().unwrap();
+        assert_eq!(a.shape(), &[3, 2]);
+        assert_eq!(a[[2, 1]], 6.0);
+        let back = Tensor::try_from(&a).unwrap();
+        assert_eq!(back.to_vec::<f32>().unwrap(), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+        assert_eq!(Tensor::scalar(7i64, &dev).unwrap().to_scalar::<i64>().unwrap(), 7);
+    }
+
+    #[test]
+    fn conversions_check_element_counts_and_dtypes() {
+        let dev = Device::Cpu;
+        let e = Tensor::from_vec(vec![1.0f32; 5], [2, 3], &dev).unwrap_err();
+        assert_eq!(e.to_string(), "from_vec: shape [2, 3] holds 6 elements but 5 were given");
+        let t = Tensor::zeros([2], DType::F32, &dev).unwrap();
+        assert_eq!(
+            t.to_vec::<f64>().unwrap_err().to_string(),
+            "to_vec: dtypes differ: lhs is f32, rhs is f64 (convert one with to_dtype)"
+        );
+        assert!(t.to_scalar::<f32>().unwrap_err().to_string().contains("exactly one element"));
+        assert!(t.to_vec2::<f32>().is_err());
+        let cuda = Tensor::zeros([2], DType::F32, &Device::Cuda(0)).unwrap_err();
+        assert!(cuda.to_string().starts_with("device cuda:0 is not available"));
+    }
+
+    #[test]
+    fn casts_round_to_the_target_dtype() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[1.5f64, -2.7, 300.0], &dev).unwrap();
+        assert_eq!(x.to_dtype(DType::I64).unwrap().to_vec::<i64>().unwrap(), vec![1, -2, 300]);
+        assert_eq!(x.to_dtype(DType::U8).unwrap().to_vec::<u8>().unwrap(), vec![1, 0, 255]);
+        let h = x.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap().to_vec::<f32>().unwrap();
+        assert_eq!(h, vec![1.5, -2.703125, 300.0]);
+    }
+
+    #[test]
+    fn ranges_and_identity() {
+        let dev = Device::Cpu;
+        assert_eq!(Tensor::arange(2, 5, DType::I64, &dev).unwrap().to_vec::<i64>().unwrap(), vec![2, 3, 4]);
+        assert_eq!(
+            Tensor::arange_step(0.0, 1.0, 0.25, DType::F32, &dev).unwrap().to_vec::<f32>().unwrap(),
+            vec![0.0, 0.25, 0.5, 0.75]
+        );
+        assert_eq!(
+            Tensor::linspace(0.0, 1.0, 3, DType::F64, &dev).unwrap().to_vec::<f64>().unwrap(),
+            vec![0.0, 0.5, 1.0]
+        );
+        assert_eq!(Tensor::eye(2, DType::F32, &dev).unwrap().to_vec::<f32>().unwrap(), vec![1.0, 0.0, 0.0, 1.0]);
+        assert!(Tensor::arange_step(0.0, 1.0, 0.0, DType::F32, &dev).is_err());
+    }
+
+    #[test]
+    fn tensors_print_their_shape_and_values() {
+        let dev = Device::Cpu;
+        let t = Tensor::arange(0, 8, DType::I64, &dev).unwrap().reshape([2, 4]).unwrap();
+        assert_eq!(format!("{t:?}"), "Tensor[2, 4] i64 cpu");
+        assert_eq!(format!("{t}"), "[[0, 1, 2, 3], [4, 5, 6, 7]] Tensor[2, 4] i64 cpu");
+        let long = Tensor::arange(0, 10, DType::F32, &dev).unwrap();
+        assert_eq!(format!("{long}"), "[0.0000, 1.0000, 2.0000, ..., 7.0000, 8.0000, 9.0000] Tensor[10] f32 cpu");
+    }
+}

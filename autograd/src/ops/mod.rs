@@ -3,10 +3,17 @@
 //! can be differentiated again. One file per family, mirroring `aigc_tensor::ops`.
 
 pub mod arith;
+pub mod attention;
+pub mod conv;
 pub mod elementwise;
+pub mod gather;
 pub mod index;
+pub mod loss;
 pub mod matmul;
+pub mod norm;
+pub mod pool;
 pub mod reduce;
+pub mod softmax;
 pub mod view;
 
 use crate::Var;
