@@ -36,5 +36,6 @@ pub mod var;
 pub use checkpoint::checkpoint;
 pub use gradcheck::{GradcheckOptions, gradcheck, gradcheck_with, gradgradcheck};
 pub use mode::{detect_anomaly, no_grad};
+pub use ops::loss::CrossEntropyOptions;
 pub use tape::{GradOptions, grad, grad_with};
 pub use var::Var;

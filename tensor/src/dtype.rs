@@ -57,6 +57,7 @@ pub trait WithDType: aigc_kernels::Element {
     const DTYPE: DType;
     fn into_storage(v: Vec<Self>) -> CpuStorage;
     fn from_storage(s: &CpuStorage) -> Option<&Vec<Self>>;
+    fn from_storage_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>>;
 }
 
 macro_rules! with_dtype {
@@ -67,6 +68,12 @@ macro_rules! with_dtype {
                 CpuStorage::$d(v)
             }
             fn from_storage(s: &CpuStorage) -> Option<&Vec<Self>> {
+                match s {
+                    CpuStorage::$d(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn from_storage_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>> {
                 match s {
                     CpuStorage::$d(v) => Some(v),
                     _ => None,

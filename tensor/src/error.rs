@@ -48,6 +48,14 @@ pub enum Error {
     #[error("{op}: {reason}")]
     Graph { op: &'static str, reason: String },
 
+    /// A file that could not be read or written.
+    #[error("{path}: {reason}")]
+    Io { path: String, reason: String },
+
+    /// Data that does not parse: a truncated file, a bad header, a malformed line.
+    #[error("{what}: {reason}")]
+    Format { what: String, reason: String },
+
     /// Any other invalid argument, described in words.
     #[error("{op}: {reason}")]
     InvalidArgument { op: &'static str, reason: String },

@@ -101,7 +101,23 @@ macro_rules! zip_any {
     };
 }
 
-pub(crate) use {map_any, map_float, with_any, zip_any, zip_float};
+/// `zip_any_mut!(op_name, src, dst, |a, b| expr)`: like `zip_any!` with `dst` borrowed
+/// mutably.
+macro_rules! zip_any_mut {
+    ($op:expr, $l:expr, $r:expr, |$a:ident, $b:ident| $body:expr) => {
+        match ($l, $r) {
+            ($crate::storage::CpuStorage::F32($a), $crate::storage::CpuStorage::F32($b)) => $body,
+            ($crate::storage::CpuStorage::F64($a), $crate::storage::CpuStorage::F64($b)) => $body,
+            ($crate::storage::CpuStorage::F16($a), $crate::storage::CpuStorage::F16($b)) => $body,
+            ($crate::storage::CpuStorage::BF16($a), $crate::storage::CpuStorage::BF16($b)) => $body,
+            ($crate::storage::CpuStorage::I64($a), $crate::storage::CpuStorage::I64($b)) => $body,
+            ($crate::storage::CpuStorage::U8($a), $crate::storage::CpuStorage::U8($b)) => $body,
+            (l, r) => return Err($crate::Error::DTypeMismatch { op: $op, lhs: l.dtype(), rhs: r.dtype() }),
+        }
+    };
+}
+
+pub(crate) use {map_any, map_float, with_any, zip_any, zip_any_mut, zip_float};
 
 /// A buffer in host memory, typed.
 #[derive(Clone, Debug)]

@@ -1,5 +1,8 @@
 //! # aigc-trainers
 //!
-//! One module per generative family (GAN, VAE, flows, diffusion, score models, GPT,
-//! BERT, encoder-decoder, ViT, CLIP, RNN/LSTM/GRU). Built in the family issues; it
-//! exposes nothing yet.
+//! Data loaders, metrics, and (in the family issues) one module per generative family.
+//!
+//! - [`data`]: data sets; the 8x8 digits are embedded in the crate.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod data;

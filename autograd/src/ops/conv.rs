@@ -21,7 +21,7 @@
 //! A 1-d convolution is differentiated as the 2-d one of height 1.
 
 use crate::Var;
-use aigc_tensor::{Conv1dParams, Conv2dParams, ConvTranspose1dParams, ConvTranspose2dParams, Result};
+use aigc_tensor::{Conv1dParams, Conv2dParams, ConvTranspose1dParams, ConvTranspose2dParams, Result, Tensor};
 
 /// Which way a recorded convolution maps: image to features, or features back to image.
 #[derive(Clone, Copy, Debug)]
@@ -96,14 +96,7 @@ impl Var {
 
 impl Recorded {
     /// Records the op `value = op(input, weight, bias)` with this convolution's rule.
-    fn record(
-        self,
-        op: &'static str,
-        value: aigc_tensor::Tensor,
-        input: &Var,
-        weight: &Var,
-        bias: Option<&Var>,
-    ) -> Result<Var> {
+    fn record(self, op: &'static str, value: Tensor, input: &Var, weight: &Var, bias: Option<&Var>) -> Result<Var> {
         let mut inputs = vec![input.clone(), weight.clone()];
         inputs.extend(bias.cloned());
         Var::from_op(op, value, inputs, Box::new(move |_, g, operands| self.backward(g, operands)))
@@ -118,13 +111,11 @@ impl Recorded {
             Direction::Forward => (&x, &g),
             Direction::Transposed => (&g, &x),
         };
-        let dx = match operands[0].needs_grad() {
-            true => Some(lower(self.input_grad(&g, &w, &x.dims()[2..])?)?),
-            false => None,
-        };
-        let dw = match operands[1].needs_grad() {
-            true => Some(lower(weight_grad(image, features, &w.dims()[2..], self.params)?)?),
-            false => None,
+        let dx = if operands[0].needs_grad() { Some(lower(self.input_grad(&g, &w, &x.dims()[2..])?)?) } else { None };
+        let dw = if operands[1].needs_grad() {
+            Some(lower(weight_grad(image, features, &w.dims()[2..], self.params)?)?)
+        } else {
+            None
         };
         let db = match operands.get(2) {
             Some(b) if b.needs_grad() => Some(g.sum(&[0, 2, 3], false)?),
@@ -329,11 +320,6 @@ mod tests {
                 }
             }
         }
-        /// The same op on plain tensors.
-        fn apply_tensor(&self, t: &[Tensor]) -> Result<Tensor> {
-            let vars: Vec<Var> = t.iter().map(|t| Var::constant(t.clone())).collect();
-            Ok(self.apply(&vars)?.value().clone())
-        }
     }
 
     proptest! {
@@ -347,32 +333,29 @@ mod tests {
 
     #[test]
     fn conv_forward_values_equal_the_tensor_ops() {
-        let x2 = inputs::seeded(&[2, 4, 5, 4], 1);
-        let w2 = inputs::seeded(&[6, 2, 3, 2], 2);
-        let wt2 = inputs::seeded(&[4, 3, 3, 2], 3);
-        let b = inputs::seeded(&[6], 4);
-        let (x1, w1, wt1) =
-            (x2.narrow(2, 0, 1).unwrap().squeeze(2).unwrap(), w2.squeeze(3).unwrap(), wt2.squeeze(3).unwrap());
         let leaf = |t: &Tensor| Var::leaf(t.clone());
         let same = |var: Var, tensor: Tensor| {
             assert_eq!(var.value().dims(), tensor.dims());
             assert_eq!(var.value().to_vec::<f64>().unwrap(), tensor.to_vec::<f64>().unwrap());
         };
+        let b = inputs::seeded(&[6], 1);
+        let x2 = inputs::seeded(&[2, 4, 5, 4], 2);
+        let w2 = inputs::seeded(&[6, 2, 3, 2], 3);
         let p2 = Conv2dParams::default().stride(2).padding(1).dilation(2).groups(2);
         same(leaf(&x2).conv2d(&leaf(&w2), Some(&leaf(&b)), p2).unwrap(), x2.conv2d(&w2, Some(&b), p2).unwrap());
-        let p1 = Conv1dParams::default().stride(2).padding(1).groups(2);
-        let w1 = w1.narrow(2, 0, 1).unwrap();
-        same(leaf(&x1).conv1d(&leaf(&w1), Some(&leaf(&b)), p1).unwrap(), x1.conv1d(&w1, Some(&b), p1).unwrap());
+        let wt2 = inputs::seeded(&[4, 3, 3, 2], 4);
         let pt2 = ConvTranspose2dParams::default().stride(2).padding(1).output_padding(1).groups(2);
-        same(
-            leaf(&x2).conv_transpose2d(&leaf(&wt2), Some(&leaf(&b)), pt2).unwrap(),
-            x2.conv_transpose2d(&wt2, Some(&b), pt2).unwrap(),
-        );
+        let var = leaf(&x2).conv_transpose2d(&leaf(&wt2), Some(&leaf(&b)), pt2).unwrap();
+        same(var, x2.conv_transpose2d(&wt2, Some(&b), pt2).unwrap());
+
+        let x1 = inputs::seeded(&[2, 4, 5], 5);
+        let w1 = inputs::seeded(&[6, 2, 3], 6);
+        let p1 = Conv1dParams::default().stride(2).padding(1).groups(2);
+        same(leaf(&x1).conv1d(&leaf(&w1), Some(&leaf(&b)), p1).unwrap(), x1.conv1d(&w1, Some(&b), p1).unwrap());
+        let wt1 = inputs::seeded(&[4, 3, 2], 7);
         let pt1 = ConvTranspose1dParams::default().stride(3).dilation(2).output_padding(1).groups(2);
-        same(
-            leaf(&x1).conv_transpose1d(&leaf(&wt1), None, pt1).unwrap(),
-            x1.conv_transpose1d(&wt1, None, pt1).unwrap(),
-        );
+        let var = leaf(&x1).conv_transpose1d(&leaf(&wt1), Some(&leaf(&b)), pt1).unwrap();
+        same(var, x1.conv_transpose1d(&wt1, Some(&b), pt1).unwrap());
     }
 
     #[test]
@@ -414,21 +397,17 @@ mod tests {
     }
 
     #[test]
-    fn only_the_gradients_that_are_needed_are_computed() {
+    fn weight_gradient_of_a_sum_with_a_constant_input_is_each_taps_window_sum() {
         let x = Var::constant(inputs::seeded(&[1, 2, 4, 4], 13));
         let w = Var::leaf(inputs::seeded(&[3, 2, 3, 3], 14));
-        let y = x.conv2d(&w, None, Conv2dParams::default().padding(1)).unwrap();
-        y.sum_all().unwrap().backward().unwrap();
-        assert_eq!(w.grad().unwrap().dims(), &[3, 2, 3, 3]);
-        // The weight gradient of a sum is the sum of each tap's window of the input.
-        let window_sums = x
-            .value()
-            .conv2d(
-                &Tensor::ones([3, 2, 3, 3], x.dtype(), &x.device()).unwrap(),
-                None,
-                Conv2dParams::default().padding(1),
-            )
-            .unwrap();
-        assert_eq!(window_sums.dims(), &[1, 3, 4, 4]);
+        x.conv2d(&w, None, Conv2dParams::default().padding(1)).unwrap().sum_all().unwrap().backward().unwrap();
+        // Tap (ky, kx) of every filter sees the 4x4 window of the padded input starting there.
+        let ones = Tensor::ones([1, 1, 4, 4], x.dtype(), &x.device()).unwrap();
+        let windows = x.value().transpose(0, 1).unwrap().conv2d(&ones, None, Conv2dParams::default().padding(1));
+        let expected = windows.unwrap().reshape([1, 2, 3, 3]).unwrap().broadcast_to([3, 2, 3, 3]).unwrap();
+        let got = w.grad().unwrap().to_vec::<f64>().unwrap();
+        for (a, b) in got.iter().zip(expected.contiguous().unwrap().to_vec::<f64>().unwrap()) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
     }
 }

@@ -13,6 +13,7 @@ pub mod index;
 pub mod map;
 pub mod matmul;
 pub mod norm;
+pub mod optim;
 pub mod pool;
 pub mod random;
 pub mod reduce;

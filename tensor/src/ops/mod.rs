@@ -7,6 +7,7 @@ pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod index;
+pub mod inplace;
 pub mod join;
 pub mod matmul;
 pub mod norm;

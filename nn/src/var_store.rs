@@ -1,0 +1,165 @@
+//! [`VarStore`]: where a model's parameters live, under PyTorch-style hierarchical names
+//! (`blocks.0.attn.qkv.weight`). A layer is built from a store path (`vs.pp("fc1")`) and
+//! registers its parameters there; the optimizer and the state dict read them back by
+//! name. Each parameter is initialised from a seed derived from the store's seed and its
+//! full name, so adding a layer never changes another layer's initial weights.
+
+use aigc_autograd::Var;
+use aigc_tensor::{DType, Device, Error, Result, Shape, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// How a new parameter is filled.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// Every element equal to the value.
+    Const(f64),
+    /// Uniform in `[lo, hi)`.
+    Uniform { lo: f64, hi: f64 },
+    /// Normal with the given mean and standard deviation.
+    Normal { mean: f64, std: f64 },
+}
+
+struct Store {
+    vars: Mutex<Vec<(String, Var)>>,
+    dtype: DType,
+    device: Device,
+    seed: u64,
+    training: AtomicBool,
+}
+
+/// A handle on a parameter store at some path. Cheap to clone; clones share the store.
+#[derive(Clone)]
+pub struct VarStore {
+    store: Arc<Store>,
+    path: Vec<String>,
+}
+
+/// FNV-1a, to turn a parameter's name into a seed.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+impl VarStore {
+    /// An empty store whose parameters have `dtype`, live on `device` and are initialised
+    /// from `seed`. It starts in training mode.
+    pub fn new(dtype: DType, device: &Device, seed: u64) -> VarStore {
+        VarStore {
+            store: Arc::new(Store {
+                vars: Mutex::new(Vec::new()),
+                dtype,
+                device: *device,
+                seed,
+                training: AtomicBool::new(true),
+            }),
+            path: vec![],
+        }
+    }
+
+    /// The store one level down: `vs.pp("encoder").pp(0)` names `encoder.0.*`.
+    pub fn pp(&self, name: impl ToString) -> VarStore {
+        let mut path = self.path.clone();
+        path.push(name.to_string());
+        VarStore { store: self.store.clone(), path }
+    }
+
+    /// The full name of `name` at this path.
+    pub fn full_name(&self, name: &str) -> String {
+        let mut parts = self.path.clone();
+        parts.push(name.to_string());
+        parts.join(".")
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.store.dtype
+    }
+    pub fn device(&self) -> Device {
+        self.store.device
+    }
+
+    /// Creates and registers a trainable parameter `name` of `shape`.
+    pub fn param(&self, name: &str, shape: impl Into<Shape>, init: Init) -> Result<Var> {
+        let full = self.full_name(name);
+        let seed = self.store.seed ^ name_hash(&full);
+        let (dtype, device) = (self.store.dtype, &self.store.device);
+        let value = match init {
+            Init::Const(v) => Tensor::full(v, shape, dtype, device)?,
+            Init::Uniform { lo, hi } => Tensor::uniform(shape, lo, hi, dtype, device, seed)?,
+            Init::Normal { mean, std } => Tensor::normal(shape, mean, std, dtype, device, seed)?,
+        };
+        let var = Var::leaf(value);
+        let mut vars = self.store.vars.lock().unwrap_or_else(|e| e.into_inner());
+        if vars.iter().any(|(n, _)| *n == full) {
+            return Err(Error::invalid("VarStore::param", format!("a parameter named `{full}` already exists")));
+        }
+        vars.push((full, var.clone()));
+        Ok(var)
+    }
+
+    /// Every parameter under this path, with its full name, in creation order.
+    pub fn named_parameters(&self) -> Vec<(String, Var)> {
+        let prefix = self.path.join(".");
+        let vars = self.store.vars.lock().unwrap_or_else(|e| e.into_inner());
+        vars.iter()
+            .filter(|(n, _)| prefix.is_empty() || n.strip_prefix(&prefix).is_some_and(|rest| rest.starts_with('.')))
+            .cloned()
+            .collect()
+    }
+
+    /// Every parameter under this path.
+    pub fn parameters(&self) -> Vec<Var> {
+        self.named_parameters().into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Total number of scalar parameters under this path.
+    pub fn num_parameters(&self) -> usize {
+        self.parameters().iter().map(|v| v.numel()).sum()
+    }
+
+    /// Whether layers built from this store behave as in training (dropout on, batch
+    /// statistics) or evaluation.
+    pub fn is_training(&self) -> bool {
+        self.store.training.load(Ordering::Relaxed)
+    }
+    /// Switches the whole store between training and evaluation mode.
+    pub fn set_training(&self, training: bool) {
+        self.store.training.store(training, Ordering::Relaxed);
+    }
+
+    /// Clears the gradient of every parameter under this path.
+    pub fn zero_grad(&self) {
+        for v in self.parameters() {
+            v.zero_grad();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_hierarchical_and_unique() {
+        let vs = VarStore::new(DType::F32, &Device::Cpu, 0);
+        vs.pp("blocks").pp(0).pp("attn").param("weight", [2, 2], Init::Const(0.0)).unwrap();
+        vs.pp("head").param("bias", [2], Init::Const(0.0)).unwrap();
+        let names: Vec<String> = vs.named_parameters().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, vec!["blocks.0.attn.weight", "head.bias"]);
+        assert_eq!(vs.pp("blocks").named_parameters().len(), 1);
+        assert_eq!(vs.pp("block").named_parameters().len(), 0, "a prefix must end at a dot");
+        let err = vs.pp("head").param("bias", [2], Init::Const(0.0)).unwrap_err().to_string();
+        assert!(err.contains("`head.bias` already exists"));
+        assert_eq!(vs.num_parameters(), 6);
+    }
+
+    #[test]
+    fn initial_values_depend_on_the_name_not_the_creation_order() {
+        let init = Init::Normal { mean: 0.0, std: 1.0 };
+        let a = VarStore::new(DType::F32, &Device::Cpu, 7);
+        let wa = a.pp("fc2").param("weight", [3], init).unwrap();
+        let b = VarStore::new(DType::F32, &Device::Cpu, 7);
+        b.pp("fc1").param("weight", [3], init).unwrap();
+        let wb = b.pp("fc2").param("weight", [3], init).unwrap();
+        assert_eq!(wa.value().to_vec::<f32>().unwrap(), wb.value().to_vec::<f32>().unwrap());
+    }
+}

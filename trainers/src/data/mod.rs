@@ -1,0 +1,3 @@
+//! Data sets as tensors.
+
+pub mod digits;
