@@ -21,7 +21,7 @@ fn main() -> Result<()> {
     let dev = Device::Cpu;
     let (train, test) = Digits::load()?.split(0.2, 0)?;
     let vs = VarStore::new(DType::F32, &dev, 0);
-    let model = Sequential::new().add(Linear::new(&vs.pp("fc1"), 64, 128)?).add_fn(|x| x.relu()).add(Linear::new(
+    let model = Sequential::new().layer(Linear::new(&vs.pp("fc1"), 64, 128)?).then(|x| x.relu()).layer(Linear::new(
         &vs.pp("fc2"),
         128,
         10,

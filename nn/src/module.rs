@@ -30,13 +30,13 @@ impl Sequential {
         Self::default()
     }
     /// Appends a layer.
-    pub fn add(mut self, layer: impl Module + Send + Sync + 'static) -> Self {
+    pub fn layer(mut self, layer: impl Module + Send + Sync + 'static) -> Self {
         self.layers.push(Box::new(layer));
         self
     }
     /// Appends an elementwise function (an activation).
-    pub fn add_fn(self, f: impl Fn(&Var) -> Result<Var> + Send + Sync + 'static) -> Self {
-        self.add(Activation(f))
+    pub fn then(self, f: impl Fn(&Var) -> Result<Var> + Send + Sync + 'static) -> Self {
+        self.layer(Activation(f))
     }
     pub fn len(&self) -> usize {
         self.layers.len()
@@ -63,9 +63,9 @@ mod tests {
         let dev = Device::Cpu;
         let vs = VarStore::new(DType::F32, &dev, 3);
         let model = Sequential::new()
-            .add(Linear::new(&vs.pp("0"), 2, 16).unwrap())
-            .add_fn(|x| x.tanh())
-            .add(Linear::new(&vs.pp("2"), 16, 2).unwrap());
+            .layer(Linear::new(&vs.pp("0"), 2, 16).unwrap())
+            .then(|x| x.tanh())
+            .layer(Linear::new(&vs.pp("2"), 16, 2).unwrap());
         let x = Var::constant(Tensor::from_vec(vec![0.0f32, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0], [4, 2], &dev).unwrap());
         let y = Tensor::new(&[0i64, 1, 1, 0], &dev).unwrap();
         let mut opt = AdamW::adamw(vs.named_parameters(), AdamConfig { lr: 0.05, ..Default::default() }).unwrap();
