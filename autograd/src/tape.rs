@@ -317,6 +317,34 @@ mod tests {
     }
 
     #[test]
+    fn a_long_training_loop_keeps_the_number_of_live_vars_flat() {
+        // Other tests run in parallel threads and create vars too, so measure this loop's
+        // own footprint by comparing two windows of the same loop.
+        let w = Var::leaf(inputs::seeded(&[8, 8], 1));
+        let x = Var::constant(inputs::seeded(&[4, 8], 2));
+        let step = || {
+            let loss = x.matmul(&w).unwrap().tanh().unwrap().square().unwrap().mean_all().unwrap();
+            loss.backward().unwrap();
+            w.zero_grad();
+        };
+        // Each step's intermediates die with its loss; a leak would grow by ~5 vars a step.
+        for _ in 0..10 {
+            step();
+        }
+        let mut growth = Vec::new();
+        for _ in 0..3 {
+            let before = Var::live_count();
+            for _ in 0..2000 {
+                step();
+            }
+            growth.push(Var::live_count() as i64 - before as i64);
+        }
+        // A leak would show as +10,000 per window in every window; concurrent tests may
+        // add or free a few hundred at most.
+        assert!(growth.iter().any(|&g| g.abs() < 1000), "live vars grew by {growth:?} per 2000 steps");
+    }
+
+    #[test]
     fn gradients_flow_into_f32_and_broadcast_inputs() {
         let w = Var::leaf(Tensor::ones([3], aigc_tensor::DType::F32, &Device::Cpu).unwrap());
         let x = Var::constant(Tensor::randn([4, 3], &Device::Cpu, 0).unwrap());

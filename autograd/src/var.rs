@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+/// Vars alive in this process (for leak checks: a training loop must hold it flat).
+static LIVE: AtomicU64 = AtomicU64::new(0);
 
 /// A tensor with a place in the autodiff graph. Cheap to clone.
 #[derive(Clone)]
@@ -34,7 +36,14 @@ pub(crate) enum Kind {
 
 impl Var {
     fn make(value: Tensor, kind: Kind) -> Var {
+        LIVE.fetch_add(1, Ordering::Relaxed);
         Var(Arc::new(Inner { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), value, kind }))
+    }
+
+    /// How many vars are alive in this process. After a training step's `backward`, the
+    /// step's recording is gone, so a training loop keeps this number flat.
+    pub fn live_count() -> u64 {
+        LIVE.load(Ordering::Relaxed)
     }
 
     /// A value that no gradient flows into.
@@ -164,6 +173,12 @@ impl Var {
             return Ok(self.clone());
         }
         self.sum(&dims, true)?.reshape(shape)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
