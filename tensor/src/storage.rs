@@ -101,6 +101,21 @@ macro_rules! zip_any {
     };
 }
 
+/// `of_dtype!(dtype, expr)`: a `CpuStorage` of `dtype` holding `expr`, a vector whose
+/// element type is inferred from the arm (so `expr` is typically a generic kernel call).
+macro_rules! of_dtype {
+    ($dtype:expr, $body:expr) => {
+        match $dtype {
+            $crate::DType::F32 => $crate::storage::CpuStorage::F32($body),
+            $crate::DType::F64 => $crate::storage::CpuStorage::F64($body),
+            $crate::DType::F16 => $crate::storage::CpuStorage::F16($body),
+            $crate::DType::BF16 => $crate::storage::CpuStorage::BF16($body),
+            $crate::DType::I64 => $crate::storage::CpuStorage::I64($body),
+            $crate::DType::U8 => $crate::storage::CpuStorage::U8($body),
+        }
+    };
+}
+
 /// `zip_any_mut!(op_name, src, dst, |a, b| expr)`: like `zip_any!` with `dst` borrowed
 /// mutably.
 macro_rules! zip_any_mut {
@@ -117,7 +132,7 @@ macro_rules! zip_any_mut {
     };
 }
 
-pub(crate) use {map_any, map_float, with_any, zip_any, zip_any_mut, zip_float};
+pub(crate) use {map_any, map_float, of_dtype, with_any, zip_any, zip_any_mut, zip_float};
 
 /// A buffer in host memory, typed.
 #[derive(Clone, Debug)]

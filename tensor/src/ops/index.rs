@@ -9,7 +9,7 @@
 //! found before anything is written.
 
 use crate::shape::resolve_dim;
-use crate::storage::{CpuStorage, map_any};
+use crate::storage::{CpuStorage, map_any, of_dtype};
 use crate::{DType, Error, Layout, Result, Tensor, WithDType};
 use aigc_kernels::cpu::index::{self as kernel, DimBlocks, OutOfRange};
 
@@ -152,9 +152,7 @@ impl Tensor {
         let ids = self.contiguous()?;
         let out = ids.read_cpu(|i, li| {
             let ids = index_values(i, li);
-            // An empty buffer of the wanted dtype selects the kernel's element type.
-            Ok(map_any!(CpuStorage::full(dtype, 0, 0.0), |_empty| kernel::one_hot(ids, num_classes)
-                .map_err(out_of_range(OP))?))
+            Ok(of_dtype!(dtype, kernel::one_hot(ids, num_classes).map_err(out_of_range(OP))?))
         })?;
         let mut shape = self.dims().to_vec();
         shape.push(num_classes);
