@@ -29,8 +29,20 @@ fn sgemm(c: &mut Criterion) {
                 // SAFETY: the pointers cover m*k, k*n and m*n f32s with the row-major strides given.
                 unsafe {
                     matrixmultiply::sgemm(
-                        m, k, n, 1.0, av.as_ptr(), k as isize, 1, bv.as_ptr(), n as isize, 1, 0.0,
-                        out.as_mut_ptr(), n as isize, 1,
+                        m,
+                        k,
+                        n,
+                        1.0,
+                        av.as_ptr(),
+                        k as isize,
+                        1,
+                        bv.as_ptr(),
+                        n as isize,
+                        1,
+                        0.0,
+                        out.as_mut_ptr(),
+                        n as isize,
+                        1,
                     )
                 }
             })
@@ -41,8 +53,25 @@ fn sgemm(c: &mut Criterion) {
                 // SAFETY: as above; `gemm` reads a and b and overwrites out (alpha ignored when read_dst is false).
                 unsafe {
                     gemm::gemm(
-                        m, n, k, out.as_mut_ptr(), 1, n as isize, false, av.as_ptr(), 1, k as isize, bv.as_ptr(), 1,
-                        n as isize, 0.0f32, 1.0f32, false, false, false, gemm::Parallelism::Rayon(threads),
+                        m,
+                        n,
+                        k,
+                        out.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        av.as_ptr(),
+                        1,
+                        k as isize,
+                        bv.as_ptr(),
+                        1,
+                        n as isize,
+                        0.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::Rayon(threads),
                     )
                 }
             })

@@ -7,13 +7,47 @@
 //! are computed in parallel with an i-k-j loop whose inner loop is a contiguous
 //! `c_row += a_ik * b_row` that the compiler vectorises.
 //!
-//! This is the reference GEMM: clear, correct for every stride pattern, and a few times
-//! off the machine's peak. The packed, register-blocked SIMD GEMM replaces the inner
-//! product behind this same function.
+//! That reference path serves f64, f16 and bf16. f32 goes to the packed,
+//! register-blocked SIMD GEMM in [`super::gemm`], one call per batch, which reads the
+//! strided operands directly.
 
+use super::gemm::sgemm;
 use crate::layout::{Layout, for_each_offsets};
 use crate::{Element, FloatElem};
 use rayon::prelude::*;
+use std::any::TypeId;
+
+/// `slice` viewed as f32s, when `T` is f32.
+fn as_f32<T: 'static>(slice: &[T]) -> Option<&[f32]> {
+    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| {
+        // SAFETY: `T` is `f32` (same `TypeId`), so pointer and length describe the same f32s.
+        unsafe { std::slice::from_raw_parts(slice.as_ptr().cast::<f32>(), slice.len()) }
+    })
+}
+
+/// `slice` viewed mutably as f32s, when `T` is f32.
+fn as_f32_mut<T: 'static>(slice: &mut [T]) -> Option<&mut [f32]> {
+    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| {
+        // SAFETY: `T` is `f32` (same `TypeId`), so pointer and length describe the same f32s,
+        // and the exclusive borrow moves from `slice` to the result.
+        unsafe { std::slice::from_raw_parts_mut(slice.as_mut_ptr().cast::<f32>(), slice.len()) }
+    })
+}
+
+/// The f32 path: one [`sgemm`] per batch, batches in parallel when the work is large.
+fn matmul_f32(a: &[f32], b: &[f32], out: &mut [f32], dims: [usize; 3], strides: [usize; 4], batches: &[[usize; 2]]) {
+    let [m, k, n] = dims;
+    let [ars, acs, brs, bcs] = strides;
+    if out.is_empty() {
+        return;
+    }
+    let one_batch = |(c, &[oa, ob]): (&mut [f32], &[usize; 2])| sgemm(m, n, k, a, oa, ars, acs, b, ob, brs, bcs, c);
+    if out.len() * k >= super::map::PARALLEL_THRESHOLD {
+        out.par_chunks_mut(m * n).zip(batches).for_each(one_batch);
+    } else {
+        out.chunks_mut(m * n).zip(batches).for_each(one_batch);
+    }
+}
 
 /// One batch's A and B, packed row-major in the accumulator type.
 type PackedPair<T> = (Vec<<T as FloatElem>::Acc>, Vec<<T as FloatElem>::Acc>);
@@ -30,6 +64,8 @@ fn pack<T: FloatElem>(src: &[T], offset: usize, rows: usize, cols: usize, rs: us
 }
 
 /// `[batch..., m, k] @ [batch..., k, n] -> [batch..., m, n]`, row-major.
+///
+/// f32 runs on the SIMD [`sgemm`]; the other types on the reference loop below.
 pub fn matmul<T: FloatElem>(a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Vec<T> {
     let rank = la.rank();
     debug_assert!(rank >= 2 && lb.rank() == rank);
@@ -44,10 +80,14 @@ pub fn matmul<T: FloatElem>(a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Vec<T
     );
     let (ars, acs) = (la.strides()[rank - 2], la.strides()[rank - 1]);
     let (brs, bcs) = (lb.strides()[rank - 2], lb.strides()[rank - 1]);
+    let mut out = vec![T::zero(); batch_offsets.len() * m * n];
+    if let (Some(a), Some(b), Some(c)) = (as_f32(a), as_f32(b), as_f32_mut(&mut out)) {
+        matmul_f32(a, b, c, [m, k, n], [ars, acs, brs, bcs], &batch_offsets);
+        return out;
+    }
     let packed: Vec<PackedPair<T>> =
         batch_offsets.iter().map(|&[oa, ob]| (pack(a, oa, m, k, ars, acs), pack(b, ob, k, n, brs, bcs))).collect();
 
-    let mut out = vec![T::zero(); batch_offsets.len() * m * n];
     if n == 0 {
         return out;
     }
@@ -85,5 +125,22 @@ mod tests {
         assert_eq!(matmul(&a, &l, &b, &l), vec![19.0, 22.0, 43.0, 50.0]);
         // A^T B through strides alone: [[1,3],[2,4]] @ B = [[26, 30], [38, 44]].
         assert_eq!(matmul(&a, &l.permute(&[1, 0]), &b, &l), vec![26.0, 30.0, 38.0, 44.0]);
+    }
+
+    #[test]
+    fn f32_sgemm_path_matches_f64_reference_on_batched_transposed_operands() {
+        // A: [3, 5, 7] with its last two dims transposed; B: [7, 9] broadcast over the batch.
+        let a64: Vec<f64> = (0..3 * 7 * 5).map(|i| ((i * 37) % 11) as f64 - 5.0).collect();
+        let b64: Vec<f64> = (0..7 * 9).map(|i| ((i * 13) % 7) as f64 - 3.0).collect();
+        let la = Layout::contiguous(&[3, 7, 5]).permute(&[0, 2, 1]);
+        let lb = Layout::contiguous(&[7, 9]).unsqueeze(0).broadcast_to(&[3, 7, 9]);
+        let want = matmul(&a64, &la, &b64, &lb);
+        let a32: Vec<f32> = a64.iter().map(|&v| v as f32).collect();
+        let b32: Vec<f32> = b64.iter().map(|&v| v as f32).collect();
+        let got = matmul(&a32, &la, &b32, &lb);
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(*g as f64, *w, "small integers multiply exactly in f32");
+        }
     }
 }

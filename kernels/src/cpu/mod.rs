@@ -9,6 +9,7 @@ pub mod attention;
 pub mod binary;
 pub mod conv;
 pub mod copy;
+pub mod gemm;
 pub mod index;
 pub mod map;
 pub mod matmul;

@@ -311,15 +311,15 @@ fn plan<const D: usize>(
             transposed_sizes(spatial, kernel, params, &output_padding).map_err(&mismatch)?
         }
     };
-    if let Some(bias) = bias {
-        if bias.dims() != [out_channels] {
-            return Err(Error::ShapeMismatch {
-                op,
-                lhs: weight.shape(),
-                rhs: bias.shape(),
-                reason: format!("bias must be 1-d with one entry per output channel ({out_channels})"),
-            });
-        }
+    if let Some(bias) = bias
+        && bias.dims() != [out_channels]
+    {
+        return Err(Error::ShapeMismatch {
+            op,
+            lhs: weight.shape(),
+            rhs: bias.shape(),
+            reason: format!("bias must be 1-d with one entry per output channel ({out_channels})"),
+        });
     }
     // The kernels are 2-d; a 1-d convolution is one of height 1 (`fill` is the height's value).
     let lift = |v: &[usize], fill: usize| -> [usize; 2] { if v.len() == 2 { [v[0], v[1]] } else { [fill, v[0]] } };

@@ -64,7 +64,7 @@ impl Tensor {
             return Err(Error::bad_shape(OP, &self.shape(), "need at least 2 dims [N, C, *]"));
         }
         let channels = self.dims()[1];
-        if num_groups == 0 || channels % num_groups != 0 {
+        if num_groups == 0 || !channels.is_multiple_of(num_groups) {
             return Err(Error::bad_shape(
                 OP,
                 &self.shape(),

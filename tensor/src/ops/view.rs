@@ -31,7 +31,7 @@ impl Tensor {
             return Err(Error::invalid("reshape", format!("{dims:?}: at most one -1 and no other negative sizes")));
         }
         let fill = if holes == 1 {
-            if known == 0 || self.numel() % known != 0 {
+            if known == 0 || !self.numel().is_multiple_of(known) {
                 return Err(Error::invalid(
                     "reshape",
                     format!("cannot infer the -1 in {dims:?} for {} elements", self.numel()),

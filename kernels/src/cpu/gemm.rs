@@ -1,0 +1,520 @@
+//! Packed, register-blocked f32 GEMM (`C = A @ B`) in the style of BLIS.
+//!
+//! The algorithm is Goto & van de Geijn, "Anatomy of High-Performance Matrix
+//! Multiplication" (ACM TOMS 2008), as restructured by BLIS (Van Zee & van de Geijn 2015):
+//!
+//! ```text
+//! for jc in 0..n step NC            // columns of C and B: a panel of B lives in L3
+//!   for pc in 0..k step KC          // depth: pack B[pc.., jc..] into NR-wide slivers
+//!     for ic in 0..m step MC        // rows: pack A[ic.., pc..] into MR-tall slivers (L2)
+//!       for jr in 0..nc step NR     // one B sliver (L1) ...
+//!         for ir in 0..mc step MR   // ... against every A sliver
+//!           microkernel: an MR x NR tile of C, in registers, += over KC with FMA
+//! ```
+//!
+//! Packing reads A and B through arbitrary strides (a transposed operand costs nothing
+//! extra) and pads the last sliver with zeros, so the microkernel always runs a full
+//! tile; only the valid part of the tile is written back to C.
+//!
+//! The microkernel is chosen once per process by runtime detection: AVX-512F (14 x 32
+//! with zmm), then AVX2 + FMA (6 x 16 with ymm), then a portable scalar kernel that
+//! compiles on every target. The row blocks (`ic`) run in parallel with rayon when the
+//! product is large.
+
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Depth of one packed block: an A sliver (MR x KC) and a B sliver (KC x NR) stay in L1/L2.
+const KC: usize = 256;
+/// Rows of A packed at once (rounded to a multiple of MR): an MC x KC block stays in L2.
+const MC: usize = 480;
+/// Columns of B packed at once: a KC x NC panel stays in L3.
+const NC: usize = 4096;
+/// Below this many multiply-adds (`m * n * k`) the product runs on the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 18;
+
+/// The instruction sets the GEMM has a microkernel for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust, any target.
+    Scalar,
+    /// x86-64 AVX2 + FMA: a 6 x 16 tile in twelve ymm registers.
+    Avx2Fma,
+    /// x86-64 AVX-512F: a 14 x 32 tile in twenty-eight zmm registers.
+    Avx512,
+}
+
+impl Isa {
+    /// Every ISA, slowest first.
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2Fma, Isa::Avx512];
+
+    /// Whether this CPU can run the ISA's microkernel.
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2Fma | Isa::Avx512 => false,
+        }
+    }
+
+    /// The fastest available ISA, detected once per process.
+    pub fn best() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| Isa::ALL.into_iter().rev().find(|isa| isa.is_available()).unwrap_or(Isa::Scalar))
+    }
+}
+
+/// A strided read-only matrix: element `(i, j)` is `data[offset + i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy)]
+struct MatRef<'a> {
+    data: &'a [f32],
+    offset: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl MatRef<'_> {
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[self.offset + i * self.row_stride + j * self.col_stride]
+    }
+}
+
+/// `C = A @ B` for f32 with the fastest microkernel this CPU has.
+///
+/// A is `m x k` with element `(i, p)` at `a[a_offset + i * a_row_stride + p * a_col_stride]`,
+/// B is `k x n` likewise; `c` is the row-major `m x n` output and is overwritten.
+///
+/// # Panics
+/// If `c.len() != m * n` or a strided operand reaches past its slice.
+pub fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_offset: usize,
+    a_row_stride: usize,
+    a_col_stride: usize,
+    b: &[f32],
+    b_offset: usize,
+    b_row_stride: usize,
+    b_col_stride: usize,
+    c: &mut [f32],
+) {
+    sgemm_with_isa(
+        Isa::best(),
+        m,
+        n,
+        k,
+        a,
+        a_offset,
+        a_row_stride,
+        a_col_stride,
+        b,
+        b_offset,
+        b_row_stride,
+        b_col_stride,
+        c,
+    );
+}
+
+/// [`sgemm`] with an explicit microkernel, for testing each ISA path.
+///
+/// # Panics
+/// If `isa` is not available on this CPU, and as [`sgemm`].
+pub fn sgemm_with_isa(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_offset: usize,
+    a_row_stride: usize,
+    a_col_stride: usize,
+    b: &[f32],
+    b_offset: usize,
+    b_row_stride: usize,
+    b_col_stride: usize,
+    c: &mut [f32],
+) {
+    assert!(isa.is_available(), "sgemm: {isa:?} is not supported by this CPU");
+    assert_eq!(c.len(), m * n, "sgemm: output holds {} values, expected m * n = {m} * {n}", c.len());
+    let a = MatRef { data: a, offset: a_offset, row_stride: a_row_stride, col_stride: a_col_stride };
+    let b = MatRef { data: b, offset: b_offset, row_stride: b_row_stride, col_stride: b_col_stride };
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c.fill(0.0);
+        return;
+    }
+    let dims = Dims { m, n, k };
+    match isa {
+        Isa::Scalar => blocked_gemm::<SCALAR_MR, SCALAR_NR>(scalar_tile, dims, a, b, c),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => blocked_gemm::<{ x86::AVX2_MR }, { x86::AVX2_NR }>(x86::avx2_tile, dims, a, b, c),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => blocked_gemm::<{ x86::AVX512_MR }, { x86::AVX512_NR }>(x86::avx512_tile, dims, a, b, c),
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx2Fma | Isa::Avx512 => unreachable!("checked by is_available"),
+    }
+}
+
+/// The problem size: `C (m x n) = A (m x k) @ B (k x n)`.
+#[derive(Clone, Copy)]
+struct Dims {
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+/// A microkernel: `tile = sum over p of a[p] (outer) b[p]`, with `a.len() == b.len()` = the depth.
+///
+/// `unsafe` because the SIMD kernels require their CPU features; [`sgemm_with_isa`] checks
+/// them before choosing one.
+type Microkernel<const MR: usize, const NR: usize> = unsafe fn(&[[f32; MR]], &[[f32; NR]], &mut [[f32; NR]; MR]);
+
+/// The five-loop blocked GEMM around one microkernel (see the module docs).
+fn blocked_gemm<const MR: usize, const NR: usize>(
+    kernel: Microkernel<MR, NR>,
+    Dims { m, n, k }: Dims,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+) {
+    let parallel = m * n * k >= PARALLEL_MIN_WORK;
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    // Split the rows evenly over the threads, in whole A slivers, at most MC per block.
+    let mc = m.div_ceil(threads).next_multiple_of(MR).min(MC.next_multiple_of(MR));
+    let mut packed_b: Vec<[f32; NR]> = Vec::new();
+    for jc in (0..n).step_by(NC) {
+        let nc = NC.min(n - jc);
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            pack_b(b, pc, kc, jc, nc, &mut packed_b, parallel);
+            let block = |(block_index, c_rows): (usize, &mut [f32])| {
+                let ic = block_index * mc;
+                let rows = c_rows.len() / n;
+                let packed_a = pack_a::<MR>(a, ic, rows, pc, kc);
+                let mut tile = [[0.0f32; NR]; MR];
+                for (jr, b_sliver) in packed_b.chunks_exact(kc).enumerate() {
+                    for (ir, a_sliver) in packed_a.chunks_exact(kc).enumerate() {
+                        // SAFETY: `kernel` comes from `sgemm_with_isa`, which checked that the
+                        // CPU has its features; both slivers have the same length `kc`.
+                        unsafe { kernel(a_sliver, b_sliver, &mut tile) };
+                        let (i0, j0) = (ir * MR, jc + jr * NR);
+                        let tile_cols = NR.min(jc + nc - j0);
+                        for (r, tile_row) in tile.iter().take(rows - i0).enumerate() {
+                            let c_row = &mut c_rows[(i0 + r) * n + j0..][..tile_cols];
+                            store_tile_row(c_row, &tile_row[..tile_cols], pc == 0);
+                        }
+                    }
+                }
+            };
+            if parallel {
+                c.par_chunks_mut(mc * n).enumerate().for_each(block);
+            } else {
+                c.chunks_mut(mc * n).enumerate().for_each(block);
+            }
+        }
+    }
+}
+
+/// Writes (first depth block) or accumulates (later blocks) one row of a tile into C.
+fn store_tile_row(c_row: &mut [f32], tile_row: &[f32], first: bool) {
+    if first {
+        c_row.copy_from_slice(tile_row);
+    } else {
+        c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c += t);
+    }
+}
+
+/// Packs `B[pc..pc + kc, jc..jc + nc]` into NR-wide slivers of `kc` rows each, zero-padded
+/// past column `nc`: sliver `s`, row `p` holds `B[pc + p, jc + s * NR ..][..NR]`.
+fn pack_b<const NR: usize>(
+    b: MatRef,
+    pc: usize,
+    kc: usize,
+    jc: usize,
+    nc: usize,
+    packed: &mut Vec<[f32; NR]>,
+    parallel: bool,
+) {
+    packed.clear();
+    packed.resize(nc.div_ceil(NR) * kc, [0.0; NR]);
+    let pack_sliver = |(s, sliver): (usize, &mut [[f32; NR]])| {
+        let j0 = jc + s * NR;
+        let cols = NR.min(jc + nc - j0);
+        for (p, row) in sliver.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().take(cols).enumerate() {
+                *v = b.at(pc + p, j0 + j);
+            }
+        }
+    };
+    if parallel {
+        packed.par_chunks_mut(kc).enumerate().for_each(pack_sliver);
+    } else {
+        packed.chunks_mut(kc).enumerate().for_each(pack_sliver);
+    }
+}
+
+/// Packs `A[ic..ic + mc, pc..pc + kc]` into MR-tall slivers of `kc` columns each,
+/// zero-padded past row `mc`: sliver `s`, column `p` holds `A[ic + s * MR ..][..MR, pc + p]`.
+fn pack_a<const MR: usize>(a: MatRef, ic: usize, mc: usize, pc: usize, kc: usize) -> Vec<[f32; MR]> {
+    let mut packed = vec![[0.0; MR]; mc.div_ceil(MR) * kc];
+    for (s, sliver) in packed.chunks_exact_mut(kc).enumerate() {
+        let i0 = ic + s * MR;
+        let rows = MR.min(ic + mc - i0);
+        for (p, col) in sliver.iter_mut().enumerate() {
+            for (i, v) in col.iter_mut().take(rows).enumerate() {
+                *v = a.at(i0 + i, pc + p);
+            }
+        }
+    }
+    packed
+}
+
+/// Tile height of the portable kernel.
+const SCALAR_MR: usize = 4;
+/// Tile width of the portable kernel.
+const SCALAR_NR: usize = 8;
+
+/// The portable microkernel: plain multiply-adds the compiler may vectorise.
+fn scalar_tile(a: &[[f32; SCALAR_MR]], b: &[[f32; SCALAR_NR]], tile: &mut [[f32; SCALAR_NR]; SCALAR_MR]) {
+    *tile = [[0.0; SCALAR_NR]; SCALAR_MR];
+    for (a_col, b_row) in a.iter().zip(b) {
+        for (tile_row, &a_val) in tile.iter_mut().zip(a_col) {
+            for (t, &b_val) in tile_row.iter_mut().zip(b_row) {
+                *t += a_val * b_val;
+            }
+        }
+    }
+}
+
+/// The x86-64 SIMD microkernels.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Tile height of the AVX2 kernel.
+    pub const AVX2_MR: usize = 6;
+    /// Tile width of the AVX2 kernel: two ymm registers of 8 lanes.
+    pub const AVX2_NR: usize = 16;
+    /// Tile height of the AVX-512 kernel.
+    pub const AVX512_MR: usize = 14;
+    /// Tile width of the AVX-512 kernel: two zmm registers of 16 lanes.
+    pub const AVX512_NR: usize = 32;
+
+    /// Defines a microkernel whose tile row is two vector registers of `$lanes` lanes:
+    /// for each depth step, load the B row (two vectors), then for each of the MR rows
+    /// broadcast the A value and FMA it into the row's two accumulators.
+    macro_rules! two_vector_microkernel {
+        ($(#[$doc:meta])* $name:ident, $feature:literal, $mr:expr, $lanes:literal,
+         $zero:ident, $load:ident, $set1:ident, $fmadd:ident, $store:ident) => {
+            $(#[$doc])*
+            #[target_feature(enable = $feature)]
+            pub unsafe fn $name(a: &[[f32; $mr]], b: &[[f32; 2 * $lanes]], tile: &mut [[f32; 2 * $lanes]; $mr]) {
+                let mut acc = [[$zero(); 2]; $mr];
+                for (a_col, b_row) in a.iter().zip(b) {
+                    let b_ptr = b_row.as_ptr();
+                    // SAFETY: `b_row` holds 2 * lanes f32s; the unaligned loads read lanes
+                    // [0, lanes) and [lanes, 2 * lanes).
+                    let (b0, b1) = unsafe { ($load(b_ptr), $load(b_ptr.add($lanes))) };
+                    for (acc_row, &a_val) in acc.iter_mut().zip(a_col) {
+                        let a_bcast = $set1(a_val);
+                        acc_row[0] = $fmadd(a_bcast, b0, acc_row[0]);
+                        acc_row[1] = $fmadd(a_bcast, b1, acc_row[1]);
+                    }
+                }
+                for (acc_row, tile_row) in acc.iter().zip(tile.iter_mut()) {
+                    let t_ptr = tile_row.as_mut_ptr();
+                    // SAFETY: `tile_row` holds 2 * lanes f32s; the unaligned stores write lanes
+                    // [0, lanes) and [lanes, 2 * lanes).
+                    unsafe {
+                        $store(t_ptr, acc_row[0]);
+                        $store(t_ptr.add($lanes), acc_row[1]);
+                    }
+                }
+            }
+        };
+    }
+
+    two_vector_microkernel!(
+        /// AVX2 + FMA microkernel: a 6 x 16 tile in twelve ymm accumulators.
+        ///
+        /// # Safety
+        /// The CPU must support AVX2 and FMA.
+        avx2_tile, "avx2,fma", AVX2_MR, 8,
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps
+    );
+
+    two_vector_microkernel!(
+        /// AVX-512F microkernel: a 14 x 32 tile in twenty-eight zmm accumulators.
+        ///
+        /// # Safety
+        /// The CPU must support AVX-512F.
+        ///
+        avx512_tile, "avx512f", AVX512_MR, 16,
+        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A strided f32 operand: `rows x cols` stored row-major (`transposed == false`) or
+    /// column-major, with `pad` unused slots at the front and an extra `gap` between lines.
+    #[derive(Clone, Debug)]
+    struct Operand {
+        data: Vec<f32>,
+        offset: usize,
+        row_stride: usize,
+        col_stride: usize,
+    }
+
+    impl Operand {
+        fn new(rows: usize, cols: usize, transposed: bool, pad: usize, gap: usize, seed: u64) -> Self {
+            let (lines, line_len) = if transposed { (cols, rows) } else { (rows, cols) };
+            let line_stride = line_len + gap;
+            let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let data = (0..pad + lines * line_stride)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                })
+                .collect();
+            let (row_stride, col_stride) = if transposed { (1, line_stride) } else { (line_stride, 1) };
+            Operand { data, offset: pad, row_stride, col_stride }
+        }
+
+        fn at(&self, i: usize, j: usize) -> f64 {
+            self.data[self.offset + i * self.row_stride + j * self.col_stride] as f64
+        }
+    }
+
+    /// Naive triple loop in f64, written independently of the blocked code.
+    fn naive_product(m: usize, n: usize, k: usize, a: &Operand, b: &Operand) -> Vec<f64> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a.at(i, p) * b.at(p, j)).sum();
+            }
+        }
+        c
+    }
+
+    fn run(isa: Isa, m: usize, n: usize, k: usize, a: &Operand, b: &Operand) -> Vec<f32> {
+        let mut c = vec![f32::NAN; m * n];
+        sgemm_with_isa(
+            isa,
+            m,
+            n,
+            k,
+            &a.data,
+            a.offset,
+            a.row_stride,
+            a.col_stride,
+            &b.data,
+            b.offset,
+            b.row_stride,
+            b.col_stride,
+            &mut c,
+        );
+        c
+    }
+
+    /// Checks `got` against the f64 reference with a tolerance relative to `sum |a||b|`.
+    fn assert_matches_naive(got: &[f32], m: usize, n: usize, k: usize, a: &Operand, b: &Operand) {
+        let want = naive_product(m, n, k, a, b);
+        for i in 0..m {
+            for j in 0..n {
+                let scale: f64 = (0..k).map(|p| (a.at(i, p) * b.at(p, j)).abs()).sum::<f64>().max(1.0);
+                let (g, w) = (got[i * n + j] as f64, want[i * n + j]);
+                assert!((g - w).abs() <= 1e-4 * scale, "C[{i},{j}] = {g}, expected {w} ({m}x{n}x{k})");
+            }
+        }
+    }
+
+    fn available_isas() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|isa| isa.is_available()).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn sgemm_matches_naive_f64_on_random_strided_operands(
+            m in 0usize..=70, n in 0usize..=70, k in 0usize..=70,
+            a_t in any::<bool>(), b_t in any::<bool>(),
+            pads in (0usize..4, 0usize..4), gaps in (0usize..3, 0usize..3), seed in any::<u64>(),
+        ) {
+            let a = Operand::new(m, k, a_t, pads.0, gaps.0, seed);
+            let b = Operand::new(k, n, b_t, pads.1, gaps.1, seed ^ 0x9e37);
+            assert_matches_naive(&run(Isa::best(), m, n, k, &a, &b), m, n, k, &a, &b);
+        }
+    }
+
+    #[test]
+    fn every_available_isa_matches_naive_on_the_same_edge_sizes() {
+        let isas = available_isas();
+        assert!(isas.contains(&Isa::Scalar));
+        for (m, n, k) in [(0, 3, 2), (3, 0, 2), (2, 3, 0), (1, 1, 1), (7, 17, 5), (15, 33, 9), (29, 65, 31)] {
+            let a = Operand::new(m, k, true, 1, 1, 7);
+            let b = Operand::new(k, n, false, 2, 3, 11);
+            for &isa in &isas {
+                assert_matches_naive(&run(isa, m, n, k, &a, &b), m, n, k, &a, &b);
+            }
+        }
+    }
+
+    #[test]
+    fn every_available_isa_matches_naive_across_block_boundaries() {
+        let (m, n, k) = (300, 257, 513);
+        let a = Operand::new(m, k, false, 0, 1, 3);
+        let b = Operand::new(k, n, true, 1, 0, 5);
+        for isa in available_isas() {
+            assert_matches_naive(&run(isa, m, n, k, &a, &b), m, n, k, &a, &b);
+        }
+    }
+
+    #[test]
+    fn detected_isa_is_available_and_stable() {
+        let best = Isa::best();
+        assert!(best.is_available());
+        assert_eq!(Isa::best(), best);
+    }
+
+    #[test]
+    #[should_panic(expected = "expected m * n")]
+    fn sgemm_rejects_a_wrongly_sized_output() {
+        sgemm(2, 2, 1, &[1.0, 2.0], 0, 1, 1, &[1.0, 2.0], 0, 2, 1, &mut [0.0; 3]);
+    }
+
+    /// Release-mode timing: `cargo test --release -p aigc-kernels gemm -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing, run by hand in release mode"]
+    fn report_sgemm_gflops() {
+        for size in [512, 1024] {
+            let a = Operand::new(size, size, false, 0, 0, 1);
+            let b = Operand::new(size, size, false, 0, 0, 2);
+            run(Isa::best(), size, size, size, &a, &b);
+            let reps = 5;
+            let start = std::time::Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(run(Isa::best(), size, size, size, &a, &b));
+            }
+            let secs = start.elapsed().as_secs_f64() / reps as f64;
+            let gflops = 2.0 * (size as f64).powi(3) / secs / 1e9;
+            println!(
+                "sgemm {size}^3 on {:?}, {} threads: {gflops:.1} GFLOP/s",
+                Isa::best(),
+                rayon::current_num_threads()
+            );
+        }
+    }
+}
