@@ -20,6 +20,32 @@ use crate::{Error, Layout, Result, Tensor, WithDType};
 use aigc_kernels::FloatElem;
 use aigc_kernels::cpu::conv::{self, ConvGeometry};
 
+/// The builder methods both parameter structs share: one value for every spatial dim.
+macro_rules! shared_builders {
+    () => {
+        /// The same stride along every spatial dim.
+        pub fn stride(mut self, stride: usize) -> Self {
+            self.stride = [stride; D];
+            self
+        }
+        /// The same padding along every spatial dim.
+        pub fn padding(mut self, padding: usize) -> Self {
+            self.padding = [padding; D];
+            self
+        }
+        /// The same dilation along every spatial dim.
+        pub fn dilation(mut self, dilation: usize) -> Self {
+            self.dilation = [dilation; D];
+            self
+        }
+        /// The number of channel groups.
+        pub fn groups(mut self, groups: usize) -> Self {
+            self.groups = groups;
+            self
+        }
+    };
+}
+
 /// Hyper-parameters of a convolution over `D` spatial dims. [`Default`] is stride 1,
 /// padding 0, dilation 1 and one group; the builder methods set one value for every
 /// spatial dim, and a struct literal sets them per dim:
@@ -53,26 +79,7 @@ impl<const D: usize> Default for ConvParams<D> {
 }
 
 impl<const D: usize> ConvParams<D> {
-    /// The same stride along every spatial dim.
-    pub fn stride(mut self, stride: usize) -> Self {
-        self.stride = [stride; D];
-        self
-    }
-    /// The same padding along every spatial dim.
-    pub fn padding(mut self, padding: usize) -> Self {
-        self.padding = [padding; D];
-        self
-    }
-    /// The same dilation along every spatial dim.
-    pub fn dilation(mut self, dilation: usize) -> Self {
-        self.dilation = [dilation; D];
-        self
-    }
-    /// The number of channel groups.
-    pub fn groups(mut self, groups: usize) -> Self {
-        self.groups = groups;
-        self
-    }
+    shared_builders!();
 }
 
 /// Hyper-parameters of a transposed convolution over `D` spatial dims: those of the
@@ -106,29 +113,10 @@ impl<const D: usize> Default for ConvTransposeParams<D> {
 }
 
 impl<const D: usize> ConvTransposeParams<D> {
-    /// The same stride along every spatial dim.
-    pub fn stride(mut self, stride: usize) -> Self {
-        self.stride = [stride; D];
-        self
-    }
-    /// The same padding along every spatial dim.
-    pub fn padding(mut self, padding: usize) -> Self {
-        self.padding = [padding; D];
-        self
-    }
+    shared_builders!();
     /// The same output padding along every spatial dim.
     pub fn output_padding(mut self, output_padding: usize) -> Self {
         self.output_padding = [output_padding; D];
-        self
-    }
-    /// The same dilation along every spatial dim.
-    pub fn dilation(mut self, dilation: usize) -> Self {
-        self.dilation = [dilation; D];
-        self
-    }
-    /// The number of channel groups.
-    pub fn groups(mut self, groups: usize) -> Self {
-        self.groups = groups;
         self
     }
 
