@@ -86,7 +86,8 @@ macro_rules! zip_float {
 }
 
 /// `zip_any!(op_name, lhs, rhs, |a, b| expr)`: both storages must hold the same dtype
-/// (any); `expr` is evaluated with both typed vectors and must give one type.
+/// (any); `expr` is evaluated with both typed vectors and must give one type. Pass
+/// `&mut` storage to get mutable vectors.
 macro_rules! zip_any {
     ($op:expr, $l:expr, $r:expr, |$a:ident, $b:ident| $body:expr) => {
         match ($l, $r) {
@@ -116,23 +117,7 @@ macro_rules! of_dtype {
     };
 }
 
-/// `zip_any_mut!(op_name, src, dst, |a, b| expr)`: like `zip_any!` with `dst` borrowed
-/// mutably.
-macro_rules! zip_any_mut {
-    ($op:expr, $l:expr, $r:expr, |$a:ident, $b:ident| $body:expr) => {
-        match ($l, $r) {
-            ($crate::storage::CpuStorage::F32($a), $crate::storage::CpuStorage::F32($b)) => $body,
-            ($crate::storage::CpuStorage::F64($a), $crate::storage::CpuStorage::F64($b)) => $body,
-            ($crate::storage::CpuStorage::F16($a), $crate::storage::CpuStorage::F16($b)) => $body,
-            ($crate::storage::CpuStorage::BF16($a), $crate::storage::CpuStorage::BF16($b)) => $body,
-            ($crate::storage::CpuStorage::I64($a), $crate::storage::CpuStorage::I64($b)) => $body,
-            ($crate::storage::CpuStorage::U8($a), $crate::storage::CpuStorage::U8($b)) => $body,
-            (l, r) => return Err($crate::Error::DTypeMismatch { op: $op, lhs: l.dtype(), rhs: r.dtype() }),
-        }
-    };
-}
-
-pub(crate) use {map_any, map_float, of_dtype, with_any, zip_any, zip_any_mut, zip_float};
+pub(crate) use {map_any, map_float, of_dtype, with_any, zip_any, zip_float};
 
 /// A buffer in host memory, typed.
 #[derive(Clone, Debug)]

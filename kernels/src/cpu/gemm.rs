@@ -70,11 +70,11 @@ impl Isa {
 
 /// A strided read-only matrix: element `(i, j)` is `data[offset + i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy)]
-struct MatRef<'a> {
-    data: &'a [f32],
-    offset: usize,
-    row_stride: usize,
-    col_stride: usize,
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub offset: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
 }
 
 impl MatRef<'_> {
@@ -85,65 +85,21 @@ impl MatRef<'_> {
 
 /// `C = A @ B` for f32 with the fastest microkernel this CPU has.
 ///
-/// A is `m x k` with element `(i, p)` at `a[a_offset + i * a_row_stride + p * a_col_stride]`,
-/// B is `k x n` likewise; `c` is the row-major `m x n` output and is overwritten.
+/// A is `m x k` and B `k x n`, each a strided [`MatRef`]; `c` is the row-major `m x n` output and is overwritten.
 ///
 /// # Panics
 /// If `c.len() != m * n` or a strided operand reaches past its slice.
-pub fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_offset: usize,
-    a_row_stride: usize,
-    a_col_stride: usize,
-    b: &[f32],
-    b_offset: usize,
-    b_row_stride: usize,
-    b_col_stride: usize,
-    c: &mut [f32],
-) {
-    sgemm_with_isa(
-        Isa::best(),
-        m,
-        n,
-        k,
-        a,
-        a_offset,
-        a_row_stride,
-        a_col_stride,
-        b,
-        b_offset,
-        b_row_stride,
-        b_col_stride,
-        c,
-    );
+pub fn sgemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32]) {
+    sgemm_with_isa(Isa::best(), m, n, k, a, b, c);
 }
 
 /// [`sgemm`] with an explicit microkernel, for testing each ISA path.
 ///
 /// # Panics
 /// If `isa` is not available on this CPU, and as [`sgemm`].
-pub fn sgemm_with_isa(
-    isa: Isa,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_offset: usize,
-    a_row_stride: usize,
-    a_col_stride: usize,
-    b: &[f32],
-    b_offset: usize,
-    b_row_stride: usize,
-    b_col_stride: usize,
-    c: &mut [f32],
-) {
+pub fn sgemm_with_isa(isa: Isa, m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32]) {
     assert!(isa.is_available(), "sgemm: {isa:?} is not supported by this CPU");
     assert_eq!(c.len(), m * n, "sgemm: output holds {} values, expected m * n = {m} * {n}", c.len());
-    let a = MatRef { data: a, offset: a_offset, row_stride: a_row_stride, col_stride: a_col_stride };
-    let b = MatRef { data: b, offset: b_offset, row_stride: b_row_stride, col_stride: b_col_stride };
     if m == 0 || n == 0 {
         return;
     }
@@ -408,23 +364,15 @@ mod tests {
         c
     }
 
+    impl Operand {
+        fn view(&self) -> MatRef<'_> {
+            MatRef { data: &self.data, offset: self.offset, row_stride: self.row_stride, col_stride: self.col_stride }
+        }
+    }
+
     fn run(isa: Isa, m: usize, n: usize, k: usize, a: &Operand, b: &Operand) -> Vec<f32> {
         let mut c = vec![f32::NAN; m * n];
-        sgemm_with_isa(
-            isa,
-            m,
-            n,
-            k,
-            &a.data,
-            a.offset,
-            a.row_stride,
-            a.col_stride,
-            &b.data,
-            b.offset,
-            b.row_stride,
-            b.col_stride,
-            &mut c,
-        );
+        sgemm_with_isa(isa, m, n, k, a.view(), b.view(), &mut c);
         c
     }
 
@@ -492,7 +440,8 @@ mod tests {
     #[test]
     #[should_panic(expected = "expected m * n")]
     fn sgemm_rejects_a_wrongly_sized_output() {
-        sgemm(2, 2, 1, &[1.0, 2.0], 0, 1, 1, &[1.0, 2.0], 0, 2, 1, &mut [0.0; 3]);
+        let v = MatRef { data: &[1.0, 2.0], offset: 0, row_stride: 1, col_stride: 1 };
+        sgemm(2, 2, 1, v, MatRef { row_stride: 2, ..v }, &mut [0.0; 3]);
     }
 
     /// Release-mode timing: `cargo test --release -p aigc-kernels gemm -- --ignored --nocapture`.

@@ -11,7 +11,7 @@
 //! register-blocked SIMD GEMM in [`super::gemm`], one call per batch, which reads the
 //! strided operands directly.
 
-use super::gemm::sgemm;
+use super::gemm::{MatRef, sgemm};
 use crate::layout::{Layout, for_each_offsets};
 use crate::{Element, FloatElem};
 use rayon::prelude::*;
@@ -41,7 +41,11 @@ fn matmul_f32(a: &[f32], b: &[f32], out: &mut [f32], dims: [usize; 3], strides: 
     if out.is_empty() {
         return;
     }
-    let one_batch = |(c, &[oa, ob]): (&mut [f32], &[usize; 2])| sgemm(m, n, k, a, oa, ars, acs, b, ob, brs, bcs, c);
+    let one_batch = |(c, &[oa, ob]): (&mut [f32], &[usize; 2])| {
+        let a = MatRef { data: a, offset: oa, row_stride: ars, col_stride: acs };
+        let b = MatRef { data: b, offset: ob, row_stride: brs, col_stride: bcs };
+        sgemm(m, n, k, a, b, c)
+    };
     if out.len() * k >= super::map::PARALLEL_THRESHOLD {
         out.par_chunks_mut(m * n).zip(batches).for_each(one_batch);
     } else {

@@ -22,7 +22,7 @@ impl Tensor {
         let dst_layout = self.layout().clone();
         src.read_cpu(|s, sl| {
             self.write_cpu(|d, _| {
-                crate::storage::zip_any_mut!(OP, s, d, |a, b| copy::copy_into(a, sl, b, &dst_layout));
+                crate::storage::zip_any!(OP, s, d, |a, b| copy::copy_into(a, sl, b, &dst_layout));
                 Ok(())
             })
         })
