@@ -3,18 +3,36 @@
 //! Neural-network building blocks on `aigc-autograd`:
 //! - [`VarStore`]: parameters under hierarchical names, seeded initialisation, train/eval mode.
 //! - [`Module`], [`Sequential`]: a model is a struct whose `forward` maps `Var` to `Var`.
-//! - layers: [`Linear`].
-//! - [`loss`]: MSE, BCE with logits, cross-entropy.
-//! - [`optim`]: SGD, Adam, AdamW (fused in-place updates) and gradient clipping.
+//! - layers: [`Linear`], convolutions, embeddings, norms, dropout, attention, Transformer
+//!   blocks, recurrent cells, UNet parts, position and timestep embeddings.
+//! - [`loss`]: MSE, L1, BCE, cross-entropy, NLL, Gaussian KL and NLL.
+//! - [`optim`]: SGD, Adam, AdamW, RMSprop (fused in-place updates), schedulers, EMA, clipping.
+//! - serialization: safetensors state dicts and atomic training checkpoints.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod activation;
+pub mod attention;
+pub mod batch_norm;
+pub mod checkpoint;
+pub mod conv;
+pub mod dropout;
+pub mod embedding;
+pub mod init;
 pub mod linear;
 pub mod loss;
 pub mod module;
+pub mod norm;
 pub mod optim;
+pub mod position;
+pub mod rnn;
+pub mod safetensors_io;
+pub mod state_dict;
+pub mod transformer;
+pub mod unet;
 pub mod var_store;
 
 pub use linear::Linear;
 pub use module::{Activation, Module, Sequential};
 pub use optim::{Adam, AdamConfig, AdamW, Optimizer, Sgd, SgdConfig, clip_grad_norm};
+pub use safetensors_io::{from_safetensors_bytes, load_safetensors, save_safetensors, to_safetensors_bytes};
 pub use var_store::{Init, VarStore};

@@ -2,6 +2,9 @@
 //! (`Tensor::sgd_step_`, `Tensor::adam_step_`), and global-norm gradient clipping.
 
 mod adam;
+pub mod ema;
+pub mod rmsprop;
+pub mod schedule;
 mod sgd;
 
 pub use adam::{Adam, AdamConfig, AdamW};

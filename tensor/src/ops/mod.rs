@@ -4,6 +4,7 @@
 
 pub mod arith;
 pub mod attention;
+pub mod bytes;
 pub mod conv;
 pub mod elementwise;
 pub mod index;
