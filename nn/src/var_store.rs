@@ -6,7 +6,7 @@
 
 use aigc_autograd::Var;
 use aigc_tensor::{DType, Device, Error, Result, Shape, Tensor};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// How a new parameter is filled.
@@ -22,6 +22,9 @@ pub enum Init {
 
 struct Store {
     vars: Mutex<Vec<(String, Var)>>,
+    buffers: Mutex<Vec<(String, Tensor)>>,
+    /// Draws of [`VarStore::next_seed`] so far: the store's random state.
+    seed_draws: AtomicU64,
     dtype: DType,
     device: Device,
     seed: u64,
@@ -40,6 +43,14 @@ fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
+/// The splitmix64 finaliser: a cheap bijective mix of 64 bits.
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 impl VarStore {
     /// An empty store whose parameters have `dtype`, live on `device` and are initialised
     /// from `seed`. It starts in training mode.
@@ -47,6 +58,8 @@ impl VarStore {
         VarStore {
             store: Arc::new(Store {
                 vars: Mutex::new(Vec::new()),
+                buffers: Mutex::new(Vec::new()),
+                seed_draws: AtomicU64::new(0),
                 dtype,
                 device: *device,
                 seed,
@@ -96,14 +109,51 @@ impl VarStore {
         Ok(var)
     }
 
+    /// Creates and registers a buffer `name`: state that is saved in the state dict but not
+    /// trained (BatchNorm's running statistics). The returned tensor shares its storage with
+    /// the store, so in-place updates (`assign_`) are what the state dict sees.
+    pub fn buffer(&self, name: &str, value: Tensor) -> Result<Tensor> {
+        let full = self.full_name(name);
+        let mut buffers = self.store.buffers.lock().unwrap_or_else(|e| e.into_inner());
+        if buffers.iter().any(|(n, _)| *n == full) {
+            return Err(Error::invalid("VarStore::buffer", format!("a buffer named `{full}` already exists")));
+        }
+        buffers.push((full, value.clone()));
+        Ok(value)
+    }
+
     /// Every parameter under this path, with its full name, in creation order.
     pub fn named_parameters(&self) -> Vec<(String, Var)> {
-        let prefix = self.path.join(".");
         let vars = self.store.vars.lock().unwrap_or_else(|e| e.into_inner());
-        vars.iter()
-            .filter(|(n, _)| prefix.is_empty() || n.strip_prefix(&prefix).is_some_and(|rest| rest.starts_with('.')))
-            .cloned()
-            .collect()
+        vars.iter().filter(|(n, _)| self.is_under_path(n)).cloned().collect()
+    }
+
+    /// Every buffer under this path, with its full name, in creation order.
+    pub fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        let buffers = self.store.buffers.lock().unwrap_or_else(|e| e.into_inner());
+        buffers.iter().filter(|(n, _)| self.is_under_path(n)).cloned().collect()
+    }
+
+    /// Whether the full name `name` lies under this store's path (a prefix must end at a dot).
+    fn is_under_path(&self, name: &str) -> bool {
+        let prefix = self.path.join(".");
+        prefix.is_empty() || name.strip_prefix(&prefix).is_some_and(|rest| rest.starts_with('.'))
+    }
+
+    /// A fresh seed for a random op at forward time (dropout masks): the store's seed mixed
+    /// with a counter of draws, so a run is reproducible and a resumed run continues the
+    /// same sequence once [`VarStore::set_seed_draws`] restores the counter.
+    pub fn next_seed(&self) -> u64 {
+        let draw = self.store.seed_draws.fetch_add(1, Ordering::Relaxed);
+        splitmix64(self.store.seed ^ splitmix64(draw.wrapping_add(0x5eed)))
+    }
+    /// How many seeds [`VarStore::next_seed`] has handed out (saved in checkpoints).
+    pub fn seed_draws(&self) -> u64 {
+        self.store.seed_draws.load(Ordering::Relaxed)
+    }
+    /// Restores the draw counter (when resuming from a checkpoint).
+    pub fn set_seed_draws(&self, draws: u64) {
+        self.store.seed_draws.store(draws, Ordering::Relaxed);
     }
 
     /// Every parameter under this path.
@@ -150,6 +200,21 @@ mod tests {
         let err = vs.pp("head").param("bias", [2], Init::Const(0.0)).unwrap_err().to_string();
         assert!(err.contains("`head.bias` already exists"));
         assert_eq!(vs.num_parameters(), 6);
+    }
+
+    #[test]
+    fn buffers_share_storage_and_seeds_are_reproducible() {
+        let vs = VarStore::new(DType::F32, &Device::Cpu, 1);
+        let running =
+            vs.pp("bn").buffer("running_mean", Tensor::zeros([2], DType::F32, &Device::Cpu).unwrap()).unwrap();
+        running.assign_(&Tensor::ones([2], DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let (name, seen) = vs.named_buffers().pop().unwrap();
+        assert_eq!((name.as_str(), seen.to_vec::<f32>().unwrap()), ("bn.running_mean", vec![1.0, 1.0]));
+        let seeds: Vec<u64> = (0..3).map(|_| vs.next_seed()).collect();
+        assert!(seeds[0] != seeds[1] && seeds[1] != seeds[2]);
+        vs.set_seed_draws(1);
+        assert_eq!(vs.next_seed(), seeds[1]);
+        assert_eq!(vs.seed_draws(), 2);
     }
 
     #[test]
