@@ -4,8 +4,8 @@
 
 use crate::mode;
 use crate::tape::{self, BackwardFn, Record};
-use aigc_tensor::{DType, Device, Result, Shape, Tensor};
-use std::sync::atomic::{AtomicU64, Ordering};
+use aigc_tensor::{DType, Device, Error, Result, Shape, Tensor};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -20,6 +20,8 @@ struct Inner {
     id: u64,
     value: Tensor,
     kind: Kind,
+    /// A frozen leaf takes no gradient and records nothing (`set_requires_grad(false)`).
+    frozen: AtomicBool,
 }
 
 /// What kind of node a var is.
@@ -37,7 +39,12 @@ pub(crate) enum Kind {
 impl Var {
     fn make(value: Tensor, kind: Kind) -> Var {
         LIVE.fetch_add(1, Ordering::Relaxed);
-        Var(Arc::new(Inner { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), value, kind }))
+        Var(Arc::new(Inner {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            value,
+            kind,
+            frozen: AtomicBool::new(false),
+        }))
     }
 
     /// How many vars are alive in this process. After a training step's `backward`, the
@@ -105,9 +112,27 @@ impl Var {
     pub(crate) fn kind(&self) -> &Kind {
         &self.0.kind
     }
-    /// Whether a gradient can flow into this var (it is a leaf or depends on one).
+    /// Whether a gradient can flow into this var (it is an unfrozen leaf or depends on one).
     pub fn needs_grad(&self) -> bool {
-        !matches!(self.0.kind, Kind::Constant)
+        match self.0.kind {
+            Kind::Constant => false,
+            Kind::Leaf(_) => !self.0.frozen.load(Ordering::Relaxed),
+            Kind::Op { .. } => true,
+        }
+    }
+    /// Freezes (`false`) or unfreezes (`true`) a leaf, in place, for every clone of it: a
+    /// frozen leaf behaves as a constant, so ops on it alone record nothing and no gradient
+    /// flows into it (`param.requires_grad_(False)` in PyTorch). Its stored `.grad()` is kept.
+    /// Only leaves can be frozen: an op's output depends on its inputs.
+    pub fn set_requires_grad(&self, requires_grad: bool) -> Result<()> {
+        if !self.is_leaf() {
+            return Err(Error::invalid(
+                "set_requires_grad",
+                format!("only a leaf can be frozen or unfrozen, and this var is `{}`", self.op_name()),
+            ));
+        }
+        self.0.frozen.store(!requires_grad, Ordering::Relaxed);
+        Ok(())
     }
     /// Whether this var is a leaf (keeps its gradient in `.grad()`).
     pub fn is_leaf(&self) -> bool {

@@ -86,6 +86,11 @@ impl VarStore {
     pub fn dtype(&self) -> DType {
         self.store.dtype
     }
+    /// The seed the store was created with (checkpoints record it: a resumed run must
+    /// draw the same dropout masks).
+    pub fn seed(&self) -> u64 {
+        self.store.seed
+    }
     pub fn device(&self) -> Device {
         self.store.device
     }
@@ -166,6 +171,29 @@ impl VarStore {
         self.parameters().iter().map(|v| v.numel()).sum()
     }
 
+    /// Number of scalar parameters under this path that are not frozen.
+    pub fn num_trainable_parameters(&self) -> usize {
+        self.parameters().iter().filter(|v| v.needs_grad()).map(|v| v.numel()).sum()
+    }
+
+    /// Freezes every parameter under this path (`vs.pp("encoder").freeze()`): no gradient
+    /// flows into them, ops on frozen parameters alone record nothing, and optimizers skip
+    /// them. Parameters created later are not frozen.
+    pub fn freeze(&self) {
+        self.set_requires_grad(false);
+    }
+
+    /// Unfreezes every parameter under this path.
+    pub fn unfreeze(&self) {
+        self.set_requires_grad(true);
+    }
+
+    fn set_requires_grad(&self, requires_grad: bool) {
+        for v in self.parameters() {
+            v.set_requires_grad(requires_grad).expect("store parameters are leaves");
+        }
+    }
+
     /// Whether layers built from this store behave as in training (dropout on, batch
     /// statistics) or evaluation.
     pub fn is_training(&self) -> bool {
@@ -226,5 +254,31 @@ mod tests {
         b.pp("fc1").param("weight", [3], init).unwrap();
         let wb = b.pp("fc2").param("weight", [3], init).unwrap();
         assert_eq!(wa.value().to_vec::<f32>().unwrap(), wb.value().to_vec::<f32>().unwrap());
+    }
+
+    #[test]
+    fn freezing_a_path_stops_gradients_and_recording_there() {
+        let vs = VarStore::new(DType::F64, &Device::Cpu, 0);
+        let enc = vs.pp("encoder").param("weight", [2], Init::Const(2.0)).unwrap();
+        let head = vs.pp("head").param("weight", [2], Init::Const(3.0)).unwrap();
+        vs.pp("encoder").freeze();
+        assert_eq!((vs.num_parameters(), vs.num_trainable_parameters()), (4, 2));
+        // An op on frozen parameters alone is not recorded.
+        let h = enc.square().unwrap();
+        assert_eq!(h.op_name(), "constant");
+        h.mul(&head).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(enc.grad().is_none());
+        assert_eq!(head.grad().unwrap().to_vec::<f64>().unwrap(), vec![4.0, 4.0]);
+        // A mixed op records, and still sends nothing into the frozen input.
+        head.zero_grad();
+        enc.mul(&head).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(enc.grad().is_none());
+        assert_eq!(head.grad().unwrap().to_vec::<f64>().unwrap(), vec![2.0, 2.0]);
+        vs.unfreeze();
+        assert_eq!(vs.num_trainable_parameters(), 4);
+        enc.mul(&head).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(enc.grad().unwrap().to_vec::<f64>().unwrap(), vec![3.0, 3.0]);
+        let err = h.mul(&head).unwrap().set_requires_grad(false).unwrap_err().to_string();
+        assert!(err.contains("only a leaf can be frozen"), "{err}");
     }
 }

@@ -6,3 +6,5 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod data;
+pub mod gpt;
+pub mod rng;

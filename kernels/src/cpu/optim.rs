@@ -8,6 +8,11 @@
 //!   `m = b1 m + (1-b1) g`, `v = b2 v + (1-b2) g^2`,
 //!   `p -= lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)`; AdamW first decays
 //!   `p *= 1 - lr wd`, Adam instead adds `wd p` to `g`.
+//! - RMSprop (Hinton's lecture 6e; Graves 2013 for the centered form), PyTorch's
+//!   formulation: `s = a s + (1-a) g^2`; centered also tracks `ga = ga + (1-a)(g - ga)`
+//!   and uses `s - ga^2`; `d = sqrt(s [- ga^2]) + eps`; with momentum `b = mu b + g / d`,
+//!   `p -= lr b`, else `p -= lr g / d`; weight decay adds `wd p` to `g` first.
+//! - Linear interpolation `a += w (b - a)`, the exponential moving average of parameters.
 //!
 //! Everything is computed in the accumulator type (f32 for half-precision parameters).
 
@@ -24,20 +29,22 @@ pub struct SgdStep {
     pub first: bool,
 }
 
-/// One SGD step in place. `buf` is the momentum buffer (ignored when momentum is 0).
-pub fn sgd<T: FloatElem>(param: &mut [T], grad: &[T], buf: &mut [T], s: SgdStep) {
+/// One SGD step in place. `buf` is the momentum buffer, given exactly when momentum is
+/// non-zero.
+pub fn sgd<T: FloatElem>(param: &mut [T], grad: &[T], mut buf: Option<&mut [T]>, s: SgdStep) {
     let lr = <T::Acc as Element>::from_f64(s.lr);
     let mu = <T::Acc as Element>::from_f64(s.momentum);
     let wd = <T::Acc as Element>::from_f64(s.weight_decay);
     for i in 0..param.len() {
         let p = param[i].to_acc();
         let g = grad[i].to_acc() + wd * p;
-        let step = if s.momentum == 0.0 {
-            g
-        } else {
-            let b = if s.first { g } else { mu * buf[i].to_acc() + g };
-            buf[i] = T::from_acc(b);
-            if s.nesterov { g + mu * b } else { b }
+        let step = match buf.as_deref_mut() {
+            None => g,
+            Some(buf) => {
+                let b = if s.first { g } else { mu * buf[i].to_acc() + g };
+                buf[i] = T::from_acc(b);
+                if s.nesterov { g + mu * b } else { b }
+            }
         };
         param[i] = T::from_acc(p - lr * step);
     }
@@ -78,6 +85,70 @@ pub fn adam<T: FloatElem>(param: &mut [T], grad: &[T], m: &mut [T], v: &mut [T],
     }
 }
 
+/// Hyper-parameters of one RMSprop step.
+#[derive(Clone, Copy, Debug)]
+pub struct RmsPropStep {
+    pub lr: f64,
+    /// Smoothing constant of the running averages (PyTorch's `alpha`, 0.99 by default).
+    pub alpha: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Momentum of the update (0 for none).
+    pub momentum: f64,
+}
+
+/// The optional RMSprop state: `grad_avg` for the centered variant, `momentum_buf` when
+/// momentum is non-zero.
+pub struct RmsPropBuffers<'a, T> {
+    pub square_avg: &'a mut [T],
+    pub grad_avg: Option<&'a mut [T]>,
+    pub momentum_buf: Option<&'a mut [T]>,
+}
+
+/// One RMSprop step in place. Centered when `state.grad_avg` is given; with momentum
+/// when `state.momentum_buf` is given (then `s.momentum` is its coefficient).
+pub fn rmsprop<T: FloatElem>(param: &mut [T], grad: &[T], state: RmsPropBuffers<'_, T>, s: RmsPropStep) {
+    let c = |x: f64| <T::Acc as Element>::from_f64(x);
+    let (lr, alpha, eps, wd, mu) = (c(s.lr), c(s.alpha), c(s.eps), c(s.weight_decay), c(s.momentum));
+    let one = <T::Acc as Element>::one();
+    let RmsPropBuffers { square_avg, mut grad_avg, mut momentum_buf } = state;
+    for i in 0..param.len() {
+        let p = param[i].to_acc();
+        let g = grad[i].to_acc() + wd * p;
+        let sq = alpha * square_avg[i].to_acc() + (one - alpha) * g * g;
+        square_avg[i] = T::from_acc(sq);
+        let variance = match grad_avg.as_deref_mut() {
+            Some(ga) => {
+                let mean = ga[i].to_acc();
+                let mean = mean + (one - alpha) * (g - mean);
+                ga[i] = T::from_acc(mean);
+                sq - mean * mean
+            }
+            None => sq,
+        };
+        let scaled = g / (variance.sqrt() + eps);
+        let step = match momentum_buf.as_deref_mut() {
+            Some(b) => {
+                let bi = mu * b[i].to_acc() + scaled;
+                b[i] = T::from_acc(bi);
+                bi
+            }
+            None => scaled,
+        };
+        param[i] = T::from_acc(p - lr * step);
+    }
+}
+
+/// `a += weight (b - a)` elementwise, in place: moves `a` a fraction `weight` of the way
+/// to `b` (an EMA update with decay `1 - weight`).
+pub fn lerp<T: FloatElem>(a: &mut [T], b: &[T], weight: f64) {
+    let w = <T::Acc as Element>::from_f64(weight);
+    for (x, &y) in a.iter_mut().zip(b) {
+        let xa = x.to_acc();
+        *x = T::from_acc(xa + w * (y.to_acc() - xa));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,13 +176,48 @@ mod tests {
     fn sgd_momentum_and_nesterov_follow_pytorch() {
         let s = SgdStep { lr: 0.1, momentum: 0.9, nesterov: false, weight_decay: 0.0, first: true };
         let (mut p, mut b) = (vec![1.0f64], vec![0.0]);
-        sgd(&mut p, &[1.0], &mut b, s);
-        sgd(&mut p, &[1.0], &mut b, SgdStep { first: false, ..s });
+        sgd(&mut p, &[1.0], Some(&mut b), s);
+        sgd(&mut p, &[1.0], Some(&mut b), SgdStep { first: false, ..s });
         // b1 = 1, p = 0.9; b2 = 1.9, p = 0.9 - 0.19 = 0.71
         assert!((p[0] - 0.71).abs() < 1e-12 && (b[0] - 1.9).abs() < 1e-12);
         let (mut p, mut b) = (vec![1.0f64], vec![0.0]);
-        sgd(&mut p, &[1.0], &mut b, SgdStep { nesterov: true, ..s });
+        sgd(&mut p, &[1.0], Some(&mut b), SgdStep { nesterov: true, ..s });
         // b = 1, step = g + mu b = 1.9
         assert!((p[0] - 0.81).abs() < 1e-12);
+        // Plain SGD with weight decay: p -= lr (g + wd p) = 1 - 0.1 (1 + 0.5).
+        let mut p = vec![1.0f64];
+        sgd(&mut p, &[1.0], None, SgdStep { momentum: 0.0, weight_decay: 0.5, ..s });
+        assert!((p[0] - 0.85).abs() < 1e-15);
+    }
+
+    #[test]
+    fn rmsprop_plain_centered_and_momentum_follow_pytorch() {
+        let s = RmsPropStep { lr: 0.1, alpha: 0.9, eps: 0.0, weight_decay: 0.0, momentum: 0.0 };
+        // Plain: s = 0.1 * 4 = 0.4, p -= 0.1 * 2 / sqrt(0.4).
+        let (mut p, mut sq) = (vec![1.0f64], vec![0.0]);
+        let state = RmsPropBuffers { square_avg: &mut sq, grad_avg: None, momentum_buf: None };
+        rmsprop(&mut p, &[2.0], state, s);
+        assert!((p[0] - (1.0 - 0.2 / 0.4f64.sqrt())).abs() < 1e-15 && (sq[0] - 0.4).abs() < 1e-15);
+        // Centered: ga = 0.2, variance = 0.4 - 0.04 = 0.36, update 2 / 0.6.
+        let (mut p, mut sq, mut ga) = (vec![1.0f64], vec![0.0], vec![0.0]);
+        let state = RmsPropBuffers { square_avg: &mut sq, grad_avg: Some(&mut ga), momentum_buf: None };
+        rmsprop(&mut p, &[2.0], state, s);
+        assert!((p[0] - (1.0 - 0.1 * 2.0 / 0.6)).abs() < 1e-15 && (ga[0] - 0.2).abs() < 1e-15);
+        // Momentum 0.5 with weight decay 0.5: g = 2 + 0.5 = 2.5, s = 0.625, b = 0.5 * 1 + 2.5 / sqrt(0.625).
+        let (mut p, mut sq, mut b) = (vec![1.0f64], vec![0.0], vec![1.0]);
+        let state = RmsPropBuffers { square_avg: &mut sq, grad_avg: None, momentum_buf: Some(&mut b) };
+        rmsprop(&mut p, &[2.0], state, RmsPropStep { momentum: 0.5, weight_decay: 0.5, ..s });
+        let want_b = 0.5 + 2.5 / 0.625f64.sqrt();
+        assert!((b[0] - want_b).abs() < 1e-15 && (p[0] - (1.0 - 0.1 * want_b)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn lerp_moves_a_fraction_of_the_way() {
+        let mut a = vec![1.0f64, -4.0];
+        lerp(&mut a, &[3.0, 4.0], 0.25);
+        assert_eq!(a, vec![1.5, -2.0]);
+        let mut h = vec![half::bf16::from_f32(2.0)];
+        lerp(&mut h, &[half::bf16::from_f32(4.0)], 0.5);
+        assert_eq!(h[0].to_f32(), 3.0);
     }
 }

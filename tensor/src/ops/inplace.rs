@@ -1,13 +1,13 @@
 //! In-place ops: the only ops that write into an existing buffer. They exist for the
-//! places where a copy per step would be waste: assigning new values to a parameter and
-//! the fused optimizer updates (`aigc_kernels::cpu::optim`). Every view of the buffer
-//! sees the change.
+//! places where a copy per step would be waste: assigning new values to a parameter, the
+//! fused optimizer updates (`aigc_kernels::cpu::optim`: SGD, Adam/AdamW, RMSprop) and the
+//! parameter EMA (`lerp_`). Every view of the buffer sees the change.
 
 use crate::{DType, Error, Result, Tensor, WithDType};
 use aigc_kernels::FloatElem;
 use aigc_kernels::cpu::{copy, optim};
 
-pub use aigc_kernels::cpu::optim::{AdamStep, SgdStep};
+pub use aigc_kernels::cpu::optim::{AdamStep, RmsPropStep, SgdStep};
 
 impl Tensor {
     /// Writes `src` (broadcast to this tensor's shape, same dtype) into this tensor's
@@ -55,44 +55,35 @@ impl Tensor {
         Ok(())
     }
 
-    /// One fused SGD step on this parameter, in place; `buf` is the momentum buffer.
-    pub fn sgd_step_(&self, grad: &Tensor, buf: &Tensor, step: SgdStep) -> Result<()> {
-        self.check_update("sgd_step_", &[grad, buf])?;
-        fn run<T: WithDType + FloatElem>(p: &Tensor, g: &Tensor, b: &Tensor, s: SgdStep) -> Result<()> {
-            let (po, go, bo) = (p.layout().offset(), g.layout().offset(), b.layout().offset());
-            let n = p.numel();
-            p.write_cpu(|ps, _| {
-                b.write_cpu(|bs, _| {
-                    g.read_cpu(|gs, _| {
-                        let (ps, bs, gs) = (typed_mut::<T>(ps), typed_mut::<T>(bs), typed::<T>(gs));
-                        optim::sgd(&mut ps[po..po + n], &gs[go..go + n], &mut bs[bo..bo + n], s);
+    /// One fused SGD step on this parameter, in place; `buf` is the momentum buffer, needed
+    /// exactly when `step.momentum` is non-zero.
+    pub fn sgd_step_(&self, grad: &Tensor, buf: Option<&Tensor>, step: SgdStep) -> Result<()> {
+        const OP: &str = "sgd_step_";
+        check_momentum_buffer(OP, step.momentum, buf)?;
+        let operands: Vec<&Tensor> = std::iter::once(grad).chain(buf).collect();
+        self.check_update(OP, &operands)?;
+        fn run<T: WithDType + FloatElem>(p: &Tensor, g: &Tensor, b: Option<&Tensor>, s: SgdStep) -> Result<()> {
+            write_slice(p, |p| {
+                write_optional_slice(b, |b| {
+                    read_slice(g, |g| {
+                        optim::sgd::<T>(p, g, b, s);
                         Ok(())
                     })
                 })
             })
         }
-        dispatch_float!(self.dtype(), "sgd_step_", run(self, grad, buf, step))
+        dispatch_float!(self.dtype(), OP, run(self, grad, buf, step))
     }
 
     /// One fused Adam/AdamW step on this parameter, in place; `m`, `v` are the moments.
     pub fn adam_step_(&self, grad: &Tensor, m: &Tensor, v: &Tensor, step: AdamStep) -> Result<()> {
         self.check_update("adam_step_", &[grad, m, v])?;
         fn run<T: WithDType + FloatElem>(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamStep) -> Result<()> {
-            let offs = [p, g, m, v].map(|t| t.layout().offset());
-            let n = p.numel();
-            p.write_cpu(|ps, _| {
-                m.write_cpu(|ms, _| {
-                    v.write_cpu(|vs, _| {
-                        g.read_cpu(|gs, _| {
-                            let (ps, ms, vs, gs) =
-                                (typed_mut::<T>(ps), typed_mut::<T>(ms), typed_mut::<T>(vs), typed::<T>(gs));
-                            optim::adam(
-                                &mut ps[offs[0]..offs[0] + n],
-                                &gs[offs[1]..offs[1] + n],
-                                &mut ms[offs[2]..offs[2] + n],
-                                &mut vs[offs[3]..offs[3] + n],
-                                s,
-                            );
+            write_slice(p, |p| {
+                write_slice(m, |m| {
+                    write_slice(v, |v| {
+                        read_slice(g, |g| {
+                            optim::adam::<T>(p, g, m, v, s);
                             Ok(())
                         })
                     })
@@ -100,6 +91,94 @@ impl Tensor {
             })
         }
         dispatch_float!(self.dtype(), "adam_step_", run(self, grad, m, v, step))
+    }
+
+    /// One fused RMSprop step on this parameter, in place. `square_avg` is the running
+    /// mean of squared gradients; `grad_avg` (the running mean of gradients) makes it the
+    /// centered variant; `momentum_buf` is needed exactly when `step.momentum` is non-zero.
+    pub fn rmsprop_step_(
+        &self,
+        grad: &Tensor,
+        square_avg: &Tensor,
+        grad_avg: Option<&Tensor>,
+        momentum_buf: Option<&Tensor>,
+        step: RmsPropStep,
+    ) -> Result<()> {
+        const OP: &str = "rmsprop_step_";
+        check_momentum_buffer(OP, step.momentum, momentum_buf)?;
+        let mut operands = vec![grad, square_avg];
+        operands.extend(grad_avg.into_iter().chain(momentum_buf));
+        self.check_update(OP, &operands)?;
+        fn run<T: WithDType + FloatElem>(
+            p: &Tensor,
+            g: &Tensor,
+            sq: &Tensor,
+            ga: Option<&Tensor>,
+            mb: Option<&Tensor>,
+            s: RmsPropStep,
+        ) -> Result<()> {
+            write_slice(p, |p| {
+                write_slice(sq, |square_avg| {
+                    write_optional_slice(ga, |grad_avg| {
+                        write_optional_slice(mb, |momentum_buf| {
+                            read_slice(g, |g| {
+                                let state = optim::RmsPropBuffers { square_avg, grad_avg, momentum_buf };
+                                optim::rmsprop::<T>(p, g, state, s);
+                                Ok(())
+                            })
+                        })
+                    })
+                })
+            })
+        }
+        dispatch_float!(self.dtype(), OP, run(self, grad, square_avg, grad_avg, momentum_buf, step))
+    }
+
+    /// `self += weight * (end - self)`, in place (`torch.Tensor.lerp_`): the exponential
+    /// moving average update `ema = decay * ema + (1 - decay) * x` is `ema.lerp_(x, 1 - decay)`.
+    /// `end` must have this tensor's shape and dtype; both must be contiguous.
+    pub fn lerp_(&self, end: &Tensor, weight: f64) -> Result<()> {
+        self.check_update("lerp_", &[end])?;
+        fn run<T: WithDType + FloatElem>(a: &Tensor, b: &Tensor, w: f64) -> Result<()> {
+            write_slice(a, |a| {
+                read_slice(b, |b| {
+                    optim::lerp::<T>(a, b, w);
+                    Ok(())
+                })
+            })
+        }
+        dispatch_float!(self.dtype(), "lerp_", run(self, end, weight))
+    }
+}
+
+/// A momentum buffer must be given exactly when the momentum is non-zero.
+fn check_momentum_buffer(op: &'static str, momentum: f64, buf: Option<&Tensor>) -> Result<()> {
+    if (momentum != 0.0) != buf.is_some() {
+        return Err(Error::invalid(op, "a momentum buffer is needed exactly when the momentum is non-zero"));
+    }
+    Ok(())
+}
+
+/// Runs `f` on the elements of a contiguous tensor, read-only.
+fn read_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let (offset, n) = (t.layout().offset(), t.numel());
+    t.read_cpu(|s, _| f(&typed::<T>(s)[offset..offset + n]))
+}
+
+/// Runs `f` on the elements of a contiguous tensor, writable.
+fn write_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&mut [T]) -> Result<R>) -> Result<R> {
+    let (offset, n) = (t.layout().offset(), t.numel());
+    t.write_cpu(|s, _| f(&mut typed_mut::<T>(s)[offset..offset + n]))
+}
+
+/// [`write_slice`] for an operand that may be absent.
+fn write_optional_slice<T: WithDType, R>(
+    t: Option<&Tensor>,
+    f: impl FnOnce(Option<&mut [T]>) -> Result<R>,
+) -> Result<R> {
+    match t {
+        Some(t) => write_slice(t, |s| f(Some(s))),
+        None => f(None),
     }
 }
 
@@ -161,10 +240,39 @@ mod tests {
         assert!(
             idx.sgd_step_(
                 &idx.copy().unwrap(),
-                &idx.copy().unwrap(),
+                None,
                 SgdStep { lr: 0.1, momentum: 0.0, nesterov: false, weight_decay: 0.0, first: true }
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn fused_rmsprop_step_matches_the_kernel_and_checks_its_buffers() {
+        let dev = Device::Cpu;
+        let p = Tensor::new(&[1.0f64, -1.0], &dev).unwrap();
+        let g = Tensor::new(&[2.0f64, -2.0], &dev).unwrap();
+        let (sq, ga, mb) = (p.zeros_like().unwrap(), p.zeros_like().unwrap(), p.zeros_like().unwrap());
+        let s = RmsPropStep { lr: 0.1, alpha: 0.9, eps: 0.0, weight_decay: 0.0, momentum: 0.5 };
+        p.rmsprop_step_(&g, &sq, Some(&ga), Some(&mb), s).unwrap();
+        // centered: variance 0.4 - 0.04 = 0.36; b = 2 / 0.6; p -= 0.1 b.
+        let got = p.to_vec::<f64>().unwrap();
+        assert!((got[0] - (1.0 - 0.1 * 2.0 / 0.6)).abs() < 1e-15 && (got[1] + got[0]).abs() < 1e-15, "{got:?}");
+        assert_eq!(mb.to_vec::<f64>().unwrap()[0], 2.0 / 0.6);
+        let err = p.rmsprop_step_(&g, &sq, None, None, s).unwrap_err().to_string();
+        assert!(err.contains("momentum buffer is needed exactly when"), "{err}");
+        let err = p.rmsprop_step_(&g, &sq, Some(&sq), Some(&mb), s).unwrap_err().to_string();
+        assert!(err.contains("separate buffers"), "{err}");
+    }
+
+    #[test]
+    fn lerp_updates_in_place_and_rejects_mismatched_operands() {
+        let dev = Device::Cpu;
+        let ema = Tensor::new(&[0.0f32, 10.0], &dev).unwrap();
+        ema.lerp_(&Tensor::new(&[1.0f32, 0.0], &dev).unwrap(), 0.1).unwrap();
+        assert_eq!(ema.to_vec::<f32>().unwrap(), vec![0.1, 9.0]);
+        let err = ema.lerp_(&Tensor::zeros([3], DType::F32, &dev).unwrap(), 0.1).unwrap_err().to_string();
+        assert!(err.contains("parameter's shape"), "{err}");
+        assert!(ema.lerp_(&Tensor::zeros([2], DType::F64, &dev).unwrap(), 0.1).is_err());
     }
 }
