@@ -34,6 +34,7 @@ pub mod var_store;
 pub use activation::{GELU, LeakyReLU, ReLU, SiLU, Sigmoid, Softplus, Tanh};
 pub use attention::{AttentionMask, KvCache, MultiheadAttention, MultiheadAttentionConfig};
 pub use batch_norm::{BatchNorm, BatchNorm1d, BatchNorm2d, BatchNormConfig, RunningStats};
+pub use checkpoint::Checkpoint;
 pub use conv::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, ConvConfig, ConvTranspose2d, ConvTranspose2dConfig};
 pub use dropout::Dropout;
 pub use embedding::Embedding;
@@ -42,10 +43,14 @@ pub use linear::Linear;
 pub use loss::CrossEntropyOptions;
 pub use module::{Activation, Module, Sequential};
 pub use norm::{GroupNorm, LayerNorm, LayerNormConfig, RmsNorm};
-pub use optim::{Adam, AdamConfig, AdamW, Optimizer, Sgd, SgdConfig, clip_grad_norm};
+pub use optim::{
+    Adam, AdamConfig, AdamW, Ema, IntoParamGroups, LrSchedule, Optimizer, ParamGroup, RmsProp, RmsPropConfig, Sgd,
+    SgdConfig, WarmupCosine, clip_grad_norm,
+};
 pub use position::{LearnedPositionEmbedding, TimestepEmbedding, sinusoidal_position_embedding, timestep_embedding};
 pub use rnn::{Gru, GruCell, Lstm, LstmCell, LstmState, Nonlinearity, Rnn, RnnCell, RnnConfig};
 pub use safetensors_io::{from_safetensors_bytes, load_safetensors, save_safetensors, to_safetensors_bytes};
+pub use state_dict::{LoadReport, load_state_dict, load_state_dict_file, save_state_dict, state_dict};
 pub use transformer::{
     FeedForward, FeedForwardActivation, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
     TransformerEncoderLayer, TransformerLayerConfig,

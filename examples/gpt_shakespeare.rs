@@ -1,0 +1,144 @@
+//! A GPT trained on tiny Shakespeare, nanoGPT's CPU "baby" run: characters (default) or
+//! GPT-2 byte-level BPE tokens, 4 layers, 4 heads, width 128, context 64, batch 12,
+//! AdamW with warmup + cosine, 2000 iterations. Prints the train/validation loss as it
+//! goes, the speed (iterations/s, tokens/s), peak memory, then samples 500 tokens with
+//! and without the KV cache.
+//!
+//! Run: `cargo run --release --example gpt_shakespeare -- [--iters N] [--bpe VOCAB]
+//!       [--data PATH/input.txt] [--eval-interval N] [--sample N]`
+
+use aigc::nn::VarStore;
+use aigc::trainers::data::shakespeare::TinyShakespeare;
+use aigc::trainers::gpt::{Gpt, GptConfig, GptTrainConfig, SamplingConfig, generate, train};
+use aigc::trainers::text::Tokenizer;
+use aigc::trainers::text::bpe::BpeTokenizer;
+use aigc::trainers::text::char_tokenizer::CharTokenizer;
+use aigc::{DType, Device, Error, Result};
+use std::time::Instant;
+
+/// Command-line options.
+struct Options {
+    iters: u64,
+    bpe_vocab: Option<usize>,
+    data: Option<String>,
+    eval_interval: u64,
+    sample: usize,
+}
+
+fn parse_options() -> Result<Options> {
+    let mut o = Options { iters: 2000, bpe_vocab: None, data: None, eval_interval: 100, sample: 500 };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value =
+            || args.next().ok_or_else(|| Error::invalid("gpt_shakespeare", format!("{flag} needs a value")));
+        let number = |v: String| {
+            v.parse::<u64>()
+                .map_err(|_| Error::invalid("gpt_shakespeare", format!("{flag} expects a number, got `{v}`")))
+        };
+        match flag.as_str() {
+            "--iters" => o.iters = number(value()?)?,
+            "--bpe" => o.bpe_vocab = Some(number(value()?)? as usize),
+            "--data" => o.data = Some(value()?),
+            "--eval-interval" => o.eval_interval = number(value()?)?,
+            "--sample" => o.sample = number(value()?)? as usize,
+            other => {
+                return Err(Error::invalid(
+                    "gpt_shakespeare",
+                    format!("unknown flag `{other}`; expected --iters, --bpe, --data, --eval-interval, --sample"),
+                ));
+            }
+        }
+    }
+    Ok(o)
+}
+
+/// The process's peak resident memory in MiB (Linux; `None` elsewhere).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+}
+
+fn main() -> Result<()> {
+    let opts = parse_options()?;
+    let corpus = match &opts.data {
+        Some(path) => TinyShakespeare::load_from(path)?,
+        None => TinyShakespeare::load()?,
+    };
+    let (train_text, val_text) = corpus.train_val();
+    let tokenizer: Box<dyn Tokenizer> = match opts.bpe_vocab {
+        Some(vocab) => Box::new(BpeTokenizer::train(train_text, vocab)?),
+        None => Box::new(CharTokenizer::from_corpus(&corpus.text)?),
+    };
+    let (train_ids, val_ids) = (tokenizer.encode(train_text)?, tokenizer.encode(val_text)?);
+    let unit = if opts.bpe_vocab.is_some() { "token" } else { "char" };
+
+    let dev = Device::Cpu;
+    let vs = VarStore::new(DType::F32, &dev, 1337);
+    let model = Gpt::new(&vs, GptConfig::baby_shakespeare(tokenizer.vocab_size()))?;
+    let cfg =
+        GptTrainConfig { iters: opts.iters, eval_interval: opts.eval_interval, ..GptTrainConfig::baby_shakespeare() };
+    println!(
+        "GPT: {} parameters, vocabulary {}, {} train / {} val tokens, {} threads",
+        vs.num_parameters(),
+        tokenizer.vocab_size(),
+        train_ids.len(),
+        val_ids.len(),
+        rayon::current_num_threads()
+    );
+
+    let started = Instant::now();
+    let mut reached_1_90: Option<f64> = None;
+    let points = train(&model, &vs, &train_ids, &val_ids, &cfg, |p| {
+        if reached_1_90.is_none() && p.val_loss <= 1.90 {
+            reached_1_90 = Some(started.elapsed().as_secs_f64());
+        }
+        println!(
+            "step {:5}  train {:.4}  val {:.4} nats/{unit}  {:.1} it/s",
+            p.step,
+            p.train_loss,
+            p.val_loss,
+            p.step as f64 / p.train_seconds
+        );
+    })?;
+    let last = points.last().ok_or_else(|| Error::invalid("gpt_shakespeare", "--iters must be at least 1"))?;
+    let tokens_per_iter = (cfg.batch_size * model.config().block_size) as f64;
+    println!(
+        "done: val loss {:.4} after {} iterations; {:.2} it/s, {:.0} tokens/s (training only); {:.1} s wall",
+        last.val_loss,
+        last.step,
+        last.step as f64 / last.train_seconds,
+        last.step as f64 * tokens_per_iter / last.train_seconds,
+        started.elapsed().as_secs_f64()
+    );
+    match reached_1_90 {
+        Some(s) => println!("validation loss reached 1.90 after {s:.1} s wall"),
+        None => println!("validation loss did not reach 1.90"),
+    }
+    if let Some(mib) = peak_rss_mib() {
+        println!("peak memory (RSS): {mib:.0} MiB");
+    }
+
+    if opts.sample > 0 {
+        vs.set_training(false);
+        let sampling = SamplingConfig { temperature: 0.8, top_k: Some(200), top_p: None };
+        let prompt = tokenizer.encode("\n")?;
+        let mut text = String::new();
+        for use_cache in [true, false] {
+            let t = Instant::now();
+            let ids = generate(&model, &prompt, opts.sample, &sampling, 7, use_cache)?;
+            let secs = t.elapsed().as_secs_f64();
+            println!(
+                "sampled {} tokens {} the KV cache: {:.0} tokens/s",
+                ids.len(),
+                if use_cache { "with" } else { "without" },
+                ids.len() as f64 / secs
+            );
+            if use_cache {
+                text = tokenizer.decode(&ids)?;
+            }
+        }
+        println!("---\n{text}\n---");
+    }
+    Ok(())
+}
