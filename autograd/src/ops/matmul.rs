@@ -18,6 +18,16 @@ impl Var {
         }
         let a = if self.rank() == 1 { self.unsqueeze(0)? } else { self.clone() };
         let b = if rhs.rank() == 1 { rhs.unsqueeze(-1)? } else { rhs.clone() };
+        if b.rank() == 2 && a.rank() > 2 {
+            // Fold the batch dims of `a` into its rows, so that forward and both backward
+            // products are single GEMMs (no batched products, no reduction of `b`'s gradient).
+            let mut shape = a.dims()[..a.rank() - 1].to_vec();
+            let k = a.dims()[a.rank() - 1];
+            let out = a.reshape([shape.iter().product(), k])?.matmul(&b)?;
+            shape.push(b.dims()[1]);
+            let out = out.reshape(shape)?;
+            return if rhs.rank() == 1 { out.squeeze(-1) } else { Ok(out) };
+        }
         let value = a.value().matmul(b.value())?;
         let out = a.binary_op(&b, "matmul", value, |_, g, a, b| Ok((g.matmul(&b.t()?)?, a.t()?.matmul(g)?)))?;
         match (self.rank(), rhs.rank()) {

@@ -81,6 +81,10 @@ impl MatRef<'_> {
     fn at(&self, i: usize, j: usize) -> f32 {
         self.data[self.offset + i * self.row_stride + j * self.col_stride]
     }
+    /// The same elements read as the transpose.
+    fn transposed(self) -> Self {
+        MatRef { row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+    }
 }
 
 /// `C = A @ B` for f32 with the fastest microkernel this CPU has.
@@ -201,19 +205,13 @@ fn pack_b<const NR: usize>(
 ) {
     packed.clear();
     packed.resize(nc.div_ceil(NR) * kc, [0.0; NR]);
-    let pack_sliver = |(s, sliver): (usize, &mut [[f32; NR]])| {
-        let j0 = jc + s * NR;
-        let cols = NR.min(jc + nc - j0);
-        for (p, row) in sliver.iter_mut().enumerate() {
-            for (j, v) in row.iter_mut().take(cols).enumerate() {
-                *v = b.at(pc + p, j0 + j);
-            }
-        }
-    };
+    // A B sliver is a sliver of B^T: lanes are B's columns, depth runs down B's rows.
+    let b_t = b.transposed();
+    let pack = |(s, sliver): (usize, &mut [[f32; NR]])| pack_sliver(b_t, jc + s * NR, jc + nc, pc, sliver);
     if parallel {
-        packed.par_chunks_mut(kc).enumerate().for_each(pack_sliver);
+        packed.par_chunks_mut(kc).enumerate().for_each(pack);
     } else {
-        packed.chunks_mut(kc).enumerate().for_each(pack_sliver);
+        packed.chunks_mut(kc).enumerate().for_each(pack);
     }
 }
 
@@ -222,15 +220,31 @@ fn pack_b<const NR: usize>(
 fn pack_a<const MR: usize>(a: MatRef, ic: usize, mc: usize, pc: usize, kc: usize) -> Vec<[f32; MR]> {
     let mut packed = vec![[0.0; MR]; mc.div_ceil(MR) * kc];
     for (s, sliver) in packed.chunks_exact_mut(kc).enumerate() {
-        let i0 = ic + s * MR;
-        let rows = MR.min(ic + mc - i0);
-        for (p, col) in sliver.iter_mut().enumerate() {
-            for (i, v) in col.iter_mut().take(rows).enumerate() {
-                *v = a.at(i0 + i, pc + p);
+        pack_sliver(a, ic + s * MR, ic + mc, pc, sliver);
+    }
+    packed
+}
+
+/// Fills `sliver[p][w] = x[lane0 + w, pc + p]` for the lanes below `lane_end` (the rest
+/// stay zero): rows of `x` are the sliver's lanes, its columns the depth. The loop order
+/// follows the operand's layout so that the reads are contiguous when either stride is 1.
+fn pack_sliver<const W: usize>(x: MatRef, lane0: usize, lane_end: usize, pc: usize, sliver: &mut [[f32; W]]) {
+    let (lanes, depth) = (W.min(lane_end - lane0), sliver.len());
+    if x.col_stride == 1 {
+        // Depth is contiguous (a row-major A, or a B that is a transposed row-major matrix).
+        for w in 0..lanes {
+            let start = x.offset + (lane0 + w) * x.row_stride + pc;
+            for (dst, &v) in sliver.iter_mut().zip(&x.data[start..start + depth]) {
+                dst[w] = v;
+            }
+        }
+    } else {
+        for (p, dst) in sliver.iter_mut().enumerate() {
+            for (w, v) in dst.iter_mut().take(lanes).enumerate() {
+                *v = x.at(lane0 + w, pc + p);
             }
         }
     }
-    packed
 }
 
 /// Tile height of the portable kernel.

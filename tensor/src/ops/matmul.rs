@@ -34,6 +34,15 @@ impl Tensor {
                 reason: format!("lhs.dim(-1)={k} must equal rhs.dim({})={k2}", if rhs.rank() == 1 { -1 } else { -2 }),
             });
         }
+        if b.rank() == 2 && a.rank() > 2 {
+            // A stack of matrices times one matrix (a linear layer on [batch, seq, features])
+            // is one tall product: fold the batch dims of `a` into its rows.
+            let mut shape = a.dims()[..a.rank() - 1].to_vec();
+            let out = a.reshape([shape.iter().product(), k])?.matmul(&b)?;
+            shape.push(n);
+            let out = out.reshape(shape)?;
+            return if rhs.rank() == 1 { out.squeeze(-1) } else { Ok(out) };
+        }
         let batch = broadcast_shapes(OP, &a.dims()[..a.rank() - 2], &b.dims()[..b.rank() - 2]).map_err(|_| {
             Error::ShapeMismatch {
                 op: OP,
