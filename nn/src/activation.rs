@@ -113,6 +113,7 @@ impl Module for Softplus {
 mod tests {
     use super::*;
     use crate::Sequential;
+    use crate::testing::{Tol, assert_close};
     use aigc_autograd::gradcheck;
     use aigc_tensor::{Device, Tensor};
 
@@ -121,27 +122,36 @@ mod tests {
         module.forward(&x).unwrap().value().to_vec::<f64>().unwrap()
     }
 
-    fn assert_close(got: &[f64], want: &[f64]) {
-        assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-12), "{got:?} vs {want:?}");
-    }
+    /// The tolerance against the formulas, evaluated in f64.
+    const TOL: Tol = Tol::abs(1e-12);
 
     #[test]
     fn activations_compute_their_formulas() {
         let xs = [-2.0, -0.5, 0.0, 1.5];
         let map = |f: fn(f64) -> f64| xs.iter().map(|&x| f(x)).collect::<Vec<_>>();
         let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
-        assert_close(&values(&ReLU, &xs), &map(|x| x.max(0.0)));
-        assert_close(&values(&LeakyReLU::default(), &xs), &map(|x| if x >= 0.0 { x } else { 0.01 * x }));
-        assert_close(&values(&LeakyReLU { negative_slope: 0.2 }, &xs), &map(|x| if x >= 0.0 { x } else { 0.2 * x }));
-        assert_close(&values(&SiLU, &xs), &map(|x| x / (1.0 + (-x).exp())));
-        assert_close(&values(&Tanh, &xs), &map(f64::tanh));
-        assert_close(&values(&Sigmoid, &xs), &map(sigmoid));
+        assert_close(&values(&ReLU, &xs), &map(|x| x.max(0.0)), TOL, "ReLU");
+        assert_close(
+            &values(&LeakyReLU::default(), &xs),
+            &map(|x| if x >= 0.0 { x } else { 0.01 * x }),
+            TOL,
+            "LeakyReLU",
+        );
+        assert_close(
+            &values(&LeakyReLU { negative_slope: 0.2 }, &xs),
+            &map(|x| if x >= 0.0 { x } else { 0.2 * x }),
+            TOL,
+            "LeakyReLU(0.2)",
+        );
+        assert_close(&values(&SiLU, &xs), &map(|x| x / (1.0 + (-x).exp())), TOL, "SiLU");
+        assert_close(&values(&Tanh, &xs), &map(f64::tanh), TOL, "Tanh");
+        assert_close(&values(&Sigmoid, &xs), &map(sigmoid), TOL, "Sigmoid");
         let tanh_gelu =
             |x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
-        assert_close(&values(&GELU { approximate: true }, &xs), &map(tanh_gelu));
+        assert_close(&values(&GELU { approximate: true }, &xs), &map(tanh_gelu), TOL, "tanh GELU");
         // Exact GELU at known points: Phi(0) = 1/2, Phi(1.5) = 0.9331927987311419.
         let exact = values(&GELU::default(), &[0.0, 1.5]);
-        assert_close(&exact, &[0.0, 1.5 * 0.933_192_798_731_141_9]);
+        assert_close(&exact, &[0.0, 1.5 * 0.933_192_798_731_141_9], TOL, "exact GELU");
     }
 
     #[test]
@@ -149,15 +159,15 @@ mod tests {
         let soft = Softplus { beta: 2.0, threshold: 3.0 };
         let got = values(&soft, &[-1.0, 0.5, 1.4, 1.6, 40.0]);
         let smooth = |x: f64| (1.0 + (2.0 * x).exp()).ln() / 2.0;
-        assert_close(&got, &[smooth(-1.0), smooth(0.5), smooth(1.4), 1.6, 40.0]);
+        assert_close(&got, &[smooth(-1.0), smooth(0.5), smooth(1.4), 1.6, 40.0], TOL, "Softplus(2, 3)");
         let x = Tensor::new(&[-1.0f64, 0.5, 1.4, 1.6, 4.0], &Device::Cpu).unwrap();
         gradcheck(|v| soft.forward(&v[0]), &[&x], "Softplus").unwrap();
-        assert_close(&values(&Softplus::default(), &[1000.0, -1000.0]), &[1000.0, 0.0]);
+        assert_close(&values(&Softplus::default(), &[1000.0, -1000.0]), &[1000.0, 0.0], TOL, "Softplus at +-1000");
     }
 
     #[test]
     fn activations_compose_in_a_sequential() {
         let model = Sequential::new().layer(LeakyReLU { negative_slope: 0.5 }).layer(Tanh).layer(ReLU);
-        assert_close(&values(&model, &[-1.0, 2.0]), &[0.0, 2f64.tanh()]);
+        assert_close(&values(&model, &[-1.0, 2.0]), &[0.0, 2f64.tanh()], TOL, "Sequential");
     }
 }

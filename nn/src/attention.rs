@@ -554,44 +554,11 @@ fn zero_buffer_like(new: &Tensor, max_len: usize) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::from_safetensors_bytes;
+    use crate::testing::{Fixture, Tol, assert_close, max_abs};
     use aigc_autograd::no_grad;
     use std::collections::HashMap;
-
-    /// The tensors of `nn/fixtures/attention.safetensors` (written by `attention.py`).
-    pub(crate) struct Fixture(HashMap<String, Tensor>);
-
-    impl Fixture {
-        pub(crate) fn load() -> Fixture {
-            let bytes = include_bytes!("../fixtures/attention.safetensors");
-            Fixture(from_safetensors_bytes(bytes, &Device::Cpu).unwrap().into_iter().collect())
-        }
-        pub(crate) fn get(&self, key: &str) -> Tensor {
-            self.0.get(key).unwrap_or_else(|| panic!("the fixture has no `{key}`")).clone()
-        }
-        /// The parameter names of `case`: its keys without the prefix, less `inputs`.
-        pub(crate) fn keys_under(&self, case: &str, inputs: &[&str]) -> Vec<String> {
-            let prefix = format!("{case}.");
-            let names = self.0.keys().filter_map(|k| k.strip_prefix(&prefix));
-            names.filter(|n| !inputs.contains(n)).map(str::to_string).collect()
-        }
-        /// Overwrites every parameter of `vs` with the fixture's `<case>.<name>`.
-        pub(crate) fn copy_params(&self, case: &str, vs: &VarStore) {
-            for (name, var) in vs.named_parameters() {
-                var.value().assign_(&self.get(&format!("{case}.{name}"))).unwrap();
-            }
-        }
-    }
-
-    /// Asserts `|got - want| <= tol` elementwise.
-    pub(crate) fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
-        assert_eq!(got.dims(), want.dims(), "{what}: shapes");
-        let (g, w) = (got.to_f64_vec().unwrap(), want.to_f64_vec().unwrap());
-        let worst = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-        assert!(worst <= tol, "{what}: max |got - want| = {worst:e} > {tol:e}");
-    }
 
     /// How the fixture case passed its inputs (PyTorch sums the gradients of a tensor
     /// passed twice, and so does the tape).
@@ -607,11 +574,11 @@ pub(crate) mod tests {
     /// Runs fixture `case` through our layer under `mask` and checks the output and the
     /// gradients of every parameter and input.
     fn check_against_pytorch(case: &str, config: MultiheadAttentionConfig, inputs: Inputs, mask: AttentionMask) {
-        let fx = Fixture::load();
+        let fx = Fixture::attention();
         let key_of = |name: &str| format!("{case}.{name}");
         let vs = VarStore::new(DType::F64, &Device::Cpu, 0);
         let mha = MultiheadAttention::with_config(&vs, 8, 2, config).unwrap();
-        fx.copy_params(case, &vs);
+        fx.load_params(&vs, case);
         let query = Var::leaf(fx.get(&key_of("query")));
         let (key, value) = match inputs {
             Inputs::SelfAttention => (query.clone(), query.clone()),
@@ -622,14 +589,13 @@ pub(crate) mod tests {
             Inputs::Separate => (Var::leaf(fx.get(&key_of("key"))), Var::leaf(fx.get(&key_of("value")))),
         };
         let out = mha.forward(&query, &key, &value, mask).unwrap();
-        assert_close(out.value(), &fx.get(&key_of("out")), 1e-12, &format!("{case} output"));
+        fx.assert_matches(out.value(), &key_of("out"), Tol::abs(1e-12));
         let loss = out.mul(&Var::constant(fx.get(&key_of("loss_weight")))).unwrap().sum_all().unwrap();
         loss.backward().unwrap();
-        let inputs = [("query", &query), ("key", &key), ("value", &value)];
-        let params = vs.named_parameters();
-        for (name, var) in params.iter().map(|(n, v)| (n.as_str(), v)).chain(inputs) {
-            let want = fx.get(&key_of(&format!("grad.{name}")));
-            assert_close(&var.grad().unwrap(), &want, 1e-11, &format!("{case}: d loss / d {name}"));
+        let grad_key = |name: &str| key_of(&format!("grad.{name}"));
+        fx.assert_grads(&vs, grad_key, Tol::abs(1e-11));
+        for (name, input) in [("query", &query), ("key", &key), ("value", &value)] {
+            fx.assert_matches(&input.grad().unwrap(), &grad_key(name), Tol::abs(1e-11));
         }
     }
 
@@ -646,7 +612,7 @@ pub(crate) mod tests {
     #[test]
     fn causal_flag_and_boolean_causal_mask_match_pytorch() {
         check_against_pytorch("mha_causal", Default::default(), Inputs::SelfAttention, AttentionMask::causal());
-        let triu = Fixture::load().get("mha_causal.attn_mask");
+        let triu = Fixture::attention().get("mha_causal.attn_mask");
         assert_eq!(triu.dtype(), DType::U8);
         let mask = AttentionMask::none().with_attn_mask(&triu);
         check_against_pytorch("mha_causal", Default::default(), Inputs::SelfAttention, mask);
@@ -654,7 +620,7 @@ pub(crate) mod tests {
 
     #[test]
     fn key_padding_and_per_head_boolean_masks_match_pytorch() {
-        let fx = Fixture::load();
+        let fx = Fixture::attention();
         let (padding, per_head) = (fx.get("mha_padding.key_padding_mask"), fx.get("mha_padding.attn_mask"));
         assert_eq!(per_head.dims(), &[4, 4, 5], "[B * H, L, S]");
         let mask = AttentionMask::none().with_key_padding(&padding).with_attn_mask(&per_head);
@@ -663,7 +629,7 @@ pub(crate) mod tests {
 
     #[test]
     fn additive_float_masks_match_pytorch() {
-        let fx = Fixture::load();
+        let fx = Fixture::attention();
         let (padding, additive) = (fx.get("mha_additive.key_padding_mask"), fx.get("mha_additive.attn_mask"));
         assert_eq!(additive.dtype(), DType::F64);
         let mask = AttentionMask::none().with_key_padding(&padding).with_attn_mask(&additive);
@@ -693,15 +659,14 @@ pub(crate) mod tests {
     fn parameters_are_named_and_initialised_as_pytorch() {
         let vs = VarStore::new(DType::F64, &Device::Cpu, 3);
         MultiheadAttention::new(&vs.pp("attn"), 16, 4).unwrap();
-        let params: HashMap<String, Vec<f64>> =
-            vs.named_parameters().into_iter().map(|(n, v)| (n, v.value().to_vec::<f64>().unwrap())).collect();
+        let params: HashMap<String, Var> = vs.named_parameters().into_iter().collect();
         let names = ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"];
         assert_eq!(params.len(), 4);
-        let max_abs = |name: &str| params[name].iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let largest = |name: &str| max_abs(params[name].value());
         let xavier = (6.0f64 / (16.0 + 48.0)).sqrt();
-        assert!(max_abs(names[0]) <= xavier && max_abs(names[0]) > 0.9 * xavier);
-        assert!(max_abs(names[2]) <= 0.25 && max_abs(names[2]) > 0.2, "out_proj.weight ~ U(-1/sqrt(16), 1/sqrt(16))");
-        assert_eq!((max_abs(names[1]), max_abs(names[3])), (0.0, 0.0), "biases start at zero");
+        assert!(largest(names[0]) <= xavier && largest(names[0]) > 0.9 * xavier);
+        assert!(largest(names[2]) <= 0.25 && largest(names[2]) > 0.2, "out_proj.weight ~ U(-1/sqrt(16), 1/sqrt(16))");
+        assert_eq!((largest(names[1]), largest(names[3])), (0.0, 0.0), "biases start at zero");
     }
 
     fn random_var(shape: &[usize], seed: u64) -> Var {
@@ -756,7 +721,7 @@ pub(crate) mod tests {
             }
             assert_eq!(cache.len(), 7);
             let decoded = Var::cat(&outputs.iter().collect::<Vec<_>>(), 1).unwrap();
-            assert_close(decoded.value(), full.value(), 1e-5, "cached decoding");
+            assert_close(decoded.value(), full.value(), Tol::abs(1e-5), "cached decoding");
         }
     }
 
@@ -775,10 +740,10 @@ pub(crate) mod tests {
         last.zero_grad();
         let full = mha.forward(&whole, &whole, &whole, AttentionMask::causal()).unwrap();
         full.narrow(1, 3, 1).unwrap().sum_all().unwrap().backward().unwrap();
-        assert_close(&cached_grad, &last.grad().unwrap(), 1e-12, "gradient through the cached step");
+        assert_close(&cached_grad, &last.grad().unwrap(), Tol::abs(1e-12), "gradient through the cached step");
         // A whole sequence on an empty cache, recording gradients, is the causal forward.
         let once = mha.forward_self_cached(&whole, &mut KvCache::new(4)).unwrap();
-        assert_close(once.value(), full.value(), 1e-12, "one chunk on an empty cache");
+        assert_close(once.value(), full.value(), Tol::abs(1e-12), "one chunk on an empty cache");
         assert!(once.needs_grad());
     }
 
@@ -860,7 +825,7 @@ pub(crate) mod tests {
             let fused = run(&|q, k, v| Var::scaled_dot_product_attention(q, k, v, mask, causal, None));
             let written = run(&|q, k, v| attention_with_weight_dropout(q, k, v, mask, causal, 0.0, 0));
             for (a, b) in fused.iter().zip(&written) {
-                assert_close(a, b, 1e-12, "written-out attention");
+                assert_close(a, b, Tol::abs(1e-12), "written-out attention");
                 assert!(b.to_vec::<f64>().unwrap().iter().all(|x| x.is_finite()));
             }
         }

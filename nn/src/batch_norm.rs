@@ -189,7 +189,7 @@ impl<const D: usize> Module for BatchNorm<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::init::fixture::Fixture;
+    use crate::testing::{Fixture, LAYERS_TOL, Tol, assert_close};
     use aigc_autograd::gradcheck;
     use aigc_tensor::{DType, Device};
 
@@ -200,24 +200,24 @@ mod tests {
         let vs = VarStore::new(DType::F32, &Device::Cpu, 0);
         let num_features = fx.get(&format!("{case}.weight")).dims()[0];
         let bn = BatchNorm::<D>::new(&vs.pp(case), num_features).unwrap();
-        fx.load_params(&vs);
+        fx.load_params(&vs, "");
         for step in ["step1", "step2"] {
             let key = |name: &str| format!("{case}.{step}.{name}");
             vs.zero_grad();
             let x = Var::leaf(fx.get(&key("x")));
             let out = bn.forward(&x).unwrap();
-            fx.assert_matches(out.value(), &key("out"));
+            fx.assert_matches(out.value(), &key("out"), LAYERS_TOL);
             out.mul(&Var::constant(fx.get(&key("proj")))).unwrap().sum_all().unwrap().backward().unwrap();
-            fx.assert_matches(&x.grad().unwrap(), &key("x.grad"));
-            fx.assert_param_grads(&vs.pp(case), &format!("{case}.{step}."));
+            fx.assert_matches(&x.grad().unwrap(), &key("x.grad"), LAYERS_TOL);
+            fx.assert_grads(&vs.pp(case), |param| key(&format!("{param}.grad")), LAYERS_TOL);
             let running = bn.running.as_ref().unwrap();
-            fx.assert_matches(&running.mean, &key("running_mean"));
-            fx.assert_matches(&running.var, &key("running_var"));
-            fx.assert_matches(&running.num_batches_tracked, &key("num_batches_tracked"));
+            fx.assert_matches(&running.mean, &key("running_mean"), LAYERS_TOL);
+            fx.assert_matches(&running.var, &key("running_var"), LAYERS_TOL);
+            fx.assert_matches(&running.num_batches_tracked, &key("num_batches_tracked"), LAYERS_TOL);
         }
         vs.set_training(false);
         let out = bn.forward(&Var::constant(fx.get(&format!("{case}.eval.x")))).unwrap();
-        fx.assert_matches(out.value(), &format!("{case}.eval.out"));
+        fx.assert_matches(out.value(), &format!("{case}.eval.out"), LAYERS_TOL);
     }
 
     #[test]
@@ -256,7 +256,7 @@ mod tests {
         for training in [true, false] {
             vs.set_training(training);
             let got = bn.forward(&x).unwrap().value().to_vec::<f64>().unwrap();
-            assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-12), "{got:?}");
+            assert_close(&got, &want, Tol::abs(1e-12), &format!("training {training}"));
         }
     }
 

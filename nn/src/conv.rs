@@ -253,7 +253,7 @@ fn check_input(layer: &'static str, x: &Var, layout: &str, in_channels: usize) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::init::fixture::Fixture;
+    use crate::testing::{Fixture, max_abs};
     use aigc_autograd::gradcheck;
     use aigc_tensor::{DType, Device, Tensor};
 
@@ -288,11 +288,6 @@ mod tests {
         fx.check_layer("conv_transpose2d_dilated", &vs.pp("conv_transpose2d_dilated"), |x| dilated.forward(x));
     }
 
-    /// The largest absolute value of a parameter.
-    fn max_abs(v: &Var) -> f64 {
-        v.value().to_f64_vec().unwrap().iter().fold(0.0, |m, x| m.max(x.abs()))
-    }
-
     #[test]
     fn parameters_have_pytorch_shapes_and_bounds() {
         let vs = store();
@@ -308,10 +303,10 @@ mod tests {
         assert!(conv1d.bias.is_none());
         // fan_in = weight.dim(1) * k * k for both layouts: 4 * 25 and 8 * 25.
         for (param, fan_in) in [(&conv.weight, 100.0), (conv.bias.as_ref().unwrap(), 100.0), (&up.weight, 200.0)] {
-            let (max, bound) = (max_abs(param), 1.0 / f64::sqrt(fan_in));
+            let (max, bound) = (max_abs(param.value()), 1.0 / f64::sqrt(fan_in));
             assert!(max <= bound && max > 0.9 * bound, "max {max}, bound {bound}");
         }
-        let (max, bound) = (max_abs(up.bias.as_ref().unwrap()), 1.0 / 200f64.sqrt());
+        let (max, bound) = (max_abs(up.bias.as_ref().unwrap().value()), 1.0 / 200f64.sqrt());
         assert!(max <= bound, "bias max {max}, bound {bound}");
         let names: Vec<String> = vs.named_parameters().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["conv.weight", "conv.bias", "up.weight", "up.bias", "conv1d.weight"]);

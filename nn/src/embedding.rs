@@ -61,7 +61,7 @@ impl Module for Embedding {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::init::fixture::Fixture;
+    use crate::testing::{Fixture, LAYERS_TOL};
     use aigc_tensor::Device;
 
     #[test]
@@ -69,11 +69,11 @@ mod tests {
         let fx = Fixture::layers();
         let vs = VarStore::new(DType::F32, &Device::Cpu, 0);
         let emb = Embedding::new(&vs.pp("embedding"), 10, 4).unwrap();
-        fx.load_params(&vs);
+        fx.load_params(&vs, "");
         let out = emb.forward(&Var::constant(fx.get("embedding.ids"))).unwrap();
-        fx.assert_matches(out.value(), "embedding.out");
+        fx.assert_matches(out.value(), "embedding.out", LAYERS_TOL);
         out.mul(&Var::constant(fx.get("embedding.proj"))).unwrap().sum_all().unwrap().backward().unwrap();
-        fx.assert_param_grads(&vs.pp("embedding"), "embedding.");
+        fx.assert_grads(&vs.pp("embedding"), |param| format!("embedding.{param}.grad"), LAYERS_TOL);
     }
 
     #[test]

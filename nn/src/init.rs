@@ -135,112 +135,11 @@ fn kaiming_std(op: &'static str, shape: &[usize], a: f64, mode: FanMode, nonline
     Ok(calculate_gain(nonlinearity, Some(a))? / (fan as f64).sqrt())
 }
 
-/// Test support shared by the layer tests: the PyTorch reference values of
-/// `nn/fixtures/layers.safetensors` (written by `nn/fixtures/layers.py`, whose doc
-/// describes the keys) and comparisons against them.
-#[cfg(test)]
-pub(crate) mod fixture {
-    use crate::{VarStore, from_safetensors_bytes};
-    use aigc_autograd::Var;
-    use aigc_tensor::{Device, Result, Tensor};
-    use std::collections::HashMap;
-
-    /// Absolute and relative tolerance of a comparison with PyTorch (f32 values).
-    pub const TOL: f64 = 1e-5;
-
-    /// The reference tensors by key.
-    pub struct Fixture(HashMap<String, Tensor>);
-
-    impl Fixture {
-        /// The layers fixture.
-        pub fn layers() -> Fixture {
-            let bytes = include_bytes!("../fixtures/layers.safetensors");
-            Fixture(from_safetensors_bytes(bytes, &Device::Cpu).unwrap().into_iter().collect())
-        }
-
-        /// The tensor under `key` (panics naming the key when it is missing).
-        pub fn get(&self, key: &str) -> Tensor {
-            self.0.get(key).unwrap_or_else(|| panic!("fixture has no tensor `{key}`")).clone()
-        }
-
-        /// Whether the fixture has a tensor under `key`.
-        pub fn has(&self, key: &str) -> bool {
-            self.0.contains_key(key)
-        }
-
-        /// Overwrites every parameter under `vs` with the tensor of the same full name,
-        /// and every buffer that the fixture holds under its name.
-        pub fn load_params(&self, vs: &VarStore) {
-            for (name, var) in vs.named_parameters() {
-                var.value().assign_(&self.get(&name)).unwrap();
-            }
-            for (name, buffer) in vs.named_buffers().into_iter().filter(|(name, _)| self.has(name)) {
-                buffer.assign_(&self.get(&name)).unwrap();
-            }
-        }
-
-        /// Compares `got` with the tensor under `key`.
-        pub fn assert_matches(&self, got: &Tensor, key: &str) {
-            assert_tensor_close(got, &self.get(key), key);
-        }
-
-        /// Compares the gradient of every parameter under `vs` (`<path>.<param>`) with the
-        /// tensor `<grad_prefix><param>.grad`.
-        pub fn assert_param_grads(&self, vs: &VarStore, grad_prefix: &str) {
-            let path = vs.full_name("");
-            for (name, var) in vs.named_parameters() {
-                let key = format!("{grad_prefix}{}.grad", name.strip_prefix(&path).unwrap_or(&name));
-                let grad = var.grad().unwrap_or_else(|| panic!("{name} has no gradient"));
-                self.assert_matches(&grad, &key);
-            }
-        }
-
-        /// Loads the parameters of `vs` (at path `case`), runs `layer` on `case.x`, and
-        /// compares the output and the gradients of `(out * case.proj).sum()` with PyTorch's.
-        pub fn check_layer(&self, case: &str, vs: &VarStore, layer: impl Fn(&Var) -> Result<Var>) {
-            self.load_params(vs);
-            let x = Var::leaf(self.get(&format!("{case}.x")));
-            let out = layer(&x).unwrap();
-            self.assert_matches(out.value(), &format!("{case}.out"));
-            let proj = Var::constant(self.get(&format!("{case}.proj")));
-            out.mul(&proj).unwrap().sum_all().unwrap().backward().unwrap();
-            self.assert_matches(&x.grad().unwrap(), &format!("{case}.x.grad"));
-            self.assert_param_grads(vs, &format!("{case}."));
-        }
-
-        /// Runs the scalar loss `loss` on the float inputs `case.<name>` for `names` and
-        /// compares its value and the gradients of the inputs with PyTorch's.
-        pub fn check_loss(&self, case: &str, names: &[&str], loss: impl Fn(&[Var]) -> Result<Var>) {
-            let inputs: Vec<Var> = names.iter().map(|n| Var::leaf(self.get(&format!("{case}.{n}")))).collect();
-            let value = loss(&inputs).unwrap();
-            self.assert_matches(value.value(), &format!("{case}.out"));
-            value.backward().unwrap();
-            for (name, input) in names.iter().zip(&inputs) {
-                let grad = input.grad().unwrap_or_else(|| panic!("{case}.{name} has no gradient"));
-                self.assert_matches(&grad, &format!("{case}.{name}.grad"));
-            }
-        }
-    }
-
-    /// `|got - want| <= tol * (1 + |want|)` elementwise, with the same shapes.
-    pub fn assert_tensor_close(got: &Tensor, want: &Tensor, what: &str) {
-        assert_eq!(got.dims(), want.dims(), "{what}: shapes differ");
-        assert_close(&got.to_f64_vec().unwrap(), &want.to_f64_vec().unwrap(), TOL, what);
-    }
-
-    /// `|got - want| <= tol * (1 + |want|)` elementwise.
-    pub fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}[{i}]: got {g}, want {w}");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::VarStore;
+    use crate::testing::{Tol, assert_close, max_abs};
     use aigc_tensor::{DType, Device};
 
     fn bound(init: Init) -> f64 {
@@ -291,7 +190,7 @@ mod tests {
 
     #[test]
     fn bounds_and_stds_match_pytorchs_formulas() {
-        let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        let close = |got: f64, want: f64| assert_close(&got, &want, Tol::abs(1e-12), "bound or std");
         // torch.nn.init.xavier_uniform_(torch.empty(4, 16), gain=2): a = 2 sqrt(6 / 20).
         close(bound(xavier_uniform(&[4, 16], 2.0).unwrap()), 2.0 * (6.0f64 / 20.0).sqrt());
         close(std(xavier_normal(&[4, 16], 1.0).unwrap()), (2.0f64 / 20.0).sqrt());
@@ -319,8 +218,7 @@ mod tests {
         assert!(mean.abs() < 0.05 * want && (sd / want - 1.0).abs() < 0.02, "mean {mean}, sd {sd}");
         let init = xavier_uniform(&shape, 1.0).unwrap();
         let a = bound(init);
-        let w = vs.param("xavier", shape, init).unwrap().value().to_vec::<f64>().unwrap();
-        let max = w.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let max = max_abs(vs.param("xavier", shape, init).unwrap().value());
         assert!(max <= a && max > 0.99 * a, "max {max}, bound {a}");
     }
 }

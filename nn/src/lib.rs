@@ -27,6 +27,8 @@ pub mod position;
 pub mod rnn;
 pub mod safetensors_io;
 pub mod state_dict;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod transformer;
 pub mod unet;
 pub mod var_store;

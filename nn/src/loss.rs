@@ -164,7 +164,7 @@ fn broadcastable_variance(op: &'static str, mean: &Var, var: &Var) -> Result<Var
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::init::fixture::Fixture;
+    use crate::testing::Fixture;
     use aigc_autograd::gradcheck;
     use aigc_tensor::Device;
 

@@ -168,7 +168,7 @@ fn check_last_dim(layer: &'static str, x: &Var, dim: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::init::fixture::{Fixture, assert_close};
+    use crate::testing::{Fixture, Tol, assert_close};
     use aigc_autograd::gradcheck;
     use aigc_tensor::{Device, Tensor};
 
@@ -224,7 +224,7 @@ mod tests {
         let x = Var::constant(Tensor::new(&[1e-8f64, 1e-8], &Device::Cpu).unwrap());
         let y = rms.forward(&x).unwrap().value().to_vec::<f64>().unwrap();
         let want = 1e-8 / (1e-16 + f64::EPSILON).sqrt();
-        assert_close(&y, &[want, want], 1e-12, "rms_norm f64 eps");
+        assert_close(&y, &[want, want], Tol::scaled(1e-12), "rms_norm f64 eps");
         assert_eq!(machine_epsilon(DType::F32), 1.1920928955078125e-7);
     }
 

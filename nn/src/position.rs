@@ -123,7 +123,7 @@ impl Module for TimestepEmbedding {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::tests::{Fixture, assert_close};
+    use crate::testing::{Fixture, Tol};
 
     #[test]
     fn sinusoidal_encoding_follows_the_paper() {
@@ -165,28 +165,28 @@ mod tests {
 
     #[test]
     fn timestep_embedding_matches_guided_diffusion() {
-        let fx = Fixture::load();
+        let fx = Fixture::attention();
         let t = fx.get("timestep.t");
-        assert_close(&timestep_embedding(&t, 8, 10000.0).unwrap(), &fx.get("timestep.emb8"), 1e-12, "dim 8");
-        assert_close(&timestep_embedding(&t, 7, 100.0).unwrap(), &fx.get("timestep.emb7"), 1e-12, "odd dim 7");
+        fx.assert_matches(&timestep_embedding(&t, 8, 10000.0).unwrap(), "timestep.emb8", Tol::abs(1e-12));
+        fx.assert_matches(&timestep_embedding(&t, 7, 100.0).unwrap(), "timestep.emb7", Tol::abs(1e-12));
         let ints = Tensor::new(&[0i64, 1, 17, 999], &Device::Cpu).unwrap();
         let from_ints = timestep_embedding(&ints, 8, 10000.0).unwrap();
         assert_eq!(from_ints.dtype(), DType::F32);
-        assert_close(&from_ints, &fx.get("timestep.emb8"), 1e-4, "integer timesteps");
+        fx.assert_matches(&from_ints, "timestep.emb8", Tol::abs(1e-4));
         let err = timestep_embedding(&ints.reshape([2, 2]).unwrap(), 8, 10000.0).unwrap_err().to_string();
         assert!(err.contains("timestep_embedding: input of shape [2, 2]: timesteps must be a vector [N]"), "{err}");
     }
 
     #[test]
     fn timestep_mlp_matches_diffusers_names_and_values() {
-        let fx = Fixture::load();
+        let fx = Fixture::attention();
         let vs = VarStore::new(DType::F64, &Device::Cpu, 0);
         let mlp = TimestepEmbedding::new(&vs, 8, 12).unwrap();
         let names: Vec<String> = vs.named_parameters().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"]);
-        fx.copy_params("time_mlp", &vs);
+        fx.load_params(&vs, "time_mlp");
         let emb = timestep_embedding(&fx.get("timestep.t"), 8, 10000.0).unwrap();
         let out = mlp.forward(&Var::constant(emb)).unwrap();
-        assert_close(out.value(), &fx.get("time_mlp.out"), 1e-12, "TimestepEmbedding");
+        fx.assert_matches(out.value(), "time_mlp.out", Tol::abs(1e-12));
     }
 }

@@ -146,6 +146,7 @@ pub fn load_state_dict_file(vs: &VarStore, path: impl AsRef<Path>, strict: bool)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{Fixture, Tol, assert_close};
     use crate::{Init, Linear, Module, Sequential};
     use aigc_autograd::Var;
     use aigc_tensor::Device;
@@ -180,19 +181,17 @@ mod tests {
     fn interop_fixture_from_pytorch_reproduces_its_output() {
         // nn/fixtures/interop.py: torch.nn.Sequential(Linear(5, 8), ReLU(), Linear(8, 3))
         // saved in f64 with `safetensors.torch.save_file(model.state_dict(), ...)`.
-        let fixture =
-            crate::from_safetensors_bytes(include_bytes!("../fixtures/interop.safetensors"), &Device::Cpu).unwrap();
-        let get = |name: &str| fixture.iter().find(|(n, _)| n == name).unwrap().1.clone();
-        let weights: Vec<(String, Tensor)> = fixture.iter().filter(|(n, _)| n.contains('.')).cloned().collect();
+        let fx = Fixture::interop();
+        let weights: Vec<(String, Tensor)> =
+            fx.keys_under("").into_iter().filter(|n| n.contains('.')).map(|n| (n.clone(), fx.get(&n))).collect();
         for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
             let vs = VarStore::new(dtype, &Device::Cpu, 7);
             let model = mlp(&vs, [5, 8, 3]);
             let report = load_state_dict(&vs, &weights, true).unwrap();
             assert_eq!(report.loaded.len(), 4);
-            let x = Var::constant(get("input").to_dtype(dtype).unwrap());
-            let y = model.forward(&x).unwrap().value().to_f64_vec().unwrap();
-            let want = get("output").to_f64_vec().unwrap();
-            assert!(y.iter().zip(&want).all(|(a, b)| (a - b).abs() < tol), "{dtype:?}: {y:?} vs {want:?}");
+            let x = Var::constant(fx.get("input").to_dtype(dtype).unwrap());
+            let output = model.forward(&x).unwrap();
+            assert_close(output.value(), &fx.get("output"), Tol::abs(tol), &format!("{dtype:?} output"));
         }
     }
 
@@ -244,10 +243,9 @@ mod tests {
             mlp(&other, [4, 3, 2]);
             other.pp("bn").buffer("num_batches_tracked", Tensor::new(&[0i64], &Device::Cpu).unwrap()).unwrap();
             load_state_dict_file(&other, &path, true).unwrap();
-            let tol = if dtype.is_none() { 0.0 } else { 1e-2 };
-            for ((_, a), (_, b)) in state_dict(&vs).iter().zip(&state_dict(&other)) {
-                let (a, b) = (a.to_f64_vec().unwrap(), b.to_f64_vec().unwrap());
-                assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= tol * x.abs().max(1.0)), "{a:?} vs {b:?}");
+            let tol = Tol::scaled(if dtype.is_none() { 0.0 } else { 1e-2 });
+            for ((name, saved), (_, loaded)) in state_dict(&vs).iter().zip(&state_dict(&other)) {
+                assert_close(loaded, saved, tol, &format!("{name} through {dtype:?}"));
             }
         }
         assert!(save_state_dict(&vs, dir.join("x"), Some(DType::I64)).is_err());

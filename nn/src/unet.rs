@@ -250,7 +250,7 @@ impl Module for Upsample {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::tests::{Fixture, assert_close};
+    use crate::testing::{Fixture, Tol};
     use aigc_autograd::gradcheck;
     use aigc_tensor::{DType, Device, Tensor};
 
@@ -274,40 +274,38 @@ mod tests {
 
     #[test]
     fn res_block_matches_the_torch_twin() {
-        let (fx, vs) = (Fixture::load(), f64_store());
+        let (fx, vs) = (Fixture::attention(), f64_store());
         let block = ResBlock::new(&vs, 8, 16, Some(12), ResBlockConfig { groups: 4, ..Default::default() }).unwrap();
         let want = ["norm1", "conv1", "time_emb_proj", "norm2", "conv2", "conv_shortcut"]
             .iter()
             .flat_map(|l| [format!("{l}.weight"), format!("{l}.bias")])
             .collect::<Vec<_>>();
         assert_eq!(names(&vs), want);
-        fx.copy_params("resblock", &vs);
+        fx.load_params(&vs, "resblock");
         let (x, temb) = (Var::constant(fx.get("resblock.x")), Var::constant(fx.get("resblock.temb")));
         let out = block.forward(&x, Some(&temb)).unwrap();
-        assert_close(out.value(), &fx.get("resblock.out"), 1e-12, "ResBlock");
+        fx.assert_matches(out.value(), "resblock.out", Tol::abs(1e-12));
     }
 
     #[test]
     fn attention_block_matches_the_torch_twin() {
-        let (fx, vs) = (Fixture::load(), f64_store());
+        let (fx, vs) = (Fixture::attention(), f64_store());
         let config = AttentionBlockConfig { num_heads: 2, groups: 4, ..Default::default() };
         let block = AttentionBlock::new(&vs, 16, config).unwrap();
         assert!(names(&vs).contains(&"to_out.0.weight".to_string()));
-        fx.copy_params("attnblock", &vs);
+        fx.load_params(&vs, "attnblock");
         let out = block.forward(&Var::constant(fx.get("attnblock.x"))).unwrap();
-        assert_close(out.value(), &fx.get("attnblock.out"), 1e-12, "AttentionBlock");
+        fx.assert_matches(out.value(), "attnblock.out", Tol::abs(1e-12));
     }
 
     #[test]
     fn down_and_upsampling_match_pytorch() {
-        let (fx, vs) = (Fixture::load(), f64_store());
+        let (fx, vs) = (Fixture::attention(), f64_store());
         let (down, up) = (Downsample::conv(&vs.pp("down"), 8, 8).unwrap(), Upsample::new(&vs.pp("up"), 8, 4).unwrap());
-        for (name, var) in vs.named_parameters() {
-            var.value().assign_(&fx.get(&name)).unwrap();
-        }
+        fx.load_params(&vs, "");
         let x = Var::constant(fx.get("down.x"));
-        assert_close(down.forward(&x).unwrap().value(), &fx.get("down.out"), 1e-12, "Downsample");
-        assert_close(up.forward(&x).unwrap().value(), &fx.get("up.out"), 1e-12, "Upsample");
+        fx.assert_matches(down.forward(&x).unwrap().value(), "down.out", Tol::abs(1e-12));
+        fx.assert_matches(up.forward(&x).unwrap().value(), "up.out", Tol::abs(1e-12));
         let pooled = Downsample::AvgPool.forward(&x).unwrap();
         assert_eq!(pooled.dims(), &[2, 8, 2, 3]);
         let corner: f64 =

@@ -111,19 +111,19 @@ impl Ema {
 mod tests {
     use super::super::tests::{leaf, values};
     use super::*;
+    use crate::testing::{Tol, assert_close};
 
     #[test]
     fn update_moves_the_shadow_by_one_minus_decay() {
         let p = leaf(&[1.0, 2.0], &[2]);
         let mut ema = Ema::new(vec![("p".into(), p.clone())], 0.9).unwrap();
         p.value().assign_(&Tensor::new(&[11.0f64, 2.0], &aigc_tensor::Device::Cpu).unwrap()).unwrap();
-        let close = |got: Vec<f64>, want: [f64; 2]| got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-15);
         ema.update().unwrap();
         // 0.9 * 1 + 0.1 * 11 = 2; 0.9 * 2 + 0.1 * 2 = 2.
-        assert!(close(ema.shadow("p").unwrap().to_vec::<f64>().unwrap(), [2.0, 2.0]));
+        assert_close(ema.shadow("p").unwrap(), &[2.0, 2.0], Tol::abs(1e-15), "shadow after one update");
         ema.update().unwrap();
         // 0.9 * 2 + 0.1 * 11 = 2.9.
-        assert!(close(ema.shadow("p").unwrap().to_vec::<f64>().unwrap(), [2.9, 2.0]));
+        assert_close(ema.shadow("p").unwrap(), &[2.9, 2.0], Tol::abs(1e-15), "shadow after two updates");
         assert_eq!(ema.updates(), 2);
     }
 

@@ -305,6 +305,7 @@ pub fn clip_grad_norm(params: &[Var], max_norm: f64) -> Result<f64> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::testing::{Fixture, Tol};
     use aigc_tensor::Device;
 
     /// A leaf holding `values` (f64) with `shape`.
@@ -437,9 +438,7 @@ pub(crate) mod tests {
     fn optimizers_match_pytorch_step_by_step() {
         // nn/fixtures/optim.py: torch.optim on w [3, 4], b [4], three steps of fixed
         // gradients, b without a gradient at step 1.
-        let fixture =
-            crate::from_safetensors_bytes(include_bytes!("../../fixtures/optim.safetensors"), &Device::Cpu).unwrap();
-        let get = |name: &str| fixture.iter().find(|(n, _)| n == name).unwrap().1.clone();
+        let fx = Fixture::optim();
         type Make = fn(Vec<(String, Var)>) -> Box<dyn Optimizer>;
         let cases: [(&str, Make); 7] = [
             ("sgd_momentum", |p| {
@@ -483,17 +482,14 @@ pub(crate) mod tests {
             }),
         ];
         for (case, make) in cases {
-            let (w, b) = (Var::leaf(get("w").copy().unwrap()), Var::leaf(get("b").copy().unwrap()));
+            let (w, b) = (Var::leaf(fx.get("w").copy().unwrap()), Var::leaf(fx.get("b").copy().unwrap()));
             let mut opt = make(vec![("w".to_string(), w.clone()), ("b".to_string(), b.clone())]);
             for k in 0..3 {
-                w.set_grad(Some(get(&format!("grad{k}.w"))));
-                b.set_grad(if k == 1 { None } else { Some(get(&format!("grad{k}.b"))) });
+                w.set_grad(Some(fx.get(&format!("grad{k}.w"))));
+                b.set_grad(if k == 1 { None } else { Some(fx.get(&format!("grad{k}.b"))) });
                 opt.step().unwrap();
                 for (name, var) in [("w", &w), ("b", &b)] {
-                    let want = get(&format!("{case}.step{k}.{name}")).to_vec::<f64>().unwrap();
-                    let got = values(var);
-                    let ok = got.iter().zip(&want).all(|(g, w)| (g - w).abs() <= 1e-13 * w.abs().max(1.0));
-                    assert!(ok, "{case} step {k} {name}: {got:?} vs torch {want:?}");
+                    fx.assert_matches(var.value(), &format!("{case}.step{k}.{name}"), Tol::scaled(1e-13));
                 }
             }
         }

@@ -94,10 +94,7 @@ impl LrSchedule for StepLr {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn close(a: f64, b: f64) -> bool {
-        (a - b).abs() <= 1e-15 * b.abs().max(1.0)
-    }
+    use crate::testing::{Tol, assert_close};
 
     #[test]
     fn constant_and_linear_warmup() {
@@ -110,16 +107,18 @@ mod tests {
     #[test]
     fn warmup_cosine_matches_nanogpt_get_lr() {
         let s = WarmupCosine { warmup: 10, total: 110, max_lr: 6e-4, min_lr: 6e-5 };
+        let close = |step: u64, want: f64| assert_close(&s.lr(step), &want, Tol::scaled(1e-15), &format!("lr({step})"));
         // Warmup: 6e-4 * (it + 1) / 11.
-        assert!(close(s.lr(0), 6e-4 / 11.0));
-        assert!(close(s.lr(9), 6e-4 * 10.0 / 11.0));
+        close(0, 6e-4 / 11.0);
+        close(9, 6e-4 * 10.0 / 11.0);
         // Decay starts at max_lr, is halfway at the middle, ends at min_lr.
-        assert!(close(s.lr(10), 6e-4));
-        assert!(close(s.lr(60), 6e-5 + 0.5 * (6e-4 - 6e-5)));
+        close(10, 6e-4);
+        close(60, 6e-5 + 0.5 * (6e-4 - 6e-5));
         // A quarter of the way: coeff = 0.5 (1 + cos(pi/4)).
         let coeff = 0.5 * (1.0 + (PI / 4.0).cos());
-        assert!(close(s.lr(35), 6e-5 + coeff * (6e-4 - 6e-5)));
-        assert!(close(s.lr(110), 6e-5) && s.lr(5000) == 6e-5);
+        close(35, 6e-5 + coeff * (6e-4 - 6e-5));
+        close(110, 6e-5);
+        assert_eq!(s.lr(5000), 6e-5);
         let lrs: Vec<f64> = (10..=110).map(|i| s.lr(i)).collect();
         assert!(lrs.windows(2).all(|w| w[1] <= w[0]), "the decay is monotone");
     }

@@ -194,10 +194,9 @@ fn zero_state<C: Recurrent>(cell: &C, batch: usize) -> Result<C::State> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{
-        FixtureState, assert_close, assert_parameter_gradients, fixture, fixture_loss, get, load_parameters,
-    };
+    use super::super::testing::{FixtureState, TOL, fixture_loss};
     use super::*;
+    use crate::testing::{Fixture, Tol, assert_close};
     use aigc_autograd::gradcheck;
     use aigc_tensor::{DType, Device, Tensor};
 
@@ -208,20 +207,20 @@ mod tests {
     /// Runs a cell built under `vs.pp(model)` on the fixture's input and state, backpropagates
     /// the fixture's loss, and compares the new state and every gradient with PyTorch's.
     fn check_against_pytorch<C: Recurrent<State: FixtureState>>(model: &str, build: impl Fn(&VarStore) -> C) {
-        let fx = fixture();
-        let vs = store();
+        let (fx, vs) = (Fixture::rnn(), store());
+        let key = |name: &str| format!("{model}.{name}");
         let cell = build(&vs.pp(model));
-        load_parameters(&vs, &fx);
-        let x = Var::leaf(get(&fx, &format!("{model}.x")));
+        fx.load_params(&vs, "");
+        let x = Var::leaf(fx.get(&key("x")));
         let next = checked_step(&cell, &x, &C::State::initial(&fx, model)).unwrap();
         let (h, c) = (next.hidden(), next.memory());
-        assert_close(h.value(), &get(&fx, &format!("{model}.out")), &format!("{model}: h'"));
+        fx.assert_matches(h.value(), &key("out"), TOL);
         if let Some(c) = c {
-            assert_close(c.value(), &get(&fx, &format!("{model}.c_n")), &format!("{model}: c'"));
+            fx.assert_matches(c.value(), &key("c_n"), TOL);
         }
         fixture_loss(h, h, c).backward().unwrap();
-        assert_close(&x.grad().unwrap(), &get(&fx, &format!("{model}.grad.x")), &format!("{model}: input gradient"));
-        assert_parameter_gradients(&vs, model, &fx);
+        fx.assert_matches(&x.grad().unwrap(), &key("grad.x"), TOL);
+        fx.assert_grads(&vs.pp(model), |param| key(&format!("grad.{param}")), TOL);
     }
 
     #[test]
@@ -289,11 +288,9 @@ mod tests {
         1.0 / (1.0 + (-v).exp())
     }
 
+    /// Compares a state computed by the cell with the values computed by hand.
     fn assert_values(got: &Var, want: &[f64], what: &str) {
-        let got = got.value().to_vec::<f64>().unwrap();
-        for (g, w) in got.iter().zip(want) {
-            assert!((g - w).abs() < 1e-12, "{what}: got {got:?}, computed by hand {want:?}");
-        }
+        assert_close(&got.value().to_vec::<f64>().unwrap(), want, Tol::abs(1e-12), what);
     }
 
     #[test]

@@ -226,36 +226,27 @@ impl RecurrentState for LstmState {
 
 #[cfg(test)]
 mod testing {
-    //! The PyTorch fixture (`nn/fixtures/rnn.py`) and comparisons against it.
+    //! The PyTorch fixture of the recurrent layers (`nn/fixtures/rnn.py`): its tolerance, its
+    //! initial states and its loss.
 
     use super::{LstmState, RecurrentState};
-    use crate::{VarStore, from_safetensors_bytes};
+    use crate::testing::{Fixture, Tol};
     use aigc_autograd::Var;
-    use aigc_tensor::{Device, Tensor};
-    use std::collections::HashMap;
 
-    /// Every tensor of `rnn.safetensors`, by name.
-    pub fn fixture() -> HashMap<String, Tensor> {
-        let bytes = include_bytes!("../../fixtures/rnn.safetensors");
-        from_safetensors_bytes(bytes, &Device::Cpu).unwrap().into_iter().collect()
-    }
-
-    /// The fixture tensor `key` (a missing key names itself).
-    pub fn get(fixture: &HashMap<String, Tensor>, key: &str) -> Tensor {
-        fixture.get(key).unwrap_or_else(|| panic!("fixture has no `{key}`")).clone()
-    }
+    /// The tolerance of a comparison with `rnn.safetensors` (f64 values).
+    pub const TOL: Tol = Tol::abs(1e-9);
 
     /// A state the fixture holds: `<model>.h0` (and `<model>.c0`).
     pub trait FixtureState: RecurrentState {
         /// The fixture's initial state of `model`.
-        fn initial(fixture: &HashMap<String, Tensor>, model: &str) -> Self;
+        fn initial(fixture: &Fixture, model: &str) -> Self;
         /// The LSTM cell state `c`; `None` for a state that is only `h`.
         fn memory(&self) -> Option<&Var>;
     }
 
     impl FixtureState for Var {
-        fn initial(fixture: &HashMap<String, Tensor>, model: &str) -> Var {
-            Var::constant(get(fixture, &format!("{model}.h0")))
+        fn initial(fixture: &Fixture, model: &str) -> Var {
+            Var::constant(fixture.get(&format!("{model}.h0")))
         }
         fn memory(&self) -> Option<&Var> {
             None
@@ -263,27 +254,12 @@ mod testing {
     }
 
     impl FixtureState for LstmState {
-        fn initial(fixture: &HashMap<String, Tensor>, model: &str) -> LstmState {
-            LstmState { h: Var::initial(fixture, model), c: Var::constant(get(fixture, &format!("{model}.c0"))) }
+        fn initial(fixture: &Fixture, model: &str) -> LstmState {
+            LstmState { h: Var::initial(fixture, model), c: Var::constant(fixture.get(&format!("{model}.c0"))) }
         }
         fn memory(&self) -> Option<&Var> {
             Some(&self.c)
         }
-    }
-
-    /// Overwrites every parameter of `vs` with the fixture tensor of the same full name.
-    pub fn load_parameters(vs: &VarStore, fixture: &HashMap<String, Tensor>) {
-        for (name, var) in vs.named_parameters() {
-            var.value().assign_(&get(fixture, &name)).unwrap();
-        }
-    }
-
-    /// Asserts `got` equals `want` elementwise within `1e-9` (both f64).
-    pub fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
-        assert_eq!(got.dims(), want.dims(), "{what}: shapes differ");
-        let (got, want) = (got.to_vec::<f64>().unwrap(), want.to_vec::<f64>().unwrap());
-        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-        assert!(worst < 1e-9, "{what}: max abs difference {worst}");
     }
 
     /// The fixture's loss: `sum(out^2) + sum(h_n^3) (+ sum(c_n^2))`.
@@ -292,16 +268,6 @@ mod testing {
         match c_n {
             Some(c) => loss.add(&c.square().unwrap().sum_all().unwrap()).unwrap(),
             None => loss,
-        }
-    }
-
-    /// Asserts the gradient of every parameter of `vs` (named `<model>.<param>`) equals
-    /// the fixture's `<model>.grad.<param>`.
-    pub fn assert_parameter_gradients(vs: &VarStore, model: &str, fixture: &HashMap<String, Tensor>) {
-        for (name, var) in vs.named_parameters() {
-            let param = name.strip_prefix(&format!("{model}.")).unwrap();
-            let want = get(fixture, &format!("{model}.grad.{param}"));
-            assert_close(&var.grad().unwrap(), &want, &format!("gradient of {name}"));
         }
     }
 }

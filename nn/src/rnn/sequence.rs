@@ -247,10 +247,9 @@ impl<C: Recurrent> Module for Sequence<C> {
 #[cfg(test)]
 mod tests {
     use super::super::LstmState;
-    use super::super::testing::{
-        FixtureState, assert_close, assert_parameter_gradients, fixture, fixture_loss, get, load_parameters,
-    };
+    use super::super::testing::{FixtureState, TOL, fixture_loss};
     use super::*;
+    use crate::testing::{Fixture, assert_close};
     use crate::{AdamConfig, AdamW, Linear, Optimizer, loss};
     use aigc_tensor::{DType, Device, Tensor};
 
@@ -269,21 +268,21 @@ mod tests {
     /// backpropagates the fixture's loss, and compares the output, the final state and every
     /// gradient with PyTorch's.
     fn check_against_pytorch<C: Recurrent<State: FixtureState>>(model: &str, build: impl Fn(&VarStore) -> Sequence<C>) {
-        let fx = fixture();
-        let vs = store(0);
+        let (fx, vs) = (Fixture::rnn(), store(0));
+        let key = |name: &str| format!("{model}.{name}");
         let layer = build(&vs.pp(model));
-        load_parameters(&vs, &fx);
-        let x = Var::leaf(get(&fx, &format!("{model}.x")));
+        fx.load_params(&vs, "");
+        let x = Var::leaf(fx.get(&key("x")));
         let (out, last) = layer.forward(&x, Some(&C::State::initial(&fx, model))).unwrap();
-        assert_close(out.value(), &get(&fx, &format!("{model}.out")), &format!("{model}: output"));
-        assert_close(last.hidden().value(), &get(&fx, &format!("{model}.h_n")), &format!("{model}: h_n"));
+        fx.assert_matches(out.value(), &key("out"), TOL);
+        fx.assert_matches(last.hidden().value(), &key("h_n"), TOL);
         if let Some(c) = last.memory() {
-            assert_close(c.value(), &get(&fx, &format!("{model}.c_n")), &format!("{model}: c_n"));
+            fx.assert_matches(c.value(), &key("c_n"), TOL);
         }
         fixture_loss(&out, last.hidden(), last.memory()).backward().unwrap();
-        assert_close(&x.grad().unwrap(), &get(&fx, &format!("{model}.grad.x")), &format!("{model}: input gradient"));
-        assert_parameter_gradients(&vs, model, &fx);
-        let pytorch_parameters = fx.keys().filter(|k| k.starts_with(&format!("{model}.grad.weight"))).count();
+        fx.assert_matches(&x.grad().unwrap(), &key("grad.x"), TOL);
+        fx.assert_grads(&vs.pp(model), |param| key(&format!("grad.{param}")), TOL);
+        let pytorch_parameters = fx.keys_under(&key("grad")).iter().filter(|k| k.starts_with("weight")).count();
         assert_eq!(layer.cells.len() * 2, pytorch_parameters, "{model}: as many weights as PyTorch");
     }
 
@@ -372,9 +371,9 @@ mod tests {
         let (out1, state1) = lstm.forward(&first_chunk, None).unwrap();
         let (out2, state2) = lstm.forward(&second_chunk, Some(&state1.detach())).unwrap();
         let chunked = Var::cat(&[&out1, &out2], 1).unwrap();
-        assert_close(chunked.value(), whole.value(), "chunked output");
-        assert_close(state2.h.value(), whole_state.h.value(), "chunked final h");
-        assert_close(state2.c.value(), whole_state.c.value(), "chunked final c");
+        assert_close(chunked.value(), whole.value(), TOL, "chunked output");
+        assert_close(state2.h.value(), whole_state.h.value(), TOL, "chunked final h");
+        assert_close(state2.c.value(), whole_state.c.value(), TOL, "chunked final c");
 
         out2.square().unwrap().sum_all().unwrap().backward().unwrap();
         assert!(second_chunk.grad().is_some());
