@@ -117,15 +117,15 @@ fn candle_block(c: &mut Criterion) -> candle_core::Result<()> {
     let out = candle_nn::linear_no_bias(4 * d, d, vb.pp("out"))?;
     let x = CTensor::randn(0f32, 1.0, (b, t, d), &dev)?;
     let future: Vec<u8> = (0..t * t).map(|k| u8::from(k % t > k / t)).collect();
-    let future = CTensor::from_vec(future, (t, t), &dev)?;
-    let neg_inf = CTensor::new(f32::NEG_INFINITY, &dev)?.broadcast_as((t, t))?;
+    let future = CTensor::from_vec(future, (t, t), &dev)?.broadcast_as((b, h, t, t))?.contiguous()?;
+    let neg_inf = CTensor::new(f32::NEG_INFINITY, &dev)?.broadcast_as((b, h, t, t))?;
     let forward = || -> candle_core::Result<CTensor> {
         use candle_nn::Module;
         let heads = |v: CTensor| v.reshape((b, t, h, d / h))?.transpose(1, 2)?.contiguous();
         let qkv = qkv.forward(&ln1.forward(&x)?)?;
         let (q, k, v) = (heads(qkv.narrow(2, 0, d)?)?, heads(qkv.narrow(2, d, d)?)?, heads(qkv.narrow(2, 2 * d, d)?)?);
         let scores = (q.matmul(&k.t()?)? * (1.0 / ((d / h) as f64).sqrt()))?;
-        let scores = future.where_cond(&neg_inf, &scores.broadcast_as((b, h, t, t))?.contiguous()?)?;
+        let scores = future.where_cond(&neg_inf, &scores)?;
         let y = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?;
         let x = (&x + proj.forward(&y.transpose(1, 2)?.reshape((b, t, d))?)?)?;
         let m = out.forward(&fc.forward(&ln2.forward(&x)?)?.gelu_erf()?)?;

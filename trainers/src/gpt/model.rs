@@ -44,7 +44,7 @@ impl GptConfig {
 
     fn check(&self) -> Result<()> {
         let ok = self.vocab_size > 0 && self.block_size > 0 && self.n_layer > 0 && self.n_head > 0;
-        if !ok || self.n_embd == 0 || self.n_embd % self.n_head != 0 {
+        if !ok || self.n_embd == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(Error::invalid(
                 "GptConfig",
                 format!("{self:?}: sizes must be positive and n_embd a multiple of n_head"),

@@ -150,7 +150,7 @@ pub fn train(
         opt.step()?;
         train_seconds += started.elapsed().as_secs_f64();
         let done = step + 1;
-        if done % cfg.eval_interval.max(1) == 0 || done == cfg.iters {
+        if done.is_multiple_of(cfg.eval_interval.max(1)) || done == cfg.iters {
             let eval_seed = cfg.seed ^ done;
             let point = EvalPoint {
                 step: done,
