@@ -12,5 +12,6 @@
 pub mod data;
 pub mod gpt;
 pub mod ngram;
+pub mod recurrent_lm;
 pub mod rng;
 pub mod text;

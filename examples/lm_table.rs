@@ -1,0 +1,369 @@
+//! The survey's history of language models in numbers: validation loss on character-level
+//! tiny Shakespeare (nanoGPT's 90/10 split, nats/char) of a Kneser-Ney n-gram model (the
+//! best order of 1..=8), an RNN, a GRU, an LSTM and a GPT, each with its parameter count
+//! and training time, the neural models at a similar budget of training seconds. Prints
+//! the table and writes it as markdown (by default to `docs/lm_table.md`).
+//!
+//! - n-gram: modified Kneser-Ney of every order in 1..=8, the best on validation kept;
+//!   its "parameters" are the counts it stores (the distinct k-grams, k = 1..=n).
+//! - RNN, GRU, LSTM: `RecurrentLmConfig::shakespeare` sizes (about 0.35M parameters each),
+//!   truncated BPTT with `RecurrentTrainConfig::shakespeare` settings, stopped by the budget
+//!   (or `--rnn-iters`), the learning-rate schedule spread over the budget; scored over the
+//!   whole validation text, contiguously. `lstm384` adds an LSTM of 384 (0.72M parameters,
+//!   the GPT's size) with the LSTM's settings.
+//! - GPT: nanoGPT's baby config (0.8M parameters) through `gpt::train` for 2000 iterations,
+//!   fewer when a timing probe says 2000 would not fit the budget (then the warmup and the
+//!   cosine are shortened in proportion); scored over the whole validation text in
+//!   consecutive windows of 64.
+//!
+//! Run: `cargo run --release --example lm_table -- [--budget-seconds S] [--rnn-iters N]
+//!       [--gpt-iters N] [--models ngram,rnn,gru,lstm,lstm384,gpt] [--out docs/lm_table.md]`
+
+use aigc::autograd::no_grad;
+use aigc::nn::VarStore;
+use aigc::nn::rnn::{GruCell, LstmCell, RnnCell};
+use aigc::trainers::data::shakespeare::TinyShakespeare;
+use aigc::trainers::gpt::{self, Gpt, GptConfig, GptTrainConfig};
+use aigc::trainers::ngram::score_orders;
+use aigc::trainers::recurrent_lm::{self, LmCell, RecurrentKind, RecurrentLm, RecurrentLmConfig, RecurrentTrainConfig};
+use aigc::trainers::text::char_tokenizer::CharTokenizer;
+use aigc::{DType, Device, Error, Result, Tensor};
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+const OP: &str = "lm_table";
+
+/// The rows the table can have, in its order.
+const MODELS: [&str; 6] = ["ngram", "rnn", "gru", "lstm", "lstm384", "gpt"];
+
+/// Command-line options.
+struct Options {
+    budget_seconds: f64,
+    rnn_iters: u64,
+    gpt_iters: u64,
+    models: Vec<String>,
+    out: String,
+}
+
+fn parse_options() -> Result<Options> {
+    let mut o = Options {
+        budget_seconds: 300.0,
+        rnn_iters: 100_000,
+        gpt_iters: GptTrainConfig::baby_shakespeare().iters,
+        models: MODELS.map(String::from).to_vec(),
+        out: "docs/lm_table.md".to_string(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or_else(|| Error::invalid(OP, format!("{flag} needs a value")))?;
+        let bad = || Error::invalid(OP, format!("{flag}: cannot read `{value}`"));
+        match flag.as_str() {
+            "--budget-seconds" => o.budget_seconds = value.parse().map_err(|_| bad())?,
+            "--rnn-iters" => o.rnn_iters = value.parse().map_err(|_| bad())?,
+            "--gpt-iters" => o.gpt_iters = value.parse().map_err(|_| bad())?,
+            "--models" => o.models = value.split(',').map(String::from).collect(),
+            "--out" => o.out = value,
+            other => {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "unknown flag `{other}`; expected --budget-seconds, --rnn-iters, --gpt-iters, --models, --out"
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(m) = o.models.iter().find(|m| !MODELS.contains(&m.as_str())) {
+        return Err(Error::invalid(OP, format!("unknown model `{m}`: expected one of {}", MODELS.join(", "))));
+    }
+    if o.budget_seconds.is_nan() || o.budget_seconds <= 0.0 {
+        return Err(Error::invalid(OP, "--budget-seconds must be positive"));
+    }
+    Ok(o)
+}
+
+/// One row of the table.
+struct Row {
+    model: String,
+    setup: String,
+    parameters: usize,
+    train_seconds: f64,
+    steps: String,
+    val_loss: f64,
+}
+
+/// The character-level data: tokenizer vocabulary and the train / validation ids.
+struct Data {
+    vocab_size: usize,
+    train: Vec<u32>,
+    val: Vec<u32>,
+}
+
+fn main() -> Result<()> {
+    let opts = parse_options()?;
+    let corpus = TinyShakespeare::load()?;
+    let (train_text, val_text) = corpus.train_val();
+    let tokenizer = CharTokenizer::from_corpus(&corpus.text)?;
+    let data = Data {
+        vocab_size: tokenizer.vocab_size(),
+        train: tokenizer.encode(train_text)?,
+        val: tokenizer.encode(val_text)?,
+    };
+    let load_before = load_average();
+    let started = Instant::now();
+    let mut rows = vec![];
+    for model in &opts.models {
+        println!("== {model}");
+        let row = match model.as_str() {
+            "ngram" => ngram_row(&data)?,
+            "rnn" => recurrent_row::<RnnCell>(&data, &opts, None)?,
+            "gru" => recurrent_row::<GruCell>(&data, &opts, None)?,
+            "lstm" => recurrent_row::<LstmCell>(&data, &opts, None)?,
+            "lstm384" => recurrent_row::<LstmCell>(&data, &opts, Some(384))?,
+            _ => gpt_row(&data, &opts)?,
+        };
+        println!(
+            "{} val {:.4} nats/char, {} parameters, {:.1} s",
+            row.model, row.val_loss, row.parameters, row.train_seconds
+        );
+        rows.push(row);
+    }
+    let markdown = render(&opts, &data, &rows, &load_before, started.elapsed().as_secs_f64());
+    println!("\n{markdown}");
+    if let Some(dir) = std::path::Path::new(&opts.out).parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Io { path: dir.display().to_string(), reason: e.to_string() })?;
+    }
+    std::fs::write(&opts.out, markdown).map_err(|e| Error::Io { path: opts.out.clone(), reason: e.to_string() })?;
+    println!("written to {}", opts.out);
+    Ok(())
+}
+
+/// Modified Kneser-Ney of every order in 1..=8; the best on validation makes the row.
+fn ngram_row(data: &Data) -> Result<Row> {
+    let scores = score_orders(&data.train, &data.val, data.vocab_size, 1..=8)?;
+    for s in &scores {
+        println!("order {}: val {:.4} nats/char ({:.1} s)", s.order, s.val_loss, s.seconds);
+    }
+    let best = scores
+        .iter()
+        .min_by(|a, b| a.val_loss.total_cmp(&b.val_loss))
+        .ok_or_else(|| Error::invalid(OP, "no n-gram orders scored"))?;
+    let search_seconds: f64 = scores.iter().map(|s| s.seconds).sum();
+    Ok(Row {
+        model: format!("{}-gram", best.order),
+        setup: format!(
+            "modified Kneser-Ney; best of orders 1-8 on validation (search {search_seconds:.0} s); \
+             parameters = stored counts"
+        ),
+        parameters: distinct_grams(&data.train, best.order),
+        train_seconds: best.seconds,
+        steps: "1 pass".to_string(),
+        val_loss: best.val_loss,
+    })
+}
+
+/// The counts an order-`n` Kneser-Ney model stores: the distinct k-grams of `tokens`, k = 1..=n.
+fn distinct_grams(tokens: &[u32], n: usize) -> usize {
+    (1..=n).map(|k| tokens.windows(k).collect::<HashSet<_>>().len()).sum()
+}
+
+/// A recurrent model with cell `C` at the `shakespeare` size (or with `hidden_size`),
+/// trained with the `shakespeare` settings within the budget.
+fn recurrent_row<C: LmCell>(data: &Data, opts: &Options, hidden_size: Option<usize>) -> Result<Row> {
+    let preset = RecurrentLmConfig::shakespeare(C::KIND, data.vocab_size);
+    let cfg = RecurrentLmConfig { hidden_size: hidden_size.unwrap_or(preset.hidden_size), ..preset };
+    let vs = VarStore::new(DType::F32, &Device::Cpu, 1337);
+    let model = RecurrentLm::<C>::new(&vs, cfg)?;
+    let run = RecurrentTrainConfig {
+        iters: opts.rnn_iters,
+        max_seconds: Some(opts.budget_seconds),
+        ..RecurrentTrainConfig::shakespeare(C::KIND)
+    };
+    let report = recurrent_lm::train(&model, &data.train, &data.val, &run, |p| {
+        println!("step {:5}  train {:.4}  val {:.4}  {:.1} s", p.step, p.train_loss, p.val_loss, p.train_seconds);
+    })?;
+    let name = match C::KIND {
+        RecurrentKind::Rnn => "RNN (tanh)",
+        RecurrentKind::Lstm => "LSTM",
+        RecurrentKind::Gru => "GRU",
+    };
+    Ok(Row {
+        model: format!("{name} {}", cfg.hidden_size),
+        setup: format!(
+            "{} x {} hidden, embedding {}; TBPTT {} streams x {} chars, AdamW lr {:.0e} warmup {} cosine, clip {}",
+            cfg.num_layers,
+            cfg.hidden_size,
+            cfg.embedding_dim,
+            run.batch_size,
+            run.seq_len,
+            run.lr,
+            run.warmup_iters,
+            run.grad_clip
+        ),
+        parameters: vs.num_parameters(),
+        train_seconds: report.train_seconds,
+        steps: format!("{}{}", report.steps, if report.stopped_by_budget { " (budget)" } else { "" }),
+        val_loss: report.final_val_loss(),
+    })
+}
+
+/// nanoGPT's baby GPT through `gpt::train`: `--gpt-iters` iterations, or as many as a timing
+/// probe says fit the budget.
+fn gpt_row(data: &Data, opts: &Options) -> Result<Row> {
+    let baby = GptTrainConfig::baby_shakespeare();
+    let rate = gpt_iterations_per_second(data)?;
+    let fit = (opts.budget_seconds * rate).floor() as u64;
+    let iters = opts.gpt_iters.min(fit).max(1);
+    println!("timing probe: {rate:.1} it/s; training {iters} iterations");
+    // A shortened run keeps the shape of the schedule: warmup over the same share of it.
+    let warmup_iters = (baby.warmup_iters * iters / baby.iters.max(1)).max(1);
+    let cfg = GptTrainConfig { iters, lr_decay_iters: iters, warmup_iters, ..baby };
+    let vs = VarStore::new(DType::F32, &Device::Cpu, 1337);
+    let model = Gpt::new(&vs, GptConfig::baby_shakespeare(data.vocab_size))?;
+    let points = gpt::train(&model, &vs, &data.train, &data.val, &cfg, |p| {
+        println!("step {:5}  train {:.4}  val {:.4}  {:.1} s", p.step, p.train_loss, p.val_loss, p.train_seconds);
+    })?;
+    let last = points.last().ok_or_else(|| Error::invalid(OP, "the GPT trained no step"))?;
+    let shortened =
+        if iters < opts.gpt_iters { format!(" (budget; {} planned)", opts.gpt_iters) } else { String::new() };
+    Ok(Row {
+        model: "GPT".to_string(),
+        setup: format!(
+            "nanoGPT baby: 4 layers, 4 heads, width 128, context 64, batch 12, lr 1e-3 warmup {} cosine over {iters}",
+            cfg.warmup_iters
+        ),
+        parameters: vs.num_parameters(),
+        train_seconds: last.train_seconds,
+        steps: format!("{iters}{shortened}"),
+        val_loss: gpt_val_loss(&model, &vs, &data.val)?,
+    })
+}
+
+/// Iterations per second of the baby GPT, timed over 10 steps after 3 warm-up steps of a
+/// throwaway model.
+fn gpt_iterations_per_second(data: &Data) -> Result<f64> {
+    let vs = VarStore::new(DType::F32, &Device::Cpu, 1);
+    let model = Gpt::new(&vs, GptConfig::baby_shakespeare(data.vocab_size))?;
+    let probe =
+        |iters| GptTrainConfig { iters, eval_interval: u64::MAX, eval_iters: 1, ..GptTrainConfig::baby_shakespeare() };
+    gpt::train(&model, &vs, &data.train, &data.val[..1000], &probe(3), |_| {})?;
+    let points = gpt::train(&model, &vs, &data.train, &data.val[..1000], &probe(10), |_| {})?;
+    Ok(10.0 / points.last().map_or(f64::NAN, |p| p.train_seconds))
+}
+
+/// The GPT's mean loss over the whole validation text, in consecutive windows of
+/// `block_size` tokens (each position sees the ones before it in its window), evaluation
+/// mode.
+fn gpt_val_loss(model: &Gpt, vs: &VarStore, val: &[u32]) -> Result<f64> {
+    let block = model.config().block_size;
+    let windows = (val.len() - 1) / block;
+    let window = |k: usize, shift: usize| val[k * block + shift..(k + 1) * block + shift].iter().map(|&t| t as i64);
+    vs.set_training(false);
+    let total = no_grad(|| -> Result<f64> {
+        let mut total = 0.0;
+        for first in (0..windows).step_by(64) {
+            let batch: Vec<usize> = (first..windows.min(first + 64)).collect();
+            let x: Vec<i64> = batch.iter().flat_map(|&k| window(k, 0)).collect();
+            let y: Vec<i64> = batch.iter().flat_map(|&k| window(k, 1)).collect();
+            let shape = [batch.len(), block];
+            let loss =
+                model.loss(&Tensor::from_vec(x, shape, &Device::Cpu)?, &Tensor::from_vec(y, shape, &Device::Cpu)?)?;
+            total += loss.value().to_f64_vec()?[0] * batch.len() as f64;
+        }
+        Ok(total)
+    });
+    vs.set_training(true);
+    Ok(total? / windows as f64)
+}
+
+/// The markdown table with its header (command, date, machine, threads, load) and notes.
+fn render(opts: &Options, data: &Data, rows: &[Row], load_before: &str, wall: f64) -> String {
+    let mut md = String::new();
+    let command: Vec<String> = std::env::args().skip(1).collect();
+    let _ = writeln!(md, "# Language models on tiny Shakespeare: validation loss\n");
+    let _ = writeln!(
+        md,
+        "Generated by `cargo run --release --example lm_table --{}{}`.\n",
+        if command.is_empty() { "" } else { " " },
+        command.join(" ")
+    );
+    let _ = writeln!(md, "- date (UTC): {}", utc_date());
+    let _ = writeln!(md, "- machine: {}; {} threads", cpu_model(), rayon::current_num_threads());
+    let _ = writeln!(
+        md,
+        "- load average (1, 5, 15 min): {load_before} at the start, {} at the end; {wall:.0} s wall in all",
+        load_average()
+    );
+    let _ = writeln!(
+        md,
+        "- data: character-level tiny Shakespeare, nanoGPT's split: {} train / {} validation characters, vocabulary {}",
+        data.train.len(),
+        data.val.len(),
+        data.vocab_size
+    );
+    let _ =
+        writeln!(md, "- budget: {:.0} s of training per neural model (evaluations excluded)\n", opts.budget_seconds);
+    let _ = writeln!(
+        md,
+        "| model | validation loss (nats/char) | bits/char | parameters | training time (s) | steps | setup |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---|");
+    for r in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {:.4} | {:.3} | {} | {:.1} | {} | {} |",
+            r.model,
+            r.val_loss,
+            r.val_loss / std::f64::consts::LN_2,
+            r.parameters,
+            r.train_seconds,
+            r.steps,
+            r.setup
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nValidation loss is over every validation character: the n-gram with its full context of n - 1 \
+         characters, the recurrent models read contiguously in {} streams with the state carried across \
+         chunks, the GPT in consecutive windows of 64 characters (each position sees the earlier ones of its \
+         window). Training time counts optimisation steps only. The n-gram's time is training and scoring its \
+         best order once.",
+        RecurrentTrainConfig::default().batch_size
+    );
+    md
+}
+
+/// The CPU's model name from `/proc/cpuinfo` (Linux).
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("model name"))?.to_string();
+            Some(line.split_once(':')?.1.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_string())
+}
+
+/// The 1, 5 and 15 minute load averages from `/proc/loadavg` (Linux).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(", "))
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+/// Today's date, `YYYY-MM-DD` in UTC (the civil-from-days algorithm of H. Hinnant).
+fn utc_date() -> String {
+    let days = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() / 86_400) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
