@@ -63,7 +63,8 @@ fn elementwise_and_rows(threads: usize, reps: usize) {
     let ms = 1e3;
     let (x, cx, values) = pair(&[4096, 1024], 1);
     let copy = |reps| race(reps, || drop(black_box(values.clone())), || ()).0 * ms;
-    let (ours, peer) = race(reps, || drop(x.softmax(-1).unwrap()), || drop(candle_nn::ops::softmax_last_dim(&cx).unwrap()));
+    let (ours, peer) =
+        race(reps, || drop(x.softmax(-1).unwrap()), || drop(candle_nn::ops::softmax_last_dim(&cx).unwrap()));
     line("softmax", &[4096, 1024], threads, ours * ms, peer * ms, Some(copy(reps)));
     let (w, cw, _) = pair(&[1024], 2);
     let (b, cb, _) = pair(&[1024], 3);
@@ -86,8 +87,11 @@ fn elementwise_and_rows(threads: usize, reps: usize) {
     let (a, ca, _) = pair(&[64], 5);
     let (b, cb, _) = pair(&[64], 6);
     let per_call = ms / inner as f64;
-    let (ours, peer) =
-        race(reps, batched(inner, || drop(black_box(a.add(&b).unwrap()))), batched(inner, || drop(black_box(ca.add(&cb).unwrap()))));
+    let (ours, peer) = race(
+        reps,
+        batched(inner, || drop(black_box(a.add(&b).unwrap()))),
+        batched(inner, || drop(black_box(ca.add(&cb).unwrap()))),
+    );
     line("add", &[64], threads, ours * per_call, peer * per_call, None);
     let (va, vb) = (Var::leaf(a.clone()), Var::leaf(b.clone()));
     let (ours, peer) = race(

@@ -234,7 +234,8 @@ pub struct RunWalk<const N: usize> {
 impl<const N: usize> RunWalk<N> {
     /// Plans the walk over `shape` for layouts with these strides.
     pub fn new(shape: &[usize], strides: [&[usize]; N]) -> Self {
-        let (shape, strides) = if shape.contains(&0) { (vec![0], [(); N].map(|_| vec![1])) } else { coalesce(shape, strides) };
+        let (shape, strides) =
+            if shape.contains(&0) { (vec![0], [(); N].map(|_| vec![1])) } else { coalesce(shape, strides) };
         Self { shape, strides }
     }
 

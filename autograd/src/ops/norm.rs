@@ -124,7 +124,8 @@ impl NormSpec {
                 let weight = has_weight.then(|| &inputs[1]);
                 let bias = has_bias.then(|| &inputs[1 + has_weight as usize]);
                 if !mode::is_grad_enabled() {
-                    let [dx, dw, db] = self.layer.fused_backward(x.value(), g.value(), weight.map(Var::value), self.eps)?;
+                    let [dx, dw, db] =
+                        self.layer.fused_backward(x.value(), g.value(), weight.map(Var::value), self.eps)?;
                     let wanted = |v: &Var, grad: Tensor| v.needs_grad().then(|| Var::constant(grad));
                     let mut grads = vec![wanted(x, dx)];
                     grads.extend(weight.map(|w| wanted(w, dw)));

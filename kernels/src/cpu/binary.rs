@@ -2,14 +2,14 @@
 //! declared once each. The tensor layer broadcasts both operands to one shape (stride-0
 //! views, no copies) before calling these kernels.
 //!
-//! For f32, `+ - * /`, `maximum` and `minimum` have a SIMD kernel (`BinaryF32`) that
+//! For f32, `+ - * /`, `maximum` and `minimum` have a SIMD kernel (`binary_f32`) that
 //! runs whenever each operand is, along the innermost dims, either contiguous or one
 //! repeated value: same-shape contiguous tensors, a scalar operand, a row broadcast over
 //! the last dim (`[m, n] + [n]`), a column broadcast (`[m, n] + [m, 1]`), and any mix
 //! of these ([`SimdRuns`]). Other layouts, ops and dtypes take the generic kernel.
 
 use super::map::{SimdRuns, zip_map};
-use super::simd::{self, F32Vector, Kernel, Operand, map};
+use super::simd::{F32Vector, Isa, Operand, kernel, map};
 use crate::{Element, FloatElem, Layout, Real};
 
 macro_rules! binary_ops {
@@ -36,7 +36,7 @@ macro_rules! binary_ops {
             {
                 let mut out = vec![T::zero(); ll.numel()];
                 let dst = T::as_f32_mut(&mut out).expect("T is f32");
-                runs.run([a, b], dst, |[a, b], dst| simd::run(BinaryF32 { op, a, b, dst }));
+                runs.run([a, b], dst, |[a, b], dst| binary_f32(Isa::best(), op, a, b, dst));
                 return out;
             }
             binary_generic(op, lhs, ll, rhs, rl)
@@ -85,32 +85,21 @@ impl BinaryOp {
     }
 }
 
-/// The f32 SIMD kernel: `dst = op(a, b)` on one run, each operand a slice or a repeated
-/// value. `+ - * /` are correctly rounded, so the results equal the scalar kernel's bit
-/// for bit; `maximum`/`minimum` propagate NaN as the scalar definition does.
-struct BinaryF32<'a> {
-    op: BinaryOp,
-    a: Operand<'a>,
-    b: Operand<'a>,
-    dst: &'a mut [f32],
-}
-
-impl Kernel for BinaryF32<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn run<V: F32Vector>(self) {
-        let (a, b, dst) = (self.a, self.b, self.dst);
+kernel! {
+    /// The f32 SIMD kernel: `dst = op(a, b)` on one run, each operand a slice or a
+    /// repeated value. `+ - * /` are correctly rounded, so the results equal the scalar
+    /// kernel's bit for bit; `maximum`/`minimum` propagate NaN as the scalar definition does.
+    fn binary_f32(op: BinaryOp, a: Operand, b: Operand, dst: &mut [f32]) {
         // NaN in either operand gives NaN (min/max instructions would return one operand).
         let nan_or = |x: V, y: V, r: V| V::select(x.is_nan(), x, V::select(y.is_nan(), y, r));
-        match self.op {
+        match op {
             BinaryOp::Add => map::<V, 2>([a, b], dst, |[x, y]| x + y),
             BinaryOp::Sub => map::<V, 2>([a, b], dst, |[x, y]| x - y),
             BinaryOp::Mul => map::<V, 2>([a, b], dst, |[x, y]| x * y),
             BinaryOp::Div => map::<V, 2>([a, b], dst, |[x, y]| x / y),
             BinaryOp::Maximum => map::<V, 2>([a, b], dst, |[x, y]| nan_or(x, y, x.max(y))),
             BinaryOp::Minimum => map::<V, 2>([a, b], dst, |[x, y]| nan_or(x, y, x.min(y))),
-            BinaryOp::Pow => unreachable!("BinaryF32: pow has no f32 kernel"),
+            BinaryOp::Pow => unreachable!("binary_f32: pow has no f32 kernel"),
         }
     }
 }

@@ -89,9 +89,9 @@ impl<const N: usize> SimdRuns<N> {
             if len <= PIECE {
                 return call(starts, run);
             }
-            run.par_chunks_mut(PIECE).enumerate().for_each(|(p, piece)| {
-                call(std::array::from_fn(|k| starts[k] + p * PIECE * self.strides[k]), piece)
-            });
+            run.par_chunks_mut(PIECE)
+                .enumerate()
+                .for_each(|(p, piece)| call(std::array::from_fn(|k| starts[k] + p * PIECE * self.strides[k]), piece));
         });
     }
 

@@ -31,7 +31,7 @@
 //! and layouts take the generic kernel.
 
 use super::map::PARALLEL_THRESHOLD;
-use super::simd::{self, F32Vector, Kernel, Operand, map, sums, update};
+use super::simd::{F32Vector, Isa, Operand, kernel, map, sums, update};
 use super::softmax::{Rows, UnitRows, for_row_blocks};
 use crate::layout::Layout;
 use crate::{Element, FloatElem, Real};
@@ -69,7 +69,7 @@ pub fn normalize<T: FloatElem>(
         let (weight, bias) = (f32_operand(weight, 1.0), f32_operand(bias, 0.0));
         let (center, eps) = (norm.center(), eps as f32);
         for_row_blocks(out_f32, rows.n, |first, out| {
-            simd::run(NormF32 { x, rows: &rows, first, out, center, eps, weight, bias })
+            norm_f32(Isa::best(), x, &rows, first, out, center, eps, weight, bias)
         });
         return out;
     }
@@ -218,8 +218,7 @@ pub fn normalize_backward<T: FloatElem>(
         let dx_f32 = T::as_f32_mut(&mut dx).expect("T is f32");
         let (weight, eps) = (f32_operand(weight, 1.0), eps as f32);
         let (dweight, dbias) = blocks_with_sums(dx_f32, x_rows.n, param_len, |first, dx, dweight, dbias| {
-            let (x, g) = ((x, &x_rows), (g, &g_rows));
-            simd::run(NormBackwardF32 { x, g, first, dx, center, eps, weight, dweight, dbias })
+            norm_backward_f32(Isa::best(), (x, &x_rows), (g, &g_rows), first, dx, center, eps, weight, dweight, dbias)
         });
         let to_t = |v: Vec<f32>| v.into_iter().map(|v| T::from_f64(v as f64)).collect();
         return NormGrads { dx, dweight: to_t(dweight), dbias: to_t(dbias) };
@@ -355,70 +354,59 @@ fn row_stats_f32<V: F32Vector>(x: &[f32], center: Center, eps: f32) -> (V, V) {
     (mean, V::splat(1.0 / (square_sum / n as f32 + eps).sqrt()))
 }
 
-/// LayerNorm / RMSNorm of whole rows `first..` of `x` into `out`, with SIMD; an absent
-/// weight is a splat of 1, an absent bias a splat of 0.
-struct NormF32<'a> {
-    x: &'a [f32],
-    rows: &'a UnitRows,
-    first: usize,
-    out: &'a mut [f32],
-    center: Center,
-    eps: f32,
-    weight: Operand<'a>,
-    bias: Operand<'a>,
-}
-
-impl Kernel for NormF32<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn run<V: F32Vector>(self) {
-        let n = self.rows.n;
-        for (i, y) in self.out.chunks_exact_mut(n).enumerate() {
-            let x = self.rows.row(self.x, self.first + i);
-            let (mean, rstd) = row_stats_f32::<V>(x, self.center, self.eps);
-            let inputs = [Operand::Slice(x), self.weight, self.bias];
-            map::<V, 3>(inputs, y, |[v, w, b]| ((v - mean) * rstd).mul_add(w, b));
+kernel! {
+    /// LayerNorm / RMSNorm of whole rows `first..` of `x` into `out`, with SIMD; an
+    /// absent weight is a splat of 1, an absent bias a splat of 0.
+    fn norm_f32(
+        x: &[f32],
+        rows: &UnitRows,
+        first: usize,
+        out: &mut [f32],
+        center: Center,
+        eps: f32,
+        weight: Operand,
+        bias: Operand,
+    ) {
+        let n = rows.n;
+        for (i, y) in out.chunks_exact_mut(n).enumerate() {
+            let x = rows.row(x, first + i);
+            let (mean, rstd) = row_stats_f32::<V>(x, center, eps);
+            map::<V, 3>([Operand::Slice(x), weight, bias], y, |[v, w, b]| ((v - mean) * rstd).mul_add(w, b));
         }
     }
 }
 
-/// The backward of [`NormF32`] for whole rows `first..`: writes `dx` and accumulates the
-/// rows' parameter gradients into `dweight` and `dbias`.
-struct NormBackwardF32<'a> {
-    x: (&'a [f32], &'a UnitRows),
-    g: (&'a [f32], &'a UnitRows),
-    first: usize,
-    dx: &'a mut [f32],
-    center: Center,
-    eps: f32,
-    weight: Operand<'a>,
-    dweight: &'a mut [f32],
-    dbias: &'a mut [f32],
-}
-
-impl Kernel for NormBackwardF32<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn run<V: F32Vector>(self) {
-        let n = self.x.1.n;
+kernel! {
+    /// The backward of `norm_f32` for whole rows `first..`: writes `dx` and accumulates
+    /// the rows' parameter gradients into `dweight` and `dbias`.
+    fn norm_backward_f32(
+        x: (&[f32], &UnitRows),
+        g: (&[f32], &UnitRows),
+        first: usize,
+        dx: &mut [f32],
+        center: Center,
+        eps: f32,
+        weight: Operand,
+        dweight: &mut [f32],
+        dbias: &mut [f32],
+    ) {
+        let n = x.1.n;
         let inv_n = 1.0 / n as f32;
-        for (i, dx) in self.dx.chunks_exact_mut(n).enumerate() {
-            let row = self.first + i;
-            let (x, g) = (self.x.1.row(self.x.0, row), self.g.1.row(self.g.0, row));
-            let (mean, rstd) = row_stats_f32::<V>(x, self.center, self.eps);
+        for (i, dx) in dx.chunks_exact_mut(n).enumerate() {
+            let row = first + i;
+            let (x, g) = (x.1.row(x.0, row), g.1.row(g.0, row));
+            let (mean, rstd) = row_stats_f32::<V>(x, center, eps);
             let xhat = |x: V| (x - mean) * rstd;
-            let inputs = [Operand::Slice(x), Operand::Slice(g), self.weight];
+            let inputs = [Operand::Slice(x), Operand::Slice(g), weight];
             let [sum_gw, sum_gw_xhat] = sums::<V, 3, 2>(inputs, n, |[x, g, w]| [g * w, g * w * xhat(x)]);
-            let mean_gw = V::splat(match self.center {
+            let mean_gw = V::splat(match center {
                 Center::Mean => sum_gw * inv_n,
                 Center::Zero => 0.0,
             });
             let mean_gw_xhat = V::splat(sum_gw_xhat * inv_n);
             map::<V, 3>(inputs, dx, |[x, g, w]| rstd * (g * w - mean_gw - xhat(x) * mean_gw_xhat));
-            let (dweight, dbias) = (&mut *self.dweight, &mut *self.dbias);
-            update::<V, 2, 2>([dweight, dbias], [inputs[0], inputs[1]], |[dw, db], [x, g]| [g.mul_add(xhat(x), dw), db + g]);
+            let accumulators = [&mut *dweight, &mut *dbias];
+            update::<V, 2, 2>(accumulators, [inputs[0], inputs[1]], |[dw, db], [x, g]| [g.mul_add(xhat(x), dw), db + g]);
         }
     }
 }
@@ -554,7 +542,8 @@ mod tests {
         let a = normalize_backward(&x, &layout, &g, &layout, Norm::Layer { dims: 1 }, Some(&w), 1e-5);
         let b = normalize_backward(&x, &layout, &g, &layout, Norm::Layer { dims: 1 }, Some(&w), 1e-5);
         assert_eq!(a, b);
-        let want = normalize_backward(&wide(&x), &layout, &wide(&g), &layout, Norm::Layer { dims: 1 }, Some(&wide(&w)), 1e-5);
+        let want =
+            normalize_backward(&wide(&x), &layout, &wide(&g), &layout, Norm::Layer { dims: 1 }, Some(&wide(&w)), 1e-5);
         assert_close(&a.dweight, &want.dweight, 1e-3, "dweight");
         assert_close(&a.dx, &want.dx, 1e-3, "dx");
     }

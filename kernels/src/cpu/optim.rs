@@ -13,7 +13,7 @@
 //! f32 parameters take a SIMD kernel written once over [`F32Vector`] (the same formulas,
 //! with fused multiply-adds); the other dtypes the scalar loops below.
 
-use super::simd::{self, F32Vector, Kernel, Operand, update};
+use super::simd::{F32Vector, Isa, Operand, kernel, update};
 use crate::{Element, FloatElem, Real};
 
 /// Hyper-parameters of one SGD step.
@@ -32,7 +32,7 @@ pub fn sgd<T: FloatElem>(param: &mut [T], grad: &[T], buf: &mut [T], s: SgdStep)
     if let Some(grad) = T::as_f32(grad) {
         let param = T::as_f32_mut(param).expect("T is f32");
         let buf = T::as_f32_mut(buf).expect("T is f32");
-        return simd::run(SgdF32 { param, grad, buf, s });
+        return sgd_f32(Isa::best(), param, grad, buf, s);
     }
     let lr = <T::Acc as Element>::from_f64(s.lr);
     let mu = <T::Acc as Element>::from_f64(s.momentum);
@@ -70,7 +70,7 @@ pub fn adam<T: FloatElem>(param: &mut [T], grad: &[T], m: &mut [T], v: &mut [T],
     if let Some(grad) = T::as_f32(grad) {
         let param = T::as_f32_mut(param).expect("T is f32");
         let (m, v) = (T::as_f32_mut(m).expect("T is f32"), T::as_f32_mut(v).expect("T is f32"));
-        return simd::run(AdamF32 { param, grad, m, v, s });
+        return adam_f32(Isa::best(), param, grad, m, v, s);
     }
     let c = |x: f64| <T::Acc as Element>::from_f64(x);
     let (b1, b2) = (c(s.beta1), c(s.beta2));
@@ -91,26 +91,15 @@ pub fn adam<T: FloatElem>(param: &mut [T], grad: &[T], m: &mut [T], v: &mut [T],
     }
 }
 
-/// [`sgd`] on f32 buffers, with SIMD.
-struct SgdF32<'a> {
-    param: &'a mut [f32],
-    grad: &'a [f32],
-    buf: &'a mut [f32],
-    s: SgdStep,
-}
-
-impl Kernel for SgdF32<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn run<V: F32Vector>(self) {
-        let s = self.s;
+kernel! {
+    /// [`sgd`] on f32 buffers, with SIMD.
+    fn sgd_f32(param: &mut [f32], grad: &[f32], buf: &mut [f32], s: SgdStep) {
         let (lr, mu, wd) = (V::splat(s.lr as f32), V::splat(s.momentum as f32), V::splat(s.weight_decay as f32));
-        let grad = [Operand::Slice(self.grad)];
+        let grad = [Operand::Slice(grad)];
         if s.momentum == 0.0 {
-            return update::<V, 1, 1>([self.param], grad, |[p], [g]| [p - lr * p.mul_add(wd, g)]);
+            return update::<V, 1, 1>([param], grad, |[p], [g]| [p - lr * p.mul_add(wd, g)]);
         }
-        update::<V, 2, 1>([self.param, self.buf], grad, |[p, b], [g]| {
+        update::<V, 2, 1>([param, buf], grad, |[p, b], [g]| {
             let g = p.mul_add(wd, g);
             let b = if s.first { g } else { b.mul_add(mu, g) };
             let step = if s.nesterov { b.mul_add(mu, g) } else { b };
@@ -119,28 +108,16 @@ impl Kernel for SgdF32<'_> {
     }
 }
 
-/// [`adam`] on f32 buffers, with SIMD.
-struct AdamF32<'a> {
-    param: &'a mut [f32],
-    grad: &'a [f32],
-    m: &'a mut [f32],
-    v: &'a mut [f32],
-    s: AdamStep,
-}
-
-impl Kernel for AdamF32<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn run<V: F32Vector>(self) {
-        let s = self.s;
+kernel! {
+    /// [`adam`] on f32 buffers, with SIMD.
+    fn adam_f32(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: AdamStep) {
         let c = |x: f64| V::splat(x as f32);
         let (b1, b2, lr, eps, wd) = (c(s.beta1), c(s.beta2), c(s.lr), c(s.eps), c(s.weight_decay));
         let (one_minus_b1, one_minus_b2) = (c(1.0 - s.beta1), c(1.0 - s.beta2));
         let correction1 = c(1.0 - s.beta1.powi(s.t as i32));
         let correction2_sqrt = c((1.0 - s.beta2.powi(s.t as i32)).sqrt());
         let decay = if s.decoupled { c(1.0 - s.lr * s.weight_decay) } else { c(1.0) };
-        update::<V, 3, 1>([self.param, self.m, self.v], [Operand::Slice(self.grad)], |[p, m, v], [g]| {
+        update::<V, 3, 1>([param, m, v], [Operand::Slice(grad)], |[p, m, v], [g]| {
             let g = if s.decoupled { g } else { p.mul_add(wd, g) };
             let m = m.mul_add(b1, one_minus_b1 * g);
             let v = v.mul_add(b2, one_minus_b2 * g * g);

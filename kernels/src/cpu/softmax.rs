@@ -28,7 +28,7 @@
 //! generic kernel, which reads each line into a scratch buffer through [`Rows`].
 
 use super::map::PARALLEL_THRESHOLD;
-use super::simd::{self, F32Vector, Kernel, Operand, map, max_of, math, sums, update};
+use super::simd::{F32Vector, Isa, Operand, kernel, map, math, max_of, sums, update};
 use crate::layout::{Layout, for_each_offsets};
 use crate::{Element, FloatElem, Real};
 use rayon::prelude::*;
@@ -51,7 +51,7 @@ pub fn softmax<T: FloatElem>(src: &[T], layout: &Layout, dim: usize, kind: Softm
     {
         let mut out = vec![T::zero(); layout.numel()];
         let out_f32 = T::as_f32_mut(&mut out).expect("T is f32");
-        for_row_blocks(out_f32, rows.n, |first, out| simd::run(SoftmaxF32 { x, rows: &rows, first, out, kind }));
+        for_row_blocks(out_f32, rows.n, |first, out| softmax_f32(Isa::best(), x, &rows, first, out, kind));
         return out;
     }
     // Each row holds the dims from `dim` on: a row-major `[n, inner]` block whose
@@ -78,13 +78,45 @@ pub fn softmax_backward<T: FloatElem>(
         let mut out = vec![T::zero(); y_layout.numel()];
         let out_f32 = T::as_f32_mut(&mut out).expect("T is f32");
         for_row_blocks(out_f32, y_rows.n, |first, out| {
-            simd::run(SoftmaxBackwardF32 { y: (y, &y_rows), g: (g, &g_rows), first, out, kind })
+            softmax_backward_f32(Isa::best(), (y, &y_rows), (g, &g_rows), first, out, kind)
         });
         return out;
     }
     let inner: usize = y_layout.shape()[dim + 1..].iter().product();
     let g_rows = Rows::new(g_layout, dim);
     Rows::new(y_layout, dim).zip_map(y, &g_rows, g, |_, y, g, out| softmax_backward_columns(y, g, out, inner, kind))
+}
+
+/// Normalises every column of the row-major `[n, inner]` block `x` into `out`.
+/// `x` is scratch: the softmax overwrites it with the shifted exponentials.
+fn softmax_columns<T: FloatElem>(x: &mut [T::Acc], out: &mut [T], inner: usize, kind: SoftmaxKind) {
+    let zero = <T::Acc as Element>::zero();
+    let mut max = vec![T::Acc::NEG_INFINITY; inner];
+    for line in x.chunks(inner) {
+        for (m, &v) in max.iter_mut().zip(line) {
+            *m = Real::max(*m, v);
+        }
+    }
+    let mut sum = vec![zero; inner];
+    for line in x.chunks_mut(inner) {
+        for ((v, s), &m) in line.iter_mut().zip(&mut sum).zip(&max) {
+            let e = (*v - m).exp();
+            *s += e;
+            if kind == SoftmaxKind::Softmax {
+                *v = e;
+            }
+        }
+    }
+    let log_sum: Vec<T::Acc> = sum.iter().map(|s| s.ln()).collect();
+    for (out_line, line) in out.chunks_mut(inner).zip(x.chunks(inner)) {
+        for j in 0..inner {
+            let y = match kind {
+                SoftmaxKind::Softmax => line[j] / sum[j],
+                SoftmaxKind::LogSoftmax => line[j] - max[j] - log_sum[j],
+            };
+            out_line[j] = T::from_acc(y);
+        }
+    }
 }
 
 /// The backward of [`softmax_columns`]: `y` and `g` are row-major `[n, inner]` blocks.
@@ -165,25 +197,14 @@ pub(crate) fn for_row_blocks(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [
     out.par_chunks_mut(rows_per_block * n).enumerate().for_each(|(b, block)| f(b * rows_per_block, block));
 }
 
-/// Softmax or log-softmax of whole rows `first..` of `x` into `out`, with SIMD.
-struct SoftmaxF32<'a> {
-    x: &'a [f32],
-    rows: &'a UnitRows,
-    first: usize,
-    out: &'a mut [f32],
-    kind: SoftmaxKind,
-}
-
-impl Kernel for SoftmaxF32<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn run<V: F32Vector>(self) {
-        let n = self.rows.n;
-        for (i, y) in self.out.chunks_exact_mut(n).enumerate() {
-            let x = self.rows.row(self.x, self.first + i);
+kernel! {
+    /// Softmax or log-softmax of whole rows `first..` of `x` into `out`, with SIMD.
+    fn softmax_f32(x: &[f32], rows: &UnitRows, first: usize, out: &mut [f32], kind: SoftmaxKind) {
+        let n = rows.n;
+        for (i, y) in out.chunks_exact_mut(n).enumerate() {
+            let x = rows.row(x, first + i);
             let max = V::splat(max_of::<V>(x));
-            match self.kind {
+            match kind {
                 SoftmaxKind::Softmax => {
                     map::<V, 1>([Operand::Slice(x)], y, |[v]| math::exp(v - max));
                     let [sum] = sums::<V, 1, 1>([Operand::Slice(y)], n, |[e]| [e]);
@@ -200,26 +221,21 @@ impl Kernel for SoftmaxF32<'_> {
     }
 }
 
-/// [`softmax_backward`] of whole rows `first..`, with SIMD; `y` and `g` are each a buffer
-/// and its rows.
-struct SoftmaxBackwardF32<'a> {
-    y: (&'a [f32], &'a UnitRows),
-    g: (&'a [f32], &'a UnitRows),
-    first: usize,
-    out: &'a mut [f32],
-    kind: SoftmaxKind,
-}
-
-impl Kernel for SoftmaxBackwardF32<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn run<V: F32Vector>(self) {
-        let n = self.y.1.n;
-        for (i, dx) in self.out.chunks_exact_mut(n).enumerate() {
-            let y = Operand::Slice(self.y.1.row(self.y.0, self.first + i));
-            let g = Operand::Slice(self.g.1.row(self.g.0, self.first + i));
-            match self.kind {
+kernel! {
+    /// [`softmax_backward`] of whole rows `first..`, with SIMD; `y` and `g` are each a
+    /// buffer and its rows.
+    fn softmax_backward_f32(
+        y: (&[f32], &UnitRows),
+        g: (&[f32], &UnitRows),
+        first: usize,
+        out: &mut [f32],
+        kind: SoftmaxKind,
+    ) {
+        let n = y.1.n;
+        for (i, dx) in out.chunks_exact_mut(n).enumerate() {
+            let y = Operand::Slice(y.1.row(y.0, first + i));
+            let g = Operand::Slice(g.1.row(g.0, first + i));
+            match kind {
                 SoftmaxKind::Softmax => {
                     let [dot] = sums::<V, 2, 1>([y, g], n, |[y, g]| [y * g]);
                     let dot = V::splat(dot);
@@ -231,38 +247,6 @@ impl Kernel for SoftmaxBackwardF32<'_> {
                     map::<V, 2>([y, g], dx, |[y, g]| g - math::exp(y) * sum);
                 }
             }
-        }
-    }
-}
-
-/// Normalises every column of the row-major `[n, inner]` block `x` into `out`.
-/// `x` is scratch: the softmax overwrites it with the shifted exponentials.
-fn softmax_columns<T: FloatElem>(x: &mut [T::Acc], out: &mut [T], inner: usize, kind: SoftmaxKind) {
-    let zero = <T::Acc as Element>::zero();
-    let mut max = vec![T::Acc::NEG_INFINITY; inner];
-    for line in x.chunks(inner) {
-        for (m, &v) in max.iter_mut().zip(line) {
-            *m = Real::max(*m, v);
-        }
-    }
-    let mut sum = vec![zero; inner];
-    for line in x.chunks_mut(inner) {
-        for ((v, s), &m) in line.iter_mut().zip(&mut sum).zip(&max) {
-            let e = (*v - m).exp();
-            *s += e;
-            if kind == SoftmaxKind::Softmax {
-                *v = e;
-            }
-        }
-    }
-    let log_sum: Vec<T::Acc> = sum.iter().map(|s| s.ln()).collect();
-    for (out_line, line) in out.chunks_mut(inner).zip(x.chunks(inner)) {
-        for j in 0..inner {
-            let y = match kind {
-                SoftmaxKind::Softmax => line[j] / sum[j],
-                SoftmaxKind::LogSoftmax => line[j] - max[j] - log_sum[j],
-            };
-            out_line[j] = T::from_acc(y);
         }
     }
 }
@@ -306,10 +290,13 @@ impl<'a> Rows<'a> {
     /// when the work is large. `row_values` is scratch that `f` may overwrite. Returns the
     /// rows concatenated (row-major output of the view's shape).
     pub(crate) fn map<T: FloatElem>(&self, src: &[T], f: impl Fn(usize, &mut [T::Acc], &mut [T]) + Sync) -> Vec<T> {
-        self.for_each_row(|| Vec::with_capacity(self.len), |buf, row, out_row| {
-            self.read(src, row, buf);
-            f(row, buf, out_row);
-        })
+        self.for_each_row(
+            || Vec::with_capacity(self.len),
+            |buf, row, out_row| {
+                self.read(src, row, buf);
+                f(row, buf, out_row);
+            },
+        )
     }
 
     /// Like [`Rows::map`] over two views of the same shape read row by row together:
@@ -332,7 +319,11 @@ impl<'a> Rows<'a> {
     /// Calls `f(scratch, row_index, out_row)` for every output row, on the rayon pool
     /// when the work is large (each worker makes its scratch with `init`), else on the
     /// calling thread. Returns the output rows concatenated.
-    fn for_each_row<T: FloatElem, S>(&self, init: impl Fn() -> S + Sync + Send, f: impl Fn(&mut S, usize, &mut [T]) + Sync) -> Vec<T> {
+    fn for_each_row<T: FloatElem, S>(
+        &self,
+        init: impl Fn() -> S + Sync + Send,
+        f: impl Fn(&mut S, usize, &mut [T]) + Sync,
+    ) -> Vec<T> {
         let mut out = vec![T::zero(); self.starts.len() * self.len];
         if out.is_empty() {
             return out;

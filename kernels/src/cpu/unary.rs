@@ -6,12 +6,12 @@
 //! Integer dtypes support the ops that are exact on integers (see [`UnaryOp::is_integral`]).
 //!
 //! f32 views whose elements lie in unit-stride runs (contiguous tensors, and slices of
-//! whole rows) take the SIMD kernel `UnaryF32`, written once over
+//! whole rows) take the SIMD kernel `unary_f32`, written once over
 //! [`F32Vector`] with the functions of [`simd::math`] (whose error bounds are
 //! stated there); the other ops, dtypes and layouts take the generic scalar kernel.
 
 use super::map::{SimdRuns, map};
-use super::simd::{self, F32Vector, Kernel, Operand, map1, math};
+use super::simd::{F32Vector, Isa, Operand, kernel, map1, math};
 use crate::{Element, FloatElem, Layout, Real};
 
 macro_rules! unary_ops {
@@ -52,7 +52,10 @@ macro_rules! unary_ops {
             {
                 let mut out = vec![T::zero(); layout.numel()];
                 let dst = T::as_f32_mut(&mut out).expect("T is f32");
-                runs.run([src], dst, |[src], dst| simd::run(UnaryF32 { op, src, dst }));
+                runs.run([src], dst, |[src], dst| {
+                    let Operand::Slice(src) = src else { unreachable!("unary runs are planned without broadcast") };
+                    unary_f32(Isa::best(), op, src, dst)
+                });
                 return out;
             }
             unary_generic(op, src, layout)
@@ -191,7 +194,7 @@ impl UnaryOp {
 }
 
 impl UnaryOp {
-    /// Whether f32 has a SIMD kernel for the op (`UnaryF32`).
+    /// Whether f32 has a SIMD kernel for the op (`unary_f32`).
     pub fn has_f32_kernel(self) -> bool {
         use UnaryOp::*;
         matches!(
@@ -217,25 +220,14 @@ impl UnaryOp {
     }
 }
 
-/// The f32 SIMD kernel of the ops in [`UnaryOp::has_f32_kernel`]: `dst = op(src)` on one
-/// contiguous run. Each op is one vector expression; the scalar definitions in
-/// [`unary_ops!`] are the reference they are tested against.
-struct UnaryF32<'a> {
-    op: UnaryOp,
-    src: Operand<'a>,
-    dst: &'a mut [f32],
-}
-
-impl Kernel for UnaryF32<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn run<V: F32Vector>(self) {
-        let Operand::Slice(src) = self.src else { unreachable!("unary runs are planned without broadcast") };
-        let dst = self.dst;
+kernel! {
+    /// The f32 SIMD kernel of the ops in [`UnaryOp::has_f32_kernel`]: `dst = op(src)` on
+    /// one contiguous run. Each op is one vector expression; the scalar definitions in
+    /// `unary_ops!` are the reference they are tested against.
+    fn unary_f32(op: UnaryOp, src: &[f32], dst: &mut [f32]) {
         let zero = V::splat(0.0);
         let one = V::splat(1.0);
-        match self.op {
+        match op {
             UnaryOp::Neg => map1::<V>(src, dst, |x| -x),
             UnaryOp::Abs => map1::<V>(src, dst, V::abs),
             UnaryOp::Exp => map1::<V>(src, dst, math::exp),
@@ -264,7 +256,7 @@ impl Kernel for UnaryF32<'_> {
                 let slope = V::splat(slope as f32);
                 map1::<V>(src, dst, |x| V::select(x.ge(zero), x, x * slope))
             }
-            op => unreachable!("UnaryF32: {} has no f32 kernel", op.name()),
+            op => unreachable!("unary_f32: {} has no f32 kernel", op.name()),
         }
     }
 }
@@ -280,7 +272,7 @@ pub fn unary_int<T: Element>(op: UnaryOp, src: &[T], layout: &Layout) -> Vec<T> 
 mod tests {
     use super::*;
     use crate::cpu::map::testing::{View, data, elements, view};
-    use crate::cpu::simd::{self, Isa};
+    use crate::cpu::simd;
     use proptest::prelude::*;
 
     /// The ops with an f32 SIMD kernel, parameterised ones with typical scalars.
@@ -307,9 +299,7 @@ mod tests {
 
     /// `got` is `want` up to a relative `1e-5` (absolute `1e-6` near 0); NaN matches NaN.
     fn close(got: f32, want: f64) -> bool {
-        (got.is_nan() && want.is_nan())
-            || got as f64 == want
-            || (got as f64 - want).abs() <= 1e-5 * want.abs() + 1e-6
+        (got.is_nan() && want.is_nan()) || got as f64 == want || (got as f64 - want).abs() <= 1e-5 * want.abs() + 1e-6
     }
 
     #[test]
@@ -365,12 +355,12 @@ mod tests {
     fn every_isa_agrees_with_the_portable_kernel() {
         let src: Vec<f32> = (0..1000).map(|i| i as f32 * 0.013 - 6.5).collect();
         for &op in SIMD_OPS {
-            let run = |isa: Option<Isa>| {
+            let run = |isa: Isa| {
                 let mut dst = vec![0.0; src.len()];
-                simd::run_with(isa, UnaryF32 { op, src: Operand::Slice(&src), dst: &mut dst });
+                unary_f32(isa, op, &src, &mut dst);
                 dst
             };
-            let portable = run(None);
+            let portable = run(Isa::Scalar);
             for isa in simd::test_isas() {
                 for ((&x, &a), &b) in src.iter().zip(&portable).zip(&run(isa)) {
                     assert!(close(b, a as f64), "{}({x}): {b} on {isa:?}, {a} portable", op.name());

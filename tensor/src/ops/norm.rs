@@ -176,7 +176,9 @@ impl Tensor {
             (CpuStorage::F64(x), CpuStorage::F64(g)) => norm_grads_typed(x, lx, g, lg, norm, weight, eps),
             (CpuStorage::F16(x), CpuStorage::F16(g)) => norm_grads_typed(x, lx, g, lg, norm, weight, eps),
             (CpuStorage::BF16(x), CpuStorage::BF16(g)) => norm_grads_typed(x, lx, g, lg, norm, weight, eps),
-            (x, _) => Err(Error::UnsupportedDType { op, dtype: x.dtype(), expected: "a float dtype (f32, f64, f16, bf16)" }),
+            (x, _) => {
+                Err(Error::UnsupportedDType { op, dtype: x.dtype(), expected: "a float dtype (f32, f64, f16, bf16)" })
+            }
         })?;
         Ok((
             Tensor::from_cpu(dx, self.dims()),
@@ -464,7 +466,8 @@ mod tests {
         let b = Tensor::zeros([4], DType::F64, &Device::Cpu).unwrap();
         let gv = g.to_vec::<f64>().unwrap();
         let (dx, dw, db) = x.group_norm_backward(&g, 2, Some(&w), 0.1).unwrap();
-        let want_dx = numeric_grad(&x.contiguous().unwrap(), &|x| x.group_norm(2, Some(&w), Some(&b), 0.1).unwrap(), &gv);
+        let want_dx =
+            numeric_grad(&x.contiguous().unwrap(), &|x| x.group_norm(2, Some(&w), Some(&b), 0.1).unwrap(), &gv);
         assert_close(&dx.to_vec::<f64>().unwrap(), &want_dx, 1e-6, 1e-7, "dx");
         let want_dw = numeric_grad(&w, &|w| x.group_norm(2, Some(w), Some(&b), 0.1).unwrap(), &gv);
         assert_close(&dw.to_vec::<f64>().unwrap(), &want_dw, 1e-6, 1e-7, "dweight");
@@ -490,7 +493,9 @@ mod tests {
             "group_norm_backward: input of shape [2, 3]: num_groups 2 must be at least 1 and divide the 3 channels (dim 1)"
         );
         let w2 = Tensor::ones([2], DType::F32, &dev).unwrap();
-        assert!(x.rms_norm_backward(&x, Some(&w2), 1e-5).unwrap_err().to_string().contains("weight must have shape [3]"));
+        assert!(
+            x.rms_norm_backward(&x, Some(&w2), 1e-5).unwrap_err().to_string().contains("weight must have shape [3]")
+        );
     }
 
     #[test]

@@ -267,7 +267,7 @@ pub fn gelu_erf<V: F32Vector>(x: V) -> V {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::simd::{Kernel, map1, run_with, test_isas};
+    use crate::cpu::simd::{Isa, kernel, map1, test_isas};
     use crate::element::erf_f64;
 
     /// The functions under test.
@@ -283,22 +283,19 @@ mod tests {
         GeluErf,
     }
 
-    /// `f` applied to every element of `xs`.
-    struct Apply<'a>(F, &'a [f32]);
-    impl Kernel for Apply<'_> {
-        type Output = Vec<f32>;
-        #[inline(always)]
-        fn run<V: F32Vector>(self) -> Vec<f32> {
-            let mut out = vec![0.0; self.1.len()];
-            match self.0 {
-                F::Exp => map1::<V>(self.1, &mut out, exp),
-                F::Ln => map1::<V>(self.1, &mut out, ln),
-                F::Tanh => map1::<V>(self.1, &mut out, tanh),
-                F::Erf => map1::<V>(self.1, &mut out, erf),
-                F::Sigmoid => map1::<V>(self.1, &mut out, sigmoid),
-                F::Silu => map1::<V>(self.1, &mut out, silu),
-                F::GeluTanh => map1::<V>(self.1, &mut out, gelu_tanh),
-                F::GeluErf => map1::<V>(self.1, &mut out, gelu_erf),
+    kernel! {
+        /// `f` applied to every element of `xs`.
+        fn apply(f: F, xs: &[f32]) -> Vec<f32> {
+            let mut out = vec![0.0; xs.len()];
+            match f {
+                F::Exp => map1::<V>(xs, &mut out, exp),
+                F::Ln => map1::<V>(xs, &mut out, ln),
+                F::Tanh => map1::<V>(xs, &mut out, tanh),
+                F::Erf => map1::<V>(xs, &mut out, erf),
+                F::Sigmoid => map1::<V>(xs, &mut out, sigmoid),
+                F::Silu => map1::<V>(xs, &mut out, silu),
+                F::GeluTanh => map1::<V>(xs, &mut out, gelu_tanh),
+                F::GeluErf => map1::<V>(xs, &mut out, gelu_erf),
             }
             out
         }
@@ -350,8 +347,8 @@ mod tests {
     }
 
     /// The largest error in ulps of `f` over `xs`, and where it occurs, on one vector type.
-    fn max_ulp_error(f: F, isa: Option<crate::cpu::simd::Isa>, xs: &[f32]) -> (f64, f32) {
-        let got = run_with(isa, Apply(f, xs));
+    fn max_ulp_error(f: F, isa: Isa, xs: &[f32]) -> (f64, f32) {
+        let got = apply(isa, f, xs);
         let mut worst = (0.0, 0.0);
         for (&x, &y) in xs.iter().zip(&got) {
             let want = reference(f, x);
@@ -379,7 +376,7 @@ mod tests {
     fn check_relative(f: F, lo: f32, hi: f32, step: u32, bound: f64) {
         let xs = sweep(lo, hi, step);
         for isa in test_isas() {
-            let got = run_with(isa, Apply(f, &xs));
+            let got = apply(isa, f, &xs);
             let (mut worst, mut at) = (0.0f64, 0.0f32);
             for (&x, &y) in xs.iter().zip(&got) {
                 let want = reference(f, x);
@@ -397,7 +394,7 @@ mod tests {
     fn check_specials(f: F, cases: &[(f32, f32)]) {
         let xs: Vec<f32> = cases.iter().map(|c| c.0).collect();
         for isa in test_isas() {
-            let got = run_with(isa, Apply(f, &xs));
+            let got = apply(isa, f, &xs);
             for (&(x, want), &y) in cases.iter().zip(&got) {
                 let same = (y.is_nan() && want.is_nan()) || y.to_bits() == want.to_bits();
                 assert!(same, "{f:?}({x}) = {y:e}, want {want:e} ({isa:?})");
@@ -438,7 +435,10 @@ mod tests {
     #[test]
     fn erf_is_within_1_5_ulp() {
         check_ulps(F::Erf, -4.5, 4.5, 251, 1.5);
-        check_specials(F::Erf, &[(0.0, 0.0), (-0.0, -0.0), (3.92, 1.0), (-5.0, -1.0), (INF, 1.0), (-INF, -1.0), (NAN, NAN)]);
+        check_specials(
+            F::Erf,
+            &[(0.0, 0.0), (-0.0, -0.0), (3.92, 1.0), (-5.0, -1.0), (INF, 1.0), (-INF, -1.0), (NAN, NAN)],
+        );
     }
 
     #[test]

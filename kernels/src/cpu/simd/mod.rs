@@ -1,6 +1,6 @@
 //! Explicit SIMD for f32, written once: a small vector trait ([`F32Vector`]), one
-//! implementation per instruction set, and a dispatcher that runs a kernel with the
-//! fastest one this CPU has.
+//! implementation per instruction set, and a macro that compiles a kernel for each of
+//! them and runs the fastest one this CPU has.
 //!
 //! **The vector.** [`F32Vector`] is the handful of operations the kernels need: load,
 //! store, arithmetic with `+ - * /` operators, fused multiply-add, min/max, comparisons
@@ -17,32 +17,36 @@
 //! `x86.rs`), so the code that cannot be exercised on an AVX2-only machine is the same
 //! text as the code that is.
 //!
-//! **The kernels.** A kernel is a struct implementing [`Kernel`], whose
-//! `run::<V: F32Vector>` is written once against the trait. [`dispatch`] instantiates it
-//! for the chosen [`Isa`] inside a `#[target_feature]` function, so the compiler emits that
-//! ISA's instructions for the whole kernel body. Everything a kernel calls on the way
-//! (trait methods, the math in [`math`], the loops [`map`], [`sums`], [`update`], ...) is
-//! `#[inline(always)]`: a non-inlined generic helper would be compiled without the
-//! target features and lose the vector instructions.
+//! **The kernels.** A kernel is a function defined with [`kernel!`], whose body is
+//! written once against a vector type `V`. The macro compiles that body once per
+//! instruction set, each copy inside a `#[target_feature]` function with `V` set to the
+//! ISA's vector type, and gives the function a leading `isa: Isa` argument that picks
+//! the copy. Everything the body contains or calls is then compiled for that ISA:
+//! closures defined in a `#[target_feature]` function inherit its features, and the
+//! helpers (trait methods, the math in [`math`], the loops [`map`], [`sums`],
+//! [`update`], ...) are `#[inline(always)]`. (A generic `run::<V>` method called from a
+//! `#[target_feature]` wrapper would not do: its closures would be separate functions
+//! compiled without the features, every intrinsic in them an out-of-line call.)
 //!
 //! **Detection.** The ISA is detected once per process ([`Isa::best`], shared with the
 //! GEMM). On aarch64 NEON is part of the baseline target, so it is used without detection
 //! whenever no x86 extension applies.
 //!
-//! **Safety.** The vector types of each ISA are private to this module, and [`dispatch`]
-//! is the only code that names them; it checks `isa.is_available()` before entering the
-//! `#[target_feature]` function. So an AVX2 or AVX-512 value (and so any intrinsic
-//! called on one) can only exist on a CPU that has the instructions. Each ISA file has a
-//! single `unsafe` site, in a macro that wraps every intrinsic call with that argument;
-//! pointer loads and stores go through slices whose length is checked first.
+//! **Safety.** Values of the AVX2 and AVX-512 vector types (and so the intrinsics called
+//! on them) exist only inside kernel bodies that [`kernel!`] enters after asserting that
+//! the CPU has the ISA: the types are `pub(crate)` only so that the macro can name them,
+//! and no other code does. Each ISA file has a single `unsafe` site, in a macro that
+//! wraps every intrinsic call with that argument; pointer loads and stores go through
+//! slices whose length is checked first. The macro's two `unsafe` calls (one per x86 ISA)
+//! are justified by its assertion.
 
 pub mod math;
 mod scalar;
 
 #[cfg(target_arch = "aarch64")]
-mod neon;
+pub(crate) mod neon;
 #[cfg(target_arch = "x86_64")]
-mod x86;
+pub(crate) mod x86;
 
 pub use super::gemm::Isa;
 pub use scalar::Scalar;
@@ -127,58 +131,69 @@ pub trait F32Vector:
     }
 }
 
-/// A computation written once for every vector type: [`dispatch`] calls `run` with the
-/// vector type of the chosen ISA.
-pub trait Kernel {
-    /// What the kernel returns.
-    type Output;
-    /// The kernel body. Implementations are `#[inline(always)]` so that the body is
-    /// compiled inside the ISA's `#[target_feature]` function.
-    fn run<V: F32Vector>(self) -> Self::Output;
-}
-
 /// The vector type used when no x86 extension is available: NEON on aarch64, where every
 /// CPU has it, else [`Scalar`].
 #[cfg(target_arch = "aarch64")]
-type Baseline = neon::Neon;
+pub(crate) type Baseline = neon::Neon;
 #[cfg(not(target_arch = "aarch64"))]
-type Baseline = Scalar;
+pub(crate) type Baseline = Scalar;
 
-/// Runs `kernel` with the vector type of `isa`.
+/// Defines a SIMD kernel: a function whose body is written once against a vector type
+/// `V: F32Vector` and compiled once per instruction set.
 ///
-/// # Panics
-/// If this CPU does not support `isa` (see [`Isa::is_available`]).
-#[inline]
-pub fn dispatch<K: Kernel>(isa: Isa, kernel: K) -> K::Output {
-    assert!(isa.is_available(), "simd::dispatch: {isa:?} is not supported by this CPU");
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => {
-            #[target_feature(enable = "avx512f")]
-            fn avx512<K: Kernel>(kernel: K) -> K::Output {
-                kernel.run::<x86::Avx512>()
+/// ```ignore
+/// kernel! {
+///     /// `dst = 2 * src`.
+///     fn double(src: &[f32], dst: &mut [f32]) {
+///         map1::<V>(src, dst, |x| x + x)
+///     }
+/// }
+/// double(Isa::best(), &src, &mut dst);
+/// ```
+///
+/// The function takes a leading `isa: Isa` argument (usually [`Isa::best`]) and panics if
+/// this CPU does not support it. Each copy of the body is the body of a
+/// `#[target_feature]` function in which `V` is that ISA's vector type ([`Scalar`] or
+/// NEON for `Isa::Scalar`), so the body, its closures and the `#[inline(always)]`
+/// helpers it calls are all compiled with the ISA's instructions.
+macro_rules! kernel {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$attr])*
+        $vis fn $name(isa: $crate::cpu::simd::Isa, $($arg: $ty),*) $(-> $ret)? {
+            assert!(isa.is_available(), "{}: {isa:?} is not supported by this CPU", stringify!($name));
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                $crate::cpu::simd::Isa::Avx512 => {
+                    #[target_feature(enable = "avx512f")]
+                    fn avx512($($arg: $ty),*) $(-> $ret)? {
+                        type V = $crate::cpu::simd::x86::Avx512;
+                        $body
+                    }
+                    // SAFETY: asserted above that this CPU has AVX-512F.
+                    unsafe { avx512($($arg),*) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                $crate::cpu::simd::Isa::Avx2Fma => {
+                    #[target_feature(enable = "avx2,fma")]
+                    fn avx2($($arg: $ty),*) $(-> $ret)? {
+                        type V = $crate::cpu::simd::x86::Avx2;
+                        $body
+                    }
+                    // SAFETY: asserted above that this CPU has AVX2 and FMA.
+                    unsafe { avx2($($arg),*) }
+                }
+                _ => {
+                    fn baseline($($arg: $ty),*) $(-> $ret)? {
+                        type V = $crate::cpu::simd::Baseline;
+                        $body
+                    }
+                    baseline($($arg),*)
+                }
             }
-            // SAFETY: the assert above checked that this CPU has AVX-512F.
-            unsafe { avx512(kernel) }
         }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => {
-            #[target_feature(enable = "avx2,fma")]
-            fn avx2<K: Kernel>(kernel: K) -> K::Output {
-                kernel.run::<x86::Avx2>()
-            }
-            // SAFETY: the assert above checked that this CPU has AVX2 and FMA.
-            unsafe { avx2(kernel) }
-        }
-        _ => kernel.run::<Baseline>(),
-    }
+    };
 }
-
-/// Runs `kernel` with the fastest vector type of this CPU (detected once per process).
-#[inline]
-pub fn run<K: Kernel>(kernel: K) -> K::Output {
-    dispatch(Isa::best(), kernel)
-}
+pub(crate) use kernel;
 
 /// One input of the loops below: a slice as long as the output, or one value for every
 /// element.
@@ -217,27 +232,58 @@ impl Operand<'_> {
     }
 }
 
+/// The vectors of `inputs` at element `start`: full vectors, or the tail padded with 1.0.
+///
+/// (The loops below build their arrays with `for` loops rather than `array::map`: a
+/// closure written here would be compiled without the kernel's target features.)
+#[inline(always)]
+fn load_all<V: F32Vector, const N: usize>(inputs: &[Operand; N], start: usize, tail: bool) -> [V; N] {
+    let mut out = [V::splat(0.0); N];
+    for k in 0..N {
+        out[k] = if tail { inputs[k].load_tail(start) } else { inputs[k].load(start) };
+    }
+    out
+}
+
+/// Panics unless every slice input has `len` elements.
+#[inline(always)]
+fn check_lens<const N: usize>(inputs: &[Operand; N], len: usize) {
+    for x in inputs {
+        x.check_len(len);
+    }
+}
+
 /// `dst[i] = f([input_0[i], input_1[i], ..])` a vector at a time. The tail goes through
 /// the same `f` on a partial vector (padded with 1.0, a harmless input for every function
 /// here), so there is no scalar remainder loop and every element is computed by the
 /// same instructions.
 #[inline(always)]
 pub fn map<V: F32Vector, const N: usize>(inputs: [Operand; N], dst: &mut [f32], f: impl Fn([V; N]) -> V) {
-    inputs.iter().for_each(|x| x.check_len(dst.len()));
+    check_lens(&inputs, dst.len());
     let body = dst.len() - dst.len() % V::LANES;
     let (head, tail) = dst.split_at_mut(body);
     for (i, d) in head.chunks_exact_mut(V::LANES).enumerate() {
-        f(inputs.map(|x| x.load(i * V::LANES))).store(d);
+        f(load_all(&inputs, i * V::LANES, false)).store(d);
     }
     if !tail.is_empty() {
-        f(inputs.map(|x| x.load_tail(body))).store_partial(tail);
+        f(load_all(&inputs, body, true)).store_partial(tail);
     }
 }
 
-/// `dst[i] = f(src[i])`: [`map`] of one slice.
+/// `dst[i] = f(src[i])`: [`map`] of one slice, written out so that `f` takes a plain
+/// vector (`map1(src, dst, math::exp)`).
 #[inline(always)]
 pub fn map1<V: F32Vector>(src: &[f32], dst: &mut [f32], f: impl Fn(V) -> V) {
-    map([Operand::Slice(src)], dst, |[x]| f(x))
+    assert_eq!(src.len(), dst.len(), "simd: operand and output lengths differ");
+    let mut src_chunks = src.chunks_exact(V::LANES);
+    let mut dst_chunks = dst.chunks_exact_mut(V::LANES);
+    for (s, d) in (&mut src_chunks).zip(&mut dst_chunks) {
+        f(V::load(s)).store(d);
+    }
+    let (s, d) = (src_chunks.remainder(), dst_chunks.into_remainder());
+    if !s.is_empty() {
+        f(V::load_partial(s, 1.0)).store_partial(d);
+    }
 }
 
 /// Updates `M` buffers in place, reading `N` more inputs:
@@ -246,22 +292,28 @@ pub fn map1<V: F32Vector>(src: &[f32], dst: &mut [f32], f: impl Fn(V) -> V) {
 /// parameter and its state together from the gradient.
 #[inline(always)]
 pub fn update<V: F32Vector, const M: usize, const N: usize>(
-    mut bufs: [&mut [f32]; M],
+    bufs: [&mut [f32]; M],
     inputs: [Operand; N],
     f: impl Fn([V; M], [V; N]) -> [V; M],
 ) {
-    let len = bufs.first().map_or(0, |b| b.len());
-    bufs.iter().for_each(|b| assert_eq!(b.len(), len, "simd::update: buffer lengths differ"));
-    inputs.iter().for_each(|x| x.check_len(len));
-    let body = len - len % V::LANES;
-    for start in (0..body).step_by(V::LANES) {
-        let new = f(bufs.each_ref().map(|b| V::load(&b[start..])), inputs.map(|x| x.load(start)));
-        bufs.iter_mut().zip(new).for_each(|(b, v)| v.store(&mut b[start..]));
+    let len = if M == 0 { 0 } else { bufs[0].len() };
+    for b in &bufs {
+        assert_eq!(b.len(), len, "simd::update: buffer lengths differ");
     }
-    if body < len {
-        let old = bufs.each_ref().map(|b| V::load_partial(&b[body..], 1.0));
-        let new = f(old, inputs.map(|x| x.load_tail(body)));
-        bufs.iter_mut().zip(new).for_each(|(b, v)| v.store_partial(&mut b[body..]));
+    check_lens(&inputs, len);
+    let body = len - len % V::LANES;
+    let mut start = 0;
+    while start < len {
+        let tail = start == body;
+        let mut old = [V::splat(0.0); M];
+        for k in 0..M {
+            old[k] = if tail { V::load_partial(&bufs[k][start..], 1.0) } else { V::load(&bufs[k][start..]) };
+        }
+        let new = f(old, load_all(&inputs, start, tail));
+        for k in 0..M {
+            if tail { new[k].store_partial(&mut bufs[k][start..]) } else { new[k].store(&mut bufs[k][start..]) }
+        }
+        start += V::LANES;
     }
 }
 
@@ -270,6 +322,14 @@ pub fn update<V: F32Vector, const M: usize, const N: usize>(
 fn first_lanes<V: F32Vector>(n: usize) -> V::Mask {
     const LANE_INDEX: [f32; MAX_LANES] = [0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.];
     V::load(&LANE_INDEX).lt(V::splat(n as f32))
+}
+
+/// `acc[k] += terms[k]` for every `k`.
+#[inline(always)]
+fn accumulate<V: F32Vector, const K: usize>(acc: &mut [V; K], terms: [V; K]) {
+    for k in 0..K {
+        acc[k] = acc[k] + terms[k];
+    }
 }
 
 /// `K` sums at once: `sum_i f([input_0[i], ..])[k]` over `len` elements. Four sets of
@@ -281,27 +341,34 @@ pub fn sums<V: F32Vector, const N: usize, const K: usize>(
     len: usize,
     f: impl Fn([V; N]) -> [V; K],
 ) -> [f32; K] {
-    inputs.iter().for_each(|x| x.check_len(len));
+    check_lens(&inputs, len);
     let zero = V::splat(0.0);
     let mut acc = [[zero; K]; 4];
-    let add = |acc: &mut [V; K], terms: [V; K]| acc.iter_mut().zip(terms).for_each(|(a, t)| *a = *a + t);
     let body = len - len % V::LANES;
     let mut start = 0;
     while start + 4 * V::LANES <= body {
         for (u, a) in acc.iter_mut().enumerate() {
-            add(a, f(inputs.map(|x| x.load(start + u * V::LANES))));
+            accumulate(a, f(load_all(&inputs, start + u * V::LANES, false)));
         }
         start += 4 * V::LANES;
     }
     while start < body {
-        add(&mut acc[0], f(inputs.map(|x| x.load(start))));
+        accumulate(&mut acc[0], f(load_all(&inputs, start, false)));
         start += V::LANES;
     }
     if body < len {
         let real = first_lanes::<V>(len - body);
-        add(&mut acc[1], f(inputs.map(|x| x.load_tail(body))).map(|t| V::select(real, t, zero)));
+        let mut terms = f(load_all(&inputs, body, true));
+        for t in &mut terms {
+            *t = V::select(real, *t, zero);
+        }
+        accumulate(&mut acc[1], terms);
     }
-    std::array::from_fn(|k| ((acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k])).reduce_add())
+    let mut out = [0.0; K];
+    for k in 0..K {
+        out[k] = ((acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k])).reduce_add();
+    }
+    out
 }
 
 /// The largest element of a slice (`-inf` for an empty one). A NaN element may or may not
@@ -321,38 +388,19 @@ pub fn max_of<V: F32Vector>(x: &[f32]) -> f32 {
     acc[0].max(acc[1]).max(acc[2].max(acc[3])).reduce_max()
 }
 
-/// Every vector type this CPU can run, for tests: the portable [`Scalar`] plus each
-/// available ISA, as `(name, isa or None for Scalar)`.
+/// Every ISA this CPU can run, for tests (on x86-64 `Isa::Scalar` runs [`Scalar`]).
 #[cfg(test)]
-pub(crate) fn test_isas() -> Vec<Option<Isa>> {
-    // On x86-64 `Isa::Scalar` runs `Scalar` again, so it is left out there.
-    let baseline_differs = cfg!(target_arch = "aarch64");
-    let mut out = vec![None];
-    out.extend(
-        Isa::ALL.into_iter().filter(|&isa| isa.is_available() && (isa != Isa::Scalar || baseline_differs)).map(Some),
-    );
-    out
-}
-
-/// Runs `kernel` with [`Scalar`] (`None`) or the given ISA, for tests.
-#[cfg(test)]
-pub(crate) fn run_with<K: Kernel>(isa: Option<Isa>, kernel: K) -> K::Output {
-    match isa {
-        None => kernel.run::<Scalar>(),
-        Some(isa) => dispatch(isa, kernel),
-    }
+pub(crate) fn test_isas() -> Vec<Isa> {
+    Isa::ALL.into_iter().filter(|isa| isa.is_available()).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Exercises every trait method on known values, for each vector type this CPU runs.
-    struct Basics;
-    impl Kernel for Basics {
-        type Output = ();
-        #[inline(always)]
-        fn run<V: F32Vector>(self) {
+    kernel! {
+        /// Exercises every trait method on known values.
+        fn basics() {
             let lanes: Vec<f32> = (0..V::LANES).map(|i| i as f32 - 2.5).collect();
             let x = V::load(&lanes);
             let mut out = vec![0.0; V::LANES];
@@ -406,17 +454,13 @@ mod tests {
     #[test]
     fn every_vector_type_implements_the_trait_lane_by_lane() {
         for isa in test_isas() {
-            run_with(isa, Basics);
+            basics(isa);
         }
     }
 
-    /// Sums, maxima and maps of lengths around every multiple of the lane count.
-    struct Loops<'a>(&'a [f32]);
-    impl Kernel for Loops<'_> {
-        type Output = ([f32; 2], f32, Vec<f32>, Vec<f32>, Vec<f32>);
-        #[inline(always)]
-        fn run<V: F32Vector>(self) -> Self::Output {
-            let x = self.0;
+    kernel! {
+        /// Sums, maxima and maps of `x` (lengths around every multiple of the lane count).
+        fn loops(x: &[f32]) -> ([f32; 2], f32, Vec<f32>, Vec<f32>, Vec<f32>) {
             let sums = sums::<V, 2, 2>([Operand::Slice(x), Operand::Splat(2.0)], x.len(), |[v, two]| [v * v, v * two]);
             let max = max_of::<V>(x);
             let mut doubled = vec![0.0; x.len()];
@@ -434,7 +478,7 @@ mod tests {
         for isa in test_isas() {
             for n in 0..70 {
                 let x: Vec<f32> = (0..n).map(|i| ((i * 7) % 11) as f32 - 4.0).collect();
-                let ([squares, twice], max, doubled, scaled, halved) = run_with(isa, Loops(&x));
+                let ([squares, twice], max, doubled, scaled, halved) = loops(isa, &x);
                 assert_eq!(squares, x.iter().map(|v| v * v).sum::<f32>(), "{isa:?} n={n}");
                 assert_eq!(twice, x.iter().map(|v| v * 2.0).sum::<f32>(), "{isa:?} n={n}");
                 assert_eq!(max, x.iter().copied().fold(f32::NEG_INFINITY, f32::max), "{isa:?} n={n}");
@@ -446,9 +490,9 @@ mod tests {
     }
 
     #[test]
-    fn dispatch_refuses_an_isa_this_cpu_lacks() {
+    fn a_kernel_refuses_an_isa_this_cpu_lacks() {
         for isa in Isa::ALL.into_iter().filter(|isa| !isa.is_available()) {
-            assert!(std::panic::catch_unwind(|| dispatch(isa, Basics)).is_err());
+            assert!(std::panic::catch_unwind(|| basics(isa)).is_err());
         }
     }
 }

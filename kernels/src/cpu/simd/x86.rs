@@ -35,6 +35,7 @@ const NEAREST: i32 = 0x08;
 
 /// AVX2 + FMA names for the macro.
 pub(super) mod avx2 {
+    use std::arch::x86_64::*;
     pub use std::arch::x86_64::{
         __m256 as Reg, _mm256_add_epi32 as add_i, _mm256_add_ps as add, _mm256_and_si256 as and_i,
         _mm256_andnot_si256 as andnot_i, _mm256_castps_si256 as to_bits, _mm256_castsi256_ps as from_bits,
@@ -44,7 +45,6 @@ pub(super) mod avx2 {
         _mm256_set1_ps as splat, _mm256_slli_epi32 as shl, _mm256_sqrt_ps as sqrt, _mm256_srli_epi32 as shr,
         _mm256_storeu_ps as store, _mm256_sub_epi32 as sub_i, _mm256_sub_ps as sub, _mm256_xor_si256 as xor_i,
     };
-    use std::arch::x86_64::*;
 
     /// A comparison sets all bits of a lane.
     pub type Mask = __m256;
@@ -77,6 +77,7 @@ pub(super) mod avx2 {
 
 /// AVX-512F names for the macro.
 pub(super) mod avx512 {
+    use std::arch::x86_64::*;
     pub use std::arch::x86_64::{
         __m512 as Reg, _mm512_add_epi32 as add_i, _mm512_add_ps as add, _mm512_and_si512 as and_i,
         _mm512_andnot_si512 as andnot_i, _mm512_castps_si512 as to_bits, _mm512_castsi512_ps as from_bits,
@@ -87,7 +88,6 @@ pub(super) mod avx512 {
         _mm512_set1_ps as splat, _mm512_slli_epi32 as shl, _mm512_sqrt_ps as sqrt, _mm512_srli_epi32 as shr,
         _mm512_storeu_ps as store, _mm512_sub_epi32 as sub_i, _mm512_sub_ps as sub, _mm512_xor_si512 as xor_i,
     };
-    use std::arch::x86_64::*;
 
     /// A comparison sets one bit per lane.
     pub type Mask = __mmask16;
