@@ -176,6 +176,19 @@ pub trait FloatElem: Element {
     type Acc: Real;
     fn to_acc(self) -> Self::Acc;
     fn from_acc(a: Self::Acc) -> Self;
+
+    /// The slice as `&[f32]` when `Self` is f32 (`None` otherwise): how a generic kernel
+    /// finds its f32 SIMD fast path without specialisation.
+    fn as_f32(slice: &[Self]) -> Option<&[f32]> {
+        let _ = slice;
+        None
+    }
+
+    /// The mutable counterpart of [`FloatElem::as_f32`].
+    fn as_f32_mut(slice: &mut [Self]) -> Option<&mut [f32]> {
+        let _ = slice;
+        None
+    }
 }
 
 impl FloatElem for f32 {
@@ -185,6 +198,12 @@ impl FloatElem for f32 {
     }
     fn from_acc(a: f32) -> Self {
         a
+    }
+    fn as_f32(slice: &[f32]) -> Option<&[f32]> {
+        Some(slice)
+    }
+    fn as_f32_mut(slice: &mut [f32]) -> Option<&mut [f32]> {
+        Some(slice)
     }
 }
 impl FloatElem for f64 {

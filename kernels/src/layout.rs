@@ -222,6 +222,67 @@ fn coalesce<const N: usize>(shape: &[usize], strides: [&[usize]; N]) -> (Vec<usi
     (out_shape, out_strides)
 }
 
+/// `N` same-shaped layouts walked together by runs: the dims are merged as far as every
+/// layout allows (see `coalesce`), and the last merged dim is the run, the stretch that
+/// the innermost loop covers with one constant stride per layout. A contiguous view is a
+/// single run; `[m, n]` plus a broadcast row `[n]` is `m` runs of `n`.
+pub struct RunWalk<const N: usize> {
+    shape: Vec<usize>,
+    strides: [Vec<usize>; N],
+}
+
+impl<const N: usize> RunWalk<N> {
+    /// Plans the walk over `shape` for layouts with these strides.
+    pub fn new(shape: &[usize], strides: [&[usize]; N]) -> Self {
+        let (shape, strides) =
+            if shape.contains(&0) { (vec![0], [(); N].map(|_| vec![1])) } else { coalesce(shape, strides) };
+        Self { shape, strides }
+    }
+
+    /// Elements per run (1 for a single element, 0 for an empty view).
+    pub fn run_len(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+
+    /// Each layout's stride along a run (1 for a single element).
+    pub fn run_strides(&self) -> [usize; N] {
+        std::array::from_fn(|k| self.strides[k].last().copied().unwrap_or(1))
+    }
+
+    /// Calls `f` with the offsets of the first element of every run, in row-major order,
+    /// given the offsets of the first element of the view.
+    pub fn for_each_run(&self, offsets: [usize; N], mut f: impl FnMut([usize; N])) {
+        if self.run_len() == 0 {
+            return;
+        }
+        let outer = self.shape.len().saturating_sub(1);
+        let mut index = vec![0usize; outer];
+        let mut base = offsets;
+        loop {
+            f(base);
+            // Advance the outer index like an odometer.
+            let mut d = outer;
+            loop {
+                if d == 0 {
+                    return;
+                }
+                d -= 1;
+                index[d] += 1;
+                for k in 0..N {
+                    base[k] += self.strides[k][d];
+                }
+                if index[d] < self.shape[d] {
+                    break;
+                }
+                for k in 0..N {
+                    base[k] -= self.strides[k][d] * self.shape[d];
+                }
+                index[d] = 0;
+            }
+        }
+    }
+}
+
 /// Calls `f` with the buffer offsets of every element of `N` same-shaped layouts,
 /// in row-major order of `shape`. This is the one strided walker every kernel uses.
 pub fn for_each_offsets<const N: usize>(
@@ -230,47 +291,16 @@ pub fn for_each_offsets<const N: usize>(
     offsets: [usize; N],
     mut f: impl FnMut([usize; N]),
 ) {
-    if shape.contains(&0) {
-        return;
-    }
-    let (shape, strides) = coalesce(shape, strides);
-    let rank = shape.len();
-    if rank == 0 {
-        f(offsets);
-        return;
-    }
-    let inner = shape[rank - 1];
-    let inner_strides: [usize; N] = std::array::from_fn(|k| strides[k][rank - 1]);
-    let mut index = vec![0usize; rank - 1];
-    let mut base = offsets;
-    loop {
-        let mut pos = base;
-        for _ in 0..inner {
+    let walk = RunWalk::new(shape, strides);
+    let (len, run_strides) = (walk.run_len(), walk.run_strides());
+    walk.for_each_run(offsets, |mut pos| {
+        for _ in 0..len {
             f(pos);
             for k in 0..N {
-                pos[k] += inner_strides[k];
+                pos[k] += run_strides[k];
             }
         }
-        // Advance the outer index like an odometer.
-        let mut d = rank - 1;
-        loop {
-            if d == 0 {
-                return;
-            }
-            d -= 1;
-            index[d] += 1;
-            for k in 0..N {
-                base[k] += strides[k][d];
-            }
-            if index[d] < shape[d] {
-                break;
-            }
-            for k in 0..N {
-                base[k] -= strides[k][d] * shape[d];
-            }
-            index[d] = 0;
-        }
-    }
+    });
 }
 
 /// Calls `f` with the buffer offset of every element of `layout`, row-major.

@@ -67,7 +67,7 @@ fn masked_softmax(x: &Var, visible: &Tensor) -> Result<Var> {
     let probabilities = visible.where_cond(x.value(), f64::NEG_INFINITY)?.softmax(-1)?;
     let any_visible = visible.to_dtype(x.dtype())?.sum(&[-1], true)?.gt(0.0)?;
     let value = any_visible.where_cond(&probabilities, 0.0)?; // empty rows are NaN before this
-    x.unary_op("masked_softmax", value, |y, g, _| softmax_backward(y, g, &[-1]))
+    x.unary_op("masked_softmax", value, |y, g, _| softmax_backward(y, g, -1))
 }
 
 /// The attention probabilities `P = softmax(Q K^T * scale + bias)`, recomputed with
@@ -113,7 +113,7 @@ impl Var {
                 if !q.needs_grad() && !k.needs_grad() {
                     return Ok(vec![None, None, dv]);
                 }
-                let ds = softmax_backward(&p, &g.matmul(&v.t()?)?, &[-1])?;
+                let ds = softmax_backward(&p, &g.matmul(&v.t()?)?, -1)?;
                 let dq = q.needs_grad().then(|| ds.matmul(k)?.affine(scale, 0.0)).transpose()?;
                 let dk = k.needs_grad().then(|| ds.t()?.matmul(q)?.affine(scale, 0.0)).transpose()?;
                 Ok(vec![dq, dk, dv])

@@ -17,12 +17,49 @@
 //! One mechanism serves the three layers: a [`NormSpec`] says how to view `x` for the
 //! statistics (GroupNorm views `[N, C, *]` as `[N, G, rest]`), which dims of that view
 //! are normalised, whether to centre, and how the parameters broadcast against `x`.
+//!
+//! Without `create_graph` (plain gradients, the training-step case) the rule does not
+//! build this from `Var` ops: it calls the fused backward kernel of the tensor op
+//! ([`Tensor::layer_norm_backward`] and its siblings), which computes the same closed
+//! forms in one pass per row. With `create_graph` it composes them from differentiable
+//! ops, so that gradients of gradients flow.
 
-use crate::Var;
+use crate::{Var, mode};
 use aigc_tensor::{Result, Tensor};
+
+/// Which layer, with the arguments its fused backward takes.
+#[derive(Clone, Copy)]
+enum NormLayer {
+    Layer { normalized_dims: usize },
+    Rms,
+    Group { num_groups: usize },
+}
+
+impl NormLayer {
+    /// The fused backward: `(dx, dweight, dbias)` from the input `x` and the output's
+    /// gradient `g` (RMSNorm has no bias; its third gradient is unused).
+    fn fused_backward(self, x: &Tensor, g: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<[Tensor; 3]> {
+        Ok(match self {
+            NormLayer::Layer { normalized_dims } => {
+                let (dx, dw, db) = x.layer_norm_backward(g, normalized_dims, weight, eps)?;
+                [dx, dw, db]
+            }
+            NormLayer::Rms => {
+                let (dx, dw) = x.rms_norm_backward(g, weight, eps)?;
+                [dx, dw.clone(), dw]
+            }
+            NormLayer::Group { num_groups } => {
+                let (dx, dw, db) = x.group_norm_backward(g, num_groups, weight, eps)?;
+                [dx, dw, db]
+            }
+        })
+    }
+}
 
 /// How one normalisation layer computes its statistics and applies its parameters.
 struct NormSpec {
+    /// The layer, for its fused backward.
+    layer: NormLayer,
     /// The shape `x` is viewed as for the statistics.
     stats_view: Vec<usize>,
     /// The dims of `stats_view` the mean and variance run over.
@@ -86,6 +123,15 @@ impl NormSpec {
                 let x = &inputs[0];
                 let weight = has_weight.then(|| &inputs[1]);
                 let bias = has_bias.then(|| &inputs[1 + has_weight as usize]);
+                if !mode::is_grad_enabled() {
+                    let [dx, dw, db] =
+                        self.layer.fused_backward(x.value(), g.value(), weight.map(Var::value), self.eps)?;
+                    let wanted = |v: &Var, grad: Tensor| v.needs_grad().then(|| Var::constant(grad));
+                    let mut grads = vec![wanted(x, dx)];
+                    grads.extend(weight.map(|w| wanted(w, dw)));
+                    grads.extend(bias.map(|b| wanted(b, db)));
+                    return Ok(grads);
+                }
                 let n = self.normalize(x)?;
                 let mut grads = Vec::with_capacity(inputs.len());
                 grads.push(if x.needs_grad() {
@@ -124,6 +170,7 @@ impl Var {
         let value = self.value().layer_norm(normalized_dims, weight.map(Var::value), bias.map(Var::value), eps)?;
         let rank = self.rank();
         let spec = NormSpec {
+            layer: NormLayer::Layer { normalized_dims },
             stats_view: self.dims().to_vec(),
             dims: (rank - normalized_dims..rank).map(|d| d as isize).collect(),
             center: true,
@@ -138,6 +185,7 @@ impl Var {
     pub fn rms_norm(&self, weight: Option<&Var>, eps: f64) -> Result<Var> {
         let value = self.value().rms_norm(weight.map(Var::value), eps)?;
         let spec = NormSpec {
+            layer: NormLayer::Rms,
             stats_view: self.dims().to_vec(),
             dims: vec![-1],
             center: false,
@@ -154,6 +202,7 @@ impl Var {
         let (batch, channels, positions) = (self.dims()[0], self.dims()[1], &self.dims()[2..]);
         let per_group = channels / num_groups * positions.iter().product::<usize>();
         let spec = NormSpec {
+            layer: NormLayer::Group { num_groups },
             stats_view: vec![batch, num_groups, per_group],
             dims: vec![2],
             center: true,
@@ -287,6 +336,34 @@ mod tests {
             vx.group_norm(2, Some(&v4), Some(&v4), 1e-5).unwrap(),
             x.group_norm(2, Some(&w4), Some(&w4), 1e-5).unwrap(),
         );
+    }
+
+    #[test]
+    fn fused_plain_gradients_equal_the_composed_create_graph_ones() {
+        // Plain gradients come from the fused kernels (the f32 SIMD path here), those of
+        // `create_graph` from composed ops: the same numbers up to rounding.
+        let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        let x = Var::leaf(f32(inputs::seeded(&[6, 4, 40], 1)));
+        let (w, b) = (Var::leaf(f32(inputs::seeded(&[40], 2))), Var::leaf(f32(inputs::seeded(&[40], 3))));
+        let (wc, bc) = (Var::leaf(f32(inputs::seeded(&[4], 4))), Var::leaf(f32(inputs::seeded(&[4], 5))));
+        let seed = Var::constant(f32(inputs::seeded(&[6, 4, 40], 6)));
+        type Case<'a> = (&'a str, Box<dyn Fn() -> Result<Var> + 'a>, Vec<&'a Var>);
+        let cases: [Case; 3] = [
+            ("layer_norm", Box::new(|| x.layer_norm(1, Some(&w), Some(&b), 1e-5)), vec![&x, &w, &b]),
+            ("rms_norm", Box::new(|| x.rms_norm(Some(&w), 1e-5)), vec![&x, &w]),
+            ("group_norm", Box::new(|| x.group_norm(2, Some(&wc), Some(&bc), 1e-5)), vec![&x, &wc, &bc]),
+        ];
+        for (name, f, wrt) in cases {
+            let loss = || f().unwrap().mul(&seed).unwrap().sum_all().unwrap();
+            let plain = crate::grad(&[&loss()], &wrt, false).unwrap();
+            let composed = crate::grad(&[&loss()], &wrt, true).unwrap();
+            for (p, c) in plain.iter().zip(&composed) {
+                let (p, c) = (p.value().to_f64_vec().unwrap(), c.value().to_f64_vec().unwrap());
+                for (a, b) in p.iter().zip(&c) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{name}: {a} vs {b}");
+                }
+            }
+        }
     }
 
     #[test]

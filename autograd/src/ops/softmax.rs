@@ -6,9 +6,11 @@
 //! - log-softmax: `dx = g - exp(y) * sum(g)`, since `exp(y)` is the softmax.
 //!
 //! The sums run over the softmax dim (kept). `y` is the output `Var` itself, so with
-//! `create_graph` the rule's own derivative flows back through the op again.
+//! `create_graph` the rule's own derivative flows back through the op again: the rule is
+//! then composed of differentiable `Var` ops. Without `create_graph` (plain gradients)
+//! it is the fused one-pass kernel ([`Tensor::softmax_backward`](aigc_tensor::Tensor::softmax_backward)).
 
-use crate::Var;
+use crate::{Var, mode};
 use aigc_tensor::Result;
 
 /// The dims a softmax line spans, as a reduction argument: `[dim]`, or every dim (`[]`)
@@ -17,10 +19,24 @@ fn line_dims(x: &Var, dim: isize) -> Vec<isize> {
     if x.rank() == 0 { Vec::new() } else { vec![dim] }
 }
 
-/// The softmax input gradient `y * (g - sum(g * y, dims))` from the output `y`. Shared
-/// with attention, whose masked softmax has the same rule.
-pub(crate) fn softmax_backward(y: &Var, g: &Var, dims: &[isize]) -> Result<Var> {
-    y.mul(&g.sub(&g.mul(y)?.sum(dims, true)?)?)
+/// The softmax input gradient `y * (g - sum(g * y))` along `dim`, from the output `y`.
+/// Shared with attention, whose masked softmax has the same rule (there `y` and `g` may
+/// differ in broadcast batch dims; the result has their broadcast shape).
+pub(crate) fn softmax_backward(y: &Var, g: &Var, dim: isize) -> Result<Var> {
+    if !mode::is_grad_enabled() {
+        let (y, g) = y.value().broadcast_pair(g.value(), "softmax_backward")?;
+        return Ok(Var::constant(y.softmax_backward(&g, dim)?));
+    }
+    let dims = line_dims(y, dim);
+    y.mul(&g.sub(&g.mul(y)?.sum(&dims, true)?)?)
+}
+
+/// The log-softmax input gradient `g - exp(y) * sum(g)` along `dim`, from the output `y`.
+fn log_softmax_backward(y: &Var, g: &Var, dim: isize) -> Result<Var> {
+    if !mode::is_grad_enabled() {
+        return Ok(Var::constant(y.value().log_softmax_backward(g.value(), dim)?));
+    }
+    g.sub(&y.exp()?.mul(&g.sum(&line_dims(y, dim), true)?)?)
 }
 
 impl Var {
@@ -28,16 +44,14 @@ impl Var {
     /// [`Tensor::softmax`](aigc_tensor::Tensor::softmax).
     pub fn softmax(&self, dim: isize) -> Result<Var> {
         let value = self.value().softmax(dim)?;
-        let dims = line_dims(self, dim);
-        self.unary_op("softmax", value, move |y, g, _| softmax_backward(y, g, &dims))
+        self.unary_op("softmax", value, move |y, g, _| softmax_backward(y, g, dim))
     }
 
     /// `log(softmax(x))` along `dim`, as
     /// [`Tensor::log_softmax`](aigc_tensor::Tensor::log_softmax).
     pub fn log_softmax(&self, dim: isize) -> Result<Var> {
         let value = self.value().log_softmax(dim)?;
-        let dims = line_dims(self, dim);
-        self.unary_op("log_softmax", value, move |y, g, _| g.sub(&y.exp()?.mul(&g.sum(&dims, true)?)?))
+        self.unary_op("log_softmax", value, move |y, g, _| log_softmax_backward(y, g, dim))
     }
 }
 
@@ -88,6 +102,23 @@ mod tests {
             assert_eq!(got, x.softmax(dim).unwrap().to_vec::<f32>().unwrap());
             let got = v.log_softmax(dim).unwrap().value().to_vec::<f32>().unwrap();
             assert_eq!(got, x.log_softmax(dim).unwrap().to_vec::<f32>().unwrap());
+        }
+    }
+
+    #[test]
+    fn fused_plain_gradients_equal_the_composed_create_graph_ones() {
+        let x = Var::leaf(inputs::seeded(&[5, 70], 4).to_dtype(DType::F32).unwrap());
+        let seed = Var::constant(inputs::seeded(&[5, 70], 5).to_dtype(DType::F32).unwrap());
+        for log in [false, true] {
+            let loss = || {
+                let y = if log { x.log_softmax(-1) } else { x.softmax(-1) }.unwrap();
+                y.mul(&seed).unwrap().sum_all().unwrap()
+            };
+            let plain = crate::grad(&[&loss()], &[&x], false).unwrap()[0].value().to_f64_vec().unwrap();
+            let composed = crate::grad(&[&loss()], &[&x], true).unwrap()[0].value().to_f64_vec().unwrap();
+            for (a, b) in plain.iter().zip(&composed) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "log {log}: {a} vs {b}");
+            }
         }
     }
 

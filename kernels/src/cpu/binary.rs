@@ -1,8 +1,15 @@
 //! Elementwise functions of two values ([`BinaryOp`]) and comparisons ([`CmpOp`]),
 //! declared once each. The tensor layer broadcasts both operands to one shape (stride-0
 //! views, no copies) before calling these kernels.
+//!
+//! For f32, `+ - * /`, `maximum` and `minimum` have a SIMD kernel (`binary_f32`) that
+//! runs whenever each operand is, along the innermost dims, either contiguous or one
+//! repeated value: same-shape contiguous tensors, a scalar operand, a row broadcast over
+//! the last dim (`[m, n] + [n]`), a column broadcast (`[m, n] + [m, 1]`), and any mix
+//! of these ([`SimdRuns`]). Other layouts, ops and dtypes take the generic kernel.
 
-use super::map::zip_map;
+use super::map::{SimdRuns, zip_map};
+use super::simd::{F32Vector, Isa, Operand, kernel, map};
 use crate::{Element, FloatElem, Layout, Real};
 
 macro_rules! binary_ops {
@@ -23,6 +30,22 @@ macro_rules! binary_ops {
 
         /// `op(lhs, rhs)` elementwise over two same-shaped strided float views.
         pub fn binary_float<T: FloatElem>(op: BinaryOp, lhs: &[T], ll: &Layout, rhs: &[T], rl: &Layout) -> Vec<T> {
+            if let (Some(a), Some(b)) = (T::as_f32(lhs), T::as_f32(rhs))
+                && op.has_f32_kernel()
+                && let Some(runs) = SimdRuns::plan([ll, rl], true)
+            {
+                let mut out = vec![T::zero(); ll.numel()];
+                let dst = T::as_f32_mut(&mut out).expect("T is f32");
+                runs.run([a, b], dst, |[a, b], dst| binary_f32(Isa::best(), op, a, b, dst));
+                return out;
+            }
+            binary_generic(op, lhs, ll, rhs, rl)
+        }
+
+        /// [`binary_float`] with the scalar definition on every element: the path of the
+        /// dtypes and layouts without a SIMD kernel, and the reference the SIMD kernel is
+        /// tested against.
+        pub fn binary_generic<T: FloatElem>(op: BinaryOp, lhs: &[T], ll: &Layout, rhs: &[T], rl: &Layout) -> Vec<T> {
             match op {
                 $( BinaryOp::$name => zip_map(lhs, ll, rhs, rl, |x: T, y: T| {
                     let ($a, $b) = (x.to_acc(), y.to_acc());
@@ -54,6 +77,30 @@ impl BinaryOp {
     /// Ops that are closed over the integers (Div and Pow are not).
     pub fn is_integral(self) -> bool {
         matches!(self, Self::Add | Self::Sub | Self::Mul | Self::Maximum | Self::Minimum)
+    }
+
+    /// Whether f32 has a SIMD kernel for the op (all but `Pow`).
+    pub fn has_f32_kernel(self) -> bool {
+        !matches!(self, Self::Pow)
+    }
+}
+
+kernel! {
+    /// The f32 SIMD kernel: `dst = op(a, b)` on one run, each operand a slice or a
+    /// repeated value. `+ - * /` are correctly rounded, so the results equal the scalar
+    /// kernel's bit for bit; `maximum`/`minimum` propagate NaN as the scalar definition does.
+    fn binary_f32(op: BinaryOp, a: Operand, b: Operand, dst: &mut [f32]) {
+        // NaN in either operand gives NaN (min/max instructions would return one operand).
+        let nan_or = |x: V, y: V, r: V| V::select(x.is_nan(), x, V::select(y.is_nan(), y, r));
+        match op {
+            BinaryOp::Add => map::<V, 2>([a, b], dst, |[x, y]| x + y),
+            BinaryOp::Sub => map::<V, 2>([a, b], dst, |[x, y]| x - y),
+            BinaryOp::Mul => map::<V, 2>([a, b], dst, |[x, y]| x * y),
+            BinaryOp::Div => map::<V, 2>([a, b], dst, |[x, y]| x / y),
+            BinaryOp::Maximum => map::<V, 2>([a, b], dst, |[x, y]| nan_or(x, y, x.max(y))),
+            BinaryOp::Minimum => map::<V, 2>([a, b], dst, |[x, y]| nan_or(x, y, x.min(y))),
+            BinaryOp::Pow => unreachable!("binary_f32: pow has no f32 kernel"),
+        }
     }
 }
 
@@ -120,4 +167,68 @@ impl CmpOp {
 /// Compares two same-shaped strided views; 1 where `op` holds, else 0.
 pub fn compare<T: Element>(op: CmpOp, lhs: &[T], ll: &Layout, rhs: &[T], rl: &Layout) -> Vec<u8> {
     zip_map(lhs, ll, rhs, rl, |a: T, b: T| op.apply(a, b) as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::map::testing::{View, data, elements, view};
+    use proptest::prelude::*;
+
+    const OPS: [BinaryOp; 6] =
+        [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Maximum, BinaryOp::Minimum];
+
+    /// Same bits, or both NaN.
+    fn same(a: f32, b: f32) -> bool {
+        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn f32_kernel_equals_the_scalar_definition_bit_for_bit_on_every_broadcast_pattern(
+            (m, n) in (1usize..5, 1usize..70),
+            (ka, kb) in (view(), view()),
+            k in 0..OPS.len(),
+            (seed, specials) in (any::<u64>(), any::<bool>()),
+        ) {
+            let op = OPS[k];
+            let (la, lb) = (ka.layout(m, n), kb.layout(m, n));
+            let (a, b) = (data(&la, seed, specials), data(&lb, seed ^ 7, specials));
+            let got = binary_float(op, &a, &la, &b, &lb);
+            let want: Vec<f32> =
+                elements(&a, &la).into_iter().zip(elements(&b, &lb)).map(|(x, y)| op.apply(x, y)).collect();
+            prop_assert!(got.iter().zip(&want).all(|(&g, &w)| same(g, w)), "{op:?} {ka:?} {kb:?} {m}x{n}: {got:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn broadcast_patterns_take_the_simd_path_and_transposes_do_not() {
+        let (m, n) = (3, 20);
+        let full = View::Contiguous.layout(m, n);
+        // Rows shorter than 16 are left to the scalar walk (a call per row would cost more).
+        assert!(SimdRuns::plan([&View::Contiguous.layout(m, 8), &View::Row.layout(m, 8)], true).is_none());
+        for kind in [View::Contiguous, View::RowSlice, View::Row, View::Column, View::Scalar] {
+            assert!(SimdRuns::plan([&full, &kind.layout(m, n)], true).is_some(), "{kind:?}");
+        }
+        assert!(SimdRuns::plan([&full, &View::Transposed.layout(m, n)], true).is_none());
+        // Without broadcast (unary ops) a repeated row still has unit-stride runs; a repeated
+        // column or scalar does not.
+        assert!(SimdRuns::plan([&View::Row.layout(m, n)], false).is_some());
+        assert!(SimdRuns::plan([&View::Column.layout(m, n)], false).is_none());
+        assert!(SimdRuns::plan([&View::Scalar.layout(m, n)], false).is_none());
+    }
+
+    #[test]
+    fn a_large_broadcast_is_threaded_and_still_exact() {
+        // Above the parallel threshold, with runs both shorter and longer than a piece.
+        for (m, n) in [(600, 300), (3, 40_000)] {
+            let (la, lb) = (View::Contiguous.layout(m, n), View::Row.layout(m, n));
+            let (a, b) = (data(&la, 1, true), data(&lb, 2, false));
+            let got = binary_float(BinaryOp::Sub, &a, &la, &b, &lb);
+            let want = binary_generic(BinaryOp::Sub, &a, &la, &b, &lb);
+            assert!(got.iter().zip(&want).all(|(&g, &w)| same(g, w)), "{m}x{n}");
+        }
+    }
 }

@@ -1,14 +1,107 @@
 //! The elementwise walkers every pointwise kernel is built from: map one strided input,
 //! zip two, or select between two by a mask. Contiguous inputs take a flat (and, when
 //! large, multi-threaded) path; anything else goes through [`for_each_offsets`].
+//!
+//! [`SimdRuns`] is the walker of the f32 SIMD kernels: it cuts the output into runs along
+//! which every input is contiguous or a single repeated value (a broadcast scalar, a
+//! row repeated down a matrix, a column repeated across it), and hands each run to a
+//! kernel as [`Operand`]s (see [`super::simd`]).
 
+use super::simd::Operand;
 use crate::Element;
-use crate::layout::{Layout, for_each_offsets};
+use crate::layout::{Layout, RunWalk, for_each_offsets};
 use rayon::prelude::*;
 
 /// Below this many elements a pointwise op runs on the calling thread: handing work to
 /// the pool costs more than it saves.
 pub const PARALLEL_THRESHOLD: usize = 1 << 16;
+
+/// Size of the pieces a threaded SIMD kernel is called on: large enough to amortise
+/// the call, small enough to balance the threads.
+const PIECE: usize = 1 << 14;
+
+/// The shortest run worth a SIMD kernel call when a view has many runs: below this, the
+/// call and the partial-vector tail cost more than the scalar walk.
+const MIN_RUN: usize = 16;
+
+/// Where the inputs of a run start.
+enum Starts<const N: usize> {
+    /// One run covering the whole output (every input contiguous).
+    One([usize; N]),
+    /// The runs of a strided walk, from these offsets of the first element.
+    Walk(RunWalk<N>, [usize; N]),
+}
+
+/// The plan of an f32 SIMD elementwise kernel over `N` same-shaped inputs: the output
+/// cut into runs of `len` elements, along each of which input `k` advances by
+/// `strides[k]`, 1 (contiguous) or 0 (a repeated value).
+pub struct SimdRuns<const N: usize> {
+    len: usize,
+    strides: [usize; N],
+    starts: Starts<N>,
+}
+
+impl<const N: usize> SimdRuns<N> {
+    /// Plans the walk, or `None` when some input moves by another stride along the
+    /// innermost dims (a transposed or stepped view) or, without `broadcast`, stays put,
+    /// or when the runs are too short to be worth it (under 16 elements).
+    pub fn plan(layouts: [&Layout; N], broadcast: bool) -> Option<Self> {
+        let numel = layouts[0].numel();
+        // The common case first, without planning a walk: every input contiguous.
+        let ranges: [_; N] = layouts.map(Layout::contiguous_range);
+        if ranges.iter().all(Option::is_some) {
+            let starts = ranges.map(|r| r.map_or(0, |r| r.start));
+            return Some(Self { len: numel, strides: [1; N], starts: Starts::One(starts) });
+        }
+        let walk = RunWalk::new(layouts[0].shape(), layouts.map(Layout::strides));
+        let strides = walk.run_strides();
+        let usable = |s: usize| s == 1 || (broadcast && s == 0);
+        if !strides.into_iter().all(usable) || (walk.run_len() < MIN_RUN && walk.run_len() < numel) {
+            return None;
+        }
+        let offsets = layouts.map(Layout::offset);
+        Some(Self { len: walk.run_len(), strides, starts: Starts::Walk(walk, offsets) })
+    }
+
+    /// Fills `out` (row-major, the layouts' shape) by calling `kernel(operands, out_piece)`
+    /// on every run, or on pieces of it, threaded when the output is large.
+    pub fn run(&self, inputs: [&[f32]; N], out: &mut [f32], kernel: impl Fn([Operand; N], &mut [f32]) + Sync) {
+        let len = self.len;
+        if out.is_empty() || len == 0 {
+            return;
+        }
+        // The kernel on `piece`, whose inputs start at `starts`.
+        let call = |starts: [usize; N], piece: &mut [f32]| {
+            let operands = std::array::from_fn(|k| match self.strides[k] {
+                0 => Operand::Splat(inputs[k][starts[k]]),
+                _ => Operand::Slice(&inputs[k][starts[k]..starts[k] + piece.len()]),
+            });
+            kernel(operands, piece)
+        };
+        if out.len() < PARALLEL_THRESHOLD {
+            let mut runs = out.chunks_mut(len);
+            self.for_each_run(|starts| call(starts, runs.next().expect("one output run per input run")));
+            return;
+        }
+        let mut all_starts = Vec::with_capacity(out.len() / len);
+        self.for_each_run(|starts| all_starts.push(starts));
+        out.par_chunks_mut(len).zip(all_starts).with_min_len((PIECE / len).max(1)).for_each(|(run, starts)| {
+            if len <= PIECE {
+                return call(starts, run);
+            }
+            run.par_chunks_mut(PIECE)
+                .enumerate()
+                .for_each(|(p, piece)| call(std::array::from_fn(|k| starts[k] + p * PIECE * self.strides[k]), piece));
+        });
+    }
+
+    fn for_each_run(&self, mut f: impl FnMut([usize; N])) {
+        match &self.starts {
+            Starts::One(starts) => f(*starts),
+            Starts::Walk(walk, offsets) => walk.for_each_run(*offsets, f),
+        }
+    }
+}
 
 /// `out[i] = f(src[i])` over a strided view, written row-major.
 pub fn map<S: Element, D: Element>(src: &[S], layout: &Layout, f: impl Fn(S) -> D + Sync) -> Vec<D> {
@@ -58,4 +151,81 @@ pub fn select<C: Element, T: Element>(cond: &[C], lc: &Layout, a: &[T], la: &Lay
         |[oc, oa, ob]| out.push(if cond[oc] != zero { a[oa] } else { b[ob] }),
     );
     out
+}
+
+/// Layouts and data for the kernel tests: `[m, n]` views of every kind the SIMD walkers
+/// distinguish.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::Layout;
+    use proptest::prelude::*;
+
+    /// How a test operand of shape `[m, n]` is laid out.
+    #[derive(Clone, Copy, Debug)]
+    pub enum View {
+        /// Row-major.
+        Contiguous,
+        /// Whole rows of a wider buffer: unit stride along a row, gaps between rows.
+        RowSlice,
+        /// Column-major (a transpose): no unit-stride runs.
+        Transposed,
+        /// One row `[n]` broadcast down the `m` rows.
+        Row,
+        /// One column `[m, 1]` broadcast across the `n` columns.
+        Column,
+        /// One value broadcast everywhere.
+        Scalar,
+    }
+
+    /// Any [`View`].
+    pub fn view() -> impl Strategy<Value = View> {
+        prop_oneof![
+            Just(View::Contiguous),
+            Just(View::RowSlice),
+            Just(View::Transposed),
+            Just(View::Row),
+            Just(View::Column),
+            Just(View::Scalar)
+        ]
+    }
+
+    impl View {
+        /// The layout of this view with shape `[m, n]`, offset by 1 into its buffer.
+        pub fn layout(self, m: usize, n: usize) -> Layout {
+            let shifted = |l: Layout| Layout::new(l.shape().to_vec(), l.strides().to_vec(), l.offset() + 1);
+            shifted(match self {
+                View::Contiguous => Layout::contiguous(&[m, n]),
+                View::RowSlice => Layout::contiguous(&[m, n + 3]).narrow(1, 2, n),
+                View::Transposed => Layout::contiguous(&[n, m]).permute(&[1, 0]),
+                View::Row => Layout::contiguous(&[n]).broadcast_to(&[m, n]),
+                View::Column => Layout::contiguous(&[m, 1]).broadcast_to(&[m, n]),
+                View::Scalar => Layout::contiguous(&[]).broadcast_to(&[m, n]),
+            })
+        }
+    }
+
+    /// A buffer covering `layout`, filled with values in [-6, 6) from `seed`, with a NaN
+    /// and an infinity mixed in when `specials` is set.
+    pub fn data(layout: &Layout, seed: u64, specials: bool) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut out: Vec<f32> = (0..layout.max_extent().max(1))
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 12.0 - 6.0
+            })
+            .collect();
+        if specials && out.len() > 3 {
+            let n = out.len();
+            out[n / 2] = f32::NAN;
+            out[n / 3] = f32::NEG_INFINITY;
+        }
+        out
+    }
+
+    /// The elements of a view, row-major.
+    pub fn elements(buf: &[f32], layout: &Layout) -> Vec<f32> {
+        let mut out = Vec::new();
+        crate::layout::for_each_offset(layout, |o| out.push(buf[o]));
+        out
+    }
 }

@@ -18,5 +18,6 @@ pub mod optim;
 pub mod pool;
 pub mod random;
 pub mod reduce;
+pub mod simd;
 pub mod softmax;
 pub mod unary;

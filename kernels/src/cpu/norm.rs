@@ -13,10 +13,29 @@
 //! this does not cancel catastrophically when the mean is large next to the spread.
 //! The row is read once into a scratch buffer, so the second pass costs no extra reads
 //! of the input.
+//!
+//! The backward ([`normalize_backward`]) is the closed form. Over a row of `n` elements,
+//! with `xhat = (x - mean) * rstd`, `rstd = 1 / sqrt(var + eps)` and `gw = g * w` (the
+//! incoming gradient times the weight):
+//!
+//! - `dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat))` (RMSNorm: without `mean(gw)`,
+//!   and `xhat = x * rstd`);
+//! - `dw = sum(g * xhat)`, `db = sum(g)` over every row (and position) sharing the parameter.
+//!
+//! The statistics are recomputed from `x` (two cheap passes over a row that is in cache
+//! anyway) rather than saved by the forward. The parameter sums are accumulated per block
+//! of rows and added in block order, so the result does not depend on the thread count.
+//!
+//! For f32 LayerNorm and RMSNorm whose normalised elements are contiguous in memory, both
+//! directions run a fused SIMD kernel per row ([`UnitRows`]); GroupNorm, the other dtypes
+//! and layouts take the generic kernel.
 
-use super::softmax::Rows;
+use super::map::PARALLEL_THRESHOLD;
+use super::simd::{F32Vector, Isa, Operand, kernel, map, sums, update};
+use super::softmax::{Rows, UnitRows, for_row_blocks};
 use crate::layout::Layout;
 use crate::{Element, FloatElem, Real};
+use rayon::prelude::*;
 
 /// Which normalisation, and over which elements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +61,18 @@ pub fn normalize<T: FloatElem>(
     bias: Option<&[T]>,
     eps: f64,
 ) -> Vec<T> {
+    if let Some(x) = T::as_f32(src)
+        && let Some(rows) = unit_rows(layout, norm)
+    {
+        let mut out = vec![T::zero(); layout.numel()];
+        let out_f32 = T::as_f32_mut(&mut out).expect("T is f32");
+        let (weight, bias) = (f32_operand(weight, 1.0), f32_operand(bias, 0.0));
+        let (center, eps) = (norm.center(), eps as f32);
+        for_row_blocks(out_f32, rows.n, |first, out| {
+            norm_f32(Isa::best(), x, &rows, first, out, center, eps, weight, bias)
+        });
+        return out;
+    }
     let to_acc = |p: Option<&[T]>| p.map(|p| p.iter().map(|v| v.to_acc()).collect::<Vec<T::Acc>>());
     let affine = Affine { weight: to_acc(weight), bias: to_acc(bias) };
     let eps = <T::Acc as Element>::from_f64(eps);
@@ -59,6 +90,47 @@ pub fn normalize<T: FloatElem>(
                 normalize_row(x, out, Center::Mean, eps, &affine, |p| first_channel + p / spatial)
             })
         }
+    }
+}
+
+impl Norm {
+    /// Where the norm centres a row.
+    fn center(self) -> Center {
+        match self {
+            Norm::Layer { .. } | Norm::Group { .. } => Center::Mean,
+            Norm::Rms => Center::Zero,
+        }
+    }
+
+    /// The number of weight (and bias) entries, for an input of layout `layout`.
+    fn param_len(self, layout: &Layout) -> usize {
+        let shape = layout.shape();
+        match self {
+            Norm::Layer { dims } => shape[shape.len() - dims..].iter().product(),
+            Norm::Rms => shape[shape.len() - 1],
+            Norm::Group { .. } => shape[1],
+        }
+    }
+
+    /// The view the statistics are taken over, and the number of leading dims that index
+    /// its rows (each row is one normalised set of elements).
+    fn rows_view(self, layout: &Layout) -> (Layout, usize) {
+        match self {
+            Norm::Layer { dims } => (layout.clone(), layout.rank() - dims),
+            Norm::Rms => (layout.clone(), layout.rank() - 1),
+            Norm::Group { groups } => (split_channels(layout, groups), 2),
+        }
+    }
+
+    /// Maps `(row, position in row)` to the weight/bias index, for an input of layout
+    /// `layout`: the position itself, except for GroupNorm, whose rows are (sample,
+    /// group) and whose parameters are per channel.
+    fn param_index(self, layout: &Layout) -> impl Fn(usize, usize) -> usize + Sync + use<> {
+        let (groups, channels_per_group, spatial) = match self {
+            Norm::Group { groups } => (groups, layout.shape()[1] / groups, layout.shape()[2..].iter().product()),
+            _ => (1, 0, 1),
+        };
+        move |row, p| (row % groups) * channels_per_group + p / spatial
     }
 }
 
@@ -86,14 +158,7 @@ fn normalize_row<T: FloatElem>(
     affine: &Affine<T::Acc>,
     param: impl Fn(usize) -> usize,
 ) {
-    let zero = <T::Acc as Element>::zero();
-    let n = <T::Acc as Element>::from_f64(x.len() as f64);
-    let mean = match center {
-        Center::Mean => x.iter().fold(zero, |s, &v| s + v) / n,
-        Center::Zero => zero,
-    };
-    let var = x.iter().fold(zero, |s, &v| s + (v - mean) * (v - mean)) / n;
-    let inv_std = <T::Acc as Element>::one() / (var + eps).sqrt();
+    let (mean, inv_std) = row_stats(x, center, eps);
     for (p, (o, &v)) in out.iter_mut().zip(x).enumerate() {
         let mut y = (v - mean) * inv_std;
         if let Some(w) = &affine.weight {
@@ -103,6 +168,246 @@ fn normalize_row<T: FloatElem>(
             y += b[param(p)];
         }
         *o = T::from_acc(y);
+    }
+}
+
+/// The mean of a row (0 when not centring) and `1 / sqrt(var + eps)`, in two passes.
+/// The mean is taken of the values shifted by the first one, `x0 + mean(x - x0)`: exact
+/// for a constant row (whose normalised values must be exactly 0, not rounding noise
+/// divided by `sqrt(eps)`), and more accurate whenever the spread is small next to the mean.
+fn row_stats<A: Real>(x: &[A], center: Center, eps: A) -> (A, A) {
+    let n = A::from_f64(x.len() as f64);
+    let mean = match (center, x.first()) {
+        (Center::Mean, Some(&shift)) => shift + x.iter().fold(A::zero(), |s, &v| s + (v - shift)) / n,
+        _ => A::zero(),
+    };
+    let var = x.iter().fold(A::zero(), |s, &v| s + (v - mean) * (v - mean)) / n;
+    (mean, A::one() / (var + eps).sqrt())
+}
+
+/// The gradients of a normalisation: `dx` (row-major, the input's shape) and the
+/// parameter gradients `dweight`, `dbias` (row-major, the parameter shape; for RMSNorm,
+/// which has no bias, `dbias` is the sum of `g` all the same).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NormGrads<T> {
+    pub dx: Vec<T>,
+    pub dweight: Vec<T>,
+    pub dbias: Vec<T>,
+}
+
+/// The backward of [`normalize`]: the gradients with respect to the input and the
+/// parameters, given the input `x`, the gradient `g` flowing into the output (same
+/// shape, any layouts) and the weight (if the forward had one; the bias does not enter).
+/// See the module docs for the formulas. The caller has checked the arguments as for
+/// [`normalize`].
+pub fn normalize_backward<T: FloatElem>(
+    x: &[T],
+    x_layout: &Layout,
+    g: &[T],
+    g_layout: &Layout,
+    norm: Norm,
+    weight: Option<&[T]>,
+    eps: f64,
+) -> NormGrads<T> {
+    let param_len = norm.param_len(x_layout);
+    let center = norm.center();
+    let mut dx = vec![T::zero(); x_layout.numel()];
+    if let (Some(x), Some(g)) = (T::as_f32(x), T::as_f32(g))
+        && let (Some(x_rows), Some(g_rows)) = (unit_rows(x_layout, norm), unit_rows(g_layout, norm))
+    {
+        let dx_f32 = T::as_f32_mut(&mut dx).expect("T is f32");
+        let (weight, eps) = (f32_operand(weight, 1.0), eps as f32);
+        let (dweight, dbias) = blocks_with_sums(dx_f32, x_rows.n, param_len, |first, dx, dweight, dbias| {
+            norm_backward_f32(Isa::best(), (x, &x_rows), (g, &g_rows), first, dx, center, eps, weight, dweight, dbias)
+        });
+        let to_t = |v: Vec<f32>| v.into_iter().map(|v| T::from_f64(v as f64)).collect();
+        return NormGrads { dx, dweight: to_t(dweight), dbias: to_t(dbias) };
+    }
+    let ((xv, split), (gv, _)) = (norm.rows_view(x_layout), norm.rows_view(g_layout));
+    let (x_rows, g_rows) = (Rows::new(&xv, split), Rows::new(&gv, split));
+    let n = x_rows.len();
+    let weight: Option<Vec<T::Acc>> = weight.map(|w| w.iter().map(|v| v.to_acc()).collect());
+    let eps = <T::Acc as Element>::from_f64(eps);
+    let param_index = norm.param_index(x_layout);
+    let (dweight, dbias) = blocks_with_sums(&mut dx, n, param_len, |first, dx, dweight, dbias| {
+        let (mut xs, mut gs) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for (i, dx_row) in dx.chunks_mut(n).enumerate() {
+            let row = first + i;
+            x_rows.read(x, row, &mut xs);
+            g_rows.read(g, row, &mut gs);
+            let param = |p| param_index(row, p);
+            backward_row(&xs, &gs, dx_row, center, eps, weight.as_deref(), param, dweight, dbias);
+        }
+    });
+    let to_t = |v: Vec<T::Acc>| v.into_iter().map(T::from_acc).collect();
+    NormGrads { dx, dweight: to_t(dweight), dbias: to_t(dbias) }
+}
+
+/// The backward of one row in the accumulator type: writes `dx` and adds the row's
+/// contributions to `dweight` and `dbias` (indexed by `param(p)`).
+fn backward_row<T: FloatElem>(
+    x: &[T::Acc],
+    g: &[T::Acc],
+    dx: &mut [T],
+    center: Center,
+    eps: T::Acc,
+    weight: Option<&[T::Acc]>,
+    param: impl Fn(usize) -> usize,
+    dweight: &mut [T::Acc],
+    dbias: &mut [T::Acc],
+) {
+    let zero = <T::Acc as Element>::zero();
+    let n = <T::Acc as Element>::from_f64(x.len() as f64);
+    let (mean, rstd) = row_stats(x, center, eps);
+    let xhat = |p: usize| (x[p] - mean) * rstd;
+    let gw = |p: usize| weight.map_or(g[p], |w| g[p] * w[param(p)]);
+    let (mut sum_gw, mut sum_gw_xhat) = (zero, zero);
+    for p in 0..x.len() {
+        sum_gw += gw(p);
+        sum_gw_xhat += gw(p) * xhat(p);
+    }
+    let mean_gw = match center {
+        Center::Mean => sum_gw / n,
+        Center::Zero => zero,
+    };
+    let mean_gw_xhat = sum_gw_xhat / n;
+    for (p, d) in dx.iter_mut().enumerate() {
+        *d = T::from_acc(rstd * (gw(p) - mean_gw - xhat(p) * mean_gw_xhat));
+        dweight[param(p)] += g[p] * xhat(p);
+        dbias[param(p)] += g[p];
+    }
+}
+
+/// Calls `f(first_row, out_block, dweight, dbias)` on blocks of whole rows (of `n`
+/// elements) of `out`, threaded when `out` is large, each block with its own zeroed
+/// accumulators of `param_len` entries; returns the accumulators summed in block order
+/// (so the result does not depend on how the blocks were scheduled).
+fn blocks_with_sums<T: Send, A: Real>(
+    out: &mut [T],
+    n: usize,
+    param_len: usize,
+    f: impl Fn(usize, &mut [T], &mut [A], &mut [A]) + Sync,
+) -> (Vec<A>, Vec<A>) {
+    let zeros = || (vec![A::zero(); param_len], vec![A::zero(); param_len]);
+    if out.is_empty() || n == 0 {
+        return zeros();
+    }
+    let block = |(b, rows): (usize, &mut [T]), rows_per_block: usize| {
+        let (mut dw, mut db) = zeros();
+        f(b * rows_per_block, rows, &mut dw, &mut db);
+        (dw, db)
+    };
+    if out.len() <= PARALLEL_THRESHOLD {
+        return block((0, out), 0);
+    }
+    let rows_per_block = (PARALLEL_THRESHOLD / n).max(1);
+    let partials: Vec<(Vec<A>, Vec<A>)> =
+        out.par_chunks_mut(rows_per_block * n).enumerate().map(|b| block(b, rows_per_block)).collect();
+    let (mut dw, mut db) = zeros();
+    for (pw, pb) in partials {
+        dw.iter_mut().zip(pw).for_each(|(a, v)| *a += v);
+        db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
+    }
+    (dw, db)
+}
+
+/// The rows of an f32 LayerNorm or RMSNorm as [`UnitRows`] (the normalised dims merged
+/// into one), when the normalised elements of each row are contiguous in memory.
+fn unit_rows(layout: &Layout, norm: Norm) -> Option<UnitRows> {
+    let dims = match norm {
+        Norm::Layer { dims } => dims,
+        Norm::Rms => 1,
+        Norm::Group { .. } => return None,
+    };
+    let split = layout.rank() - dims;
+    let (outer_shape, row_shape) = layout.shape().split_at(split);
+    let (outer_strides, row_strides) = layout.strides().split_at(split);
+    if !Layout::new(row_shape.to_vec(), row_strides.to_vec(), 0).is_contiguous() {
+        return None;
+    }
+    let n = row_shape.iter().product();
+    UnitRows::new(&Layout::new([outer_shape, &[n]].concat(), [outer_strides, &[1]].concat(), layout.offset()))
+}
+
+/// An optional f32 parameter as a kernel operand: the slice, or `absent` everywhere.
+fn f32_operand<T: FloatElem>(param: Option<&[T]>, absent: f32) -> Operand<'_> {
+    match param.map(|p| T::as_f32(p).expect("the parameter has the input's dtype")) {
+        Some(p) => Operand::Slice(p),
+        None => Operand::Splat(absent),
+    }
+}
+
+/// The mean (0 when not centring) and `1 / sqrt(var + eps)` of one f32 row, with SIMD,
+/// computed as `row_stats` does (the mean of the values shifted by the first one).
+#[inline(always)]
+fn row_stats_f32<V: F32Vector>(x: &[f32], center: Center, eps: f32) -> (V, V) {
+    let n = x.len();
+    let mean = match (center, x.first()) {
+        (Center::Mean, Some(&shift)) => {
+            let s = V::splat(shift);
+            shift + sums::<V, 1, 1>([Operand::Slice(x)], n, |[v]| [v - s])[0] / n as f32
+        }
+        _ => 0.0,
+    };
+    let mean = V::splat(mean);
+    let [square_sum] = sums::<V, 1, 1>([Operand::Slice(x)], n, |[v]| [(v - mean) * (v - mean)]);
+    (mean, V::splat(1.0 / (square_sum / n as f32 + eps).sqrt()))
+}
+
+kernel! {
+    /// LayerNorm / RMSNorm of whole rows `first..` of `x` into `out`, with SIMD; an
+    /// absent weight is a splat of 1, an absent bias a splat of 0.
+    fn norm_f32(
+        x: &[f32],
+        rows: &UnitRows,
+        first: usize,
+        out: &mut [f32],
+        center: Center,
+        eps: f32,
+        weight: Operand,
+        bias: Operand,
+    ) {
+        let n = rows.n;
+        for (i, y) in out.chunks_exact_mut(n).enumerate() {
+            let x = rows.row(x, first + i);
+            let (mean, rstd) = row_stats_f32::<V>(x, center, eps);
+            map::<V, 3>([Operand::Slice(x), weight, bias], y, |[v, w, b]| ((v - mean) * rstd).mul_add(w, b));
+        }
+    }
+}
+
+kernel! {
+    /// The backward of `norm_f32` for whole rows `first..`: writes `dx` and accumulates
+    /// the rows' parameter gradients into `dweight` and `dbias`.
+    fn norm_backward_f32(
+        x: (&[f32], &UnitRows),
+        g: (&[f32], &UnitRows),
+        first: usize,
+        dx: &mut [f32],
+        center: Center,
+        eps: f32,
+        weight: Operand,
+        dweight: &mut [f32],
+        dbias: &mut [f32],
+    ) {
+        let n = x.1.n;
+        let inv_n = 1.0 / n as f32;
+        for (i, dx) in dx.chunks_exact_mut(n).enumerate() {
+            let row = first + i;
+            let (x, g) = (x.1.row(x.0, row), g.1.row(g.0, row));
+            let (mean, rstd) = row_stats_f32::<V>(x, center, eps);
+            let xhat = |x: V| (x - mean) * rstd;
+            let inputs = [Operand::Slice(x), Operand::Slice(g), weight];
+            let [sum_gw, sum_gw_xhat] = sums::<V, 3, 2>(inputs, n, |[x, g, w]| [g * w, g * w * xhat(x)]);
+            let mean_gw = V::splat(match center {
+                Center::Mean => sum_gw * inv_n,
+                Center::Zero => 0.0,
+            });
+            let mean_gw_xhat = V::splat(sum_gw_xhat * inv_n);
+            map::<V, 3>(inputs, dx, |[x, g, w]| rstd * (g * w - mean_gw - xhat(x) * mean_gw_xhat));
+            let accumulators = [&mut *dweight, &mut *dbias];
+            update::<V, 2, 2>(accumulators, [inputs[0], inputs[1]], |[dw, db], [x, g]| [g.mul_add(xhat(x), dw), db + g]);
+        }
     }
 }
 
@@ -121,6 +426,127 @@ fn split_channels(layout: &Layout, groups: usize) -> Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::map::testing::{View, data, view};
+    use proptest::prelude::*;
+
+    /// `got` (f32) is `want` (f64) up to `1e-4` relative and `abs` absolute; NaN matches NaN.
+    fn assert_close(got: &[f32], want: &[f64], abs: f64, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let ok = (g.is_nan() && w.is_nan()) || (g as f64 - w).abs() <= 1e-4 * w.abs() + abs;
+            assert!(ok, "{what}[{i}] = {g}, want {w}");
+        }
+    }
+
+    fn wide(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|&v| v as f64).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn f32_rows_match_the_f64_kernel_forward_and_backward(
+            (m, n) in (1usize..5, 1usize..70),
+            // Not a broadcast column or scalar for `x`: a constant row has no spread, and its
+            // normalised value is pure rounding noise divided by sqrt(eps).
+            (kx, kg) in (prop_oneof![Just(View::Contiguous), Just(View::RowSlice), Just(View::Transposed), Just(View::Row)], view()),
+            (which, has_weight, has_bias) in (0usize..3, any::<bool>(), any::<bool>()),
+            seed in any::<u64>(),
+        ) {
+            let norm = [Norm::Layer { dims: 1 }, Norm::Layer { dims: 2 }, Norm::Rms][which];
+            let (lx, lg) = (kx.layout(m, n), kg.layout(m, n));
+            let (x, g) = (data(&lx, seed, false), data(&lg, seed ^ 5, false));
+            let plen = norm.param_len(&lx);
+            let param = |salt: u64| data(&Layout::contiguous(&[plen]), seed ^ salt, false);
+            let (w, b) = (param(11), param(13));
+            let (w, b) = (has_weight.then_some(&w[..]), has_bias.then_some(&b[..]));
+            let (w64, b64) = (w.map(wide), b.map(wide));
+            let eps = 1e-3;
+            let y = normalize(&x, &lx, norm, w, b, eps);
+            let want = normalize(&wide(&x), &lx, norm, w64.as_deref(), b64.as_deref(), eps);
+            assert_close(&y, &want, 1e-4, "forward");
+            let got = normalize_backward(&x, &lx, &g, &lg, norm, w, eps);
+            let want = normalize_backward(&wide(&x), &lx, &wide(&g), &lg, norm, w64.as_deref(), eps);
+            assert_close(&got.dx, &want.dx, 1e-3, "dx");
+            assert_close(&got.dweight, &want.dweight, 1e-3, "dweight");
+            assert_close(&got.dbias, &want.dbias, 1e-3, "dbias");
+        }
+    }
+
+    /// `sum(w_out * normalize(x, weight, bias))` for the finite-difference checks.
+    fn loss(x: &[f64], layout: &Layout, norm: Norm, w: &[f64], b: &[f64], w_out: &[f64]) -> f64 {
+        normalize(x, layout, norm, Some(w), Some(b), 0.1).iter().zip(w_out).map(|(y, c)| y * c).sum()
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_for_every_norm() {
+        // [N=2, C=4, S=3]; LayerNorm over the last 2 dims, RMSNorm over the last, GroupNorm
+        // with 2 groups; the input is a transposed view (the generic path) and contiguous.
+        let shape = [2usize, 4, 3];
+        let numel = 24;
+        let x: Vec<f64> = (0..numel).map(|i| ((i * 7) % 11) as f64 * 0.3 - 1.5).collect();
+        let w_out: Vec<f64> = (0..numel).map(|i| ((i * 5) % 7) as f64 * 0.2 - 0.6).collect();
+        let transposed = Layout::contiguous(&[3, 4, 2]).permute(&[2, 1, 0]);
+        for layout in [Layout::contiguous(&shape), transposed] {
+            for norm in [Norm::Layer { dims: 2 }, Norm::Rms, Norm::Group { groups: 2 }] {
+                let plen = norm.param_len(&layout);
+                let w: Vec<f64> = (0..plen).map(|i| 0.5 + i as f64 * 0.1).collect();
+                let b: Vec<f64> = (0..plen).map(|i| i as f64 * 0.05).collect();
+                // The output gradient, contiguous: g = w_out.
+                let grads = normalize_backward(&x, &layout, &w_out, &Layout::contiguous(&shape), norm, Some(&w), 0.1);
+                let h = 1e-6;
+                let fd = |f: &dyn Fn(f64) -> f64| (f(h) - f(-h)) / (2.0 * h);
+                // dx, indexed by buffer position.
+                let mut dx_at = vec![0.0; numel];
+                let mut k = 0;
+                crate::layout::for_each_offset(&layout, |o| {
+                    dx_at[o] = grads.dx[k];
+                    k += 1;
+                });
+                for o in 0..numel {
+                    let want = fd(&|d| {
+                        let mut xs = x.clone();
+                        xs[o] += d;
+                        loss(&xs, &layout, norm, &w, &b, &w_out)
+                    });
+                    assert!((dx_at[o] - want).abs() < 1e-7, "{norm:?} dx[{o}]: {} vs {want}", dx_at[o]);
+                }
+                for p in 0..plen {
+                    let dw = fd(&|d| {
+                        let mut ws = w.clone();
+                        ws[p] += d;
+                        loss(&x, &layout, norm, &ws, &b, &w_out)
+                    });
+                    let db = fd(&|d| {
+                        let mut bs = b.clone();
+                        bs[p] += d;
+                        loss(&x, &layout, norm, &w, &bs, &w_out)
+                    });
+                    assert!((grads.dweight[p] - dw).abs() < 1e-7, "{norm:?} dw[{p}]: {} vs {dw}", grads.dweight[p]);
+                    if norm != Norm::Rms {
+                        assert!((grads.dbias[p] - db).abs() < 1e-7, "{norm:?} db[{p}]: {} vs {db}", grads.dbias[p]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn threaded_backward_is_deterministic_and_matches_one_block() {
+        // Enough rows to be split over the pool; the parameter sums must not depend on it.
+        let (m, n) = (300, 257);
+        let layout = Layout::contiguous(&[m, n]);
+        let (x, g) = (data(&layout, 1, false), data(&layout, 2, false));
+        let w = data(&Layout::contiguous(&[n]), 3, false);
+        let a = normalize_backward(&x, &layout, &g, &layout, Norm::Layer { dims: 1 }, Some(&w), 1e-5);
+        let b = normalize_backward(&x, &layout, &g, &layout, Norm::Layer { dims: 1 }, Some(&w), 1e-5);
+        assert_eq!(a, b);
+        let want =
+            normalize_backward(&wide(&x), &layout, &wide(&g), &layout, Norm::Layer { dims: 1 }, Some(&wide(&w)), 1e-5);
+        assert_close(&a.dweight, &want.dweight, 1e-3, "dweight");
+        assert_close(&a.dx, &want.dx, 1e-3, "dx");
+    }
 
     #[test]
     fn layer_norm_of_a_large_offset_keeps_its_spread() {

@@ -15,7 +15,10 @@
 //! - Linear interpolation `a += w (b - a)`, the exponential moving average of parameters.
 //!
 //! Everything is computed in the accumulator type (f32 for half-precision parameters).
+//! f32 parameters take a SIMD kernel written once over [`F32Vector`] (the same formulas,
+//! with fused multiply-adds); the other dtypes the scalar loops below.
 
+use super::simd::{F32Vector, Isa, Operand, kernel, update};
 use crate::{Element, FloatElem, Real};
 
 /// Hyper-parameters of one SGD step.
@@ -32,6 +35,11 @@ pub struct SgdStep {
 /// One SGD step in place. `buf` is the momentum buffer, given exactly when momentum is
 /// non-zero.
 pub fn sgd<T: FloatElem>(param: &mut [T], grad: &[T], mut buf: Option<&mut [T]>, s: SgdStep) {
+    if let Some(grad) = T::as_f32(grad) {
+        let param = T::as_f32_mut(param).expect("T is f32");
+        let buf = buf.map(|b| T::as_f32_mut(b).expect("T is f32"));
+        return sgd_f32(Isa::best(), param, grad, buf, s);
+    }
     let lr = <T::Acc as Element>::from_f64(s.lr);
     let mu = <T::Acc as Element>::from_f64(s.momentum);
     let wd = <T::Acc as Element>::from_f64(s.weight_decay);
@@ -66,6 +74,11 @@ pub struct AdamStep {
 
 /// One Adam or AdamW step in place, with first and second moment buffers `m`, `v`.
 pub fn adam<T: FloatElem>(param: &mut [T], grad: &[T], m: &mut [T], v: &mut [T], s: AdamStep) {
+    if let Some(grad) = T::as_f32(grad) {
+        let param = T::as_f32_mut(param).expect("T is f32");
+        let (m, v) = (T::as_f32_mut(m).expect("T is f32"), T::as_f32_mut(v).expect("T is f32"));
+        return adam_f32(Isa::best(), param, grad, m, v, s);
+    }
     let c = |x: f64| <T::Acc as Element>::from_f64(x);
     let (b1, b2) = (c(s.beta1), c(s.beta2));
     let correction1 = c(1.0 - s.beta1.powi(s.t as i32));
@@ -149,9 +162,93 @@ pub fn lerp<T: FloatElem>(a: &mut [T], b: &[T], weight: f64) {
     }
 }
 
+kernel! {
+    /// [`sgd`] on f32 buffers, with SIMD.
+    fn sgd_f32(param: &mut [f32], grad: &[f32], buf: Option<&mut [f32]>, s: SgdStep) {
+        let (lr, mu, wd) = (V::splat(s.lr as f32), V::splat(s.momentum as f32), V::splat(s.weight_decay as f32));
+        let grad = [Operand::Slice(grad)];
+        let Some(buf) = buf else {
+            return update::<V, 1, 1>([param], grad, |[p], [g]| [p - lr * p.mul_add(wd, g)]);
+        };
+        update::<V, 2, 1>([param, buf], grad, |[p, b], [g]| {
+            let g = p.mul_add(wd, g);
+            let b = if s.first { g } else { b.mul_add(mu, g) };
+            let step = if s.nesterov { b.mul_add(mu, g) } else { b };
+            [p - lr * step, b]
+        });
+    }
+}
+
+kernel! {
+    /// [`adam`] on f32 buffers, with SIMD.
+    fn adam_f32(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: AdamStep) {
+        let c = |x: f64| V::splat(x as f32);
+        let (b1, b2, lr, eps, wd) = (c(s.beta1), c(s.beta2), c(s.lr), c(s.eps), c(s.weight_decay));
+        let (one_minus_b1, one_minus_b2) = (c(1.0 - s.beta1), c(1.0 - s.beta2));
+        let correction1 = c(1.0 - s.beta1.powi(s.t as i32));
+        let correction2_sqrt = c((1.0 - s.beta2.powi(s.t as i32)).sqrt());
+        let decay = if s.decoupled { c(1.0 - s.lr * s.weight_decay) } else { c(1.0) };
+        update::<V, 3, 1>([param, m, v], [Operand::Slice(grad)], |[p, m, v], [g]| {
+            let g = if s.decoupled { g } else { p.mul_add(wd, g) };
+            let m = m.mul_add(b1, one_minus_b1 * g);
+            let v = v.mul_add(b2, one_minus_b2 * g * g);
+            let denom = v.sqrt() / correction2_sqrt + eps;
+            [p * decay - lr * (m / correction1) / denom, m, v]
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn f32_steps_match_the_f64_steps(
+            n in 0usize..70,
+            (momentum, nesterov, first, decoupled) in (prop_oneof![Just(0.0), Just(0.9)], any::<bool>(), any::<bool>(), any::<bool>()),
+            (t, seed) in (1u64..5, any::<u64>()),
+        ) {
+            let mut state = seed | 1;
+            let mut next = || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+            };
+            let (p, g, b, m): (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) =
+                (0..n).map(|_| (next(), next(), next(), next())).fold(Default::default(), |mut acc, (a, b, c, d)| {
+                    acc.0.push(a); acc.1.push(b); acc.2.push(c); acc.3.push(d); acc
+                });
+            let v: Vec<f32> = m.iter().map(|x| x * x).collect();
+            let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+            let close = |a: &[f32], b: &[f64], what: &str| {
+                for (x, y) in a.iter().zip(b) {
+                    assert!((*x as f64 - y).abs() <= 1e-5 * (1.0 + y.abs()), "{what}: {x} vs {y}");
+                }
+            };
+
+            let s = SgdStep { lr: 0.1, momentum, nesterov, weight_decay: 0.01, first };
+            let (mut p32, mut b32, mut p64, mut b64) = (p.clone(), b.clone(), wide(&p), wide(&b));
+            let with_momentum = momentum != 0.0;
+            sgd(&mut p32, &g, with_momentum.then_some(&mut b32[..]), s);
+            sgd(&mut p64, &wide(&g), with_momentum.then_some(&mut b64[..]), s);
+            close(&p32, &p64, "sgd param");
+            close(&b32, &b64, "sgd buffer");
+
+            let s = AdamStep { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, decoupled, t };
+            let (mut p32, mut m32, mut v32) = (p.clone(), m.clone(), v.clone());
+            let (mut p64, mut m64, mut v64) = (wide(&p), wide(&m), wide(&v));
+            adam(&mut p32, &g, &mut m32, &mut v32, s);
+            adam(&mut p64, &wide(&g), &mut m64, &mut v64, s);
+            close(&p32, &p64, "adam param");
+            close(&m32, &m64, "adam m");
+            close(&v32, &v64, "adam v");
+        }
+    }
 
     #[test]
     fn adam_first_step_moves_each_weight_by_lr_against_its_gradient_sign() {

@@ -14,8 +14,21 @@
 //! Special values follow PyTorch: a NaN anywhere in a line makes the whole line NaN, and
 //! a line whose entries are all `-inf` gives NaN (there is no mass to normalise:
 //! `-inf - (-inf)` is NaN).
+//!
+//! The backward passes ([`softmax_backward`]) are written in terms of the output `y` and
+//! the incoming gradient `g`, with sums over each line:
+//!
+//! - softmax: `dx = y * (g - sum_j g_j y_j)` (the Jacobian `diag(y) - y y^T` applied to `g`);
+//! - log-softmax: `dx = g - exp(y) * sum_j g_j`.
+//!
+//! For f32 along the last dim, when each row is contiguous in memory, both directions
+//! run a fused SIMD kernel per row ([`UnitRows`]): softmax reads the row for the max,
+//! writes `exp(x - max)` while summing, and scales in place, so the input is read from
+//! memory once and the output written once; the other dims, dtypes and layouts take the
+//! generic kernel, which reads each line into a scratch buffer through [`Rows`].
 
 use super::map::PARALLEL_THRESHOLD;
+use super::simd::{F32Vector, Isa, Operand, kernel, map, math, max_of, sums, update};
 use crate::layout::{Layout, for_each_offsets};
 use crate::{Element, FloatElem, Real};
 use rayon::prelude::*;
@@ -32,10 +45,46 @@ pub enum SoftmaxKind {
 /// Softmax (or log-softmax) of every line along `dim` of a strided view. The output is
 /// row-major with the view's shape. `dim < layout.rank()`.
 pub fn softmax<T: FloatElem>(src: &[T], layout: &Layout, dim: usize, kind: SoftmaxKind) -> Vec<T> {
+    if dim + 1 == layout.rank()
+        && let Some(x) = T::as_f32(src)
+        && let Some(rows) = UnitRows::new(layout)
+    {
+        let mut out = vec![T::zero(); layout.numel()];
+        let out_f32 = T::as_f32_mut(&mut out).expect("T is f32");
+        for_row_blocks(out_f32, rows.n, |first, out| softmax_f32(Isa::best(), x, &rows, first, out, kind));
+        return out;
+    }
     // Each row holds the dims from `dim` on: a row-major `[n, inner]` block whose
     // columns are the lines to normalise.
     let inner: usize = layout.shape()[dim + 1..].iter().product();
     Rows::new(layout, dim).map(src, |_, block, out| softmax_columns(block, out, inner, kind))
+}
+
+/// The gradient of [`softmax`] (or log-softmax) along `dim`, from its output `y` and the
+/// gradient `g` flowing into it (same shape, any layouts): `y * (g - sum(g * y))`, or
+/// `g - exp(y) * sum(g)`, the sums over each line. The result is row-major.
+pub fn softmax_backward<T: FloatElem>(
+    y: &[T],
+    y_layout: &Layout,
+    g: &[T],
+    g_layout: &Layout,
+    dim: usize,
+    kind: SoftmaxKind,
+) -> Vec<T> {
+    if dim + 1 == y_layout.rank()
+        && let (Some(y), Some(g)) = (T::as_f32(y), T::as_f32(g))
+        && let (Some(y_rows), Some(g_rows)) = (UnitRows::new(y_layout), UnitRows::new(g_layout))
+    {
+        let mut out = vec![T::zero(); y_layout.numel()];
+        let out_f32 = T::as_f32_mut(&mut out).expect("T is f32");
+        for_row_blocks(out_f32, y_rows.n, |first, out| {
+            softmax_backward_f32(Isa::best(), (y, &y_rows), (g, &g_rows), first, out, kind)
+        });
+        return out;
+    }
+    let inner: usize = y_layout.shape()[dim + 1..].iter().product();
+    let g_rows = Rows::new(g_layout, dim);
+    Rows::new(y_layout, dim).zip_map(y, &g_rows, g, |_, y, g, out| softmax_backward_columns(y, g, out, inner, kind))
 }
 
 /// Normalises every column of the row-major `[n, inner]` block `x` into `out`.
@@ -70,6 +119,138 @@ fn softmax_columns<T: FloatElem>(x: &mut [T::Acc], out: &mut [T], inner: usize, 
     }
 }
 
+/// The backward of [`softmax_columns`]: `y` and `g` are row-major `[n, inner]` blocks.
+fn softmax_backward_columns<T: FloatElem>(y: &[T::Acc], g: &[T::Acc], out: &mut [T], inner: usize, kind: SoftmaxKind) {
+    let mut sum = vec![<T::Acc as Element>::zero(); inner];
+    for (y_line, g_line) in y.chunks(inner).zip(g.chunks(inner)) {
+        for j in 0..inner {
+            sum[j] += match kind {
+                SoftmaxKind::Softmax => g_line[j] * y_line[j],
+                SoftmaxKind::LogSoftmax => g_line[j],
+            };
+        }
+    }
+    for ((out_line, y_line), g_line) in out.chunks_mut(inner).zip(y.chunks(inner)).zip(g.chunks(inner)) {
+        for j in 0..inner {
+            let dx = match kind {
+                SoftmaxKind::Softmax => y_line[j] * (g_line[j] - sum[j]),
+                SoftmaxKind::LogSoftmax => g_line[j] - y_line[j].exp() * sum[j],
+            };
+            out_line[j] = T::from_acc(dx);
+        }
+    }
+}
+
+/// The rows of an f32 view along its last dim, when each row is contiguous in memory
+/// (unit stride; the rows themselves may be anywhere): what the fused SIMD row kernels
+/// of softmax and the norms read.
+pub(crate) struct UnitRows {
+    /// Row length.
+    pub(crate) n: usize,
+    starts: RowStarts,
+}
+
+/// Where each row starts in the buffer.
+enum RowStarts {
+    /// Row `r` starts at `first + r * n` (a contiguous view).
+    Packed(usize),
+    /// Row `r` starts at `starts[r]`.
+    Listed(Vec<usize>),
+}
+
+impl UnitRows {
+    /// The rows of `layout` (rank >= 1), or `None` if the last dim is strided.
+    pub(crate) fn new(layout: &Layout) -> Option<Self> {
+        let rank = layout.rank();
+        let n = *layout.shape().last()?;
+        if layout.is_contiguous() {
+            return Some(Self { n, starts: RowStarts::Packed(layout.offset()) });
+        }
+        if n > 1 && layout.strides()[rank - 1] != 1 {
+            return None;
+        }
+        let (outer_shape, outer_strides) = (&layout.shape()[..rank - 1], &layout.strides()[..rank - 1]);
+        Some(Self { n, starts: RowStarts::Listed(start_offsets(outer_shape, outer_strides, layout.offset())) })
+    }
+
+    /// Row `r` of `buf`.
+    #[inline(always)]
+    pub(crate) fn row<'a>(&self, buf: &'a [f32], r: usize) -> &'a [f32] {
+        let start = match &self.starts {
+            RowStarts::Packed(first) => first + r * self.n,
+            RowStarts::Listed(starts) => starts[r],
+        };
+        &buf[start..start + self.n]
+    }
+}
+
+/// Calls `f(first_row, block)` on blocks of whole rows (of `n` elements) of `out`,
+/// on the rayon pool when `out` is large and on the calling thread otherwise.
+pub(crate) fn for_row_blocks(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if out.is_empty() || n == 0 {
+        return;
+    }
+    if out.len() <= PARALLEL_THRESHOLD {
+        return f(0, out);
+    }
+    let rows_per_block = (PARALLEL_THRESHOLD / n).max(1);
+    out.par_chunks_mut(rows_per_block * n).enumerate().for_each(|(b, block)| f(b * rows_per_block, block));
+}
+
+kernel! {
+    /// Softmax or log-softmax of whole rows `first..` of `x` into `out`, with SIMD.
+    fn softmax_f32(x: &[f32], rows: &UnitRows, first: usize, out: &mut [f32], kind: SoftmaxKind) {
+        let n = rows.n;
+        for (i, y) in out.chunks_exact_mut(n).enumerate() {
+            let x = rows.row(x, first + i);
+            let max = V::splat(max_of::<V>(x));
+            match kind {
+                SoftmaxKind::Softmax => {
+                    map::<V, 1>([Operand::Slice(x)], y, |[v]| math::exp(v - max));
+                    let [sum] = sums::<V, 1, 1>([Operand::Slice(y)], n, |[e]| [e]);
+                    let scale = V::splat(1.0 / sum);
+                    update::<V, 1, 0>([y], [], |[e], []| [e * scale]);
+                }
+                SoftmaxKind::LogSoftmax => {
+                    let [sum] = sums::<V, 1, 1>([Operand::Slice(x)], n, |[v]| [math::exp(v - max)]);
+                    let log_sum = V::splat(sum.ln());
+                    map::<V, 1>([Operand::Slice(x)], y, |[v]| (v - max) - log_sum);
+                }
+            }
+        }
+    }
+}
+
+kernel! {
+    /// [`softmax_backward`] of whole rows `first..`, with SIMD; `y` and `g` are each a
+    /// buffer and its rows.
+    fn softmax_backward_f32(
+        y: (&[f32], &UnitRows),
+        g: (&[f32], &UnitRows),
+        first: usize,
+        out: &mut [f32],
+        kind: SoftmaxKind,
+    ) {
+        let n = y.1.n;
+        for (i, dx) in out.chunks_exact_mut(n).enumerate() {
+            let y = Operand::Slice(y.1.row(y.0, first + i));
+            let g = Operand::Slice(g.1.row(g.0, first + i));
+            match kind {
+                SoftmaxKind::Softmax => {
+                    let [dot] = sums::<V, 2, 1>([y, g], n, |[y, g]| [y * g]);
+                    let dot = V::splat(dot);
+                    map::<V, 2>([y, g], dx, |[y, g]| y * (g - dot));
+                }
+                SoftmaxKind::LogSoftmax => {
+                    let [sum] = sums::<V, 1, 1>([g], n, |[g]| [g]);
+                    let sum = V::splat(sum);
+                    map::<V, 2>([y, g], dx, |[y, g]| g - math::exp(y) * sum);
+                }
+            }
+        }
+    }
+}
+
 /// A strided view seen as rows: the leading `split` dims index the rows, the remaining
 /// dims form each row (read row-major). Row-wise kernels (softmax, norms) read a row into
 /// a scratch buffer in the accumulator type, whatever the strides, and write one
@@ -94,8 +275,13 @@ impl<'a> Rows<'a> {
         }
     }
 
+    /// Elements per row.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
     /// Replaces `buf` with row `row`, converted to the accumulator type.
-    fn read<T: FloatElem>(&self, src: &[T], row: usize, buf: &mut Vec<T::Acc>) {
+    pub(crate) fn read<T: FloatElem>(&self, src: &[T], row: usize, buf: &mut Vec<T::Acc>) {
         buf.clear();
         for_each_offsets(self.row_shape, [self.row_strides], [self.starts[row]], |[o]| buf.push(src[o].to_acc()));
     }
@@ -104,18 +290,54 @@ impl<'a> Rows<'a> {
     /// when the work is large. `row_values` is scratch that `f` may overwrite. Returns the
     /// rows concatenated (row-major output of the view's shape).
     pub(crate) fn map<T: FloatElem>(&self, src: &[T], f: impl Fn(usize, &mut [T::Acc], &mut [T]) + Sync) -> Vec<T> {
+        self.for_each_row(
+            || Vec::with_capacity(self.len),
+            |buf, row, out_row| {
+                self.read(src, row, buf);
+                f(row, buf, out_row);
+            },
+        )
+    }
+
+    /// Like [`Rows::map`] over two views of the same shape read row by row together:
+    /// `f(row_index, self_row, other_row, out_row)`.
+    pub(crate) fn zip_map<T: FloatElem>(
+        &self,
+        src: &[T],
+        other: &Rows,
+        other_src: &[T],
+        f: impl Fn(usize, &mut [T::Acc], &mut [T::Acc], &mut [T]) + Sync,
+    ) -> Vec<T> {
+        let scratch = || (Vec::with_capacity(self.len), Vec::with_capacity(self.len));
+        self.for_each_row(scratch, |(a, b), row, out_row| {
+            self.read(src, row, a);
+            other.read(other_src, row, b);
+            f(row, a, b, out_row);
+        })
+    }
+
+    /// Calls `f(scratch, row_index, out_row)` for every output row, on the rayon pool
+    /// when the work is large (each worker makes its scratch with `init`), else on the
+    /// calling thread. Returns the output rows concatenated.
+    fn for_each_row<T: FloatElem, S>(
+        &self,
+        init: impl Fn() -> S + Sync + Send,
+        f: impl Fn(&mut S, usize, &mut [T]) + Sync,
+    ) -> Vec<T> {
         let mut out = vec![T::zero(); self.starts.len() * self.len];
         if out.is_empty() {
             return out;
         }
+        if out.len() <= PARALLEL_THRESHOLD {
+            let mut scratch = init();
+            out.chunks_mut(self.len).enumerate().for_each(|(row, out_row)| f(&mut scratch, row, out_row));
+            return out;
+        }
         let rows_per_task = (PARALLEL_THRESHOLD / self.len).max(1);
-        out.par_chunks_mut(self.len).enumerate().with_min_len(rows_per_task).for_each_init(
-            || Vec::with_capacity(self.len),
-            |buf, (row, out_row)| {
-                self.read(src, row, buf);
-                f(row, buf, out_row);
-            },
-        );
+        out.par_chunks_mut(self.len)
+            .enumerate()
+            .with_min_len(rows_per_task)
+            .for_each_init(init, |scratch, (row, out_row)| f(scratch, row, out_row));
         out
     }
 }
@@ -131,6 +353,85 @@ pub(crate) fn start_offsets(shape: &[usize], strides: &[usize], offset: usize) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::map::testing::{data, view};
+    use proptest::prelude::*;
+
+    /// `got` (f32) is `want` (f64) up to `1e-5` relative and `abs` absolute; NaN matches NaN.
+    fn assert_close(got: &[f32], want: &[f64], abs: f64, what: &str) {
+        assert_eq!(got.len(), want.len());
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let ok = (g.is_nan() && w.is_nan()) || g as f64 == w || (g as f64 - w).abs() <= 1e-5 * w.abs() + abs;
+            assert!(ok, "{what}[{i}] = {g}, want {w}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn f32_rows_match_the_f64_kernel_on_any_length_and_layout(
+            (m, n) in (1usize..5, 1usize..70),
+            (kx, kg) in (view(), view()),
+            log in any::<bool>(),
+            (seed, specials) in (any::<u64>(), any::<bool>()),
+        ) {
+            let kind = if log { SoftmaxKind::LogSoftmax } else { SoftmaxKind::Softmax };
+            let (lx, lg) = (kx.layout(m, n), kg.layout(m, n));
+            let (x, g) = (data(&lx, seed, specials), data(&lg, seed ^ 3, false));
+            let wide = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+            let y = softmax(&x, &lx, 1, kind);
+            assert_close(&y, &softmax(&wide(&x), &lx, 1, kind), 1e-6, "forward");
+            // The backward from the f32 output, against the f64 kernel on the same values.
+            let ly = Layout::contiguous(&[m, n]);
+            let dx = softmax_backward(&y, &ly, &g, &lg, 1, kind);
+            // The backward cancels: allow the rounding of a sum of n terms of size <= 6.
+            let abs = 6.0 * n as f64 * 2f64.powi(-23);
+            assert_close(&dx, &softmax_backward(&wide(&y), &ly, &wide(&g), &lg, 1, kind), abs, "backward");
+        }
+    }
+
+    #[test]
+    fn softmax_backward_matches_finite_differences_of_the_forward() {
+        // d/dx_k of sum_i w_i softmax(x)_i, along a middle dim (the generic path) and
+        // along the last (the f32 path), in f64 and f32.
+        let (shape, dims) = ([2usize, 3, 4], [1usize, 2]);
+        let layout = Layout::contiguous(&shape);
+        let x: Vec<f64> = (0..24).map(|i| ((i * 7) % 11) as f64 * 0.3 - 1.5).collect();
+        let w: Vec<f64> = (0..24).map(|i| ((i * 5) % 7) as f64 * 0.2 - 0.6).collect();
+        for dim in dims {
+            for kind in [SoftmaxKind::Softmax, SoftmaxKind::LogSoftmax] {
+                let loss = |x: &[f64]| softmax(x, &layout, dim, kind).iter().zip(&w).map(|(a, b)| a * b).sum::<f64>();
+                let y = softmax(&x, &layout, dim, kind);
+                let dx = softmax_backward(&y, &layout, &w, &layout, dim, kind);
+                let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+                let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+                let dx32 = softmax_backward(&softmax(&x32, &layout, dim, kind), &layout, &w32, &layout, dim, kind);
+                for k in 0..24 {
+                    let h = 1e-6;
+                    let (mut up, mut down) = (x.clone(), x.clone());
+                    up[k] += h;
+                    down[k] -= h;
+                    let fd = (loss(&up) - loss(&down)) / (2.0 * h);
+                    assert!((dx[k] - fd).abs() < 1e-8, "{kind:?} dim {dim} x[{k}]: {} vs {fd}", dx[k]);
+                    assert!((dx32[k] as f64 - fd).abs() < 1e-5, "f32 {kind:?} dim {dim} x[{k}]: {} vs {fd}", dx32[k]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f32_rows_keep_the_special_value_semantics() {
+        let inf = f32::INFINITY;
+        let x = [-inf, -inf, -inf, 0.0, -inf, 1.0, f32::NAN, 2.0, 3.0, 1000.0, 1001.0, -1000.0];
+        let layout = Layout::contiguous(&[4, 3]);
+        let p = softmax(&x, &layout, 1, SoftmaxKind::Softmax);
+        assert!(p[..3].iter().all(|v| v.is_nan()), "all -inf gives NaN: {p:?}");
+        assert_eq!(p[4], 0.0, "a -inf entry gets exactly 0: {p:?}");
+        assert!(p[6..9].iter().all(|v| v.is_nan()), "a NaN poisons its row: {p:?}");
+        assert!(p[9..].iter().all(|v| v.is_finite()) && (p[9..].iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        let lp = softmax(&x, &layout, 1, SoftmaxKind::LogSoftmax);
+        assert!((lp[11] - (-2001.0 - (1.0 + (-1.0f32).exp()).ln())).abs() < 1e-3, "log-softmax stays finite: {lp:?}");
+    }
 
     #[test]
     fn softmax_of_a_transposed_view_normalises_each_line() {

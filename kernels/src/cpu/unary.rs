@@ -4,8 +4,14 @@
 //!
 //! Float dtypes compute in their accumulator type (f32 for f32/f16/bf16, f64 for f64).
 //! Integer dtypes support the ops that are exact on integers (see [`UnaryOp::is_integral`]).
+//!
+//! f32 views whose elements lie in unit-stride runs (contiguous tensors, and slices of
+//! whole rows) take the SIMD kernel `unary_f32`, written once over
+//! [`F32Vector`] with the functions of [`simd::math`] (whose error bounds are
+//! stated there); the other ops, dtypes and layouts take the generic scalar kernel.
 
-use super::map::map;
+use super::map::{SimdRuns, map};
+use super::simd::{F32Vector, Isa, Operand, kernel, map1, math};
 use crate::{Element, FloatElem, Layout, Real};
 
 macro_rules! unary_ops {
@@ -40,6 +46,25 @@ macro_rules! unary_ops {
 
         /// Applies `op` to every element of a strided float buffer.
         pub fn unary_float<T: FloatElem>(op: UnaryOp, src: &[T], layout: &Layout) -> Vec<T> {
+            if let Some(src) = T::as_f32(src)
+                && op.has_f32_kernel()
+                && let Some(runs) = SimdRuns::plan([layout], false)
+            {
+                let mut out = vec![T::zero(); layout.numel()];
+                let dst = T::as_f32_mut(&mut out).expect("T is f32");
+                runs.run([src], dst, |[src], dst| {
+                    let Operand::Slice(src) = src else { unreachable!("unary runs are planned without broadcast") };
+                    unary_f32(Isa::best(), op, src, dst)
+                });
+                return out;
+            }
+            unary_generic(op, src, layout)
+        }
+
+        /// [`unary_float`] with the scalar definition on every element: the path of the
+        /// dtypes and layouts without a SIMD kernel, and the reference the SIMD kernels
+        /// are tested against.
+        pub fn unary_generic<T: FloatElem>(op: UnaryOp, src: &[T], layout: &Layout) -> Vec<T> {
             match op {
                 $( UnaryOp::$name $({ $($p),* })? => {
                     $( $( let $p = <T::Acc as Element>::from_f64($p); )* )?
@@ -168,6 +193,74 @@ impl UnaryOp {
     }
 }
 
+impl UnaryOp {
+    /// Whether f32 has a SIMD kernel for the op (`unary_f32`).
+    pub fn has_f32_kernel(self) -> bool {
+        use UnaryOp::*;
+        matches!(
+            self,
+            Neg | Abs
+                | Exp
+                | Log
+                | Sqrt
+                | Rsqrt
+                | Square
+                | Recip
+                | Tanh
+                | Sigmoid
+                | Relu
+                | Gelu
+                | GeluTanh
+                | Silu
+                | Erf
+                | Affine { .. }
+                | Clamp { .. }
+                | LeakyRelu { .. }
+        )
+    }
+}
+
+kernel! {
+    /// The f32 SIMD kernel of the ops in [`UnaryOp::has_f32_kernel`]: `dst = op(src)` on
+    /// one contiguous run. Each op is one vector expression; the scalar definitions in
+    /// `unary_ops!` are the reference they are tested against.
+    fn unary_f32(op: UnaryOp, src: &[f32], dst: &mut [f32]) {
+        let zero = V::splat(0.0);
+        let one = V::splat(1.0);
+        match op {
+            UnaryOp::Neg => map1::<V>(src, dst, |x| -x),
+            UnaryOp::Abs => map1::<V>(src, dst, V::abs),
+            UnaryOp::Exp => map1::<V>(src, dst, math::exp),
+            UnaryOp::Log => map1::<V>(src, dst, math::ln),
+            UnaryOp::Sqrt => map1::<V>(src, dst, V::sqrt),
+            UnaryOp::Rsqrt => map1::<V>(src, dst, |x| one / x.sqrt()),
+            UnaryOp::Square => map1::<V>(src, dst, |x| x * x),
+            UnaryOp::Recip => map1::<V>(src, dst, |x| one / x),
+            UnaryOp::Tanh => map1::<V>(src, dst, math::tanh),
+            UnaryOp::Sigmoid => map1::<V>(src, dst, math::sigmoid),
+            // `x <= 0` is false for NaN, which passes through as in the scalar `relu`.
+            UnaryOp::Relu => map1::<V>(src, dst, |x| V::select(x.le(zero), zero, x)),
+            UnaryOp::Gelu => map1::<V>(src, dst, math::gelu_erf),
+            UnaryOp::GeluTanh => map1::<V>(src, dst, math::gelu_tanh),
+            UnaryOp::Silu => map1::<V>(src, dst, math::silu),
+            UnaryOp::Erf => map1::<V>(src, dst, math::erf),
+            UnaryOp::Affine { mul, add } => {
+                let (mul, add) = (V::splat(mul as f32), V::splat(add as f32));
+                map1::<V>(src, dst, |x| x.mul_add(mul, add))
+            }
+            UnaryOp::Clamp { min, max } => {
+                let (min, max) = (V::splat(min as f32), V::splat(max as f32));
+                map1::<V>(src, dst, |x| V::select(x.lt(min), min, V::select(x.gt(max), max, x)))
+            }
+            UnaryOp::LeakyRelu { slope } => {
+                let slope = V::splat(slope as f32);
+                map1::<V>(src, dst, |x| V::select(x.ge(zero), x, x * slope))
+            }
+            op => unreachable!("unary_f32: {} has no f32 kernel", op.name()),
+        }
+    }
+}
+
 /// Applies an integral op (see [`UnaryOp::is_integral`]) to an integer buffer.
 /// The caller checks `op.is_integral()`. Values are exact below 2^53 in magnitude.
 pub fn unary_int<T: Element>(op: UnaryOp, src: &[T], layout: &Layout) -> Vec<T> {
@@ -178,6 +271,103 @@ pub fn unary_int<T: Element>(op: UnaryOp, src: &[T], layout: &Layout) -> Vec<T> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::map::testing::{View, data, elements, view};
+    use crate::cpu::simd;
+    use proptest::prelude::*;
+
+    /// The ops with an f32 SIMD kernel, parameterised ones with typical scalars.
+    const SIMD_OPS: &[UnaryOp] = &[
+        UnaryOp::Neg,
+        UnaryOp::Abs,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Rsqrt,
+        UnaryOp::Square,
+        UnaryOp::Recip,
+        UnaryOp::Tanh,
+        UnaryOp::Sigmoid,
+        UnaryOp::Relu,
+        UnaryOp::Gelu,
+        UnaryOp::GeluTanh,
+        UnaryOp::Silu,
+        UnaryOp::Erf,
+        UnaryOp::Affine { mul: -2.5, add: 0.75 },
+        UnaryOp::Clamp { min: -0.5, max: 1.25 },
+        UnaryOp::LeakyRelu { slope: 0.2 },
+    ];
+
+    /// `got` is `want` up to a relative `1e-5` (absolute `1e-6` near 0); NaN matches NaN.
+    fn close(got: f32, want: f64) -> bool {
+        (got.is_nan() && want.is_nan()) || got as f64 == want || (got as f64 - want).abs() <= 1e-5 * want.abs() + 1e-6
+    }
+
+    #[test]
+    fn every_simd_op_is_listed_and_every_listed_op_has_a_kernel() {
+        assert_eq!(SIMD_OPS.len(), 18);
+        assert!(SIMD_OPS.iter().all(|op| op.has_f32_kernel()));
+        assert!(!UnaryOp::Sin.has_f32_kernel() && !UnaryOp::Powf { exponent: 2.0 }.has_f32_kernel());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn f32_kernels_match_the_f64_definition_on_any_length_and_layout(
+            (m, n) in (1usize..4, 1usize..70),
+            kind in view(),
+            k in 0..SIMD_OPS.len(),
+            (seed, specials) in (any::<u64>(), any::<bool>()),
+        ) {
+            let op = SIMD_OPS[k];
+            let layout = kind.layout(m, n);
+            let src = data(&layout, seed, specials);
+            let got = unary_float(op, &src, &layout);
+            prop_assert_eq!(got.len(), m * n);
+            for (&x, &y) in elements(&src, &layout).iter().zip(&got) {
+                let want = op.apply(x as f64);
+                prop_assert!(close(y, want), "{}({x}) = {y}, want {want} ({kind:?} {m}x{n})", op.name());
+            }
+        }
+
+        #[test]
+        fn unit_stride_runs_give_the_same_bits_as_the_contiguous_kernel(
+            // n >= 16: shorter rows of a strided view are left to the scalar walk.
+            (m, n) in (1usize..4, 16usize..70),
+            k in 0..SIMD_OPS.len(),
+            seed in any::<u64>(),
+        ) {
+            // A slice of whole rows takes the SIMD kernel run by run; its values, copied to
+            // a contiguous buffer, must give exactly the same results.
+            let op = SIMD_OPS[k];
+            let layout = View::RowSlice.layout(m, n);
+            let src = data(&layout, seed, true);
+            let packed = elements(&src, &layout);
+            let a = unary_float(op, &src, &layout);
+            let b = unary_float(op, &packed, &Layout::contiguous(&[m, n]));
+            prop_assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{}: {a:?} vs {b:?}", op.name());
+        }
+    }
+
+    /// The same op, elementwise, on every vector type this CPU runs: the ISAs agree with
+    /// the portable kernel to the documented error (bit for bit for the exact ops).
+    #[test]
+    fn every_isa_agrees_with_the_portable_kernel() {
+        let src: Vec<f32> = (0..1000).map(|i| i as f32 * 0.013 - 6.5).collect();
+        for &op in SIMD_OPS {
+            let run = |isa: Isa| {
+                let mut dst = vec![0.0; src.len()];
+                unary_f32(isa, op, &src, &mut dst);
+                dst
+            };
+            let portable = run(Isa::Scalar);
+            for isa in simd::test_isas() {
+                for ((&x, &a), &b) in src.iter().zip(&portable).zip(&run(isa)) {
+                    assert!(close(b, a as f64), "{}({x}): {b} on {isa:?}, {a} portable", op.name());
+                }
+            }
+        }
+    }
 
     #[test]
     fn parameterised_ops_use_their_scalars() {

@@ -10,8 +10,12 @@
 //! accumulator type (f32 for f32/f16/bf16, f64 for f64) in two passes, mean first and
 //! then the mean of squared deviations, which stays accurate when the mean is large
 //! next to the spread (kernel: `aigc_kernels::cpu::norm`).
+//!
+//! Each norm has a fused backward too (`layer_norm_backward`, ...): from the input and
+//! the gradient of the output, the input gradient and the parameter gradients in one
+//! kernel, by the closed forms in `aigc_kernels::cpu::norm`.
 
-use crate::storage::map_float;
+use crate::storage::{CpuStorage, map_float};
 use crate::{Error, Result, Tensor, WithDType};
 use aigc_kernels::cpu::norm::{self, Norm};
 use aigc_kernels::{FloatElem, Layout};
@@ -28,25 +32,41 @@ impl Tensor {
         eps: f64,
     ) -> Result<Tensor> {
         const OP: &str = "layer_norm";
-        if normalized_dims == 0 || normalized_dims > self.rank() {
-            return Err(Error::bad_shape(
-                OP,
-                &self.shape(),
-                format!("normalized_dims {normalized_dims} must be between 1 and the rank {}", self.rank()),
-            ));
-        }
-        let param_shape = &self.dims()[self.rank() - normalized_dims..];
-        self.apply_norm(OP, Norm::Layer { dims: normalized_dims }, param_shape, weight, bias, eps)
+        let (norm, param_shape) = self.layer_norm_spec(OP, normalized_dims)?;
+        self.apply_norm(OP, norm, &param_shape, weight, bias, eps)
+    }
+
+    /// The gradients of [`Tensor::layer_norm`], called on its input: given `grad`, the
+    /// gradient of the output, returns `(dx, dweight, dbias)`. The parameter gradients
+    /// have the normalised dims' shape and are returned whether or not the forward had
+    /// the parameters (the bias does not enter the backward, so it is not an argument).
+    pub fn layer_norm_backward(
+        &self,
+        grad: &Tensor,
+        normalized_dims: usize,
+        weight: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        const OP: &str = "layer_norm_backward";
+        let (norm, param_shape) = self.layer_norm_spec(OP, normalized_dims)?;
+        self.norm_backward(OP, norm, &param_shape, grad, weight, eps)
     }
 
     /// RMSNorm over the last dim: `x / sqrt(mean(x^2) + eps) * weight`; `weight`, when
     /// given, has the last dim's size.
     pub fn rms_norm(&self, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {
         const OP: &str = "rms_norm";
-        let Some(&last) = self.dims().last() else {
-            return Err(Error::bad_shape(OP, &self.shape(), "need at least 1 dim to normalise over"));
-        };
-        self.apply_norm(OP, Norm::Rms, &[last], weight, None, eps)
+        let (norm, param_shape) = self.rms_norm_spec(OP)?;
+        self.apply_norm(OP, norm, &param_shape, weight, None, eps)
+    }
+
+    /// The gradients of [`Tensor::rms_norm`], called on its input: `(dx, dweight)` from
+    /// `grad`, the gradient of the output (`dweight` has the last dim's size).
+    pub fn rms_norm_backward(&self, grad: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "rms_norm_backward";
+        let (norm, param_shape) = self.rms_norm_spec(OP)?;
+        let (dx, dweight, _) = self.norm_backward(OP, norm, &param_shape, grad, weight, eps)?;
+        Ok((dx, dweight))
     }
 
     /// GroupNorm on `[N, C, *]`: splits the `C` channels into `num_groups` groups and
@@ -60,18 +80,58 @@ impl Tensor {
         eps: f64,
     ) -> Result<Tensor> {
         const OP: &str = "group_norm";
+        let (norm, param_shape) = self.group_norm_spec(OP, num_groups)?;
+        self.apply_norm(OP, norm, &param_shape, weight, bias, eps)
+    }
+
+    /// The gradients of [`Tensor::group_norm`], called on its input: `(dx, dweight,
+    /// dbias)` from `grad`, the gradient of the output (the parameter gradients are `[C]`).
+    pub fn group_norm_backward(
+        &self,
+        grad: &Tensor,
+        num_groups: usize,
+        weight: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        const OP: &str = "group_norm_backward";
+        let (norm, param_shape) = self.group_norm_spec(OP, num_groups)?;
+        self.norm_backward(OP, norm, &param_shape, grad, weight, eps)
+    }
+
+    /// Checks `normalized_dims`; returns the kernel's [`Norm`] and the parameter shape.
+    fn layer_norm_spec(&self, op: &'static str, normalized_dims: usize) -> Result<(Norm, Vec<usize>)> {
+        if normalized_dims == 0 || normalized_dims > self.rank() {
+            return Err(Error::bad_shape(
+                op,
+                &self.shape(),
+                format!("normalized_dims {normalized_dims} must be between 1 and the rank {}", self.rank()),
+            ));
+        }
+        Ok((Norm::Layer { dims: normalized_dims }, self.dims()[self.rank() - normalized_dims..].to_vec()))
+    }
+
+    /// Checks the rank; returns the kernel's [`Norm`] and the parameter shape.
+    fn rms_norm_spec(&self, op: &'static str) -> Result<(Norm, Vec<usize>)> {
+        let Some(&last) = self.dims().last() else {
+            return Err(Error::bad_shape(op, &self.shape(), "need at least 1 dim to normalise over"));
+        };
+        Ok((Norm::Rms, vec![last]))
+    }
+
+    /// Checks the rank and `num_groups`; returns the kernel's [`Norm`] and the parameter shape.
+    fn group_norm_spec(&self, op: &'static str, num_groups: usize) -> Result<(Norm, Vec<usize>)> {
         if self.rank() < 2 {
-            return Err(Error::bad_shape(OP, &self.shape(), "need at least 2 dims [N, C, *]"));
+            return Err(Error::bad_shape(op, &self.shape(), "need at least 2 dims [N, C, *]"));
         }
         let channels = self.dims()[1];
         if num_groups == 0 || !channels.is_multiple_of(num_groups) {
             return Err(Error::bad_shape(
-                OP,
+                op,
                 &self.shape(),
                 format!("num_groups {num_groups} must be at least 1 and divide the {channels} channels (dim 1)"),
             ));
         }
-        self.apply_norm(OP, Norm::Group { groups: num_groups }, &[channels], weight, bias, eps)
+        Ok((Norm::Group { groups: num_groups }, vec![channels]))
     }
 
     /// Checks `eps`, the dtype and the parameters, then runs the norm kernel.
@@ -84,6 +144,58 @@ impl Tensor {
         bias: Option<&Tensor>,
         eps: f64,
     ) -> Result<Tensor> {
+        self.check_norm_args(op, param_shape, weight, bias, eps)?;
+        let out = self.read_cpu(|s, l| Ok(map_float!(op, s, |x| normalize_typed(x, l, norm, weight, bias, eps)?)))?;
+        Ok(Tensor::from_cpu(out, self.dims()))
+    }
+
+    /// Checks the arguments as the forward does, and `grad` against this input; then runs
+    /// the backward kernel. Returns `(dx, dweight, dbias)`.
+    fn norm_backward(
+        &self,
+        op: &'static str,
+        norm: Norm,
+        param_shape: &[usize],
+        grad: &Tensor,
+        weight: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        self.check_norm_args(op, param_shape, weight, None, eps)?;
+        self.same_device(grad, op)?;
+        self.same_dtype(grad, op)?;
+        if grad.dims() != self.dims() {
+            return Err(Error::ShapeMismatch {
+                op,
+                lhs: self.shape(),
+                rhs: grad.shape(),
+                reason: "the gradient must have the input's shape".into(),
+            });
+        }
+        let [dx, dweight, dbias] = self.read_cpu2(grad, op, |sx, lx, sg, lg| match (sx, sg) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => norm_grads_typed(x, lx, g, lg, norm, weight, eps),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => norm_grads_typed(x, lx, g, lg, norm, weight, eps),
+            (CpuStorage::F16(x), CpuStorage::F16(g)) => norm_grads_typed(x, lx, g, lg, norm, weight, eps),
+            (CpuStorage::BF16(x), CpuStorage::BF16(g)) => norm_grads_typed(x, lx, g, lg, norm, weight, eps),
+            (x, _) => {
+                Err(Error::UnsupportedDType { op, dtype: x.dtype(), expected: "a float dtype (f32, f64, f16, bf16)" })
+            }
+        })?;
+        Ok((
+            Tensor::from_cpu(dx, self.dims()),
+            Tensor::from_cpu(dweight, param_shape),
+            Tensor::from_cpu(dbias, param_shape),
+        ))
+    }
+
+    /// The checks shared by the forward and the backward of the norms.
+    fn check_norm_args(
+        &self,
+        op: &'static str,
+        param_shape: &[usize],
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<()> {
         if !(eps >= 0.0 && eps.is_finite()) {
             return Err(Error::invalid(op, format!("eps {eps} must be finite and >= 0")));
         }
@@ -93,8 +205,7 @@ impl Tensor {
                 self.check_norm_param(op, name, param, param_shape)?;
             }
         }
-        let out = self.read_cpu(|s, l| Ok(map_float!(op, s, |x| normalize_typed(x, l, norm, weight, bias, eps)?)))?;
-        Ok(Tensor::from_cpu(out, self.dims()))
+        Ok(())
     }
 
     /// A weight or bias must be on this device, of this dtype, and shaped `shape`.
@@ -125,6 +236,21 @@ fn normalize_typed<T: FloatElem + WithDType>(
     let weight = weight.map(Tensor::to_vec::<T>).transpose()?;
     let bias = bias.map(Tensor::to_vec::<T>).transpose()?;
     Ok(norm::normalize(x, layout, norm, weight.as_deref(), bias.as_deref(), eps))
+}
+
+/// The backward kernel call for one dtype; the three gradients as buffers.
+fn norm_grads_typed<T: FloatElem + WithDType>(
+    x: &[T],
+    x_layout: &Layout,
+    g: &[T],
+    g_layout: &Layout,
+    norm: Norm,
+    weight: Option<&Tensor>,
+    eps: f64,
+) -> Result<[CpuStorage; 3]> {
+    let weight = weight.map(Tensor::to_vec::<T>).transpose()?;
+    let grads = norm::normalize_backward(x, x_layout, g, g_layout, norm, weight.as_deref(), eps);
+    Ok([T::into_storage(grads.dx), T::into_storage(grads.dweight), T::into_storage(grads.dbias)])
 }
 
 #[cfg(test)]
@@ -252,6 +378,124 @@ mod tests {
             let want = reference(&t, c * s, true, (Some(&wc), None), 1e-5, |_, p| p / s);
             assert_close(&got, &want, 1e-12, 1e-12, "group_norm f64");
         }
+    }
+
+    /// `d/dx sum(g * f(x))` by central differences, for every element of `x` (f64).
+    fn numeric_grad(x: &Tensor, f: &dyn Fn(&Tensor) -> Tensor, g: &[f64]) -> Vec<f64> {
+        let dims = x.dims().to_vec();
+        let base = x.to_vec::<f64>().unwrap();
+        let loss = |v: &[f64]| {
+            let y = f(&Tensor::from_vec(v.to_vec(), &dims[..], &Device::Cpu).unwrap()).to_vec::<f64>().unwrap();
+            y.iter().zip(g).map(|(a, b)| a * b).sum::<f64>()
+        };
+        (0..base.len())
+            .map(|i| {
+                let h = 1e-6;
+                let (mut up, mut down) = (base.clone(), base.clone());
+                up[i] += h;
+                down[i] -= h;
+                (loss(&up) - loss(&down)) / (2.0 * h)
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        #[test]
+        fn norm_backwards_match_finite_differences_in_f64(
+            (t, k) in tensor_and_normalized_dims(),
+            (kg, seed, has_w, rms) in (view_kind(), any::<u64>(), any::<bool>(), any::<bool>()),
+        ) {
+            let f64t = |t: Tensor| t.to_dtype(DType::F64).unwrap();
+            let x = f64t(t);
+            let g = f64t(make_view(x.dims(), kg, seed));
+            let gv = g.to_vec::<f64>().unwrap();
+            let k = if rms { 1 } else { k };
+            let pshape = x.dims()[x.rank() - k..].to_vec();
+            let w = f64t(make_view(&pshape, ViewKind::Contiguous, seed ^ 1));
+            let w = has_w.then_some(&w);
+            let eps = 0.1;
+            let (dx, dw, db) = if rms {
+                let (dx, dw) = x.rms_norm_backward(&g, w, eps).unwrap();
+                (dx, dw, None)
+            } else {
+                let (dx, dw, db) = x.layer_norm_backward(&g, k, w, eps).unwrap();
+                (dx, dw, Some(db))
+            };
+            prop_assert_eq!(dx.dims(), x.dims());
+            prop_assert_eq!(dw.dims(), &pshape[..]);
+            let forward = |x: &Tensor, w: &Tensor, b: &Tensor| {
+                if rms { x.rms_norm(Some(w), eps) } else { x.layer_norm(k, Some(w), Some(b), eps) }.unwrap()
+            };
+            let ones = Tensor::ones(&pshape[..], DType::F64, &Device::Cpu).unwrap();
+            let zeros = Tensor::zeros(&pshape[..], DType::F64, &Device::Cpu).unwrap();
+            let w_or_ones = w.cloned().unwrap_or(ones.clone());
+            let want_dx = numeric_grad(&x.contiguous().unwrap(), &|x| forward(x, &w_or_ones, &zeros), &gv);
+            assert_close(&dx.to_vec::<f64>().unwrap(), &want_dx, 1e-6, 1e-7, "dx");
+            let want_dw = numeric_grad(&w_or_ones, &|w| forward(&x, w, &zeros), &gv);
+            assert_close(&dw.to_vec::<f64>().unwrap(), &want_dw, 1e-6, 1e-7, "dweight");
+            if let Some(db) = db {
+                let want_db = numeric_grad(&zeros, &|b| forward(&x, &w_or_ones, b), &gv);
+                assert_close(&db.to_vec::<f64>().unwrap(), &want_db, 1e-6, 1e-7, "dbias");
+            }
+        }
+
+        #[test]
+        fn f32_norm_backwards_agree_with_f64_on_strided_views(
+            (t, k) in tensor_and_normalized_dims(),
+            (kg, seed) in (view_kind(), any::<u64>()),
+        ) {
+            let pshape = t.dims()[t.rank() - k..].to_vec();
+            let g = make_view(t.dims(), kg, seed);
+            let w = make_view(&pshape, ViewKind::Contiguous, seed ^ 1);
+            let f64t = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let (dx, dw, db) = t.layer_norm_backward(&g, k, Some(&w), 1e-3).unwrap();
+            let (dx64, dw64, db64) = f64t(&t).layer_norm_backward(&f64t(&g), k, Some(&f64t(&w)), 1e-3).unwrap();
+            assert_close(&dx.to_f64_vec().unwrap(), &dx64.to_vec::<f64>().unwrap(), 1e-3, 1e-3, "dx");
+            assert_close(&dw.to_f64_vec().unwrap(), &dw64.to_vec::<f64>().unwrap(), 1e-3, 1e-3, "dweight");
+            assert_close(&db.to_f64_vec().unwrap(), &db64.to_vec::<f64>().unwrap(), 1e-3, 1e-3, "dbias");
+        }
+    }
+
+    #[test]
+    fn group_norm_backward_matches_finite_differences() {
+        let x = make_view(&[2, 4, 3], ViewKind::Transposed, 5).to_dtype(DType::F64).unwrap();
+        let g = make_view(&[2, 4, 3], ViewKind::Contiguous, 6).to_dtype(DType::F64).unwrap();
+        let w = make_view(&[4], ViewKind::Contiguous, 7).to_dtype(DType::F64).unwrap();
+        let b = Tensor::zeros([4], DType::F64, &Device::Cpu).unwrap();
+        let gv = g.to_vec::<f64>().unwrap();
+        let (dx, dw, db) = x.group_norm_backward(&g, 2, Some(&w), 0.1).unwrap();
+        let want_dx =
+            numeric_grad(&x.contiguous().unwrap(), &|x| x.group_norm(2, Some(&w), Some(&b), 0.1).unwrap(), &gv);
+        assert_close(&dx.to_vec::<f64>().unwrap(), &want_dx, 1e-6, 1e-7, "dx");
+        let want_dw = numeric_grad(&w, &|w| x.group_norm(2, Some(w), Some(&b), 0.1).unwrap(), &gv);
+        assert_close(&dw.to_vec::<f64>().unwrap(), &want_dw, 1e-6, 1e-7, "dweight");
+        let want_db = numeric_grad(&b, &|b| x.group_norm(2, Some(&w), Some(b), 0.1).unwrap(), &gv);
+        assert_close(&db.to_vec::<f64>().unwrap(), &want_db, 1e-6, 1e-7, "dbias");
+    }
+
+    #[test]
+    fn norm_backward_errors_name_the_op_and_the_problem() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros([2, 3], DType::F32, &dev).unwrap();
+        let err = |r: crate::Result<(Tensor, Tensor, Tensor)>| r.err().unwrap().to_string();
+        assert_eq!(
+            err(x.layer_norm_backward(&Tensor::zeros([3, 2], DType::F32, &dev).unwrap(), 1, None, 1e-5)),
+            "layer_norm_backward: lhs [2, 3] and rhs [3, 2]: the gradient must have the input's shape"
+        );
+        assert_eq!(
+            err(x.layer_norm_backward(&x.to_dtype(DType::F64).unwrap(), 1, None, 1e-5)),
+            "layer_norm_backward: dtypes differ: lhs is f32, rhs is f64 (convert one with to_dtype)"
+        );
+        assert_eq!(
+            err(x.group_norm_backward(&x, 2, None, 1e-5)),
+            "group_norm_backward: input of shape [2, 3]: num_groups 2 must be at least 1 and divide the 3 channels (dim 1)"
+        );
+        let w2 = Tensor::ones([2], DType::F32, &dev).unwrap();
+        assert!(
+            x.rms_norm_backward(&x, Some(&w2), 1e-5).unwrap_err().to_string().contains("weight must have shape [3]")
+        );
     }
 
     #[test]

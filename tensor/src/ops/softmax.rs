@@ -8,9 +8,12 @@
 //! Special values, as in PyTorch: a NaN in a line makes the whole line NaN; a line that
 //! is all `-inf` gives NaN (nothing to normalise). A 0-d tensor is one line of one
 //! element (dim 0 or -1), so its softmax is 1.
+//!
+//! The backward passes are fused ops too ([`Tensor::softmax_backward`],
+//! [`Tensor::log_softmax_backward`]), one pass per line from the forward's output.
 
 use crate::shape::resolve_dim;
-use crate::storage::map_float;
+use crate::storage::{map_float, zip_float};
 use crate::{Error, Result, Tensor};
 use aigc_kernels::cpu::softmax::{self, SoftmaxKind};
 
@@ -25,6 +28,41 @@ impl Tensor {
     /// (exact where the two-step form would underflow to `-inf`).
     pub fn log_softmax(&self, dim: isize) -> Result<Tensor> {
         self.softmax_along("log_softmax", dim, SoftmaxKind::LogSoftmax)
+    }
+
+    /// The gradient of [`Tensor::softmax`] along `dim`, called on its output `y`:
+    /// `y * (grad - sum(grad * y))`, the sum over each line (`grad` has `y`'s shape).
+    pub fn softmax_backward(&self, grad: &Tensor, dim: isize) -> Result<Tensor> {
+        self.softmax_backward_along("softmax_backward", grad, dim, SoftmaxKind::Softmax)
+    }
+
+    /// The gradient of [`Tensor::log_softmax`] along `dim`, called on its output `y`:
+    /// `grad - exp(y) * sum(grad)`, the sum over each line (`grad` has `y`'s shape).
+    pub fn log_softmax_backward(&self, grad: &Tensor, dim: isize) -> Result<Tensor> {
+        self.softmax_backward_along("log_softmax_backward", grad, dim, SoftmaxKind::LogSoftmax)
+    }
+
+    fn softmax_backward_along(&self, op: &'static str, grad: &Tensor, dim: isize, kind: SoftmaxKind) -> Result<Tensor> {
+        self.same_device(grad, op)?;
+        self.same_dtype(grad, op)?;
+        if grad.dims() != self.dims() {
+            return Err(Error::ShapeMismatch {
+                op,
+                lhs: self.shape(),
+                rhs: grad.shape(),
+                reason: "the gradient must have the output's shape".into(),
+            });
+        }
+        if self.rank() == 0 {
+            let (y, g) = (self.unsqueeze(0)?, grad.unsqueeze(0)?);
+            resolve_dim(op, dim, 1)?;
+            return y.softmax_backward_along(op, &g, 0, kind)?.squeeze(0);
+        }
+        let dim = resolve_dim(op, dim, self.rank())?;
+        let out = self.read_cpu2(grad, op, |sy, ly, sg, lg| {
+            Ok(zip_float!(op, sy, sg, |y, g| softmax::softmax_backward(y, ly, g, lg, dim, kind)))
+        })?;
+        Ok(Tensor::from_cpu(out, self.dims()))
     }
 
     fn softmax_along(&self, op: &'static str, dim: isize, kind: SoftmaxKind) -> Result<Tensor> {
@@ -102,6 +140,55 @@ mod tests {
             let got = t.log_softmax(dim).unwrap().to_vec::<f64>().unwrap();
             assert_close(&got, &reference(&x1, d, true).data, 1e-12, 1e-14, "log_softmax f64");
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn softmax_backwards_match_the_naive_jacobian_product((t, dim) in tensor_and_dim(), (kg, seed) in (view_kind(), any::<u64>())) {
+            // dx_i = sum_j g_j dy_j/dx_i along each line, with dy_j/dx_i from the naive
+            // reference: softmax: y_j (delta_ij - y_i); log-softmax: delta_ij - y_i(softmax).
+            let x = NdArray::from_tensor(&t);
+            let g = make_view(t.dims(), kg, seed);
+            let gn = NdArray::from_tensor(&g);
+            let d = if t.rank() == 0 { 0 } else { dim.rem_euclid(t.rank() as isize) as usize };
+            let (x1, g1) = if t.rank() == 0 {
+                (NdArray::new(vec![1], x.data.clone()), NdArray::new(vec![1], gn.data.clone()))
+            } else {
+                (x, gn)
+            };
+            let p = reference(&x1, d, false);
+            for log in [false, true] {
+                let y = if log { t.log_softmax(dim) } else { t.softmax(dim) }.unwrap();
+                let got = if log { y.log_softmax_backward(&g, dim) } else { y.softmax_backward(&g, dim) }.unwrap();
+                prop_assert_eq!(got.dims(), t.dims());
+                let mut want = NdArray::zeros(&x1.shape);
+                for idx in x1.indices() {
+                    let mut line = idx.clone();
+                    let dx: f64 = (0..x1.shape[d]).map(|j| {
+                        line[d] = j;
+                        let delta = if j == idx[d] { 1.0 } else { 0.0 };
+                        let jac = if log { delta - p.get(&idx) } else { p.get(&line) * (delta - p.get(&idx)) };
+                        g1.get(&line) * jac
+                    }).sum();
+                    want.set(&idx, dx);
+                }
+                assert_close(&got.to_f64_vec().unwrap(), &want.data, 1e-4, 1e-5, if log { "log_softmax_backward" } else { "softmax_backward" });
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_backward_errors_name_the_op() {
+        let dev = Device::Cpu;
+        let y = Tensor::zeros([2, 3], DType::F32, &dev).unwrap();
+        let g = Tensor::zeros([3, 2], DType::F32, &dev).unwrap();
+        assert_eq!(
+            y.softmax_backward(&g, -1).unwrap_err().to_string(),
+            "softmax_backward: lhs [2, 3] and rhs [3, 2]: the gradient must have the output's shape"
+        );
+        assert!(y.log_softmax_backward(&y, 2).unwrap_err().to_string().starts_with("log_softmax_backward: dim 2"));
     }
 
     #[test]

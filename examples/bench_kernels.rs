@@ -1,0 +1,169 @@
+//! Kernel timings as JSON lines, ours next to a peer measured in the same run, at 1 and
+//! 2 threads (a rayon pool of that size around both):
+//!
+//! - `sgemm` against the `gemm` crate (candle's GEMM), in GFLOP/s;
+//! - softmax and LayerNorm on (4096, 1024), GELU (erf and tanh forms) on 16M floats,
+//!   `add` on 64 floats, against candle, in milliseconds, with `copy_ms`, a plain copy of
+//!   the same bytes (the memory-bound floor) for the large ones.
+//!
+//! Run: `cargo run --release --example bench_kernels` (add `-- quick` for fewer repeats).
+//! Each figure is the median of interleaved repeats (ours, peer, ours, ...), so slow
+//! drifts of a shared machine hit both sides alike.
+
+use aigc::autograd::Var;
+use aigc::kernels::cpu::gemm::{MatRef, sgemm};
+use aigc::{Device, Tensor};
+use std::hint::black_box;
+use std::time::Instant;
+
+/// Median seconds of `f` and `g` over `reps` interleaved calls each (after a warm-up).
+fn race(reps: usize, mut f: impl FnMut(), mut g: impl FnMut()) -> (f64, f64) {
+    f();
+    g();
+    let (mut a, mut b) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+    for _ in 0..reps {
+        let t = Instant::now();
+        f();
+        a.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        g();
+        b.push(t.elapsed().as_secs_f64());
+    }
+    (median(a), median(b))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Repeats `f` `inner` times per sample: for calls too short to time one by one.
+fn batched(inner: usize, mut f: impl FnMut()) -> impl FnMut() {
+    move || (0..inner).for_each(|_| f())
+}
+
+/// Our tensor and candle's holding the same values.
+fn pair(shape: &[usize], seed: u64) -> (Tensor, candle_core::Tensor, Vec<f32>) {
+    let ours = Tensor::randn(shape, &Device::Cpu, seed).unwrap();
+    let values = ours.to_vec::<f32>().unwrap();
+    let theirs = candle_core::Tensor::from_vec(values.clone(), shape, &candle_core::Device::Cpu).unwrap();
+    (ours, theirs, values)
+}
+
+/// Prints one measurement of an op against candle, in milliseconds.
+fn line(op: &str, shape: &[usize], threads: usize, ms: f64, peer_ms: f64, copy_ms: Option<f64>) {
+    let copy = copy_ms.map(|c| format!(",\"copy_ms\":{c:.4}")).unwrap_or_default();
+    println!(
+        "{{\"op\":\"{op}\",\"shape\":{shape:?},\"threads\":{threads},\"ms\":{ms:.4},\"peer\":\"candle\",\"peer_ms\":{peer_ms:.4}{copy}}}"
+    );
+}
+
+/// The memory-bound ops: ours and candle's, and a plain copy of the input.
+fn elementwise_and_rows(threads: usize, reps: usize) {
+    let ms = 1e3;
+    let (x, cx, values) = pair(&[4096, 1024], 1);
+    let copy = |reps| race(reps, || drop(black_box(values.clone())), || ()).0 * ms;
+    let (ours, peer) =
+        race(reps, || drop(x.softmax(-1).unwrap()), || drop(candle_nn::ops::softmax_last_dim(&cx).unwrap()));
+    line("softmax", &[4096, 1024], threads, ours * ms, peer * ms, Some(copy(reps)));
+    let (w, cw, _) = pair(&[1024], 2);
+    let (b, cb, _) = pair(&[1024], 3);
+    let (ours, peer) = race(
+        reps,
+        || drop(x.layer_norm(1, Some(&w), Some(&b), 1e-5).unwrap()),
+        || drop(candle_nn::ops::layer_norm(&cx, &cw, &cb, 1e-5).unwrap()),
+    );
+    line("layer_norm", &[4096, 1024], threads, ours * ms, peer * ms, Some(copy(reps)));
+
+    let n = 16 << 20;
+    let (x, cx, values) = pair(&[n], 4);
+    let copy = race(reps.div_ceil(3), || drop(black_box(values.clone())), || ()).0 * ms;
+    let (ours, peer) = race(reps.div_ceil(3), || drop(x.gelu().unwrap()), || drop(cx.gelu_erf().unwrap()));
+    line("gelu_erf", &[n], threads, ours * ms, peer * ms, Some(copy));
+    let (ours, peer) = race(reps.div_ceil(3), || drop(x.gelu_tanh().unwrap()), || drop(cx.gelu().unwrap()));
+    line("gelu_tanh", &[n], threads, ours * ms, peer * ms, Some(copy));
+
+    let inner = 1000;
+    let (a, ca, _) = pair(&[64], 5);
+    let (b, cb, _) = pair(&[64], 6);
+    let per_call = ms / inner as f64;
+    let (ours, peer) = race(
+        reps,
+        batched(inner, || drop(black_box(a.add(&b).unwrap()))),
+        batched(inner, || drop(black_box(ca.add(&cb).unwrap()))),
+    );
+    line("add", &[64], threads, ours * per_call, peer * per_call, None);
+    let (va, vb) = (Var::leaf(a.clone()), Var::leaf(b.clone()));
+    let (ours, peer) = race(
+        reps,
+        batched(inner, || drop(black_box(va.add(&vb).unwrap()))),
+        batched(inner, || drop(black_box(ca.add(&cb).unwrap()))),
+    );
+    line("add_var", &[64], threads, ours * per_call, peer * per_call, None);
+}
+
+/// A row-major `rows x cols` matrix.
+fn row_major(data: &[f32], cols: usize) -> MatRef<'_> {
+    MatRef { data, offset: 0, row_stride: cols, col_stride: 1 }
+}
+
+/// SGEMM `C = A B` for row-major `m x k` and `k x n` operands: ours against `gemm`.
+fn sgemm_lines(threads: usize, reps: usize) {
+    for (m, k, n) in [(128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (4096, 384, 1536)] {
+        let a = Tensor::randn([m, k], &Device::Cpu, 1).unwrap().to_vec::<f32>().unwrap();
+        let b = Tensor::randn([k, n], &Device::Cpu, 2).unwrap().to_vec::<f32>().unwrap();
+        let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+        let inner = (1 << 27) / (m * n * k).min(1 << 27);
+        let (ours, peer) = race(
+            reps,
+            batched(inner, || sgemm(m, n, k, row_major(&a, k), row_major(&b, n), &mut c1)),
+            batched(inner, || {
+                // SAFETY: the pointers cover m*k, k*n and m*n f32s with the row-major
+                // strides given; `gemm` reads a and b and overwrites c (read_dst false).
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        c2.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        a.as_ptr(),
+                        1,
+                        k as isize,
+                        b.as_ptr(),
+                        1,
+                        n as isize,
+                        0.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::Rayon(threads),
+                    )
+                }
+            }),
+        );
+        let gflops = |secs: f64| 2.0 * (m * n * k) as f64 * inner as f64 / secs / 1e9;
+        println!(
+            "{{\"op\":\"sgemm\",\"shape\":[{m},{k},{n}],\"threads\":{threads},\"ms\":{:.4},\"gflops\":{:.1},\"peer\":\"gemm\",\"peer_ms\":{:.4},\"peer_gflops\":{:.1}}}",
+            ours * 1e3 / inner as f64,
+            gflops(ours),
+            peer * 1e3 / inner as f64,
+            gflops(peer)
+        );
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let reps = if quick { 5 } else { 15 };
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a rayon pool");
+        pool.install(|| {
+            elementwise_and_rows(threads, reps);
+            sgemm_lines(threads, reps);
+        });
+    }
+}

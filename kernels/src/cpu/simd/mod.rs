@@ -1,0 +1,498 @@
+//! Explicit SIMD for f32, written once: a small vector trait ([`F32Vector`]), one
+//! implementation per instruction set, and a macro that compiles a kernel for each of
+//! them and runs the fastest one this CPU has.
+//!
+//! **The vector.** [`F32Vector`] is the handful of operations the kernels need: load,
+//! store, arithmetic with `+ - * /` operators, fused multiply-add, min/max, comparisons
+//! that give a lane mask and `select` on it, horizontal sums, and the two bit-level steps
+//! the transcendental functions need (build `2^n`, split a float into mantissa and
+//! exponent). It is implemented for
+//!
+//! - AVX-512F: `__m512`, 16 lanes, masks in `__mmask16` (x86-64);
+//! - AVX2 + FMA: `__m256`, 8 lanes (x86-64);
+//! - NEON: `float32x4_t`, 4 lanes (aarch64, where NEON is always present);
+//! - [`Scalar`]: one `f32`, the portable fallback on every other target.
+//!
+//! The AVX-512 and AVX2 types come from one macro over the same intrinsic names (see
+//! `x86.rs`), so the code that cannot be exercised on an AVX2-only machine is the same
+//! text as the code that is.
+//!
+//! **The kernels.** A kernel is a function defined with [`kernel!`], whose body is
+//! written once against a vector type `V`. The macro compiles that body once per
+//! instruction set, each copy inside a `#[target_feature]` function with `V` set to the
+//! ISA's vector type, and gives the function a leading `isa: Isa` argument that picks
+//! the copy. Everything the body contains or calls is then compiled for that ISA:
+//! closures defined in a `#[target_feature]` function inherit its features, and the
+//! helpers (trait methods, the math in [`math`], the loops [`map`], [`sums`],
+//! [`update`], ...) are `#[inline(always)]`. (A generic `run::<V>` method called from a
+//! `#[target_feature]` wrapper would not do: its closures would be separate functions
+//! compiled without the features, every intrinsic in them an out-of-line call.)
+//!
+//! **Detection.** The ISA is detected once per process ([`Isa::best`], shared with the
+//! GEMM). On aarch64 NEON is part of the baseline target, so it is used without detection
+//! whenever no x86 extension applies.
+//!
+//! **Safety.** Values of the AVX2 and AVX-512 vector types (and so the intrinsics called
+//! on them) exist only inside kernel bodies that [`kernel!`] enters after asserting that
+//! the CPU has the ISA: the types are `pub(crate)` only so that the macro can name them,
+//! and no other code does. Each ISA file has a single `unsafe` site, in a macro that
+//! wraps every intrinsic call with that argument; pointer loads and stores go through
+//! slices whose length is checked first. The macro's two `unsafe` calls (one per x86 ISA)
+//! are justified by its assertion.
+
+pub mod math;
+mod scalar;
+
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86;
+
+pub use super::gemm::Isa;
+pub use scalar::Scalar;
+use std::ops::{Add, Div, Mul, Neg, Sub};
+
+/// The most lanes any [`F32Vector`] has (AVX-512), the size of the scratch buffer used
+/// for partial loads and stores.
+pub const MAX_LANES: usize = 16;
+
+/// A vector of `LANES` f32 values and the operations the kernels are written with.
+///
+/// Arithmetic uses the operators (`a * b + c`); the rest are methods. Lanes are
+/// independent: every operation acts lane by lane except the `reduce_*` methods.
+pub trait F32Vector:
+    Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self> + Neg<Output = Self>
+{
+    /// Number of f32 lanes.
+    const LANES: usize;
+    /// The per-lane result of a comparison.
+    type Mask: Copy;
+
+    /// Every lane equal to `value`.
+    fn splat(value: f32) -> Self;
+    /// Loads `src[..LANES]`. Panics if `src` is shorter.
+    fn load(src: &[f32]) -> Self;
+    /// Stores into `dst[..LANES]`. Panics if `dst` is shorter.
+    fn store(self, dst: &mut [f32]);
+    /// `self * b + c`, rounded once where the ISA has fused multiply-add (all but
+    /// [`Scalar`], which rounds twice rather than call a slow software `fmaf`).
+    fn mul_add(self, b: Self, c: Self) -> Self;
+    /// Lane-wise minimum. A lane where either input is NaN gets one of the two inputs
+    /// (which one depends on the ISA): kernels that must propagate NaN use `select`.
+    fn min(self, other: Self) -> Self;
+    /// Lane-wise maximum, with the same NaN caveat as [`F32Vector::min`].
+    fn max(self, other: Self) -> Self;
+    /// Correctly rounded square root.
+    fn sqrt(self) -> Self;
+    /// Absolute value (clears the sign bit, so NaN stays NaN).
+    fn abs(self) -> Self;
+    /// The magnitude of `self` with the sign bit of `sign`.
+    fn copysign(self, sign: Self) -> Self;
+    /// Rounds to the nearest integer, ties to even.
+    fn round(self) -> Self;
+    /// `self < other` (false where either is NaN).
+    fn lt(self, other: Self) -> Self::Mask;
+    /// `self <= other` (false where either is NaN).
+    fn le(self, other: Self) -> Self::Mask;
+    /// `self > other` (false where either is NaN).
+    fn gt(self, other: Self) -> Self::Mask;
+    /// `self >= other` (false where either is NaN).
+    fn ge(self, other: Self) -> Self::Mask;
+    /// True where the lane is NaN.
+    fn is_nan(self) -> Self::Mask;
+    /// `if_true` where `mask` is set, else `if_false`.
+    fn select(mask: Self::Mask, if_true: Self, if_false: Self) -> Self;
+    /// The sum of the lanes.
+    fn reduce_add(self) -> f32;
+    /// The largest lane (NaN lanes are ignored or returned, depending on the ISA).
+    fn reduce_max(self) -> f32;
+    /// `2^self` for lanes holding integers in `[-126, 127]` (built from the exponent
+    /// bits directly; other lanes give unspecified values).
+    fn pow2i(self) -> Self;
+    /// Splits a positive normal float into `(m, e)` with `self = m * 2^e` and
+    /// `m` in `[0.5, 1)` (C's `frexp`). Other lanes give unspecified values.
+    fn frexp(self) -> (Self, Self);
+
+    /// Loads `src` (at most `LANES` values) and fills the remaining lanes with `fill`.
+    #[inline(always)]
+    fn load_partial(src: &[f32], fill: f32) -> Self {
+        let mut buf = [fill; MAX_LANES];
+        buf[..src.len()].copy_from_slice(src);
+        Self::load(&buf)
+    }
+
+    /// Stores the first `dst.len()` lanes (at most `LANES`) into `dst`.
+    #[inline(always)]
+    fn store_partial(self, dst: &mut [f32]) {
+        let mut buf = [0.0; MAX_LANES];
+        self.store(&mut buf);
+        let n = dst.len();
+        dst.copy_from_slice(&buf[..n]);
+    }
+}
+
+/// The vector type used when no x86 extension is available: NEON on aarch64, where every
+/// CPU has it, else [`Scalar`].
+#[cfg(target_arch = "aarch64")]
+pub(crate) type Baseline = neon::Neon;
+#[cfg(not(target_arch = "aarch64"))]
+pub(crate) type Baseline = Scalar;
+
+/// Defines a SIMD kernel: a function whose body is written once against a vector type
+/// `V: F32Vector` and compiled once per instruction set.
+///
+/// ```ignore
+/// kernel! {
+///     /// `dst = 2 * src`.
+///     fn double(src: &[f32], dst: &mut [f32]) {
+///         map1::<V>(src, dst, |x| x + x)
+///     }
+/// }
+/// double(Isa::best(), &src, &mut dst);
+/// ```
+///
+/// The function takes a leading `isa: Isa` argument (usually [`Isa::best`]) and panics if
+/// this CPU does not support it. Each copy of the body is the body of a
+/// `#[target_feature]` function in which `V` is that ISA's vector type ([`Scalar`] or
+/// NEON for `Isa::Scalar`), so the body, its closures and the `#[inline(always)]`
+/// helpers it calls are all compiled with the ISA's instructions.
+macro_rules! kernel {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$attr])*
+        $vis fn $name(isa: $crate::cpu::simd::Isa, $($arg: $ty),*) $(-> $ret)? {
+            assert!(isa.is_available(), "{}: {isa:?} is not supported by this CPU", stringify!($name));
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                $crate::cpu::simd::Isa::Avx512 => {
+                    #[target_feature(enable = "avx512f")]
+                    fn avx512($($arg: $ty),*) $(-> $ret)? {
+                        type V = $crate::cpu::simd::x86::Avx512;
+                        $body
+                    }
+                    // SAFETY: asserted above that this CPU has AVX-512F.
+                    unsafe { avx512($($arg),*) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                $crate::cpu::simd::Isa::Avx2Fma => {
+                    #[target_feature(enable = "avx2,fma")]
+                    fn avx2($($arg: $ty),*) $(-> $ret)? {
+                        type V = $crate::cpu::simd::x86::Avx2;
+                        $body
+                    }
+                    // SAFETY: asserted above that this CPU has AVX2 and FMA.
+                    unsafe { avx2($($arg),*) }
+                }
+                _ => {
+                    fn baseline($($arg: $ty),*) $(-> $ret)? {
+                        type V = $crate::cpu::simd::Baseline;
+                        $body
+                    }
+                    baseline($($arg),*)
+                }
+            }
+        }
+    };
+}
+pub(crate) use kernel;
+
+/// One input of the loops below: a slice as long as the output, or one value for every
+/// element.
+#[derive(Clone, Copy, Debug)]
+pub enum Operand<'a> {
+    /// Element `i` is `slice[i]`.
+    Slice(&'a [f32]),
+    /// Every element is this value.
+    Splat(f32),
+}
+
+impl Operand<'_> {
+    /// The vector of elements `start..start + LANES`.
+    #[inline(always)]
+    fn load<V: F32Vector>(self, start: usize) -> V {
+        match self {
+            Operand::Slice(s) => V::load(&s[start..]),
+            Operand::Splat(v) => V::splat(v),
+        }
+    }
+
+    /// The (fewer than `LANES`) elements from `start` to the end, padded with 1.0.
+    #[inline(always)]
+    fn load_tail<V: F32Vector>(self, start: usize) -> V {
+        match self {
+            Operand::Slice(s) => V::load_partial(&s[start..], 1.0),
+            Operand::Splat(v) => V::splat(v),
+        }
+    }
+
+    /// Panics unless a slice operand has exactly `len` elements.
+    fn check_len(self, len: usize) {
+        if let Operand::Slice(s) = self {
+            assert_eq!(s.len(), len, "simd: operand and output lengths differ");
+        }
+    }
+}
+
+/// The vectors of `inputs` at element `start`: full vectors, or the tail padded with 1.0.
+///
+/// (The loops below build their arrays with `for` loops rather than `array::map`: a
+/// closure written here would be compiled without the kernel's target features.)
+#[inline(always)]
+fn load_all<V: F32Vector, const N: usize>(inputs: &[Operand; N], start: usize, tail: bool) -> [V; N] {
+    let mut out = [V::splat(0.0); N];
+    for k in 0..N {
+        out[k] = if tail { inputs[k].load_tail(start) } else { inputs[k].load(start) };
+    }
+    out
+}
+
+/// Panics unless every slice input has `len` elements.
+#[inline(always)]
+fn check_lens<const N: usize>(inputs: &[Operand; N], len: usize) {
+    for x in inputs {
+        x.check_len(len);
+    }
+}
+
+/// `dst[i] = f([input_0[i], input_1[i], ..])` a vector at a time. The tail goes through
+/// the same `f` on a partial vector (padded with 1.0, a harmless input for every function
+/// here), so there is no scalar remainder loop and every element is computed by the
+/// same instructions.
+#[inline(always)]
+pub fn map<V: F32Vector, const N: usize>(inputs: [Operand; N], dst: &mut [f32], f: impl Fn([V; N]) -> V) {
+    check_lens(&inputs, dst.len());
+    let body = dst.len() - dst.len() % V::LANES;
+    let (head, tail) = dst.split_at_mut(body);
+    for (i, d) in head.chunks_exact_mut(V::LANES).enumerate() {
+        f(load_all(&inputs, i * V::LANES, false)).store(d);
+    }
+    if !tail.is_empty() {
+        f(load_all(&inputs, body, true)).store_partial(tail);
+    }
+}
+
+/// `dst[i] = f(src[i])`: [`map`] of one slice, written out so that `f` takes a plain
+/// vector (`map1(src, dst, math::exp)`).
+#[inline(always)]
+pub fn map1<V: F32Vector>(src: &[f32], dst: &mut [f32], f: impl Fn(V) -> V) {
+    assert_eq!(src.len(), dst.len(), "simd: operand and output lengths differ");
+    let mut src_chunks = src.chunks_exact(V::LANES);
+    let mut dst_chunks = dst.chunks_exact_mut(V::LANES);
+    for (s, d) in (&mut src_chunks).zip(&mut dst_chunks) {
+        f(V::load(s)).store(d);
+    }
+    let (s, d) = (src_chunks.remainder(), dst_chunks.into_remainder());
+    if !s.is_empty() {
+        f(V::load_partial(s, 1.0)).store_partial(d);
+    }
+}
+
+/// Updates `M` buffers in place, reading `N` more inputs:
+/// `[buf_0[i], ..] = f([buf_0[i], ..], [input_0[i], ..])`, a vector at a time (the tail
+/// as in [`map`]). Scaling a row is `M = 1, N = 0`; an optimizer step updates the
+/// parameter and its state together from the gradient.
+#[inline(always)]
+pub fn update<V: F32Vector, const M: usize, const N: usize>(
+    bufs: [&mut [f32]; M],
+    inputs: [Operand; N],
+    f: impl Fn([V; M], [V; N]) -> [V; M],
+) {
+    let len = if M == 0 { 0 } else { bufs[0].len() };
+    for b in &bufs {
+        assert_eq!(b.len(), len, "simd::update: buffer lengths differ");
+    }
+    check_lens(&inputs, len);
+    let body = len - len % V::LANES;
+    let mut start = 0;
+    while start < len {
+        let tail = start == body;
+        let mut old = [V::splat(0.0); M];
+        for k in 0..M {
+            old[k] = if tail { V::load_partial(&bufs[k][start..], 1.0) } else { V::load(&bufs[k][start..]) };
+        }
+        let new = f(old, load_all(&inputs, start, tail));
+        for k in 0..M {
+            if tail { new[k].store_partial(&mut bufs[k][start..]) } else { new[k].store(&mut bufs[k][start..]) }
+        }
+        start += V::LANES;
+    }
+}
+
+/// The lane mask of the first `n` lanes (`n < LANES`): which lanes of a tail are real.
+#[inline(always)]
+fn first_lanes<V: F32Vector>(n: usize) -> V::Mask {
+    const LANE_INDEX: [f32; MAX_LANES] = [0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.];
+    V::load(&LANE_INDEX).lt(V::splat(n as f32))
+}
+
+/// `acc[k] += terms[k]` for every `k`.
+#[inline(always)]
+fn accumulate<V: F32Vector, const K: usize>(acc: &mut [V; K], terms: [V; K]) {
+    for k in 0..K {
+        acc[k] = acc[k] + terms[k];
+    }
+}
+
+/// `K` sums at once: `sum_i f([input_0[i], ..])[k]` over `len` elements. Four sets of
+/// vector accumulators hide the latency of the adds; the padded lanes of the tail are
+/// masked out, so `f` may return anything there.
+#[inline(always)]
+pub fn sums<V: F32Vector, const N: usize, const K: usize>(
+    inputs: [Operand; N],
+    len: usize,
+    f: impl Fn([V; N]) -> [V; K],
+) -> [f32; K] {
+    check_lens(&inputs, len);
+    let zero = V::splat(0.0);
+    let mut acc = [[zero; K]; 4];
+    let body = len - len % V::LANES;
+    let mut start = 0;
+    while start + 4 * V::LANES <= body {
+        for (u, a) in acc.iter_mut().enumerate() {
+            accumulate(a, f(load_all(&inputs, start + u * V::LANES, false)));
+        }
+        start += 4 * V::LANES;
+    }
+    while start < body {
+        accumulate(&mut acc[0], f(load_all(&inputs, start, false)));
+        start += V::LANES;
+    }
+    if body < len {
+        let real = first_lanes::<V>(len - body);
+        let mut terms = f(load_all(&inputs, body, true));
+        for t in &mut terms {
+            *t = V::select(real, *t, zero);
+        }
+        accumulate(&mut acc[1], terms);
+    }
+    let mut out = [0.0; K];
+    for k in 0..K {
+        out[k] = ((acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k])).reduce_add();
+    }
+    out
+}
+
+/// The largest element of a slice (`-inf` for an empty one). A NaN element may or may not
+/// be returned: callers that need NaN to propagate get it from later arithmetic.
+#[inline(always)]
+pub fn max_of<V: F32Vector>(x: &[f32]) -> f32 {
+    let mut acc = [V::splat(f32::NEG_INFINITY); 4];
+    let mut blocks = x.chunks_exact(4 * V::LANES);
+    for block in &mut blocks {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a = a.max(V::load(&block[k * V::LANES..]));
+        }
+    }
+    for (k, chunk) in blocks.remainder().chunks(V::LANES).enumerate() {
+        acc[k] = acc[k].max(V::load_partial(chunk, f32::NEG_INFINITY));
+    }
+    acc[0].max(acc[1]).max(acc[2].max(acc[3])).reduce_max()
+}
+
+/// Every ISA this CPU can run, for tests (on x86-64 `Isa::Scalar` runs [`Scalar`]).
+#[cfg(test)]
+pub(crate) fn test_isas() -> Vec<Isa> {
+    Isa::ALL.into_iter().filter(|isa| isa.is_available()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    kernel! {
+        /// Exercises every trait method on known values.
+        fn basics() {
+            let lanes: Vec<f32> = (0..V::LANES).map(|i| i as f32 - 2.5).collect();
+            let x = V::load(&lanes);
+            let mut out = vec![0.0; V::LANES];
+            let check = |v: V, f: &dyn Fn(f32) -> f32, what: &str| {
+                let mut got = vec![0.0; V::LANES];
+                v.store(&mut got);
+                for (g, &l) in got.iter().zip(&lanes) {
+                    let want = f(l);
+                    assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "{what}({l}) = {g}, want {want}");
+                }
+            };
+            let two = V::splat(2.0);
+            check(x + two, &|l| l + 2.0, "add");
+            check(x - two, &|l| l - 2.0, "sub");
+            check(x * two, &|l| l * 2.0, "mul");
+            check(x / two, &|l| l / 2.0, "div");
+            check(-x, &|l| -l, "neg");
+            check(x.mul_add(two, V::splat(1.0)), &|l| l * 2.0 + 1.0, "mul_add");
+            check(x.min(V::splat(0.0)), &|l| l.min(0.0), "min");
+            check(x.max(V::splat(0.0)), &|l| l.max(0.0), "max");
+            check(x.abs().sqrt(), &|l| l.abs().sqrt(), "sqrt");
+            check(x.abs(), &|l| l.abs(), "abs");
+            check(two.copysign(x), &|l| 2f32.copysign(l), "copysign");
+            check(x.round(), &|l| l.round_ties_even(), "round");
+            let zero = V::splat(0.0);
+            let one = V::splat(1.0);
+            check(V::select(x.lt(zero), one, zero), &|l| (l < 0.0) as u8 as f32, "lt");
+            check(V::select(x.le(V::splat(-0.5)), one, zero), &|l| (l <= -0.5) as u8 as f32, "le");
+            check(V::select(x.gt(zero), one, zero), &|l| (l > 0.0) as u8 as f32, "gt");
+            check(V::select(x.ge(V::splat(-0.5)), one, zero), &|l| (l >= -0.5) as u8 as f32, "ge");
+            check(V::select((x / zero).is_nan(), one, zero), &|l| (l / 0.0).is_nan() as u8 as f32, "is_nan");
+            check(x.round().pow2i(), &|l| 2f32.powi(l.round_ties_even() as i32), "pow2i");
+            let positive = x.abs() + V::splat(0.75);
+            let (m, e) = positive.frexp();
+            check(m, &|l| {
+                let p = l.abs() + 0.75;
+                p / 2f32.powi(p.log2().floor() as i32 + 1)
+            }, "frexp mantissa");
+            check(e, &|l| (l.abs() + 0.75).log2().floor() + 1.0, "frexp exponent");
+            let sum: f32 = lanes.iter().sum();
+            assert_eq!(x.reduce_add(), sum, "reduce_add");
+            assert_eq!(x.reduce_max(), lanes[V::LANES - 1], "reduce_max");
+            x.store_partial(&mut out[..1]);
+            assert_eq!(out[0], lanes[0]);
+            let part = V::load_partial(&lanes[..1], 7.0);
+            part.store(&mut out);
+            assert!(out[0] == lanes[0] && out[1..].iter().all(|&v| v == 7.0));
+        }
+    }
+
+    #[test]
+    fn every_vector_type_implements_the_trait_lane_by_lane() {
+        for isa in test_isas() {
+            basics(isa);
+        }
+    }
+
+    kernel! {
+        /// Sums, maxima and maps of `x` (lengths around every multiple of the lane count).
+        fn loops(x: &[f32]) -> ([f32; 2], f32, Vec<f32>, Vec<f32>, Vec<f32>) {
+            let sums = sums::<V, 2, 2>([Operand::Slice(x), Operand::Splat(2.0)], x.len(), |[v, two]| [v * v, v * two]);
+            let max = max_of::<V>(x);
+            let mut doubled = vec![0.0; x.len()];
+            map1::<V>(x, &mut doubled, |v| v + v);
+            let mut scaled = vec![0.0; x.len()];
+            map::<V, 2>([Operand::Slice(x), Operand::Splat(3.0)], &mut scaled, |[a, b]| a * b);
+            let mut halved = x.to_vec();
+            update::<V, 1, 0>([&mut halved], [], |[v], []| [v * V::splat(0.5)]);
+            (sums, max, doubled, scaled, halved)
+        }
+    }
+
+    #[test]
+    fn loops_cover_bodies_and_tails_of_every_length() {
+        for isa in test_isas() {
+            for n in 0..70 {
+                let x: Vec<f32> = (0..n).map(|i| ((i * 7) % 11) as f32 - 4.0).collect();
+                let ([squares, twice], max, doubled, scaled, halved) = loops(isa, &x);
+                assert_eq!(squares, x.iter().map(|v| v * v).sum::<f32>(), "{isa:?} n={n}");
+                assert_eq!(twice, x.iter().map(|v| v * 2.0).sum::<f32>(), "{isa:?} n={n}");
+                assert_eq!(max, x.iter().copied().fold(f32::NEG_INFINITY, f32::max), "{isa:?} n={n}");
+                assert_eq!(doubled, x.iter().map(|v| v + v).collect::<Vec<_>>());
+                assert_eq!(scaled, x.iter().map(|v| v * 3.0).collect::<Vec<_>>());
+                assert_eq!(halved, x.iter().map(|v| v * 0.5).collect::<Vec<_>>());
+            }
+        }
+    }
+
+    #[test]
+    fn a_kernel_refuses_an_isa_this_cpu_lacks() {
+        for isa in Isa::ALL.into_iter().filter(|isa| !isa.is_available()) {
+            assert!(std::panic::catch_unwind(|| basics(isa)).is_err());
+        }
+    }
+}
