@@ -5,7 +5,9 @@
 //! and without the KV cache.
 //!
 //! Run: `cargo run --release --example gpt_shakespeare -- [--iters N] [--bpe VOCAB]
-//!       [--data PATH/input.txt] [--eval-interval N] [--sample N]`
+//!       [--data PATH/input.txt] [--eval-interval N] [--sample N] [--profile]`
+//!
+//! `--profile` prints where the training time went, op by op (forward and backward).
 
 use aigc::nn::VarStore;
 use aigc::trainers::data::shakespeare::TinyShakespeare;
@@ -23,10 +25,11 @@ struct Options {
     data: Option<String>,
     eval_interval: u64,
     sample: usize,
+    profile: bool,
 }
 
 fn parse_options() -> Result<Options> {
-    let mut o = Options { iters: 2000, bpe_vocab: None, data: None, eval_interval: 100, sample: 500 };
+    let mut o = Options { iters: 2000, bpe_vocab: None, data: None, eval_interval: 100, sample: 500, profile: false };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value =
@@ -36,6 +39,7 @@ fn parse_options() -> Result<Options> {
                 .map_err(|_| Error::invalid("gpt_shakespeare", format!("{flag} expects a number, got `{v}`")))
         };
         match flag.as_str() {
+            "--profile" => o.profile = true,
             "--iters" => o.iters = number(value()?)?,
             "--bpe" => o.bpe_vocab = Some(number(value()?)? as usize),
             "--data" => o.data = Some(value()?),
@@ -44,7 +48,9 @@ fn parse_options() -> Result<Options> {
             other => {
                 return Err(Error::invalid(
                     "gpt_shakespeare",
-                    format!("unknown flag `{other}`; expected --iters, --bpe, --data, --eval-interval, --sample"),
+                    format!(
+                        "unknown flag `{other}`; expected --iters, --bpe, --data, --eval-interval, --sample, --profile"
+                    ),
                 ));
             }
         }
@@ -87,6 +93,9 @@ fn main() -> Result<()> {
         rayon::current_num_threads()
     );
 
+    if opts.profile {
+        aigc::autograd::profile::enable();
+    }
     let started = Instant::now();
     let mut reached_1_90: Option<f64> = None;
     let points = train(&model, &vs, &train_ids, &val_ids, &cfg, |p| {
@@ -111,6 +120,11 @@ fn main() -> Result<()> {
         last.step as f64 * tokens_per_iter / last.train_seconds,
         started.elapsed().as_secs_f64()
     );
+    if opts.profile {
+        aigc::autograd::profile::disable();
+        let report = aigc::autograd::profile::report();
+        println!("where the time went ({:.1} s profiled):\n{report}", report.total().as_secs_f64());
+    }
     match reached_1_90 {
         Some(s) => println!("validation loss reached 1.90 after {s:.1} s wall"),
         None => println!("validation loss did not reach 1.90"),

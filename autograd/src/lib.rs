@@ -9,7 +9,7 @@
 //!   that gradients can be differentiated again ([`grad`] with `create_graph`).
 //! - [`gradcheck`]/[`gradgradcheck`]: finite-difference checks in f64.
 //! - [`no_grad`] and [`detect_anomaly`] (`mode.rs`); [`checkpoint`] trades memory for
-//!   recomputation.
+//!   recomputation; [`profile`] tables where a step's time goes, op by op.
 //!
 //! ```
 //! use aigc_autograd::{Var, grad};
@@ -28,6 +28,7 @@ pub mod checkpoint;
 pub mod gradcheck;
 pub mod mode;
 pub mod ops;
+pub mod profile;
 pub mod tape;
 #[cfg(test)]
 pub(crate) mod testing;

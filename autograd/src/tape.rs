@@ -162,7 +162,7 @@ fn walk(
             // to the ops the rule is written with.
             let grads = {
                 let _quiet = mode::AnomalyMode::set(false);
-                (r.backward)(&v, &g, &r.inputs)?
+                crate::profile::backward_rule(v.op_name(), || (r.backward)(&v, &g, &r.inputs))?
             };
             let inputs = r.inputs.clone();
             if !opts.retain_graph {

@@ -76,6 +76,7 @@ impl Var {
     /// Records an op: `value` computed from `inputs`, differentiated by `backward`. When
     /// recording is off or no input needs a gradient, the result is a constant.
     pub fn from_op(op: &'static str, value: Tensor, inputs: Vec<Var>, backward: BackwardFn) -> Result<Var> {
+        crate::profile::forward_op(op);
         if mode::is_anomaly_enabled() {
             let shapes: Vec<&Tensor> = inputs.iter().map(|v| v.value()).collect();
             mode::check_finite(op, "forward", &value, &shapes)?;

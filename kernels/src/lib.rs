@@ -9,6 +9,10 @@
 //! - [`element`]: the element types and the math they compute with.
 //! - [`cpu`]: the CPU kernels, one module per op family.
 #![deny(unsafe_op_in_unsafe_fn)]
+// SIMD kernels pass closures (`|x| math::exp(x)`), never function items: a closure
+// inherits the `#[target_feature]`s of the kernel it is written in, a function item's
+// call shim does not (every intrinsic in it becomes an out-of-line call). See `cpu::simd`.
+#![allow(clippy::redundant_closure)]
 
 pub mod cpu;
 pub mod element;

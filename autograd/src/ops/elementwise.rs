@@ -1,7 +1,7 @@
 //! Differentiable elementwise ops. Each rule is the textbook derivative, applied to the
 //! incoming gradient `g`; broadcasting is undone by the tape (`Var::sum_to`).
 
-use crate::Var;
+use crate::{Var, mode};
 use aigc_tensor::{Result, Tensor};
 use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI, PI};
 
@@ -79,6 +79,9 @@ impl Var {
     /// GELU, exact: d/dx `x Phi(x)` = `Phi(x) + x phi(x)`.
     pub fn gelu(&self) -> Result<Var> {
         self.unary_op("gelu", self.value().gelu()?, |_, g, x| {
+            if !mode::is_grad_enabled() {
+                return Ok(Var::constant(x.value().gelu_backward(g.value())?));
+            }
             let cdf = x.affine(FRAC_1_SQRT_2, 0.0)?.erf()?.affine(0.5, 0.5)?;
             let pdf = x.square()?.affine(-0.5, 0.0)?.exp()?.affine(1.0 / (2.0 * PI).sqrt(), 0.0)?;
             g.mul(&cdf.add(&x.mul(&pdf)?)?)
@@ -88,6 +91,9 @@ impl Var {
     /// d/dx = `(1 + t)/2 + x (1 - t^2) c (1 + 3 a x^2) / 2`.
     pub fn gelu_tanh(&self) -> Result<Var> {
         self.unary_op("gelu_tanh", self.value().gelu_tanh()?, |_, g, x| {
+            if !mode::is_grad_enabled() {
+                return Ok(Var::constant(x.value().gelu_tanh_backward(g.value())?));
+            }
             let x2 = x.square()?;
             let t = x.mul(&x2.affine(GELU_A, 1.0)?)?.affine(GELU_C, 0.0)?.tanh()?;
             let left = t.affine(0.5, 0.5)?;
@@ -99,6 +105,9 @@ impl Var {
     /// SiLU: d/dx `x s(x)` = `s (1 + x (1 - s))`.
     pub fn silu(&self) -> Result<Var> {
         self.unary_op("silu", self.value().silu()?, |_, g, x| {
+            if !mode::is_grad_enabled() {
+                return Ok(Var::constant(x.value().silu_backward(g.value())?));
+            }
             let s = x.sigmoid()?;
             g.mul(&s.mul(&x.mul(&s.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)?)?)
         })
@@ -187,6 +196,26 @@ mod tests {
     use proptest::prelude::*;
 
     type Unary = fn(&Var) -> Result<Var>;
+
+    #[test]
+    fn fused_activation_gradients_equal_the_composed_create_graph_ones() {
+        // Plain gradients come from the fused `*_backward` kernels (the f32 SIMD path
+        // here), those of `create_graph` from composed ops.
+        use aigc_tensor::DType;
+        let x = Var::leaf(inputs::seeded(&[7, 150], 1).affine(3.0, 0.0).unwrap().to_dtype(DType::F32).unwrap());
+        let seed = Var::constant(inputs::seeded(&[7, 150], 2).to_dtype(DType::F32).unwrap());
+        let ops: [(&str, Unary); 3] =
+            [("gelu", |x| x.gelu()), ("gelu_tanh", |x| x.gelu_tanh()), ("silu", |x| x.silu())];
+        for (name, f) in ops {
+            let loss = || f(&x).unwrap().mul(&seed).unwrap().sum_all().unwrap();
+            let plain = crate::grad(&[&loss()], &[&x], false).unwrap()[0].value().to_f64_vec().unwrap();
+            let composed = crate::grad(&[&loss()], &[&x], true).unwrap()[0].value().to_f64_vec().unwrap();
+            for (p, c) in plain.iter().zip(&composed) {
+                assert!((p - c).abs() <= 2e-6 * (1.0 + c.abs()), "{name}: fused {p} vs composed {c}");
+            }
+        }
+    }
+
     const UNARY: &[(&str, Unary, bool)] = &[
         // (name, op, needs a positive input)
         ("neg", |x| x.neg(), false),

@@ -2,14 +2,17 @@
 //! declared once each. The tensor layer broadcasts both operands to one shape (stride-0
 //! views, no copies) before calling these kernels.
 //!
-//! For f32, `+ - * /`, `maximum` and `minimum` have a SIMD kernel (`binary_f32`) that
+//! The activation-gradient ops (`GeluGrad`, ...) are the fused backward of the
+//! activations: `g * f'(x)` in one pass instead of a chain of ops.
+//!
+//! For f32, `+ - * /`, `maximum`, `minimum` and the activation gradients have a SIMD kernel (`binary_f32`) that
 //! runs whenever each operand is, along the innermost dims, either contiguous or one
 //! repeated value: same-shape contiguous tensors, a scalar operand, a row broadcast over
 //! the last dim (`[m, n] + [n]`), a column broadcast (`[m, n] + [m, 1]`), and any mix
 //! of these ([`SimdRuns`]). Other layouts, ops and dtypes take the generic kernel.
 
 use super::map::{SimdRuns, zip_map};
-use super::simd::{F32Vector, Isa, Operand, kernel, map};
+use super::simd::{F32Vector, Isa, Operand, kernel, map, math};
 use crate::{Element, FloatElem, Layout, Real};
 
 macro_rules! binary_ops {
@@ -71,6 +74,37 @@ binary_ops! {
     Maximum => |a, b| a.max(b);
     /// the smaller (NaN if either is NaN)
     Minimum => |a, b| a.min(b);
+    /// `b * gelu'(a)`: the gradient `b` of exact GELU's output carried to its input `a`
+    GeluGrad => |a, b| b * gelu_erf_grad(a);
+    /// `b * gelu_tanh'(a)`, as [`BinaryOp::GeluGrad`] for the tanh form
+    GeluTanhGrad => |a, b| b * gelu_tanh_grad(a);
+    /// `b * silu'(a)`, as [`BinaryOp::GeluGrad`] for SiLU
+    SiluGrad => |a, b| b * silu_grad(a);
+}
+
+/// `Phi(x) + x phi(x)`: the derivative of `x Phi(x)`.
+fn gelu_erf_grad<R: Real>(x: R) -> R {
+    let cdf = R::from_f64(0.5) * (R::one() + (x * R::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
+    let pdf = (R::from_f64(-0.5) * x * x).exp() * R::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+    cdf + x * pdf
+}
+
+/// With `u = c (x + a x^3)`, `t = tanh u`: `(1 + t)/2 + x (1 - t^2) c (1 + 3 a x^2) / 2`.
+fn gelu_tanh_grad<R: Real>(x: R) -> R {
+    let (c, a, half) = (R::from_f64((2.0 / std::f64::consts::PI).sqrt()), R::from_f64(0.044715), R::from_f64(0.5));
+    let t = (c * (x + a * x * x * x)).tanh();
+    half * (R::one() + t) + half * x * (R::one() - t * t) * c * (R::one() + R::from_f64(3.0) * a * x * x)
+}
+
+/// `s (1 + x (1 - s))` with `s = sigmoid(x)`.
+fn silu_grad<R: Real>(x: R) -> R {
+    let s = if x >= R::zero() {
+        R::one() / (R::one() + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (R::one() + e)
+    };
+    s * (R::one() + x * (R::one() - s))
 }
 
 impl BinaryOp {
@@ -99,6 +133,9 @@ kernel! {
             BinaryOp::Div => map::<V, 2>([a, b], dst, |[x, y]| x / y),
             BinaryOp::Maximum => map::<V, 2>([a, b], dst, |[x, y]| nan_or(x, y, x.max(y))),
             BinaryOp::Minimum => map::<V, 2>([a, b], dst, |[x, y]| nan_or(x, y, x.min(y))),
+            BinaryOp::GeluGrad => map::<V, 2>([a, b], dst, |[x, g]| g * math::gelu_erf_grad(x)),
+            BinaryOp::GeluTanhGrad => map::<V, 2>([a, b], dst, |[x, g]| g * math::gelu_tanh_grad(x)),
+            BinaryOp::SiluGrad => map::<V, 2>([a, b], dst, |[x, g]| g * math::silu_grad(x)),
             BinaryOp::Pow => unreachable!("binary_f32: pow has no f32 kernel"),
         }
     }
@@ -112,7 +149,7 @@ pub fn binary_i64(op: BinaryOp, lhs: &[i64], ll: &Layout, rhs: &[i64], rl: &Layo
         BinaryOp::Mul => zip_map(lhs, ll, rhs, rl, |a: i64, b| a.wrapping_mul(b)),
         BinaryOp::Maximum => zip_map(lhs, ll, rhs, rl, |a: i64, b| a.max(b)),
         BinaryOp::Minimum => zip_map(lhs, ll, rhs, rl, |a: i64, b| a.min(b)),
-        BinaryOp::Div | BinaryOp::Pow => unreachable!("binary_i64: {} is not integral", op.name()),
+        op => unreachable!("binary_i64: {} is not integral", op.name()),
     }
 }
 
@@ -125,7 +162,7 @@ pub fn binary_u8(op: BinaryOp, lhs: &[u8], ll: &Layout, rhs: &[u8], rl: &Layout)
         BinaryOp::Mul => zip_map(lhs, ll, rhs, rl, |a: u8, b| a.saturating_mul(b)),
         BinaryOp::Maximum => zip_map(lhs, ll, rhs, rl, |a: u8, b| a.max(b)),
         BinaryOp::Minimum => zip_map(lhs, ll, rhs, rl, |a: u8, b| a.min(b)),
-        BinaryOp::Div | BinaryOp::Pow => unreachable!("binary_u8: {} is not integral", op.name()),
+        op => unreachable!("binary_u8: {} is not integral", op.name()),
     }
 }
 

@@ -219,6 +219,13 @@ binary_methods! {
     maximum => Maximum,
     /// elementwise min, broadcasting
     minimum => Minimum,
+    /// Called on GELU's input `x` with the gradient of its output: `grad * gelu'(x)` in
+    /// one pass, the fused backward of [`Tensor::gelu`]
+    gelu_backward => GeluGrad,
+    /// `grad * gelu_tanh'(x)`, the fused backward of [`Tensor::gelu_tanh`] (called on `x`)
+    gelu_tanh_backward => GeluTanhGrad,
+    /// `grad * silu'(x)`, the fused backward of [`Tensor::silu`] (called on `x`)
+    silu_backward => SiluGrad,
 }
 
 macro_rules! compare_methods {

@@ -6,6 +6,7 @@
 use super::model::Gpt;
 use crate::rng::SplitMix64;
 use aigc_autograd::no_grad;
+use aigc_autograd::profile::region;
 use aigc_nn::optim::ParamGroup;
 use aigc_nn::optim::schedule::{LrSchedule, WarmupCosine};
 use aigc_nn::{AdamConfig, AdamW, Optimizer, VarStore, clip_grad_norm};
@@ -140,24 +141,26 @@ pub fn train(
     for step in 0..cfg.iters {
         let started = Instant::now();
         opt.set_lr(schedule.lr(step));
-        let (x, y) = sample_batch(train, block, cfg.batch_size, &mut rng, &model.device())?;
+        let (x, y) = region("sample_batch", || sample_batch(train, block, cfg.batch_size, &mut rng, &model.device()))?;
         let loss = model.loss(&x, &y)?;
         opt.zero_grad();
         loss.backward()?;
         if cfg.grad_clip > 0.0 {
-            clip_grad_norm(&params, cfg.grad_clip)?;
+            region("clip_grad_norm", || clip_grad_norm(&params, cfg.grad_clip))?;
         }
-        opt.step()?;
+        region("optimizer step", || opt.step())?;
         train_seconds += started.elapsed().as_secs_f64();
         let done = step + 1;
         if done.is_multiple_of(cfg.eval_interval.max(1)) || done == cfg.iters {
             let eval_seed = cfg.seed ^ done;
-            let point = EvalPoint {
-                step: done,
-                train_loss: estimate_loss(model, vs, train, cfg.eval_iters, cfg.batch_size, eval_seed)?,
-                val_loss: estimate_loss(model, vs, val, cfg.eval_iters, cfg.batch_size, eval_seed)?,
-                train_seconds,
-            };
+            let point = region("estimate_loss", || -> Result<EvalPoint> {
+                Ok(EvalPoint {
+                    step: done,
+                    train_loss: estimate_loss(model, vs, train, cfg.eval_iters, cfg.batch_size, eval_seed)?,
+                    val_loss: estimate_loss(model, vs, val, cfg.eval_iters, cfg.batch_size, eval_seed)?,
+                    train_seconds,
+                })
+            })?;
             on_eval(&point);
             points.push(point);
         }

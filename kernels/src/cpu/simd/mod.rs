@@ -271,7 +271,8 @@ pub fn map<V: F32Vector, const N: usize>(inputs: [Operand; N], dst: &mut [f32], 
 }
 
 /// `dst[i] = f(src[i])`: [`map`] of one slice, written out so that `f` takes a plain
-/// vector (`map1(src, dst, math::exp)`).
+/// vector (`map1(src, dst, |x| math::exp(x))`; pass a closure, not the function item
+/// `math::exp`, whose call shim would be compiled without the kernel's target features).
 #[inline(always)]
 pub fn map1<V: F32Vector>(src: &[f32], dst: &mut [f32], f: impl Fn(V) -> V) {
     assert_eq!(src.len(), dst.len(), "simd: operand and output lengths differ");
