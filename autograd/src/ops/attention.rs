@@ -2,8 +2,10 @@
 //! (Vaswani et al. 2017).
 //!
 //! The forward is the fused online-softmax tensor op, which never stores the `Lq x Lk`
-//! probabilities. The backward recomputes them, as FlashAttention does (Dao et al.
-//! 2022), but with `Var` ops so that the rule is differentiable again:
+//! probabilities. Plain gradients (no `create_graph`, the training-step case) come from
+//! the fused backward tensor op, which recomputes them block by block as FlashAttention
+//! does (Dao et al. 2022). With `create_graph` the rule recomputes them with `Var` ops,
+//! so that it is differentiable again:
 //!
 //! `P = softmax(Q K^T * scale + bias)`, `dV = P^T g`, `dP = g V^T`,
 //! `dS = P * (dP - sum(dP * P, -1))`, `dQ = dS K * scale`, `dK = dS^T Q * scale`.
@@ -16,7 +18,7 @@
 //! dims need no care here: the tape sums each gradient down to its input's shape.
 
 use super::softmax::softmax_backward;
-use crate::Var;
+use crate::{Var, mode};
 use aigc_tensor::{DType, Device, Result, Tensor};
 
 const OP: &str = "scaled_dot_product_attention";
@@ -107,6 +109,18 @@ impl Var {
             vec![q.clone(), k.clone(), v.clone()],
             Box::new(move |_, g, inputs| {
                 let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
+                if !mode::is_grad_enabled() {
+                    let (dq, dk, dv) = Tensor::scaled_dot_product_attention_backward(
+                        q.value(),
+                        k.value(),
+                        v.value(),
+                        g.value(),
+                        mask.as_ref(),
+                        causal,
+                        Some(scale),
+                    )?;
+                    return Ok([dq, dk, dv].into_iter().map(|d| Some(Var::constant(d))).collect());
+                }
                 let visibility = Visibility::of(mask.as_ref(), causal, lq, lk, &q.device())?;
                 let p = probabilities(q, k, visibility.as_ref(), scale)?;
                 let dv = v.needs_grad().then(|| p.t()?.matmul(g)).transpose()?;

@@ -16,7 +16,9 @@
 //! ```
 //!
 //! and the output row is `acc / l` once every key has been seen. This is exactly the
-//! softmax of the whole row, in one pass over the keys.
+//! softmax of the whole row, in one pass over the keys. Per tile the two products,
+//! `S = Q_b K_b^T` and `acc += P V_b`, are GEMMs in the accumulator type
+//! (`matmul::gemm_acc`: the SIMD `sgemm` for f32).
 //!
 //! Masking: a boolean mask removes key `j` from query `i` where it is 0; an additive mask
 //! is added to the scores (`-inf` removes a key). `causal` removes key `j` from query `i`
@@ -27,6 +29,8 @@
 //! outputs zeros (PyTorch gives NaN): there is nothing to attend to, and zeros keep
 //! padded rows from poisoning the rest of a batch.
 
+use super::matmul::{as_f32_mut, gemm_acc};
+use super::simd::{F32Vector, Isa, Operand, kernel, math, sums, update};
 use super::softmax::start_offsets;
 use crate::layout::Layout;
 use crate::{Element, FloatElem, Real};
@@ -60,10 +64,10 @@ pub struct Tiling {
 }
 
 impl Default for Tiling {
-    /// 32 query rows by 64 keys: a tile of scores, and the key/value blocks for a head
-    /// dim of 64, fit comfortably in L1/L2.
+    /// 32 query rows by 128 keys: a tile of scores, and the key/value blocks for a head
+    /// dim of 64, fit comfortably in L1/L2, and the two GEMMs per tile are not too small.
     fn default() -> Self {
-        Self { query_block: 32, key_block: 64 }
+        Self { query_block: 32, key_block: 128 }
     }
 }
 
@@ -103,15 +107,15 @@ pub fn scaled_dot_product_attention<T: FloatElem>(
 }
 
 /// A stack of matrices (the last two dims of a view) over the batch dims.
-struct Matrices<'a, T> {
+pub(super) struct Matrices<'a, T> {
     data: &'a [T],
-    starts: Vec<usize>,
+    pub(super) starts: Vec<usize>,
     row_stride: usize,
     col_stride: usize,
 }
 
 impl<'a, T: Copy> Matrices<'a, T> {
-    fn new(view: Strided<'a, T>) -> Self {
+    pub(super) fn new(view: Strided<'a, T>) -> Self {
         let (shape, strides) = (view.layout.shape(), view.layout.strides());
         let batch_rank = shape.len() - 2;
         Self {
@@ -130,13 +134,22 @@ impl<'a, T: Copy> Matrices<'a, T> {
 
 impl<T: FloatElem> Matrices<'_, T> {
     /// Rows `rows` of matrix `batch`, `cols` wide, row-major in the accumulator type.
-    fn tile(&self, batch: usize, rows: std::ops::Range<usize>, cols: usize) -> Vec<T::Acc> {
-        rows.flat_map(|r| (0..cols).map(move |c| self.get(batch, r, c).to_acc())).collect()
+    pub(super) fn tile(&self, batch: usize, rows: std::ops::Range<usize>, cols: usize) -> Vec<T::Acc> {
+        let mut out = Vec::with_capacity(rows.len() * cols);
+        for r in rows {
+            let row_start = self.starts[batch] + r * self.row_stride;
+            if self.col_stride == 1 {
+                out.extend(self.data[row_start..row_start + cols].iter().map(|x| x.to_acc()));
+            } else {
+                out.extend((0..cols).map(|c| self.data[row_start + c * self.col_stride].to_acc()));
+            }
+        }
+        out
     }
 }
 
 /// The mask in the form the kernel reads it.
-enum MaskMatrices<'a, T> {
+pub(super) enum MaskMatrices<'a, T> {
     None,
     Keep(Matrices<'a, u8>),
     Additive(Matrices<'a, T>),
@@ -144,7 +157,7 @@ enum MaskMatrices<'a, T> {
 
 impl<T: FloatElem> MaskMatrices<'_, T> {
     /// What the mask adds to score `(query, key)`: 0, `-inf`, or the additive value.
-    fn bias(&self, batch: usize, query: usize, key: usize) -> T::Acc {
+    pub(super) fn bias(&self, batch: usize, query: usize, key: usize) -> T::Acc {
         match self {
             Self::None => <T::Acc as Element>::zero(),
             Self::Keep(m) if m.get(batch, query, key) != 0 => <T::Acc as Element>::zero(),
@@ -155,22 +168,22 @@ impl<T: FloatElem> MaskMatrices<'_, T> {
 }
 
 /// The operands, sizes and options of one attention call.
-struct Problem<'a, T: FloatElem> {
-    q: Matrices<'a, T>,
-    k: Matrices<'a, T>,
-    v: Matrices<'a, T>,
-    mask: MaskMatrices<'a, T>,
-    lq: usize,
-    lk: usize,
-    d: usize,
-    dv: usize,
-    scale: T::Acc,
+pub(super) struct Problem<'a, T: FloatElem> {
+    pub(super) q: Matrices<'a, T>,
+    pub(super) k: Matrices<'a, T>,
+    pub(super) v: Matrices<'a, T>,
+    pub(super) mask: MaskMatrices<'a, T>,
+    pub(super) lq: usize,
+    pub(super) lk: usize,
+    pub(super) d: usize,
+    pub(super) dv: usize,
+    pub(super) scale: T::Acc,
     causal: bool,
     key_block: usize,
 }
 
 impl<'a, T: FloatElem> Problem<'a, T> {
-    fn new(
+    pub(super) fn new(
         q: Strided<'a, T>,
         k: Strided<'a, T>,
         v: Strided<'a, T>,
@@ -202,7 +215,7 @@ impl<'a, T: FloatElem> Problem<'a, T> {
     }
 
     /// How many keys (a prefix `0..n`) query `i` may see under the causal mask.
-    fn visible_keys(&self, query: usize) -> usize {
+    pub(super) fn visible_keys(&self, query: usize) -> usize {
         if self.causal { (query + self.lk + 1).saturating_sub(self.lq).min(self.lk) } else { self.lk }
     }
 
@@ -215,24 +228,35 @@ impl<'a, T: FloatElem> Problem<'a, T> {
         let mut max = vec![T::Acc::NEG_INFINITY; rows];
         let mut sum = vec![zero; rows];
         let mut acc = vec![zero; rows * dv];
-        let mut scores = vec![zero; self.key_block];
+        let mut scores = vec![zero; rows * self.key_block];
+        let mut values = vec![zero; rows * dv];
         // Later queries see at least as many keys, so the last row bounds the key range.
         let key_end = self.visible_keys(first + rows - 1);
         for key_start in (0..key_end).step_by(self.key_block) {
             let keys = key_start..(key_start + self.key_block).min(key_end);
+            let width = keys.len();
             let k = self.k.tile(batch, keys.clone(), d);
             let v = self.v.tile(batch, keys.clone(), dv);
-            for i in 0..rows {
+            // The tile of scores S = Q_b K^T (K^T read through strides), one GEMM.
+            let scores = &mut scores[..rows * width];
+            gemm_acc(rows, width, d, (&q, d, 1), (&k, 1, d), scores);
+            for (i, row) in scores.chunks_mut(width).enumerate() {
                 let query = first + i;
-                let visible = keys.start..self.visible_keys(query).min(keys.end);
-                let scores = &mut scores[..visible.len()];
-                for (j, s) in scores.iter_mut().enumerate() {
-                    let dot =
-                        q[i * d..(i + 1) * d].iter().zip(&k[j * d..(j + 1) * d]).fold(zero, |s, (&a, &b)| s + a * b);
-                    *s = self.scale * dot + self.mask.bias(batch, query, keys.start + j);
+                let visible = self.visible_keys(query).saturating_sub(key_start).min(width);
+                for (j, s) in row.iter_mut().enumerate() {
+                    *s = if j < visible {
+                        self.scale * *s + self.mask.bias(batch, query, key_start + j)
+                    } else {
+                        T::Acc::NEG_INFINITY
+                    };
                 }
                 let state = OnlineSoftmax { max: &mut max[i], sum: &mut sum[i], acc: &mut acc[i * dv..(i + 1) * dv] };
-                state.update(scores, &v);
+                state.update(row);
+            }
+            // acc += P V: the rows of `scores` now hold the unnormalised probabilities.
+            gemm_acc(rows, dv, width, (scores, width, 1), (&v, dv, 1), &mut values);
+            for (a, &x) in acc.iter_mut().zip(&values) {
+                *a += x;
             }
         }
         for ((out_row, acc_row), &l) in out.chunks_mut(dv).zip(acc.chunks(dv)).zip(&sum) {
@@ -253,12 +277,15 @@ struct OnlineSoftmax<'s, A> {
 }
 
 impl<A: Real> OnlineSoftmax<'_, A> {
-    /// Folds in one block of scores `s_j` and the value rows `v` (`scores.len()` rows of
-    /// `acc.len()` values, row-major; extra rows are ignored).
-    fn update(self, scores: &[A], v: &[A]) {
+    /// Folds in one block of scores `s_j`: raises the max, rescales `l` and `acc` to it,
+    /// adds `sum_j exp(s_j - m')` to `l`, and overwrites the scores with
+    /// `exp(s_j - m')`, the weights the caller then multiplies into `acc` with the
+    /// block's values (`acc += P V`, one GEMM for all rows).
+    fn update(self, scores: &mut [A]) {
         let block_max = scores.iter().fold(A::NEG_INFINITY, |m, &s| m.max(s));
         if block_max == A::NEG_INFINITY {
-            return; // every key of the block is masked out: nothing changes
+            scores.fill(A::zero()); // every key of the block is masked out: nothing changes
+            return;
         }
         let new_max = self.max.max(block_max);
         // exp(-inf - finite) = 0 clears the empty initial state.
@@ -267,15 +294,33 @@ impl<A: Real> OnlineSoftmax<'_, A> {
         for a in self.acc.iter_mut() {
             *a *= rescale;
         }
-        let dv = self.acc.len();
-        for (&s, v_row) in scores.iter().zip(v.chunks(dv)) {
-            let p = (s - new_max).exp();
-            *self.sum += p;
-            for (a, &x) in self.acc.iter_mut().zip(v_row) {
-                *a += p * x;
-            }
-        }
+        *self.sum += exp_shifted(scores, new_max);
         *self.max = new_max;
+    }
+}
+
+/// `row[j] = exp(row[j] - max)` in place (`-inf` entries become 0); returns the sum. The
+/// exponentials of attention: SIMD for f32, `Real::exp` otherwise.
+pub(super) fn exp_shifted<A: Real>(row: &mut [A], max: A) -> A {
+    if let Some(row) = as_f32_mut(row) {
+        let sum = exp_shifted_f32(Isa::best(), row, max.to_f64() as f32);
+        return A::from_f64(sum as f64);
+    }
+    let mut sum = A::zero();
+    for s in row.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    sum
+}
+
+kernel! {
+    /// [`exp_shifted`] on f32.
+    fn exp_shifted_f32(row: &mut [f32], max: f32) -> f32 {
+        let max = V::splat(max);
+        update::<V, 1, 0>([&mut *row], [], |[s], []| [math::exp(s - max)]);
+        let [sum] = sums::<V, 1, 1>([Operand::Slice(row)], row.len(), |[e]| [e]);
+        sum
     }
 }
 

@@ -13,12 +13,12 @@
 
 use super::gemm::{MatRef, sgemm};
 use crate::layout::{Layout, for_each_offsets};
-use crate::{Element, FloatElem};
+use crate::{Element, FloatElem, Real};
 use rayon::prelude::*;
 use std::any::TypeId;
 
 /// `slice` viewed as f32s, when `T` is f32.
-fn as_f32<T: 'static>(slice: &[T]) -> Option<&[f32]> {
+pub(crate) fn as_f32<T: 'static>(slice: &[T]) -> Option<&[f32]> {
     (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| {
         // SAFETY: `T` is `f32` (same `TypeId`), so pointer and length describe the same f32s.
         unsafe { std::slice::from_raw_parts(slice.as_ptr().cast::<f32>(), slice.len()) }
@@ -26,7 +26,7 @@ fn as_f32<T: 'static>(slice: &[T]) -> Option<&[f32]> {
 }
 
 /// `slice` viewed mutably as f32s, when `T` is f32.
-fn as_f32_mut<T: 'static>(slice: &mut [T]) -> Option<&mut [f32]> {
+pub(crate) fn as_f32_mut<T: 'static>(slice: &mut [T]) -> Option<&mut [f32]> {
     (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| {
         // SAFETY: `T` is `f32` (same `TypeId`), so pointer and length describe the same f32s,
         // and the exclusive borrow moves from `slice` to the result.
@@ -50,6 +50,30 @@ fn matmul_f32(a: &[f32], b: &[f32], out: &mut [f32], dims: [usize; 3], strides: 
         out.par_chunks_mut(m * n).zip(batches).for_each(one_batch);
     } else {
         out.chunks_mut(m * n).zip(batches).for_each(one_batch);
+    }
+}
+
+/// One strided matrix operand of [`gemm_acc`]: the data, its row stride and column stride.
+pub(crate) type StridedMat<'a, A> = (&'a [A], usize, usize);
+
+/// `c = a @ b` for one `m x k` by `k x n` product in an accumulator type, `c` row-major:
+/// [`sgemm`] for f32, the i-k-j reference loop otherwise. For kernels that multiply
+/// small tiles of their own (the attention backward).
+pub(crate) fn gemm_acc<A: Real>(m: usize, n: usize, k: usize, a: StridedMat<A>, b: StridedMat<A>, c: &mut [A]) {
+    if let (Some(ad), Some(bd), Some(cd)) = (as_f32(a.0), as_f32(b.0), as_f32_mut(c)) {
+        let a = MatRef { data: ad, offset: 0, row_stride: a.1, col_stride: a.2 };
+        let b = MatRef { data: bd, offset: 0, row_stride: b.1, col_stride: b.2 };
+        return sgemm(m, n, k, a, b, cd);
+    }
+    for i in 0..m {
+        let row = &mut c[i * n..(i + 1) * n];
+        row.fill(A::zero());
+        for p in 0..k {
+            let aip = a.0[i * a.1 + p * a.2];
+            for (j, c_ij) in row.iter_mut().enumerate() {
+                *c_ij += aip * b.0[p * b.1 + j * b.2];
+            }
+        }
     }
 }
 

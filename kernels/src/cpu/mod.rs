@@ -6,6 +6,7 @@
 //! functions, which keeps the tensor layer unchanged.
 
 pub mod attention;
+pub mod attention_backward;
 pub mod binary;
 pub mod conv;
 pub mod copy;

@@ -15,6 +15,7 @@ use crate::shape::broadcast_shapes;
 use crate::storage::{CpuStorage, map_float};
 use crate::{DType, Error, Result, Tensor, WithDType};
 use aigc_kernels::cpu::attention::{self, AttentionMask, AttentionOptions, Strided, Tiling};
+use aigc_kernels::cpu::attention_backward;
 use aigc_kernels::{FloatElem, Layout};
 
 const OP: &str = "scaled_dot_product_attention";
@@ -55,32 +56,118 @@ pub(crate) fn attention_tiled(
     scale: Option<f64>,
     tiling: Tiling,
 ) -> Result<Tensor> {
-    q.expect_float(OP)?;
-    for other in [k, v] {
-        q.same_device(other, OP)?;
-        q.same_dtype(other, OP)?;
+    let p = Prepared::new(q, k, v, mask, scale)?;
+    let options = AttentionOptions { causal, scale: p.scale, tiling };
+    let (k, v, mask) = (&p.k, &p.v, p.mask.as_ref());
+    let out = p.q.read_cpu(|sq, lq| Ok(map_float!(OP, sq, |qb| attend(qb, lq, k, v, mask, options)?)))?;
+    Ok(Tensor::from_cpu(out, &p.shape(p.lq, p.dv)))
+}
+
+impl Tensor {
+    /// The gradients `(dq, dk, dv)` of [`Tensor::scaled_dot_product_attention`] given
+    /// the gradient `grad` of its output, in one fused pass that recomputes the
+    /// probabilities block by block (`aigc_kernels::cpu::attention_backward`). The
+    /// other arguments are the forward's. Each gradient has its operand's shape with the
+    /// batch dims broadcast (`[batch.., L, D]`); sum over a broadcast dim to get the
+    /// gradient of a shared operand.
+    pub fn scaled_dot_product_attention_backward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        grad: &Tensor,
+        mask: Option<&Tensor>,
+        causal: bool,
+        scale: Option<f64>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        const BACKWARD: &str = "scaled_dot_product_attention_backward";
+        let p = Prepared::new(q, k, v, mask, scale)?;
+        q.same_device(grad, BACKWARD)?;
+        q.same_dtype(grad, BACKWARD)?;
+        let out_shape = p.shape(p.lq, p.dv);
+        if grad.dims() != out_shape.as_slice() {
+            return Err(Error::ShapeMismatch {
+                op: BACKWARD,
+                lhs: grad.shape(),
+                rhs: out_shape.into(),
+                reason: "the gradient must have the attention output's shape [..., Lq, Dv]".into(),
+            });
+        }
+        let options = AttentionOptions { causal, scale: p.scale, tiling: Tiling::default() };
+        let (kv, mask) = ((&p.k, &p.v), p.mask.as_ref());
+        let [dq, dk, dv] = p.q.read_cpu(|sq, lq| {
+            Ok(match sq {
+                CpuStorage::F32(b) => attend_backward(b, lq, kv, grad, mask, options)?.map(CpuStorage::F32),
+                CpuStorage::F64(b) => attend_backward(b, lq, kv, grad, mask, options)?.map(CpuStorage::F64),
+                CpuStorage::F16(b) => attend_backward(b, lq, kv, grad, mask, options)?.map(CpuStorage::F16),
+                CpuStorage::BF16(b) => attend_backward(b, lq, kv, grad, mask, options)?.map(CpuStorage::BF16),
+                other => unreachable!("{BACKWARD}: {:?} was checked to be a float dtype", other.dtype()),
+            })
+        })?;
+        Ok((
+            Tensor::from_cpu(dq, &p.shape(p.lq, p.d)),
+            Tensor::from_cpu(dk, &p.shape(p.lk, p.d)),
+            Tensor::from_cpu(dv, &p.shape(p.lk, p.dv)),
+        ))
     }
-    let (lq, d) = matrix_dims("q", q)?;
-    let (lk, dk) = matrix_dims("k", k)?;
-    let (lv, dv) = matrix_dims("v", v)?;
-    if d != dk {
-        return Err(mismatch(q, k, format!("q.dim(-1)={d} must equal k.dim(-1)={dk} (the head dim D)")));
+}
+
+/// Checked and broadcast operands of one attention call.
+struct Prepared {
+    /// q, k and v broadcast to the common batch dims.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Option<Tensor>,
+    batch: Vec<usize>,
+    lq: usize,
+    lk: usize,
+    d: usize,
+    dv: usize,
+    scale: f64,
+}
+
+impl Prepared {
+    fn new(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: Option<f64>) -> Result<Prepared> {
+        q.expect_float(OP)?;
+        for other in [k, v] {
+            q.same_device(other, OP)?;
+            q.same_dtype(other, OP)?;
+        }
+        let (lq, d) = matrix_dims("q", q)?;
+        let (lk, dk) = matrix_dims("k", k)?;
+        let (lv, dv) = matrix_dims("v", v)?;
+        if d != dk {
+            return Err(mismatch(q, k, format!("q.dim(-1)={d} must equal k.dim(-1)={dk} (the head dim D)")));
+        }
+        if lk != lv {
+            return Err(mismatch(k, v, format!("k.dim(-2)={lk} must equal v.dim(-2)={lv} (the number of keys Lk)")));
+        }
+        let batch = broadcast_batch(q, k, v)?;
+        let scale = match scale {
+            Some(s) if !s.is_finite() => return Err(Error::invalid(OP, format!("scale {s} must be finite"))),
+            Some(s) => s,
+            None => 1.0 / (d.max(1) as f64).sqrt(),
+        };
+        let with = |rows: usize, cols: usize| [&batch[..], &[rows, cols]].concat();
+        let mask = mask.map(|m| check_mask(q, m, with(lq, lk))).transpose()?;
+        Ok(Prepared {
+            q: q.broadcast_to(with(lq, d))?,
+            k: k.broadcast_to(with(lk, d))?,
+            v: v.broadcast_to(with(lk, dv))?,
+            mask,
+            lq,
+            lk,
+            d,
+            dv,
+            scale,
+            batch,
+        })
     }
-    if lk != lv {
-        return Err(mismatch(k, v, format!("k.dim(-2)={lk} must equal v.dim(-2)={lv} (the number of keys Lk)")));
+
+    /// The batch dims followed by `[rows, cols]`.
+    fn shape(&self, rows: usize, cols: usize) -> Vec<usize> {
+        [&self.batch[..], &[rows, cols]].concat()
     }
-    let batch = broadcast_batch(q, k, v)?;
-    let scale = match scale {
-        Some(s) if !s.is_finite() => return Err(Error::invalid(OP, format!("scale {s} must be finite"))),
-        Some(s) => s,
-        None => 1.0 / (d.max(1) as f64).sqrt(),
-    };
-    let with = |tail: [usize; 2]| [&batch[..], &tail].concat();
-    let mask = mask.map(|m| check_mask(q, m, with([lq, lk]))).transpose()?;
-    let (q, k, v) = (q.broadcast_to(with([lq, d]))?, k.broadcast_to(with([lk, d]))?, v.broadcast_to(with([lk, dv]))?);
-    let options = AttentionOptions { causal, scale, tiling };
-    let out = q.read_cpu(|sq, lq| Ok(map_float!(OP, sq, |qb| attend(qb, lq, &k, &v, mask.as_ref(), options)?)))?;
-    Ok(Tensor::from_cpu(out, &with([lq, dv])))
 }
 
 /// `(rows, cols)` of the matrices of `t` (its last two dims), or an error if it has fewer.
@@ -159,20 +246,44 @@ fn attend<T: FloatElem + WithDType>(
     mask: Option<&Tensor>,
     options: AttentionOptions,
 ) -> Result<Vec<T>> {
+    with_operands(k, v, mask, |k, v, mask| {
+        let q = Strided { data: q, layout: q_layout };
+        Ok(attention::scaled_dot_product_attention(q, k, v, mask, options))
+    })
+}
+
+/// Calls `f` with the typed views of `k`, `v` and the mask.
+fn with_operands<T: FloatElem + WithDType, R>(
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    f: impl FnOnce(Strided<'_, T>, Strided<'_, T>, AttentionMask<'_, T>) -> Result<R>,
+) -> Result<R> {
     k.read_cpu(|sk, lk| {
         v.read_cpu(|sv, lv| {
-            let q = Strided { data: q, layout: q_layout };
             let (k, v) = (Strided { data: typed(sk), layout: lk }, Strided { data: typed(sv), layout: lv });
-            let Some(mask) = mask else {
-                return Ok(attention::scaled_dot_product_attention(q, k, v, AttentionMask::None, options));
-            };
-            mask.read_cpu(|sm, lm| {
-                let mask = match sm {
-                    CpuStorage::U8(data) => AttentionMask::Keep(Strided { data, layout: lm }),
-                    other => AttentionMask::Additive(Strided { data: typed(other), layout: lm }),
-                };
-                Ok(attention::scaled_dot_product_attention(q, k, v, mask, options))
+            let Some(mask) = mask else { return f(k, v, AttentionMask::None) };
+            mask.read_cpu(|sm, lm| match sm {
+                CpuStorage::U8(data) => f(k, v, AttentionMask::Keep(Strided { data, layout: lm })),
+                other => f(k, v, AttentionMask::Additive(Strided { data: typed(other), layout: lm })),
             })
+        })
+    })
+}
+
+/// Runs the backward kernel for one dtype (the dtypes as in [`attend`]).
+fn attend_backward<T: FloatElem + WithDType>(
+    q: &[T],
+    q_layout: &Layout,
+    (k, v): (&Tensor, &Tensor),
+    g: &Tensor,
+    mask: Option<&Tensor>,
+    options: AttentionOptions,
+) -> Result<[Vec<T>; 3]> {
+    with_operands(k, v, mask, |k, v, mask| {
+        g.read_cpu(|sg, lg| {
+            let (q, g) = (Strided { data: q, layout: q_layout }, Strided { data: typed(sg), layout: lg });
+            Ok(attention_backward::scaled_dot_product_attention_backward(q, k, v, g, mask, options))
         })
     })
 }

@@ -1,0 +1,216 @@
+//! The backward of scaled dot-product attention, fused: the gradients of
+//! `O = softmax(Q K^T * scale + bias) V` with respect to `Q`, `K` and `V`, given the
+//! output's gradient `G`, without a graph of tensor ops.
+//!
+//! Like FlashAttention's backward (Dao et al. 2022, Algorithm 4), it recomputes the
+//! probabilities instead of storing them, one block of query rows at a time:
+//!
+//! ```text
+//! S  = Q_b K^T * scale + bias          (hidden keys: -inf)      [bq, Lk]
+//! P  = softmax(S) row by row           (a row with no visible key: zeros)
+//! dV += P^T G_b                                                 [Lk, Dv]
+//! dP = G_b V^T                                                  [bq, Lk]
+//! dS = P * (dP - rowsum(P * dP))       (the softmax backward)
+//! dQ_b = dS K * scale                                           [bq, D]
+//! dK += dS^T Q_b * scale                                        [Lk, D]
+//! ```
+//!
+//! so only a `bq x Lk` tile of scores exists at a time. The five products are GEMMs on
+//! tiles in the accumulator type (`matmul::gemm_acc`: the SIMD `sgemm` for f32). Batch
+//! entries run in parallel; within one, the query blocks run in order and accumulate
+//! `dK` and `dV`. Under the causal mask a query block only reads the keys its last row
+//! can see. Masking conventions are the forward's (`attention.rs`).
+
+use super::attention::{AttentionMask, AttentionOptions, Matrices, Problem, Strided, exp_shifted};
+use super::matmul::gemm_acc;
+use crate::{FloatElem, Real};
+use rayon::prelude::*;
+
+/// Query rows per block of the backward.
+const QUERY_BLOCK: usize = 64;
+
+/// The gradients `[dQ, dK, dV]` of attention, each row-major with the shape of its
+/// (batch-broadcast) operand `[batch.., L, D]`: summing broadcast batch dims down to an
+/// input's shape is the caller's. `g` is the gradient of the output `[batch.., Lq, Dv]`;
+/// the other arguments are the forward's.
+pub fn scaled_dot_product_attention_backward<T: FloatElem>(
+    q: Strided<'_, T>,
+    k: Strided<'_, T>,
+    v: Strided<'_, T>,
+    g: Strided<'_, T>,
+    mask: AttentionMask<'_, T>,
+    options: AttentionOptions,
+) -> [Vec<T>; 3] {
+    let problem = Problem::new(q, k, v, mask, options);
+    let g = Matrices::new(g);
+    let (lq, lk, d, dv) = (problem.lq, problem.lk, problem.d, problem.dv);
+    let batches = problem.q.starts.len();
+    let (mut dq, mut dk, mut dvs) =
+        (vec![T::zero(); batches * lq * d], vec![T::zero(); batches * lk * d], vec![T::zero(); batches * lk * dv]);
+    if batches == 0 || lq == 0 || lk == 0 {
+        return [dq, dk, dvs];
+    }
+    // `max(1)`: chunks of a zero-width gradient are empty but must still pair up.
+    let per_batch = dq
+        .par_chunks_mut((lq * d).max(1))
+        .zip(dk.par_chunks_mut((lk * d).max(1)))
+        .zip(dvs.par_chunks_mut((lk * dv).max(1)))
+        .enumerate();
+    per_batch.for_each(|(batch, ((dq, dk), dv_out))| {
+        let grads = BatchGrads::of(&problem, &g, batch);
+        write(dq, &grads.dq);
+        write(dk, &grads.dk);
+        write(dv_out, &grads.dv);
+    });
+    [dq, dk, dvs]
+}
+
+fn write<T: FloatElem>(dst: &mut [T], src: &[T::Acc]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = T::from_acc(s);
+    }
+}
+
+/// The gradients of one batch entry, in the accumulator type.
+struct BatchGrads<A> {
+    dq: Vec<A>,
+    dk: Vec<A>,
+    dv: Vec<A>,
+}
+
+impl<A: Real> BatchGrads<A> {
+    fn of<T: FloatElem<Acc = A>>(p: &Problem<'_, T>, g: &Matrices<'_, T>, batch: usize) -> Self {
+        let (lq, lk, d, dv) = (p.lq, p.lk, p.d, p.dv);
+        let zero = A::zero();
+        let mut out = BatchGrads { dq: vec![zero; lq * d], dk: vec![zero; lk * d], dv: vec![zero; lk * dv] };
+        // Later queries see at least as many keys: the last row bounds every block's keys.
+        let keys_seen = p.visible_keys(lq - 1);
+        let (k, v) = (p.k.tile(batch, 0..keys_seen, d), p.v.tile(batch, 0..keys_seen, dv));
+        for first in (0..lq).step_by(QUERY_BLOCK) {
+            let rows = QUERY_BLOCK.min(lq - first);
+            let keys = p.visible_keys(first + rows - 1);
+            if keys == 0 {
+                continue; // no query of the block sees a key: zero gradients
+            }
+            let q_block = p.q.tile(batch, first..first + rows, d);
+            let g_block = g.tile(batch, first..first + rows, dv);
+            // S = Q_b K^T (K^T read through strides), then scale, bias and softmax.
+            let mut probs = vec![zero; rows * keys];
+            gemm_acc(rows, keys, d, (&q_block, d, 1), (&k, 1, d), &mut probs);
+            for (i, row) in probs.chunks_mut(keys).enumerate() {
+                let query = first + i;
+                let visible = p.visible_keys(query).min(keys);
+                for (j, s) in row.iter_mut().enumerate() {
+                    *s = if j < visible { p.scale * *s + p.mask.bias(batch, query, j) } else { A::NEG_INFINITY };
+                }
+                softmax_in_place(row);
+            }
+            // dV[..keys] += P^T G_b.
+            let mut part = vec![zero; keys * dv.max(d)];
+            gemm_acc(keys, dv, rows, (&probs, 1, keys), (&g_block, dv, 1), &mut part[..keys * dv]);
+            add_into(&mut out.dv[..keys * dv], &part[..keys * dv]);
+            // dP = G_b V^T, then dS = P (dP - rowsum(P dP)) * scale, in place.
+            let mut ds = vec![zero; rows * keys];
+            gemm_acc(rows, keys, dv, (&g_block, dv, 1), (&v, 1, dv), &mut ds);
+            for (ds_row, p_row) in ds.chunks_mut(keys).zip(probs.chunks(keys)) {
+                let dot = ds_row.iter().zip(p_row).fold(zero, |acc, (&dp, &pr)| acc + dp * pr);
+                for (x, &pr) in ds_row.iter_mut().zip(p_row) {
+                    *x = pr * (*x - dot) * p.scale;
+                }
+            }
+            // dQ_b = dS K, dK[..keys] += dS^T Q_b.
+            gemm_acc(rows, d, keys, (&ds, keys, 1), (&k, d, 1), &mut out.dq[first * d..(first + rows) * d]);
+            gemm_acc(keys, d, rows, (&ds, 1, keys), (&q_block, d, 1), &mut part[..keys * d]);
+            add_into(&mut out.dk[..keys * d], &part[..keys * d]);
+        }
+        out
+    }
+}
+
+/// Softmax of one row of scores in place; `-inf` entries get 0, and a row of only
+/// `-inf` becomes zeros (as the forward's empty rows).
+fn softmax_in_place<A: Real>(row: &mut [A]) {
+    let max = row.iter().fold(A::NEG_INFINITY, |m, &s| m.max(s));
+    if max == A::NEG_INFINITY {
+        row.fill(A::zero());
+        return;
+    }
+    let inv = A::one() / exp_shifted(row, max);
+    for s in row.iter_mut() {
+        *s *= inv;
+    }
+}
+
+fn add_into<A: Real>(acc: &mut [A], part: &[A]) {
+    for (a, &p) in acc.iter_mut().zip(part) {
+        *a += p;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::attention::Tiling;
+    use crate::layout::Layout;
+
+    fn values(n: usize, seed: u32) -> Vec<f64> {
+        (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f64 / 250.0 - 2.0).collect()
+    }
+
+    /// The loss `sum(O * G)` for one contiguous (q, k, v), causal or not, in f64.
+    fn loss(q: &[f64], k: &[f64], v: &[f64], g: &[f64], dims: [usize; 4], causal: bool) -> f64 {
+        let [lq, lk, d, dv] = dims;
+        let mut total = 0.0;
+        for i in 0..lq {
+            let visible = if causal { (i + lk + 1).saturating_sub(lq).min(lk) } else { lk };
+            let s: Vec<f64> =
+                (0..visible).map(|j| 0.6 * (0..d).map(|c| q[i * d + c] * k[j * d + c]).sum::<f64>()).collect();
+            let z: f64 = s.iter().map(|x| x.exp()).sum();
+            for (j, sj) in s.iter().enumerate() {
+                for c in 0..dv {
+                    total += sj.exp() / z * v[j * dv + c] * g[i * dv + c];
+                }
+            }
+        }
+        total
+    }
+
+    #[test]
+    fn gradients_match_central_differences_of_the_loss() {
+        // Several query blocks (lq > QUERY_BLOCK), causal with Lq < Lk (a KV-cache shape)
+        // and not, in f64.
+        for (causal, dims) in [(false, [70, 9, 3, 2]), (true, [70, 75, 3, 2]), (true, [5, 5, 4, 4])] {
+            let [lq, lk, d, dv] = dims;
+            let (q, k, v, g) = (values(lq * d, 1), values(lk * d, 2), values(lk * dv, 3), values(lq * dv, 4));
+            let layouts = [Layout::contiguous(&[lq, d]), Layout::contiguous(&[lk, d]), Layout::contiguous(&[lk, dv])];
+            let g_layout = Layout::contiguous(&[lq, dv]);
+            let options = AttentionOptions { causal, scale: 0.6, tiling: Tiling::default() };
+            let [dq, dk, dv_got] = scaled_dot_product_attention_backward(
+                Strided { data: &q, layout: &layouts[0] },
+                Strided { data: &k, layout: &layouts[1] },
+                Strided { data: &v, layout: &layouts[2] },
+                Strided { data: &g, layout: &g_layout },
+                AttentionMask::None,
+                options,
+            );
+            let h = 1e-6;
+            let mut operands = [q, k, v];
+            for (which, got) in [dq, dk, dv_got].iter().enumerate() {
+                for idx in (0..got.len()).step_by(7) {
+                    let x = operands[which][idx];
+                    operands[which][idx] = x + h;
+                    let up = loss(&operands[0], &operands[1], &operands[2], &g, dims, causal);
+                    operands[which][idx] = x - h;
+                    let down = loss(&operands[0], &operands[1], &operands[2], &g, dims, causal);
+                    operands[which][idx] = x;
+                    let want = (up - down) / (2.0 * h);
+                    assert!(
+                        (got[idx] - want).abs() < 1e-6 * (1.0 + want.abs()),
+                        "operand {which}[{idx}]: {} vs {want}",
+                        got[idx]
+                    );
+                }
+            }
+        }
+    }
+}
