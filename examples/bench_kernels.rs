@@ -1,6 +1,7 @@
 //! Kernel timings as JSON lines, ours next to a peer measured in the same run, at 1 and
 //! 2 threads (a rayon pool of that size around both):
 //!
+//! - `fma_peak`: the FMA peak of each instruction set, every thread busy, in GFLOP/s;
 //! - `sgemm` against the `gemm` crate (candle's GEMM), in GFLOP/s;
 //! - softmax and LayerNorm on (4096, 1024), GELU (erf and tanh forms) on 16M floats,
 //!   `add` on 64 floats, against candle, in milliseconds, with `copy_ms`, a plain copy of
@@ -11,7 +12,8 @@
 //! drifts of a shared machine hit both sides alike.
 
 use aigc::autograd::Var;
-use aigc::kernels::cpu::gemm::{MatRef, sgemm};
+use aigc::kernels::cpu::gemm::{Isa, MatRef, sgemm};
+use aigc::kernels::cpu::simd::fma_chains;
 use aigc::{Device, Tensor};
 use std::hint::black_box;
 use std::time::Instant;
@@ -156,11 +158,25 @@ fn sgemm_lines(threads: usize, reps: usize) {
     }
 }
 
+/// The FMA peak of each instruction set this CPU has, with every thread of the pool
+/// running the probe at once: the ceiling to read GFLOP/s figures against.
+fn fma_peak_lines(threads: usize, pool: &rayon::ThreadPool) {
+    let iterations = 20_000_000;
+    for isa in Isa::ALL.into_iter().filter(|isa| isa.is_available()) {
+        pool.broadcast(|_| black_box(fma_chains(isa, 1000))); // warm up every thread
+        let started = Instant::now();
+        let flops: usize = pool.broadcast(|_| black_box(fma_chains(isa, iterations)).0).into_iter().sum();
+        let gflops = flops as f64 / started.elapsed().as_secs_f64() / 1e9;
+        println!("{{\"op\":\"fma_peak\",\"isa\":\"{isa:?}\",\"threads\":{threads},\"gflops\":{gflops:.1}}}");
+    }
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let reps = if quick { 5 } else { 15 };
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a rayon pool");
+        fma_peak_lines(threads, &pool);
         pool.install(|| {
             elementwise_and_rows(threads, reps);
             sgemm_lines(threads, reps);

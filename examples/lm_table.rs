@@ -19,7 +19,6 @@
 //! Run: `cargo run --release --example lm_table -- [--budget-seconds S] [--rnn-iters N]
 //!       [--gpt-iters N] [--models ngram,rnn,gru,lstm,lstm384,gpt] [--out docs/lm_table.md]`
 
-use aigc::autograd::no_grad;
 use aigc::nn::VarStore;
 use aigc::nn::rnn::{GruCell, LstmCell, RnnCell};
 use aigc::trainers::data::shakespeare::TinyShakespeare;
@@ -27,7 +26,7 @@ use aigc::trainers::gpt::{self, Gpt, GptConfig, GptTrainConfig};
 use aigc::trainers::ngram::score_orders;
 use aigc::trainers::recurrent_lm::{self, LmCell, RecurrentKind, RecurrentLm, RecurrentLmConfig, RecurrentTrainConfig};
 use aigc::trainers::text::char_tokenizer::CharTokenizer;
-use aigc::{DType, Device, Error, Result, Tensor};
+use aigc::{DType, Device, Error, Result};
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -237,7 +236,7 @@ fn gpt_row(data: &Data, opts: &Options) -> Result<Row> {
         parameters: vs.num_parameters(),
         train_seconds: last.train_seconds,
         steps: format!("{iters}{shortened}"),
-        val_loss: gpt_val_loss(&model, &vs, &data.val)?,
+        val_loss: gpt::validation_loss(&model, &vs, &data.val)?,
     })
 }
 
@@ -253,32 +252,6 @@ fn gpt_iterations_per_second(data: &Data) -> Result<f64> {
     Ok(10.0 / points.last().map_or(f64::NAN, |p| p.train_seconds))
 }
 
-/// The GPT's mean loss over the whole validation text, in consecutive windows of
-/// `block_size` tokens (each position sees the ones before it in its window), evaluation
-/// mode.
-fn gpt_val_loss(model: &Gpt, vs: &VarStore, val: &[u32]) -> Result<f64> {
-    let block = model.config().block_size;
-    let windows = (val.len() - 1) / block;
-    let window = |k: usize, shift: usize| val[k * block + shift..(k + 1) * block + shift].iter().map(|&t| t as i64);
-    vs.set_training(false);
-    let total = no_grad(|| -> Result<f64> {
-        let mut total = 0.0;
-        for first in (0..windows).step_by(64) {
-            let batch: Vec<usize> = (first..windows.min(first + 64)).collect();
-            let x: Vec<i64> = batch.iter().flat_map(|&k| window(k, 0)).collect();
-            let y: Vec<i64> = batch.iter().flat_map(|&k| window(k, 1)).collect();
-            let shape = [batch.len(), block];
-            let loss =
-                model.loss(&Tensor::from_vec(x, shape, &Device::Cpu)?, &Tensor::from_vec(y, shape, &Device::Cpu)?)?;
-            total += loss.value().to_f64_vec()?[0] * batch.len() as f64;
-        }
-        Ok(total)
-    });
-    vs.set_training(true);
-    Ok(total? / windows as f64)
-}
-
-/// The markdown table with its header (command, date, machine, threads, load) and notes.
 fn render(opts: &Options, data: &Data, rows: &[Row], load_before: &str, wall: f64) -> String {
     let mut md = String::new();
     let command: Vec<String> = std::env::args().skip(1).collect();

@@ -7,4 +7,4 @@ pub mod train;
 
 pub use model::{Gpt, GptCache, GptConfig};
 pub use sample::{SamplingConfig, generate};
-pub use train::{EvalPoint, GptTrainConfig, estimate_loss, sample_batch, train};
+pub use train::{EvalPoint, GptTrainConfig, estimate_loss, sample_batch, train, validation_loss};

@@ -118,6 +118,38 @@ pub fn estimate_loss(
     Ok(total? / batches.max(1) as f64)
 }
 
+/// The mean loss (nats per token) over the whole of `tokens`, cut into consecutive windows
+/// of `block_size` tokens scored 64 windows at a time, in evaluation mode: the exact
+/// validation loss, where [`estimate_loss`] samples a few random batches. Each position
+/// sees the ones before it in its window.
+pub fn validation_loss(model: &Gpt, vs: &VarStore, tokens: &[u32]) -> Result<f64> {
+    let block = model.config().block_size;
+    let windows = tokens.len().saturating_sub(1) / block;
+    if windows == 0 {
+        return Err(Error::invalid(
+            "gpt::validation_loss",
+            format!("{} tokens hold no window of block_size {block} plus its target", tokens.len()),
+        ));
+    }
+    let window = |k: usize, shift: usize| tokens[k * block + shift..(k + 1) * block + shift].iter().map(|&t| t as i64);
+    let was_training = vs.is_training();
+    vs.set_training(false);
+    let total = no_grad(|| -> Result<f64> {
+        let mut total = 0.0;
+        for first in (0..windows).step_by(64) {
+            let batch: Vec<usize> = (first..windows.min(first + 64)).collect();
+            let x: Vec<i64> = batch.iter().flat_map(|&k| window(k, 0)).collect();
+            let y: Vec<i64> = batch.iter().flat_map(|&k| window(k, 1)).collect();
+            let shape = [batch.len(), block];
+            let (x, y) = (Tensor::from_vec(x, shape, &model.device())?, Tensor::from_vec(y, shape, &model.device())?);
+            total += model.loss(&x, &y)?.value().to_f64_vec()?[0] * batch.len() as f64;
+        }
+        Ok(total)
+    });
+    vs.set_training(was_training);
+    Ok(total? / windows as f64)
+}
+
 /// Trains `model` (whose parameters live in `vs`) on the token stream `train`, estimating
 /// the train and validation losses every `eval_interval` steps and after the last one;
 /// `on_eval` sees each estimate as it is made. Returns all the estimates.
@@ -198,6 +230,28 @@ mod tests {
         assert_eq!(points.iter().map(|p| p.step).collect::<Vec<_>>(), vec![30, 60]);
         let after = points.last().unwrap().val_loss;
         assert!(after < 0.5 * before, "loss {before} -> {after}");
+    }
+
+    #[test]
+    fn validation_loss_is_the_mean_over_every_whole_window() {
+        let dev = Device::Cpu;
+        let vs = VarStore::new(DType::F64, &dev, 3);
+        let cfg =
+            GptConfig { vocab_size: 5, block_size: 4, n_layer: 1, n_head: 1, n_embd: 8, dropout: 0.0, bias: false };
+        let model = Gpt::new(&vs, cfg).unwrap();
+        // 150 windows of 4 (more than one batch of 64) and 2 leftover tokens.
+        let tokens: Vec<u32> = (0..602u32).map(|i| (i * 7 + i / 3) % 5).collect();
+        let got = validation_loss(&model, &vs, &tokens).unwrap();
+        let window_loss = |k: usize| {
+            let ids = |shift: usize| tokens[k * 4 + shift..k * 4 + 4 + shift].iter().map(|&t| t as i64).collect();
+            let (x, y) =
+                (Tensor::from_vec(ids(0), [1, 4], &dev).unwrap(), Tensor::from_vec(ids(1), [1, 4], &dev).unwrap());
+            model.loss(&x, &y).unwrap().value().to_f64_vec().unwrap()[0]
+        };
+        let want = (0..150).map(window_loss).sum::<f64>() / 150.0;
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        assert!(vs.is_training(), "the training mode is restored");
+        assert!(validation_loss(&model, &vs, &tokens[..4]).is_err());
     }
 
     #[test]

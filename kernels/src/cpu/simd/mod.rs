@@ -497,3 +497,32 @@ mod tests {
         }
     }
 }
+
+/// Independent FMA chains of [`fma_chains`]: enough to cover the FMA latency (4-5
+/// cycles) times the FMA ports (2) of current x86 cores.
+const FMA_CHAINS: usize = 12;
+
+kernel! {
+    /// The machine's FMA peak probe: `iterations` rounds of 12 independent vector FMA
+    /// chains (no memory traffic). Returns the flops it did (`2 * 12 * LANES` per round)
+    /// and a value that depends on every chain, so the work cannot be optimised away.
+    /// Time it to read every kernel's GFLOP/s as a fraction of peak (see
+    /// `examples/bench_kernels`).
+    pub fn fma_chains(iterations: usize) -> (usize, f32) {
+        let mut acc = [V::splat(0.0); FMA_CHAINS];
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = V::splat(i as f32 * 1e-3);
+        }
+        let (x, y) = (V::splat(0.999_99), V::splat(1e-6));
+        for _ in 0..iterations {
+            for a in acc.iter_mut() {
+                *a = a.mul_add(x, y);
+            }
+        }
+        let mut total = V::splat(0.0);
+        for a in acc {
+            total = total + a;
+        }
+        (2 * FMA_CHAINS * V::LANES * iterations, total.reduce_add())
+    }
+}
