@@ -19,6 +19,9 @@ use aigc::trainers::text::char_tokenizer::CharTokenizer;
 use aigc::{DType, Device, Error, Result};
 use std::time::Instant;
 
+#[path = "common/mod.rs"]
+mod common;
+
 /// Command-line options.
 struct Options {
     iters: u64,
@@ -57,13 +60,6 @@ fn parse_options() -> Result<Options> {
         }
     }
     Ok(o)
-}
-
-/// The process's peak resident memory in MiB (Linux; `None` elsewhere).
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
 }
 
 fn main() -> Result<()> {
@@ -135,7 +131,7 @@ fn main() -> Result<()> {
         Some(s) => println!("validation loss reached 1.90 after {s:.1} s wall"),
         None => println!("validation loss did not reach 1.90"),
     }
-    if let Some(mib) = peak_rss_mib() {
+    if let Some(mib) = common::peak_rss_mib() {
         println!("peak memory (RSS): {mib:.0} MiB");
     }
 

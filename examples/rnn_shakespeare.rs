@@ -20,6 +20,9 @@ use aigc::{DType, Device, Error, Result};
 use std::str::FromStr;
 use std::time::Instant;
 
+#[path = "common/mod.rs"]
+mod common;
+
 /// Command-line options: the model's kind, and overrides of its sizes
 /// (`RecurrentLmConfig::shakespeare`) and of the run's settings
 /// (`RecurrentTrainConfig::shakespeare`).
@@ -73,13 +76,6 @@ fn parse_options() -> Result<Options> {
         }
     }
     Ok(o)
-}
-
-/// The process's peak resident memory in MiB (Linux; `None` elsewhere).
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
 }
 
 fn main() -> Result<()> {
@@ -167,7 +163,7 @@ fn run<C: LmCell>(opts: &Options) -> Result<()> {
         report.steps as f64 * chars_per_iter / report.train_seconds,
         started.elapsed().as_secs_f64()
     );
-    if let Some(mib) = peak_rss_mib() {
+    if let Some(mib) = common::peak_rss_mib() {
         println!("peak memory (RSS): {mib:.0} MiB");
     }
     let sample = opts.sample.unwrap_or(300);

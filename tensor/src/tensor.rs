@@ -202,6 +202,21 @@ impl Tensor {
         }
         Ok(())
     }
+    /// For the fused backward ops: `grad` is on this tensor's device, of its dtype and of
+    /// its shape (`what` names this tensor in the error: "input", "output").
+    pub(crate) fn expect_gradient_of(&self, grad: &Tensor, op: &'static str, what: &str) -> Result<()> {
+        self.same_device(grad, op)?;
+        self.same_dtype(grad, op)?;
+        if grad.dims() != self.dims() {
+            return Err(Error::ShapeMismatch {
+                op,
+                lhs: self.shape(),
+                rhs: grad.shape(),
+                reason: format!("the gradient must have the {what}'s shape"),
+            });
+        }
+        Ok(())
+    }
     pub(crate) fn expect_float(&self, op: &'static str) -> Result<()> {
         if !self.dtype.is_float() {
             return Err(Error::UnsupportedDType {

@@ -161,16 +161,7 @@ impl Tensor {
         eps: f64,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         self.check_norm_args(op, param_shape, weight, None, eps)?;
-        self.same_device(grad, op)?;
-        self.same_dtype(grad, op)?;
-        if grad.dims() != self.dims() {
-            return Err(Error::ShapeMismatch {
-                op,
-                lhs: self.shape(),
-                rhs: grad.shape(),
-                reason: "the gradient must have the input's shape".into(),
-            });
-        }
+        self.expect_gradient_of(grad, op, "input")?;
         let [dx, dweight, dbias] = self.read_cpu2(grad, op, |sx, lx, sg, lg| match (sx, sg) {
             (CpuStorage::F32(x), CpuStorage::F32(g)) => norm_grads_typed(x, lx, g, lg, norm, weight, eps),
             (CpuStorage::F64(x), CpuStorage::F64(g)) => norm_grads_typed(x, lx, g, lg, norm, weight, eps),

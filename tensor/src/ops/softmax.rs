@@ -43,16 +43,7 @@ impl Tensor {
     }
 
     fn softmax_backward_along(&self, op: &'static str, grad: &Tensor, dim: isize, kind: SoftmaxKind) -> Result<Tensor> {
-        self.same_device(grad, op)?;
-        self.same_dtype(grad, op)?;
-        if grad.dims() != self.dims() {
-            return Err(Error::ShapeMismatch {
-                op,
-                lhs: self.shape(),
-                rhs: grad.shape(),
-                reason: "the gradient must have the output's shape".into(),
-            });
-        }
+        self.expect_gradient_of(grad, op, "output")?;
         if self.rank() == 0 {
             let (y, g) = (self.unsqueeze(0)?, grad.unsqueeze(0)?);
             resolve_dim(op, dim, 1)?;
