@@ -3,6 +3,8 @@
 //!
 //! - `fma_peak`: the FMA peak of each instruction set, every thread busy, in GFLOP/s;
 //! - `sgemm` against the `gemm` crate (candle's GEMM), in GFLOP/s;
+//! - conv2d and conv_transpose2d (the issue's shapes), forward and forward+backward,
+//!   against candle, in milliseconds;
 //! - softmax and LayerNorm on (4096, 1024), GELU (erf and tanh forms) on 16M floats,
 //!   `add` on 64 floats, against candle, in milliseconds, with `copy_ms`, a plain copy of
 //!   the same bytes (the memory-bound floor) for the large ones.
@@ -14,6 +16,7 @@
 use aigc::autograd::Var;
 use aigc::kernels::cpu::gemm::{Isa, MatRef, sgemm};
 use aigc::kernels::cpu::simd::fma_chains;
+use aigc::tensor::{Conv2dParams, ConvTranspose2dParams};
 use aigc::{Device, Tensor};
 use std::hint::black_box;
 use std::time::Instant;
@@ -104,6 +107,47 @@ fn elementwise_and_rows(threads: usize, reps: usize) {
     line("add_var", &[64], threads, ours * per_call, peer * per_call, None);
 }
 
+/// The convolutions of the issue, forward and forward+backward (the gradient of the sum
+/// of the output with respect to input and weight), ours against candle's:
+/// conv2d of batch 64, 32 -> 64 channels, 28x28, 3x3, padding 1; conv_transpose2d of
+/// batch 64, 64 -> 32 channels, 14x14 -> 28x28, 4x4, stride 2, padding 1.
+fn conv_lines(threads: usize, reps: usize) {
+    let ms = 1e3;
+    let (x, cx, _) = pair(&[64, 32, 28, 28], 7);
+    let (w, cw, _) = pair(&[64, 32, 3, 3], 8);
+    let params = Conv2dParams { stride: [1, 1], padding: [1, 1], dilation: [1, 1], groups: 1 };
+    let (ours, peer) =
+        race(reps, || drop(x.conv2d(&w, None, params).unwrap()), || drop(cx.conv2d(&cw, 1, 1, 1, 1).unwrap()));
+    line("conv2d", &[64, 32, 28, 28], threads, ours * ms, peer * ms, None);
+    let (xv, wv) = (Var::leaf(x.clone()), Var::leaf(w.clone()));
+    let (cxv, cwv) = (candle_core::Var::from_tensor(&cx).unwrap(), candle_core::Var::from_tensor(&cw).unwrap());
+    let (ours, peer) = race(
+        reps,
+        || xv.conv2d(&wv, None, params).unwrap().sum_all().unwrap().backward().unwrap(),
+        || drop(cxv.conv2d(&cwv, 1, 1, 1, 1).unwrap().sum_all().unwrap().backward().unwrap()),
+    );
+    line("conv2d_fwd_bwd", &[64, 32, 28, 28], threads, ours * ms, peer * ms, None);
+
+    let (x, cx, _) = pair(&[64, 64, 14, 14], 9);
+    let (w, cw, _) = pair(&[64, 32, 4, 4], 10);
+    let params =
+        ConvTranspose2dParams { stride: [2, 2], padding: [1, 1], output_padding: [0, 0], dilation: [1, 1], groups: 1 };
+    let (ours, peer) = race(
+        reps,
+        || drop(x.conv_transpose2d(&w, None, params).unwrap()),
+        || drop(cx.conv_transpose2d(&cw, 1, 0, 2, 1).unwrap()),
+    );
+    line("conv_transpose2d", &[64, 64, 14, 14], threads, ours * ms, peer * ms, None);
+    let (xv, wv) = (Var::leaf(x.clone()), Var::leaf(w.clone()));
+    let (cxv, cwv) = (candle_core::Var::from_tensor(&cx).unwrap(), candle_core::Var::from_tensor(&cw).unwrap());
+    let (ours, peer) = race(
+        reps,
+        || xv.conv_transpose2d(&wv, None, params).unwrap().sum_all().unwrap().backward().unwrap(),
+        || drop(cxv.conv_transpose2d(&cwv, 1, 0, 2, 1).unwrap().sum_all().unwrap().backward().unwrap()),
+    );
+    line("conv_transpose2d_fwd_bwd", &[64, 64, 14, 14], threads, ours * ms, peer * ms, None);
+}
+
 /// A row-major `rows x cols` matrix.
 fn row_major(data: &[f32], cols: usize) -> MatRef<'_> {
     MatRef { data, offset: 0, row_stride: cols, col_stride: 1 }
@@ -179,6 +223,7 @@ fn main() {
         fma_peak_lines(threads, &pool);
         pool.install(|| {
             elementwise_and_rows(threads, reps);
+            conv_lines(threads, reps.div_ceil(3));
             sgemm_lines(threads, reps);
         });
     }

@@ -1,8 +1,8 @@
 //! 2-d convolution and its adjoint, the transposed convolution (PyTorch's `conv2d` and
 //! `conv_transpose2d`; 1-d convolutions are the special case of height 1).
 //!
-//! Method: a direct convolution, no im2col. For one (batch, channel) output plane, every
-//! kernel tap `(ky, kx)` pairs each feature position `(oy, ox)` with the image position
+//! Method: im2col + GEMM. For one batch entry and channel group, every kernel tap
+//! `(ky, kx)` pairs each feature position `(oy, ox)` with the image position
 //!
 //! ```text
 //! iy = oy * stride_y + ky * dilation_y - padding_y
@@ -10,20 +10,24 @@
 //! ```
 //!
 //! whenever that lands inside the image (padding is zero, so outside taps add nothing).
-//! [`for_each_tap`] enumerates these `(tap, feature position, image position)` triples,
-//! and both directions are one line on top of it:
+//! [`for_each_tap`] enumerates these `(tap, feature position, image position)` triples.
+//! The `columns` matrix has one row per (input channel, tap) and one column per feature
+//! position, and both directions are one GEMM and one pass of [`for_each_tap`]:
 //!
-//! - convolution (gather): `features[o] += weight[tap] * image[i]`,
-//! - transposed convolution (scatter): `image[i] += weight[tap] * features[o]`.
+//! - convolution: im2col (`columns[ci, tap][o] = image[ci][i]`), then
+//!   `features = W columns` with `W` the `[out, in * taps]` filter matrix;
+//! - transposed convolution: `columns = W^T features`, then col2im
+//!   (`image[ci][i] += columns[ci, tap][o]`).
 //!
 //! The transposed convolution is therefore exactly the adjoint (the input gradient) of
-//! the convolution with the same weight and hyper-parameters, as in PyTorch. Work is
-//! split over output planes with rayon: a convolution over `(batch, out_channel)`, a
-//! transposed convolution over `(batch, image_channel)`, so no two threads write the
-//! same element. Inputs of any strided layout are first read row-major into the
-//! accumulator type (f32 for f32/f16/bf16, f64 for f64); each output is rounded once.
+//! the convolution with the same weight and hyper-parameters, as in PyTorch. Batch
+//! entries run in parallel with rayon (the GEMM may split further); the GEMM is
+//! `matmul::gemm_acc`, the SIMD `sgemm` for f32. Inputs of any strided layout are first
+//! read row-major into the accumulator type (f32 for f32/f16/bf16, f64 for f64); each
+//! output is rounded once.
 
 use super::map::map;
+use super::matmul::gemm_acc;
 use crate::{Element, FloatElem, Layout, Real};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -69,11 +73,6 @@ impl ConvGeometry {
     fn taps(&self) -> usize {
         self.kernel[0] * self.kernel[1]
     }
-    /// The `kernel` weights linking out channel `co` to in channel `ci_in_group` of its group.
-    fn filter<'a, R>(&self, weight: &'a [R], co: usize, ci_in_group: usize) -> &'a [R] {
-        let start = (co * self.in_channels_per_group() + ci_in_group) * self.taps();
-        &weight[start..start + self.taps()]
-    }
 }
 
 /// The feature positions `o` along one axis whose tap at `offset = k * dilation` lands
@@ -113,24 +112,6 @@ fn for_each_tap(g: &ConvGeometry, mut f: impl FnMut(usize, usize, usize)) {
     }
 }
 
-/// Every output plane (of `plane_len` elements) is filled by `fill(plane_index, acc)`,
-/// which accumulates into a zeroed plane of the accumulator type; planes run in
-/// parallel and are rounded to `T` once.
-fn fill_planes<T: FloatElem>(planes: usize, plane_len: usize, fill: impl Fn(usize, &mut [T::Acc]) + Sync) -> Vec<T> {
-    let mut out = vec![T::zero(); planes * plane_len];
-    if plane_len == 0 {
-        return out;
-    }
-    out.par_chunks_mut(plane_len).enumerate().for_each(|(p, plane)| {
-        let mut acc = vec![T::Acc::zero(); plane_len];
-        fill(p, &mut acc);
-        for (o, a) in plane.iter_mut().zip(acc) {
-            *o = T::from_acc(a);
-        }
-    });
-    out
-}
-
 /// The bias of channel `c`, or zero without a bias.
 fn bias_of<R: Real>(bias: &Option<Vec<R>>, c: usize) -> R {
     bias.as_ref().map_or(R::zero(), |b| b[c])
@@ -158,18 +139,36 @@ pub fn conv2d<T: FloatElem>(
     let image = widen(input, input_layout);
     let weight = widen(weight, weight_layout);
     let bias = bias.map(|(b, l)| widen(b, l));
-    let (cin_g, cout_g) = (g.in_channels_per_group(), g.out_channels_per_group());
-    fill_planes::<T>(g.batch * g.out_channels, g.feature_plane(), |p, features| {
-        let (n, co) = (p / g.out_channels, p % g.out_channels);
-        features.fill(bias_of(&bias, co));
-        let group = co / cout_g;
-        for ci_in_group in 0..cin_g {
-            let ci = group * cin_g + ci_in_group;
-            let plane = &image[(n * g.in_channels + ci) * g.image_plane()..][..g.image_plane()];
-            let filter = g.filter(&weight, co, ci_in_group);
-            for_each_tap(g, |tap, o, i| features[o] += filter[tap] * plane[i]);
+    let (cin_g, cout_g, taps, fp) =
+        (g.in_channels_per_group(), g.out_channels_per_group(), g.taps(), g.feature_plane());
+    let depth = cin_g * taps;
+    let mut out = vec![T::zero(); g.batch * g.out_channels * fp];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(g.out_channels * fp).enumerate().for_each(|(n, out_n)| {
+        let zero = T::Acc::zero();
+        let (mut columns, mut features) = (vec![zero; depth * fp], vec![zero; cout_g * fp]);
+        for group in 0..g.groups {
+            // im2col: row `ci * taps + tap` holds the image values that tap meets.
+            columns.fill(zero);
+            for ci_in_group in 0..cin_g {
+                let plane = &image[(n * g.in_channels + group * cin_g + ci_in_group) * g.image_plane()..];
+                let rows = &mut columns[ci_in_group * taps * fp..(ci_in_group + 1) * taps * fp];
+                for_each_tap(g, |tap, o, i| rows[tap * fp + o] = plane[i]);
+            }
+            let filters = &weight[group * cout_g * depth..(group + 1) * cout_g * depth];
+            gemm_acc(cout_g, fp, depth, (filters, depth, 1), (&columns, fp, 1), &mut features);
+            for (co_in_group, plane) in features.chunks(fp.max(1)).enumerate() {
+                let co = group * cout_g + co_in_group;
+                let b = bias_of(&bias, co);
+                for (o, &v) in out_n[co * fp..(co + 1) * fp].iter_mut().zip(plane) {
+                    *o = T::from_acc(v + b);
+                }
+            }
         }
-    })
+    });
+    out
 }
 
 /// Transposed convolution, the adjoint of [`conv2d`] for the same geometry and weight:
@@ -192,17 +191,37 @@ pub fn conv_transpose2d<T: FloatElem>(
     let features = widen(input, input_layout);
     let weight = widen(weight, weight_layout);
     let bias = bias.map(|(b, l)| widen(b, l));
-    let (cin_g, cout_g) = (g.in_channels_per_group(), g.out_channels_per_group());
-    fill_planes::<T>(g.batch * g.in_channels, g.image_plane(), |p, image| {
-        let (n, ci) = (p / g.in_channels, p % g.in_channels);
-        image.fill(bias_of(&bias, ci));
-        let (group, ci_in_group) = (ci / cin_g, ci % cin_g);
-        for co in group * cout_g..(group + 1) * cout_g {
-            let plane = &features[(n * g.out_channels + co) * g.feature_plane()..][..g.feature_plane()];
-            let filter = g.filter(&weight, co, ci_in_group);
-            for_each_tap(g, |tap, o, i| image[i] += filter[tap] * plane[o]);
+    let (cin_g, cout_g, taps, fp) =
+        (g.in_channels_per_group(), g.out_channels_per_group(), g.taps(), g.feature_plane());
+    let (depth, ip) = (cin_g * taps, g.image_plane());
+    let mut out = vec![T::zero(); g.batch * g.in_channels * ip];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(g.in_channels * ip).enumerate().for_each(|(n, out_n)| {
+        let zero = T::Acc::zero();
+        let (mut columns, mut image) = (vec![zero; depth * fp], vec![zero; g.in_channels * ip]);
+        for group in 0..g.groups {
+            // columns = W_g^T x_g: row `ci * taps + tap` is what that tap sends back.
+            let filters = &weight[group * cout_g * depth..(group + 1) * cout_g * depth];
+            let x =
+                &features[(n * g.out_channels + group * cout_g) * fp..(n * g.out_channels + (group + 1) * cout_g) * fp];
+            gemm_acc(depth, fp, cout_g, (filters, 1, depth), (x, fp, 1), &mut columns);
+            // col2im: scatter-add every row back onto the image.
+            for ci_in_group in 0..cin_g {
+                let plane = &mut image[(group * cin_g + ci_in_group) * ip..(group * cin_g + ci_in_group + 1) * ip];
+                let rows = &columns[ci_in_group * taps * fp..(ci_in_group + 1) * taps * fp];
+                for_each_tap(g, |tap, o, i| plane[i] += rows[tap * fp + o]);
+            }
         }
-    })
+        for (ci, (dst, plane)) in out_n.chunks_mut(ip.max(1)).zip(image.chunks(ip.max(1))).enumerate() {
+            let b = bias_of(&bias, ci);
+            for (o, &v) in dst.iter_mut().zip(plane) {
+                *o = T::from_acc(v + b);
+            }
+        }
+    });
+    out
 }
 
 #[cfg(test)]
