@@ -112,40 +112,40 @@ fn elementwise_and_rows(threads: usize, reps: usize) {
 /// conv2d of batch 64, 32 -> 64 channels, 28x28, 3x3, padding 1; conv_transpose2d of
 /// batch 64, 64 -> 32 channels, 14x14 -> 28x28, 4x4, stride 2, padding 1.
 fn conv_lines(threads: usize, reps: usize) {
-    let ms = 1e3;
-    let (x, cx, _) = pair(&[64, 32, 28, 28], 7);
-    let (w, cw, _) = pair(&[64, 32, 3, 3], 8);
     let params = Conv2dParams { stride: [1, 1], padding: [1, 1], dilation: [1, 1], groups: 1 };
-    let (ours, peer) =
-        race(reps, || drop(x.conv2d(&w, None, params).unwrap()), || drop(cx.conv2d(&cw, 1, 1, 1, 1).unwrap()));
-    line("conv2d", &[64, 32, 28, 28], threads, ours * ms, peer * ms, None);
-    let (xv, wv) = (Var::leaf(x.clone()), Var::leaf(w.clone()));
-    let (cxv, cwv) = (candle_core::Var::from_tensor(&cx).unwrap(), candle_core::Var::from_tensor(&cw).unwrap());
-    let (ours, peer) = race(
-        reps,
-        || xv.conv2d(&wv, None, params).unwrap().sum_all().unwrap().backward().unwrap(),
-        || drop(cxv.conv2d(&cwv, 1, 1, 1, 1).unwrap().sum_all().unwrap().backward().unwrap()),
-    );
-    line("conv2d_fwd_bwd", &[64, 32, 28, 28], threads, ours * ms, peer * ms, None);
-
-    let (x, cx, _) = pair(&[64, 64, 14, 14], 9);
-    let (w, cw, _) = pair(&[64, 32, 4, 4], 10);
+    let shapes = ([64, 32, 28, 28], [64, 32, 3, 3]);
+    conv_line("conv2d", shapes, threads, reps, |x, w| x.conv2d(w, None, params), |x, w| x.conv2d(w, 1, 1, 1, 1));
     let params =
         ConvTranspose2dParams { stride: [2, 2], padding: [1, 1], output_padding: [0, 0], dilation: [1, 1], groups: 1 };
-    let (ours, peer) = race(
-        reps,
-        || drop(x.conv_transpose2d(&w, None, params).unwrap()),
-        || drop(cx.conv_transpose2d(&cw, 1, 0, 2, 1).unwrap()),
-    );
-    line("conv_transpose2d", &[64, 64, 14, 14], threads, ours * ms, peer * ms, None);
-    let (xv, wv) = (Var::leaf(x.clone()), Var::leaf(w.clone()));
+    let shapes = ([64, 64, 14, 14], [64, 32, 4, 4]);
+    let ours = |x: &Var, w: &Var| x.conv_transpose2d(w, None, params);
+    conv_line("conv_transpose2d", shapes, threads, reps, ours, |x, w| x.conv_transpose2d(w, 1, 0, 2, 1));
+}
+
+/// One convolution `op(input, weight)` on inputs of the given shapes: the forward alone
+/// (constants, nothing recorded) and forward+backward, ours against candle's.
+fn conv_line(
+    name: &str,
+    (x_shape, w_shape): ([usize; 4], [usize; 4]),
+    threads: usize,
+    reps: usize,
+    ours: impl Fn(&Var, &Var) -> aigc::Result<Var>,
+    theirs: impl Fn(&candle_core::Tensor, &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor>,
+) {
+    let ms = 1e3;
+    let (x, cx, _) = pair(&x_shape, 7);
+    let (w, cw, _) = pair(&w_shape, 8);
+    let (xc, wc) = (Var::constant(x.clone()), Var::constant(w.clone()));
+    let (t_ours, t_peer) = race(reps, || drop(ours(&xc, &wc).unwrap()), || drop(theirs(&cx, &cw).unwrap()));
+    line(name, &x_shape, threads, t_ours * ms, t_peer * ms, None);
+    let (xv, wv) = (Var::leaf(x), Var::leaf(w));
     let (cxv, cwv) = (candle_core::Var::from_tensor(&cx).unwrap(), candle_core::Var::from_tensor(&cw).unwrap());
-    let (ours, peer) = race(
+    let (t_ours, t_peer) = race(
         reps,
-        || xv.conv_transpose2d(&wv, None, params).unwrap().sum_all().unwrap().backward().unwrap(),
-        || drop(cxv.conv_transpose2d(&cwv, 1, 0, 2, 1).unwrap().sum_all().unwrap().backward().unwrap()),
+        || ours(&xv, &wv).unwrap().sum_all().unwrap().backward().unwrap(),
+        || drop(theirs(&cxv, &cwv).unwrap().sum_all().unwrap().backward().unwrap()),
     );
-    line("conv_transpose2d_fwd_bwd", &[64, 64, 14, 14], threads, ours * ms, peer * ms, None);
+    line(&format!("{name}_fwd_bwd"), &x_shape, threads, t_ours * ms, t_peer * ms, None);
 }
 
 /// A row-major `rows x cols` matrix.
