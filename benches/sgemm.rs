@@ -9,6 +9,10 @@
 use aigc::{Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
+#[path = "../examples/common/gemm_peer.rs"]
+mod gemm_peer;
+use gemm_peer::gemm_crate_sgemm;
+
 const SHAPES: &[(usize, usize, usize)] =
     &[(128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (4096, 384, 1536)];
 
@@ -49,32 +53,7 @@ fn sgemm(c: &mut Criterion) {
         });
         let threads = rayon::current_num_threads();
         group.bench_function(BenchmarkId::new("gemm", "f32"), |bench| {
-            bench.iter(|| {
-                // SAFETY: as above; `gemm` reads a and b and overwrites out (alpha ignored when read_dst is false).
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        k,
-                        out.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        av.as_ptr(),
-                        1,
-                        k as isize,
-                        bv.as_ptr(),
-                        1,
-                        n as isize,
-                        0.0f32,
-                        1.0f32,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::Rayon(threads),
-                    )
-                }
-            })
+            bench.iter(|| gemm_crate_sgemm(m, n, k, &av, &bv, &mut out, threads))
         });
         group.finish();
     }

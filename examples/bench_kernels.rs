@@ -21,6 +21,10 @@ use aigc::{Device, Tensor};
 use std::hint::black_box;
 use std::time::Instant;
 
+#[path = "common/gemm_peer.rs"]
+mod gemm_peer;
+use gemm_peer::gemm_crate_sgemm;
+
 /// Median seconds of `f` and `g` over `reps` interleaved calls each (after a warm-up).
 fn race(reps: usize, mut f: impl FnMut(), mut g: impl FnMut()) -> (f64, f64) {
     f();
@@ -163,33 +167,7 @@ fn sgemm_lines(threads: usize, reps: usize) {
         let (ours, peer) = race(
             reps,
             batched(inner, || sgemm(m, n, k, row_major(&a, k), row_major(&b, n), &mut c1)),
-            batched(inner, || {
-                // SAFETY: the pointers cover m*k, k*n and m*n f32s with the row-major
-                // strides given; `gemm` reads a and b and overwrites c (read_dst false).
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        k,
-                        c2.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        a.as_ptr(),
-                        1,
-                        k as isize,
-                        b.as_ptr(),
-                        1,
-                        n as isize,
-                        0.0f32,
-                        1.0f32,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::Rayon(threads),
-                    )
-                }
-            }),
+            batched(inner, || gemm_crate_sgemm(m, n, k, &a, &b, &mut c2, threads)),
         );
         let gflops = |secs: f64| 2.0 * (m * n * k) as f64 * inner as f64 / secs / 1e9;
         println!(

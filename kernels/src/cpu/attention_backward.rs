@@ -86,6 +86,11 @@ impl<A: Real> BatchGrads<A> {
         // Later queries see at least as many keys: the last row bounds every block's keys.
         let keys_seen = p.visible_keys(lq - 1);
         let (k, v) = (p.k.tile(batch, 0..keys_seen, d), p.v.tile(batch, 0..keys_seen, dv));
+        // Scratch for every block, sized for the largest: probabilities, dS, and one
+        // product at a time for dV and dK.
+        let block_rows = QUERY_BLOCK.min(lq);
+        let (mut probs_buf, mut ds_buf) = (vec![zero; block_rows * keys_seen], vec![zero; block_rows * keys_seen]);
+        let mut part = vec![zero; keys_seen * dv.max(d)];
         for first in (0..lq).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(lq - first);
             let keys = p.visible_keys(first + rows - 1);
@@ -95,8 +100,8 @@ impl<A: Real> BatchGrads<A> {
             let q_block = p.q.tile(batch, first..first + rows, d);
             let g_block = g.tile(batch, first..first + rows, dv);
             // S = Q_b K^T (K^T read through strides), then scale, bias and softmax.
-            let mut probs = vec![zero; rows * keys];
-            gemm_acc(rows, keys, d, (&q_block, d, 1), (&k, 1, d), &mut probs);
+            let probs = &mut probs_buf[..rows * keys];
+            gemm_acc(rows, keys, d, (&q_block, d, 1), (&k, 1, d), probs);
             for (i, row) in probs.chunks_mut(keys).enumerate() {
                 let query = first + i;
                 let visible = p.visible_keys(query).min(keys);
@@ -106,12 +111,11 @@ impl<A: Real> BatchGrads<A> {
                 softmax_in_place(row);
             }
             // dV[..keys] += P^T G_b.
-            let mut part = vec![zero; keys * dv.max(d)];
-            gemm_acc(keys, dv, rows, (&probs, 1, keys), (&g_block, dv, 1), &mut part[..keys * dv]);
+            gemm_acc(keys, dv, rows, (probs, 1, keys), (&g_block, dv, 1), &mut part[..keys * dv]);
             add_into(&mut out.dv[..keys * dv], &part[..keys * dv]);
             // dP = G_b V^T, then dS = P (dP - rowsum(P dP)) * scale, in place.
-            let mut ds = vec![zero; rows * keys];
-            gemm_acc(rows, keys, dv, (&g_block, dv, 1), (&v, 1, dv), &mut ds);
+            let ds = &mut ds_buf[..rows * keys];
+            gemm_acc(rows, keys, dv, (&g_block, dv, 1), (&v, 1, dv), ds);
             for (ds_row, p_row) in ds.chunks_mut(keys).zip(probs.chunks(keys)) {
                 let dot = ds_row.iter().zip(p_row).fold(zero, |acc, (&dp, &pr)| acc + dp * pr);
                 for (x, &pr) in ds_row.iter_mut().zip(p_row) {
@@ -119,8 +123,8 @@ impl<A: Real> BatchGrads<A> {
                 }
             }
             // dQ_b = dS K, dK[..keys] += dS^T Q_b.
-            gemm_acc(rows, d, keys, (&ds, keys, 1), (&k, d, 1), &mut out.dq[first * d..(first + rows) * d]);
-            gemm_acc(keys, d, rows, (&ds, 1, keys), (&q_block, d, 1), &mut part[..keys * d]);
+            gemm_acc(rows, d, keys, (ds, keys, 1), (&k, d, 1), &mut out.dq[first * d..(first + rows) * d]);
+            gemm_acc(keys, d, rows, (ds, 1, keys), (&q_block, d, 1), &mut part[..keys * d]);
             add_into(&mut out.dk[..keys * d], &part[..keys * d]);
         }
         out
