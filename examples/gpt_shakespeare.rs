@@ -6,9 +6,11 @@
 //! samples 500 tokens with and without the KV cache.
 //!
 //! Run: `cargo run --release --example gpt_shakespeare -- [--iters N] [--bpe VOCAB]
-//!       [--data PATH/input.txt] [--eval-interval N] [--sample N] [--profile]`
+//!       [--data PATH/input.txt] [--eval-interval N] [--sample N] [--seed N] [--profile]`
 //!
-//! `--profile` prints where the training time went, op by op (forward and backward).
+//! `--seed` seeds both the initial weights and the order of the training batches
+//! (default 1337, nanoGPT's). `--profile` prints where the training time went, op by op
+//! (forward and backward).
 
 use aigc::nn::VarStore;
 use aigc::trainers::data::shakespeare::TinyShakespeare;
@@ -29,11 +31,23 @@ struct Options {
     data: Option<String>,
     eval_interval: u64,
     sample: usize,
+    seed: u64,
     profile: bool,
 }
 
+const USAGE: &str = "usage: gpt_shakespeare [--iters N] [--bpe VOCAB] [--data PATH/input.txt] \
+[--eval-interval N] [--sample N] [--seed N] [--profile]";
+
 fn parse_options() -> Result<Options> {
-    let mut o = Options { iters: 2000, bpe_vocab: None, data: None, eval_interval: 100, sample: 500, profile: false };
+    let mut o = Options {
+        iters: 2000,
+        bpe_vocab: None,
+        data: None,
+        eval_interval: 100,
+        sample: 500,
+        seed: 1337,
+        profile: false,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value =
@@ -49,14 +63,12 @@ fn parse_options() -> Result<Options> {
             "--data" => o.data = Some(value()?),
             "--eval-interval" => o.eval_interval = number(value()?)?,
             "--sample" => o.sample = number(value()?)? as usize,
-            other => {
-                return Err(Error::invalid(
-                    "gpt_shakespeare",
-                    format!(
-                        "unknown flag `{other}`; expected --iters, --bpe, --data, --eval-interval, --sample, --profile"
-                    ),
-                ));
+            "--seed" => o.seed = number(value()?)?,
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
             }
+            other => return Err(Error::invalid("gpt_shakespeare", format!("unknown flag `{other}`; {USAGE}"))),
         }
     }
     Ok(o)
@@ -77,10 +89,14 @@ fn main() -> Result<()> {
     let unit = if opts.bpe_vocab.is_some() { "token" } else { "char" };
 
     let dev = Device::Cpu;
-    let vs = VarStore::new(DType::F32, &dev, 1337);
+    let vs = VarStore::new(DType::F32, &dev, opts.seed);
     let model = Gpt::new(&vs, GptConfig::baby_shakespeare(tokenizer.vocab_size()))?;
-    let cfg =
-        GptTrainConfig { iters: opts.iters, eval_interval: opts.eval_interval, ..GptTrainConfig::baby_shakespeare() };
+    let cfg = GptTrainConfig {
+        iters: opts.iters,
+        eval_interval: opts.eval_interval,
+        seed: opts.seed,
+        ..GptTrainConfig::baby_shakespeare()
+    };
     println!(
         "GPT: {} parameters, vocabulary {}, {} train / {} val tokens, {} threads",
         vs.num_parameters(),

@@ -17,6 +17,8 @@ pub trait Element: Copy + Send + Sync + Default + PartialOrd + std::fmt::Debug +
     fn from_f64(v: f64) -> Self;
     fn zero() -> Self;
     fn one() -> Self;
+    /// The cache of freed buffers of this type (see [`crate::buffers`]).
+    fn buffer_cache() -> &'static crate::buffers::BufferCache<Self>;
 }
 
 /// Math on f32 and f64: what the float kernels compute in.
@@ -66,6 +68,10 @@ macro_rules! impl_real {
             }
             fn one() -> Self {
                 1.0
+            }
+            fn buffer_cache() -> &'static crate::buffers::BufferCache<Self> {
+                static CACHE: crate::buffers::BufferCache<$t> = crate::buffers::BufferCache::new();
+                &CACHE
             }
         }
         impl Real for $t {
@@ -144,6 +150,10 @@ macro_rules! impl_int_element {
             fn one() -> Self {
                 1
             }
+            fn buffer_cache() -> &'static crate::buffers::BufferCache<Self> {
+                static CACHE: crate::buffers::BufferCache<$t> = crate::buffers::BufferCache::new();
+                &CACHE
+            }
         }
     };
 }
@@ -164,6 +174,10 @@ macro_rules! impl_half_element {
             }
             fn one() -> Self {
                 <$t>::ONE
+            }
+            fn buffer_cache() -> &'static crate::buffers::BufferCache<Self> {
+                static CACHE: crate::buffers::BufferCache<$t> = crate::buffers::BufferCache::new();
+                &CACHE
             }
         }
     };

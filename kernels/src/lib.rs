@@ -8,12 +8,14 @@
 //! - [`layout`]: strided views and the one walker that visits their elements.
 //! - [`element`]: the element types and the math they compute with.
 //! - [`cpu`]: the CPU kernels, one module per op family.
+//! - [`buffers`]: the cache of freed host buffers that kernel outputs are taken from.
 #![deny(unsafe_op_in_unsafe_fn)]
 // SIMD kernels pass closures (`|x| math::exp(x)`), never function items: a closure
 // inherits the `#[target_feature]`s of the kernel it is written in, a function item's
 // call shim does not (every intrinsic in it becomes an out-of-line call). See `cpu::simd`.
 #![allow(clippy::redundant_closure)]
 
+pub mod buffers;
 pub mod cpu;
 pub mod element;
 pub mod layout;

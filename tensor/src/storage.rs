@@ -149,15 +149,16 @@ impl CpuStorage {
     }
     /// A buffer of `len` copies of `value` converted to `dtype`.
     pub fn full(dtype: DType, len: usize, value: f64) -> Self {
-        use aigc_kernels::Element;
-        match dtype {
-            DType::F32 => CpuStorage::F32(vec![Element::from_f64(value); len]),
-            DType::F64 => CpuStorage::F64(vec![value; len]),
-            DType::F16 => CpuStorage::F16(vec![Element::from_f64(value); len]),
-            DType::BF16 => CpuStorage::BF16(vec![Element::from_f64(value); len]),
-            DType::I64 => CpuStorage::I64(vec![Element::from_f64(value); len]),
-            DType::U8 => CpuStorage::U8(vec![Element::from_f64(value); len]),
-        }
+        use aigc_kernels::{Element, buffers::filled};
+        of_dtype!(dtype, filled(len, Element::from_f64(value)))
+    }
+}
+
+/// A dropped buffer goes back to the kernels' cache of freed buffers
+/// ([`aigc_kernels::buffers`]), so the next op that needs the same size reuses it.
+impl Drop for CpuStorage {
+    fn drop(&mut self) {
+        with_any!(self, |b| aigc_kernels::buffers::recycle(std::mem::take(b)))
     }
 }
 

@@ -1,6 +1,6 @@
 //! Differentiable views and joins. A view's gradient is the inverse view of the incoming
 //! gradient: reshape back, permute by the inverse permutation, sum over broadcast dims,
-//! and pad a narrowed window with zeros (by `cat`, whose own gradient is `narrow`).
+//! and pad a narrowed window with zeros (`pad_with_zeros`, whose own gradient is `narrow`).
 
 use crate::Var;
 use aigc_tensor::shape::resolve_dim;
@@ -60,15 +60,14 @@ impl Var {
     pub fn narrow(&self, dim: isize, start: usize, len: usize) -> Result<Var> {
         let value = self.value().narrow(dim, start, len)?;
         let d = resolve_dim("narrow", dim, self.rank())?;
-        self.unary_op("narrow", value, move |_, g, x| {
-            let size = x.dims()[d];
-            let zeros = |n: usize| -> Result<Var> {
-                let mut shape = x.dims().to_vec();
-                shape[d] = n;
-                Ok(Var::constant(Tensor::zeros(shape, g.dtype(), &g.device())?))
-            };
-            Var::cat(&[&zeros(start)?, g, &zeros(size - start - len)?], d as isize)
-        })
+        self.unary_op("narrow", value, move |_, g, x| g.pad_with_zeros(d as isize, start, x.dims()[d] - start - len))
+    }
+    /// Pads `dim` with `before` zeros in front and `after` behind; the gradient is the
+    /// middle part again (`narrow`).
+    pub fn pad_with_zeros(&self, dim: isize, before: usize, after: usize) -> Result<Var> {
+        let value = self.value().pad_with_zeros(dim, before, after)?;
+        let d = resolve_dim("pad_with_zeros", dim, self.rank())?;
+        self.unary_op("pad_with_zeros", value, move |_, g, x| g.narrow(d as isize, before, x.dims()[d]))
     }
     /// Entries `start, start + step, ..` below `end` of `dim`.
     pub fn slice(&self, dim: isize, start: usize, end: usize, step: usize) -> Result<Var> {
@@ -139,7 +138,7 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
         #[test]
-        fn view_grads_match_finite_differences(x in inputs::strided_nonempty(3, 4), k in 0..8usize) {
+        fn view_grads_match_finite_differences(x in inputs::strided_nonempty(3, 4), k in 0..9usize) {
             let r = x.rank() as isize;
             match k {
                 0 => gradcheck(|v| v[0].reshape(v[0].numel())?.square(), &[&x], "reshape"),
@@ -149,6 +148,7 @@ mod tests {
                 4 => gradcheck(|v| v[0].slice(0, 0, v[0].dims()[0], 2)?.square(), &[&x], "slice"),
                 5 => gradcheck(|v| Var::cat(&[&v[0], &v[0].square()?], 0), &[&x], "cat"),
                 6 => gradcheck(|v| Var::stack(&[&v[0], &v[0].exp()?], -1), &[&x], "stack"),
+                7 => gradcheck(|v| v[0].pad_with_zeros(0, 1, 2)?.exp(), &[&x], "pad_with_zeros"),
                 _ => gradcheck(|v| {
                     let parts = v[0].chunk(2, 0)?;
                     parts[0].square()?.sum_all()?.add(&parts.last().unwrap().sum_all()?)
@@ -162,5 +162,6 @@ mod tests {
         let x = inputs::seeded(&[3, 4], 5);
         gradgradcheck(|v| v[0].t()?.narrow(0, 1, 2)?.square()?.exp(), &[&x], "t+narrow").unwrap();
         gradgradcheck(|v| v[0].slice(1, 0, 4, 3)?.square(), &[&x], "slice").unwrap();
+        gradgradcheck(|v| v[0].pad_with_zeros(1, 2, 1)?.square()?.exp(), &[&x], "pad_with_zeros").unwrap();
     }
 }

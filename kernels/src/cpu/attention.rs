@@ -93,7 +93,7 @@ pub fn scaled_dot_product_attention<T: FloatElem>(
 ) -> Vec<T> {
     let problem = Problem::new(q, k, v, mask, options);
     let (lq, dv) = (problem.lq, problem.dv);
-    let mut out = vec![T::zero(); problem.q.starts.len() * lq * dv];
+    let mut out = crate::buffers::filled(problem.q.starts.len() * lq * dv, T::zero());
     if out.is_empty() {
         return out;
     }

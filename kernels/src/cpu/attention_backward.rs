@@ -45,8 +45,11 @@ pub fn scaled_dot_product_attention_backward<T: FloatElem>(
     let g = Matrices::new(g);
     let (lq, lk, d, dv) = (problem.lq, problem.lk, problem.d, problem.dv);
     let batches = problem.q.starts.len();
-    let (mut dq, mut dk, mut dvs) =
-        (vec![T::zero(); batches * lq * d], vec![T::zero(); batches * lk * d], vec![T::zero(); batches * lk * dv]);
+    let (mut dq, mut dk, mut dvs) = (
+        crate::buffers::filled(batches * lq * d, T::zero()),
+        crate::buffers::filled(batches * lk * d, T::zero()),
+        crate::buffers::filled(batches * lk * dv, T::zero()),
+    );
     if batches == 0 || lq == 0 || lk == 0 {
         return [dq, dk, dvs];
     }

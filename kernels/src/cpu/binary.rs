@@ -37,7 +37,7 @@ macro_rules! binary_ops {
                 && op.has_f32_kernel()
                 && let Some(runs) = SimdRuns::plan([ll, rl], true)
             {
-                let mut out = vec![T::zero(); ll.numel()];
+                let mut out = crate::buffers::for_overwrite(ll.numel());
                 let dst = T::as_f32_mut(&mut out).expect("T is f32");
                 runs.run([a, b], dst, |[a, b], dst| binary_f32(Isa::best(), op, a, b, dst));
                 return out;

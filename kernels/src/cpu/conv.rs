@@ -142,7 +142,7 @@ pub fn conv2d<T: FloatElem>(
     let (cin_g, cout_g, taps, fp) =
         (g.in_channels_per_group(), g.out_channels_per_group(), g.taps(), g.feature_plane());
     let depth = cin_g * taps;
-    let mut out = vec![T::zero(); g.batch * g.out_channels * fp];
+    let mut out = crate::buffers::filled(g.batch * g.out_channels * fp, T::zero());
     if out.is_empty() {
         return out;
     }
@@ -194,7 +194,7 @@ pub fn conv_transpose2d<T: FloatElem>(
     let (cin_g, cout_g, taps, fp) =
         (g.in_channels_per_group(), g.out_channels_per_group(), g.taps(), g.feature_plane());
     let (depth, ip) = (cin_g * taps, g.image_plane());
-    let mut out = vec![T::zero(); g.batch * g.in_channels * ip];
+    let mut out = crate::buffers::filled(g.batch * g.in_channels * ip, T::zero());
     if out.is_empty() {
         return out;
     }

@@ -4,7 +4,7 @@
 
 use super::map::map;
 use crate::Element;
-use crate::layout::{Layout, for_each_offsets};
+use crate::layout::{Layout, RunWalk, for_each_offsets};
 
 /// The elements of a strided view, row-major.
 pub fn contiguous<T: Element>(src: &[T], layout: &Layout) -> Vec<T> {
@@ -18,9 +18,21 @@ pub fn cast<S: Element, D: Element>(src: &[S], layout: &Layout) -> Vec<D> {
 }
 
 /// Writes the view `src`/`src_layout` into `dst` at the positions `dst_layout` names.
-/// The two layouts must have the same shape.
+/// The two layouts must have the same shape. Runs along which both sides are
+/// contiguous are copied as slices.
 pub fn copy_into<T: Element>(src: &[T], src_layout: &Layout, dst: &mut [T], dst_layout: &Layout) {
     debug_assert_eq!(src_layout.shape(), dst_layout.shape());
+    let walk = RunWalk::new(src_layout.shape(), [src_layout.strides(), dst_layout.strides()]);
+    let len = walk.run_len();
+    if len == 0 {
+        return;
+    }
+    if walk.run_strides() == [1, 1] {
+        walk.for_each_run([src_layout.offset(), dst_layout.offset()], |[os, od]| {
+            dst[od..od + len].copy_from_slice(&src[os..os + len])
+        });
+        return;
+    }
     for_each_offsets(
         src_layout.shape(),
         [src_layout.strides(), dst_layout.strides()],

@@ -131,11 +131,17 @@ struct Dims {
     k: usize,
 }
 
-/// A microkernel: `tile = sum over p of a[p] (outer) b[p]`, with `a.len() == b.len()` = the depth.
+/// A microkernel: the MR x NR tile `T = sum over p of a[p] (outer) b[p]` (with
+/// `a.len() == b.len()`, the depth) is written to `c` (`first`) or added to it: row `r`
+/// of the tile is `c[r * ldc..][..NR]`.
 ///
 /// `unsafe` because the SIMD kernels require their CPU features; [`sgemm_with_isa`] checks
 /// them before choosing one.
-type Microkernel<const MR: usize, const NR: usize> = unsafe fn(&[[f32; MR]], &[[f32; NR]], &mut [[f32; NR]; MR]);
+///
+/// # Panics
+/// If `c` is shorter than `(MR - 1) * ldc + NR`.
+type Microkernel<const MR: usize, const NR: usize> =
+    unsafe fn(a: &[[f32; MR]], b: &[[f32; NR]], c: &mut [f32], ldc: usize, first: bool);
 
 /// The five-loop blocked GEMM around one microkernel (see the module docs).
 fn blocked_gemm<const MR: usize, const NR: usize>(
@@ -159,15 +165,22 @@ fn blocked_gemm<const MR: usize, const NR: usize>(
                 let ic = block_index * mc;
                 let rows = c_rows.len() / n;
                 let packed_a = pack_a::<MR>(a, ic, rows, pc, kc);
-                let mut tile = [[0.0f32; NR]; MR];
+                let mut edge = [[0.0f32; NR]; MR];
                 for (jr, b_sliver) in packed_b.chunks_exact(kc).enumerate() {
                     for (ir, a_sliver) in packed_a.chunks_exact(kc).enumerate() {
-                        // SAFETY: `kernel` comes from `sgemm_with_isa`, which checked that the
-                        // CPU has its features; both slivers have the same length `kc`.
-                        unsafe { kernel(a_sliver, b_sliver, &mut tile) };
                         let (i0, j0) = (ir * MR, jc + jr * NR);
-                        let tile_cols = NR.min(jc + nc - j0);
-                        for (r, tile_row) in tile.iter().take(rows - i0).enumerate() {
+                        let (tile_rows, tile_cols) = (MR.min(rows - i0), NR.min(jc + nc - j0));
+                        if tile_rows == MR && tile_cols == NR {
+                            // SAFETY: `kernel` comes from `sgemm_with_isa`, which checked that
+                            // the CPU has its features; the slivers have the same length `kc`.
+                            unsafe { kernel(a_sliver, b_sliver, &mut c_rows[i0 * n + j0..], n, pc == 0) };
+                            continue;
+                        }
+                        // A tile over the edge of C: computed into a full-size scratch tile,
+                        // then its valid part is stored.
+                        // SAFETY: as above; `edge` holds (MR - 1) * NR + NR values.
+                        unsafe { kernel(a_sliver, b_sliver, edge.as_flattened_mut(), NR, true) };
+                        for (r, tile_row) in edge.iter().take(tile_rows).enumerate() {
                             let c_row = &mut c_rows[(i0 + r) * n + j0..][..tile_cols];
                             store_tile_row(c_row, &tile_row[..tile_cols], pc == 0);
                         }
@@ -253,14 +266,17 @@ const SCALAR_MR: usize = 4;
 const SCALAR_NR: usize = 8;
 
 /// The portable microkernel: plain multiply-adds the compiler may vectorise.
-fn scalar_tile(a: &[[f32; SCALAR_MR]], b: &[[f32; SCALAR_NR]], tile: &mut [[f32; SCALAR_NR]; SCALAR_MR]) {
-    *tile = [[0.0; SCALAR_NR]; SCALAR_MR];
+fn scalar_tile(a: &[[f32; SCALAR_MR]], b: &[[f32; SCALAR_NR]], c: &mut [f32], ldc: usize, first: bool) {
+    let mut tile = [[0.0f32; SCALAR_NR]; SCALAR_MR];
     for (a_col, b_row) in a.iter().zip(b) {
         for (tile_row, &a_val) in tile.iter_mut().zip(a_col) {
             for (t, &b_val) in tile_row.iter_mut().zip(b_row) {
                 *t += a_val * b_val;
             }
         }
+    }
+    for (r, tile_row) in tile.iter().enumerate() {
+        store_tile_row(&mut c[r * ldc..][..SCALAR_NR], tile_row, first);
     }
 }
 
@@ -280,13 +296,25 @@ mod x86 {
 
     /// Defines a microkernel whose tile row is two vector registers of `$lanes` lanes:
     /// for each depth step, load the B row (two vectors), then for each of the MR rows
-    /// broadcast the A value and FMA it into the row's two accumulators.
+    /// broadcast the A value and FMA it into the row's two accumulators. The C rows are
+    /// prefetched first, so that their cache misses overlap the FMAs instead of
+    /// stalling the final read-add-write.
     macro_rules! two_vector_microkernel {
         ($(#[$doc:meta])* $name:ident, $feature:literal, $mr:expr, $lanes:literal,
-         $zero:ident, $load:ident, $set1:ident, $fmadd:ident, $store:ident) => {
+         $zero:ident, $load:ident, $set1:ident, $fmadd:ident, $add:ident, $store:ident) => {
             $(#[$doc])*
             #[target_feature(enable = $feature)]
-            pub unsafe fn $name(a: &[[f32; $mr]], b: &[[f32; 2 * $lanes]], tile: &mut [[f32; 2 * $lanes]; $mr]) {
+            pub unsafe fn $name(a: &[[f32; $mr]], b: &[[f32; 2 * $lanes]], c: &mut [f32], ldc: usize, first: bool) {
+                assert!(c.len() >= ($mr - 1) * ldc + 2 * $lanes, "microkernel: C tile out of bounds");
+                let c_ptr = c.as_mut_ptr();
+                for r in 0..$mr {
+                    // SAFETY: the assert above covers every row start and row end; a
+                    // prefetch never faults.
+                    unsafe {
+                        _mm_prefetch::<_MM_HINT_T0>(c_ptr.add(r * ldc).cast());
+                        _mm_prefetch::<_MM_HINT_T0>(c_ptr.add(r * ldc + 2 * $lanes - 1).cast());
+                    }
+                }
                 let mut acc = [[$zero(); 2]; $mr];
                 for (a_col, b_row) in a.iter().zip(b) {
                     let b_ptr = b_row.as_ptr();
@@ -299,13 +327,18 @@ mod x86 {
                         acc_row[1] = $fmadd(a_bcast, b1, acc_row[1]);
                     }
                 }
-                for (acc_row, tile_row) in acc.iter().zip(tile.iter_mut()) {
-                    let t_ptr = tile_row.as_mut_ptr();
-                    // SAFETY: `tile_row` holds 2 * lanes f32s; the unaligned stores write lanes
-                    // [0, lanes) and [lanes, 2 * lanes).
+                for (r, acc_row) in acc.iter().enumerate() {
+                    // SAFETY: row `r` of the tile, `c[r * ldc..][..2 * lanes]`, is inside `c`
+                    // (the assert above); unaligned loads and stores.
                     unsafe {
-                        $store(t_ptr, acc_row[0]);
-                        $store(t_ptr.add($lanes), acc_row[1]);
+                        let row = c_ptr.add(r * ldc);
+                        let (mut lo, mut hi) = (acc_row[0], acc_row[1]);
+                        if !first {
+                            lo = $add(lo, $load(row));
+                            hi = $add(hi, $load(row.add($lanes)));
+                        }
+                        $store(row, lo);
+                        $store(row.add($lanes), hi);
                     }
                 }
             }
@@ -318,7 +351,7 @@ mod x86 {
         /// # Safety
         /// The CPU must support AVX2 and FMA.
         avx2_tile, "avx2,fma", AVX2_MR, 8,
-        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps, _mm256_storeu_ps
     );
 
     two_vector_microkernel!(
@@ -328,7 +361,7 @@ mod x86 {
         /// The CPU must support AVX-512F.
         ///
         avx512_tile, "avx512f", AVX512_MR, 16,
-        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps
+        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps, _mm512_storeu_ps
     );
 }
 

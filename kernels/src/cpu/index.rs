@@ -94,7 +94,7 @@ pub fn index_select<T: Element>(src: &[T], blocks: DimBlocks, indices: &[i64]) -
     check_indices(indices, blocks.size)?;
     let DimBlocks { outer, size, inner } = blocks;
     let n = indices.len();
-    let mut out = vec![T::zero(); outer * n * inner];
+    let mut out = crate::buffers::filled(outer * n * inner, T::zero());
     // Output row r = (o, j) copies input row (o, indices[j]).
     for_each_chunk(&mut out, inner, |r, row| {
         let (o, j) = (r / n, r % n);
@@ -141,7 +141,7 @@ pub fn gather<T: Element>(
 ) -> Result<Vec<T>, OutOfRange> {
     check_indices(indices, blocks.size)?;
     let DimBlocks { size, inner, .. } = blocks;
-    let mut out = vec![T::zero(); indices.len()];
+    let mut out = crate::buffers::filled(indices.len(), T::zero());
     // Output row r = (o, j); element k reads row indices[o, j, k] of block o.
     for_each_chunk(&mut out, inner, |r, row| {
         let block = (r / index_size) * size;
@@ -181,7 +181,7 @@ pub fn scatter_add<T: Accumulate>(
 /// `[ids.len(), num_classes]` rows with a one at column `ids[r]` and zeros elsewhere.
 pub fn one_hot<T: Element>(ids: &[i64], num_classes: usize) -> Result<Vec<T>, OutOfRange> {
     check_indices(ids, num_classes)?;
-    let mut out = vec![T::zero(); ids.len() * num_classes];
+    let mut out = crate::buffers::filled(ids.len() * num_classes, T::zero());
     for_each_chunk(&mut out, num_classes, |r, row| row[ids[r] as usize] = T::one());
     Ok(out)
 }

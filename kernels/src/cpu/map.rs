@@ -8,8 +8,8 @@
 //! kernel as [`Operand`]s (see [`super::simd`]).
 
 use super::simd::Operand;
-use crate::Element;
 use crate::layout::{Layout, RunWalk, for_each_offsets};
+use crate::{Element, buffers};
 use rayon::prelude::*;
 
 /// Below this many elements a pointwise op runs on the calling thread: handing work to
@@ -105,15 +105,20 @@ impl<const N: usize> SimdRuns<N> {
 
 /// `out[i] = f(src[i])` over a strided view, written row-major.
 pub fn map<S: Element, D: Element>(src: &[S], layout: &Layout, f: impl Fn(S) -> D + Sync) -> Vec<D> {
+    let mut out = buffers::for_overwrite(layout.numel());
     if let Some(range) = layout.contiguous_range() {
         let s = &src[range];
         if s.len() >= PARALLEL_THRESHOLD {
-            return s.par_iter().map(|&v| f(v)).collect();
+            out.par_iter_mut().zip(s.par_iter()).for_each(|(o, &v)| *o = f(v));
+        } else {
+            out.iter_mut().zip(s).for_each(|(o, &v)| *o = f(v));
         }
-        return s.iter().map(|&v| f(v)).collect();
+        return out;
     }
-    let mut out = Vec::with_capacity(layout.numel());
-    for_each_offsets(layout.shape(), [layout.strides()], [layout.offset()], |[o]| out.push(f(src[o])));
+    let mut dst = out.iter_mut();
+    for_each_offsets(layout.shape(), [layout.strides()], [layout.offset()], |[o]| {
+        *dst.next().expect("one output per element") = f(src[o])
+    });
     out
 }
 
@@ -126,16 +131,19 @@ pub fn zip_map<A: Element, B: Element, D: Element>(
     f: impl Fn(A, B) -> D + Sync,
 ) -> Vec<D> {
     debug_assert_eq!(la.shape(), lb.shape());
+    let mut out = buffers::for_overwrite(la.numel());
     if let (Some(ra), Some(rb)) = (la.contiguous_range(), lb.contiguous_range()) {
         let (a, b) = (&a[ra], &b[rb]);
         if a.len() >= PARALLEL_THRESHOLD {
-            return a.par_iter().zip(b.par_iter()).map(|(&x, &y)| f(x, y)).collect();
+            out.par_iter_mut().zip(a.par_iter().zip(b.par_iter())).for_each(|(o, (&x, &y))| *o = f(x, y));
+        } else {
+            out.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| *o = f(x, y));
         }
-        return a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect();
+        return out;
     }
-    let mut out = Vec::with_capacity(la.numel());
+    let mut dst = out.iter_mut();
     for_each_offsets(la.shape(), [la.strides(), lb.strides()], [la.offset(), lb.offset()], |[oa, ob]| {
-        out.push(f(a[oa], b[ob]))
+        *dst.next().expect("one output per element") = f(a[oa], b[ob])
     });
     out
 }
@@ -143,12 +151,13 @@ pub fn zip_map<A: Element, B: Element, D: Element>(
 /// `out[i] = if cond[i] != 0 { a[i] } else { b[i] }` over three same-shaped views.
 pub fn select<C: Element, T: Element>(cond: &[C], lc: &Layout, a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Vec<T> {
     let zero = C::zero();
-    let mut out = Vec::with_capacity(lc.numel());
+    let mut out = buffers::for_overwrite(lc.numel());
+    let mut dst = out.iter_mut();
     for_each_offsets(
         lc.shape(),
         [lc.strides(), la.strides(), lb.strides()],
         [lc.offset(), la.offset(), lb.offset()],
-        |[oc, oa, ob]| out.push(if cond[oc] != zero { a[oa] } else { b[ob] }),
+        |[oc, oa, ob]| *dst.next().expect("one output per element") = if cond[oc] != zero { a[oa] } else { b[ob] },
     );
     out
 }

@@ -108,7 +108,7 @@ pub fn matmul<T: FloatElem>(a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Vec<T
     );
     let (ars, acs) = (la.strides()[rank - 2], la.strides()[rank - 1]);
     let (brs, bcs) = (lb.strides()[rank - 2], lb.strides()[rank - 1]);
-    let mut out = vec![T::zero(); batch_offsets.len() * m * n];
+    let mut out = crate::buffers::for_overwrite(batch_offsets.len() * m * n);
     if let (Some(a), Some(b), Some(c)) = (as_f32(a), as_f32(b), as_f32_mut(&mut out)) {
         matmul_f32(a, b, c, [m, k, n], [ars, acs, brs, bcs], &batch_offsets);
         return out;

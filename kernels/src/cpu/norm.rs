@@ -64,7 +64,7 @@ pub fn normalize<T: FloatElem>(
     if let Some(x) = T::as_f32(src)
         && let Some(rows) = unit_rows(layout, norm)
     {
-        let mut out = vec![T::zero(); layout.numel()];
+        let mut out = crate::buffers::filled(layout.numel(), T::zero());
         let out_f32 = T::as_f32_mut(&mut out).expect("T is f32");
         let (weight, bias) = (f32_operand(weight, 1.0), f32_operand(bias, 0.0));
         let (center, eps) = (norm.center(), eps as f32);
@@ -211,7 +211,7 @@ pub fn normalize_backward<T: FloatElem>(
 ) -> NormGrads<T> {
     let param_len = norm.param_len(x_layout);
     let center = norm.center();
-    let mut dx = vec![T::zero(); x_layout.numel()];
+    let mut dx = crate::buffers::filled(x_layout.numel(), T::zero());
     if let (Some(x), Some(g)) = (T::as_f32(x), T::as_f32(g))
         && let (Some(x_rows), Some(g_rows)) = (unit_rows(x_layout, norm), unit_rows(g_layout, norm))
     {

@@ -62,8 +62,8 @@ fn widen<T: FloatElem>(src: &[T], layout: &Layout) -> Vec<T::Acc> {
 pub fn max_pool2d<T: FloatElem>(g: &PoolGeometry, input: &[T], layout: &Layout) -> (Vec<T>, Vec<i64>) {
     let image = widen(input, layout);
     let (in_plane, out_plane) = (g.in_size[0] * g.in_size[1], g.out_size[0] * g.out_size[1]);
-    let mut values = vec![T::zero(); g.planes * out_plane];
-    let mut indices = vec![0i64; g.planes * out_plane];
+    let mut values = crate::buffers::filled(g.planes * out_plane, T::zero());
+    let mut indices = crate::buffers::filled(g.planes * out_plane, 0i64);
     if out_plane == 0 || in_plane == 0 {
         return (values, indices);
     }
@@ -93,7 +93,7 @@ pub fn max_pool2d<T: FloatElem>(g: &PoolGeometry, input: &[T], layout: &Layout) 
 pub fn avg_pool2d<T: FloatElem>(g: &PoolGeometry, input: &[T], layout: &Layout) -> Vec<T> {
     let image = widen(input, layout);
     let (in_plane, out_plane) = (g.in_size[0] * g.in_size[1], g.out_size[0] * g.out_size[1]);
-    let mut out = vec![T::zero(); g.planes * out_plane];
+    let mut out = crate::buffers::filled(g.planes * out_plane, T::zero());
     if out_plane == 0 || in_plane == 0 {
         return out;
     }
@@ -128,7 +128,7 @@ pub fn upsample_nearest2d<T: Element>(
 ) -> Vec<T> {
     let image = super::copy::contiguous(input, layout);
     let (in_plane, out_plane) = (in_size[0] * in_size[1], out_size[0] * out_size[1]);
-    let mut out = vec![T::zero(); planes * out_plane];
+    let mut out = crate::buffers::filled(planes * out_plane, T::zero());
     if out_plane == 0 || in_plane == 0 {
         return out;
     }

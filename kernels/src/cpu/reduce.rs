@@ -50,7 +50,30 @@ fn fold_groups<T: Element, S: Copy + Send + Sync, O: Send>(
 
 /// Sum of each group, accumulated in f64.
 pub fn sum_float<T: FloatElem>(src: &[T], layout: &Layout, group: usize) -> Vec<T> {
+    if let Some(range) = layout.contiguous_range() {
+        // Contiguous groups: eight independent accumulators per group, so the adds
+        // pipeline instead of waiting on one chain of f64 additions.
+        let run = |chunk: &[T]| T::from_f64(sum_f64(chunk));
+        let data = &src[range];
+        if data.len() >= super::map::PARALLEL_THRESHOLD {
+            return data.par_chunks(group).map(run).collect();
+        }
+        return data.chunks(group).map(run).collect();
+    }
     fold_groups(src, layout, group, 0.0f64, |s, _, v| s + v.to_f64(), T::from_f64)
+}
+
+/// The f64 sum of `values`, over eight interleaved partial sums.
+fn sum_f64<T: FloatElem>(values: &[T]) -> f64 {
+    let mut partial = [0.0f64; 8];
+    let mut chunks = values.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (p, v) in partial.iter_mut().zip(chunk) {
+            *p += v.to_f64();
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|v| v.to_f64()).sum();
+    partial.iter().sum::<f64>() + tail
 }
 
 /// Sum of each group of integers (wrapping on overflow, like PyTorch's int64 sum).

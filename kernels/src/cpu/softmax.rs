@@ -49,7 +49,7 @@ pub fn softmax<T: FloatElem>(src: &[T], layout: &Layout, dim: usize, kind: Softm
         && let Some(x) = T::as_f32(src)
         && let Some(rows) = UnitRows::new(layout)
     {
-        let mut out = vec![T::zero(); layout.numel()];
+        let mut out = crate::buffers::filled(layout.numel(), T::zero());
         let out_f32 = T::as_f32_mut(&mut out).expect("T is f32");
         for_row_blocks(out_f32, rows.n, |first, out| softmax_f32(Isa::best(), x, &rows, first, out, kind));
         return out;
@@ -75,7 +75,7 @@ pub fn softmax_backward<T: FloatElem>(
         && let (Some(y), Some(g)) = (T::as_f32(y), T::as_f32(g))
         && let (Some(y_rows), Some(g_rows)) = (UnitRows::new(y_layout), UnitRows::new(g_layout))
     {
-        let mut out = vec![T::zero(); y_layout.numel()];
+        let mut out = crate::buffers::filled(y_layout.numel(), T::zero());
         let out_f32 = T::as_f32_mut(&mut out).expect("T is f32");
         for_row_blocks(out_f32, y_rows.n, |first, out| {
             softmax_backward_f32(Isa::best(), (y, &y_rows), (g, &g_rows), first, out, kind)
@@ -324,7 +324,7 @@ impl<'a> Rows<'a> {
         init: impl Fn() -> S + Sync + Send,
         f: impl Fn(&mut S, usize, &mut [T]) + Sync,
     ) -> Vec<T> {
-        let mut out = vec![T::zero(); self.starts.len() * self.len];
+        let mut out = crate::buffers::filled(self.starts.len() * self.len, T::zero());
         if out.is_empty() {
             return out;
         }

@@ -50,7 +50,7 @@ macro_rules! unary_ops {
                 && op.has_f32_kernel()
                 && let Some(runs) = SimdRuns::plan([layout], false)
             {
-                let mut out = vec![T::zero(); layout.numel()];
+                let mut out = crate::buffers::for_overwrite(layout.numel());
                 let dst = T::as_f32_mut(&mut out).expect("T is f32");
                 runs.run([src], dst, |[src], dst| {
                     let Operand::Slice(src) = src else { unreachable!("unary runs are planned without broadcast") };

@@ -34,6 +34,17 @@ impl Tensor {
         concatenate("stack", &expanded.iter().collect::<Vec<_>>(), d as isize)
     }
 
+    /// Pads `dim` with `before` zeros in front and `after` zeros behind (the gradient of
+    /// [`Tensor::narrow`]): `[2, 3]` padded along dim 1 by (1, 2) is `[2, 6]`.
+    pub fn pad_with_zeros(&self, dim: isize, before: usize, after: usize) -> Result<Tensor> {
+        let d = resolve_dim("pad_with_zeros", dim, self.rank())?;
+        let mut shape = self.dims().to_vec();
+        shape[d] += before + after;
+        let out = Tensor::zeros(shape, self.dtype(), &self.device())?;
+        out.narrow(d as isize, before, self.dims()[d])?.write_view(self)?;
+        Ok(out)
+    }
+
     /// Copies `src` into the elements this view addresses in its buffer (same shape).
     /// Only for a buffer the caller has just allocated: nobody else may observe it, and
     /// `src` must not share it.
@@ -96,6 +107,20 @@ mod tests {
     use crate::testing::*;
     use crate::{DType, Device, Tensor};
     use proptest::prelude::*;
+
+    #[test]
+    fn pad_with_zeros_surrounds_the_tensor_along_one_dim() {
+        let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], [2, 3], &Device::Cpu).unwrap();
+        let p = x.t().unwrap().pad_with_zeros(1, 1, 2).unwrap();
+        assert_eq!(p.dims(), &[3, 5]);
+        let want = [0.0, 1.0, 4.0, 0.0, 0.0, 0.0, 2.0, 5.0, 0.0, 0.0, 0.0, 3.0, 6.0, 0.0, 0.0];
+        assert_eq!(p.to_vec::<f32>().unwrap(), want);
+        assert_eq!(x.pad_with_zeros(0, 0, 0).unwrap().to_vec::<f32>().unwrap(), x.to_vec::<f32>().unwrap());
+        assert!(x.pad_with_zeros(2, 1, 1).is_err());
+        let i = Tensor::from_slice(&[7i64], [1], &Device::Cpu).unwrap();
+        assert_eq!(i.pad_with_zeros(0, 2, 0).unwrap().to_vec::<i64>().unwrap(), vec![0, 0, 7]);
+        let _ = DType::F32;
+    }
 
     /// Naive concatenation: output element `idx` comes from the piece whose range along
     /// `d` contains `idx[d]`.
