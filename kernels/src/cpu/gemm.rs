@@ -32,6 +32,8 @@ const MC: usize = 480;
 const NC: usize = 4096;
 /// Below this many multiply-adds (`m * n * k`) the product runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
+/// Below this many values a B panel is packed on the calling thread.
+const PARALLEL_PACK_MIN: usize = 1 << 16;
 
 /// The instruction sets the GEMM has a microkernel for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,19 +157,22 @@ fn blocked_gemm<const MR: usize, const NR: usize>(
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
     // Split the rows evenly over the threads, in whole A slivers, at most MC per block.
     let mc = m.div_ceil(threads).next_multiple_of(MR).min(MC.next_multiple_of(MR));
-    let mut packed_b: Vec<[f32; NR]> = Vec::new();
+    // The packing buffers are reused from call to call (one per thread): a fresh
+    // allocation would fault its pages in on every call, and its first writes miss.
+    let mut packed_b = PACKED_B.take();
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            pack_b(b, pc, kc, jc, nc, &mut packed_b, parallel);
+            let b_slivers = pack_b::<NR>(b, pc, kc, jc, nc, &mut packed_b, parallel);
             let block = |(block_index, c_rows): (usize, &mut [f32])| {
                 let ic = block_index * mc;
                 let rows = c_rows.len() / n;
-                let packed_a = pack_a::<MR>(a, ic, rows, pc, kc);
+                let mut packed_a = PACKED_A.take();
+                let a_slivers = pack_a::<MR>(a, ic, rows, pc, kc, &mut packed_a);
                 let mut edge = [[0.0f32; NR]; MR];
-                for (jr, b_sliver) in packed_b.chunks_exact(kc).enumerate() {
-                    for (ir, a_sliver) in packed_a.chunks_exact(kc).enumerate() {
+                for (jr, b_sliver) in b_slivers.chunks_exact(kc).enumerate() {
+                    for (ir, a_sliver) in a_slivers.chunks_exact(kc).enumerate() {
                         let (i0, j0) = (ir * MR, jc + jr * NR);
                         let (tile_rows, tile_cols) = (MR.min(rows - i0), NR.min(jc + nc - j0));
                         if tile_rows == MR && tile_cols == NR {
@@ -186,6 +191,7 @@ fn blocked_gemm<const MR: usize, const NR: usize>(
                         }
                     }
                 }
+                PACKED_A.set(packed_a);
             };
             if parallel {
                 c.par_chunks_mut(mc * n).enumerate().for_each(block);
@@ -194,6 +200,24 @@ fn blocked_gemm<const MR: usize, const NR: usize>(
             }
         }
     }
+    PACKED_B.set(packed_b);
+}
+
+thread_local! {
+    /// This thread's buffer for packed A blocks (MR-wide slivers, flattened).
+    static PACKED_A: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// This thread's buffer for packed B panels (NR-wide slivers, flattened).
+    static PACKED_B: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// `buffer` grown to hold `slivers` slivers of `depth` rows of `W` lanes, viewed as such.
+/// The values are left as they were: packing writes every lane, padding included.
+fn sliver_buffer<const W: usize>(buffer: &mut Vec<f32>, slivers: usize, depth: usize) -> &mut [[f32; W]] {
+    let len = slivers * depth * W;
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    buffer[..len].as_chunks_mut::<W>().0
 }
 
 /// Writes (first depth block) or accumulates (later blocks) one row of a tile into C.
@@ -206,50 +230,79 @@ fn store_tile_row(c_row: &mut [f32], tile_row: &[f32], first: bool) {
 }
 
 /// Packs `B[pc..pc + kc, jc..jc + nc]` into NR-wide slivers of `kc` rows each, zero-padded
-/// past column `nc`: sliver `s`, row `p` holds `B[pc + p, jc + s * NR ..][..NR]`.
-fn pack_b<const NR: usize>(
+/// past column `nc`, in `buffer`: sliver `s`, row `p` holds `B[pc + p, jc + s * NR ..][..NR]`.
+fn pack_b<'buf, const NR: usize>(
     b: MatRef,
     pc: usize,
     kc: usize,
     jc: usize,
     nc: usize,
-    packed: &mut Vec<[f32; NR]>,
+    buffer: &'buf mut Vec<f32>,
     parallel: bool,
-) {
-    packed.clear();
-    packed.resize(nc.div_ceil(NR) * kc, [0.0; NR]);
+) -> &'buf [[f32; NR]] {
+    let packed = sliver_buffer::<NR>(buffer, nc.div_ceil(NR), kc);
     // A B sliver is a sliver of B^T: lanes are B's columns, depth runs down B's rows.
     let b_t = b.transposed();
     let pack = |(s, sliver): (usize, &mut [[f32; NR]])| pack_sliver(b_t, jc + s * NR, jc + nc, pc, sliver);
-    if parallel {
+    if parallel && packed.len() * NR >= PARALLEL_PACK_MIN {
         packed.par_chunks_mut(kc).enumerate().for_each(pack);
     } else {
         packed.chunks_mut(kc).enumerate().for_each(pack);
     }
+    packed
 }
 
 /// Packs `A[ic..ic + mc, pc..pc + kc]` into MR-tall slivers of `kc` columns each,
-/// zero-padded past row `mc`: sliver `s`, column `p` holds `A[ic + s * MR ..][..MR, pc + p]`.
-fn pack_a<const MR: usize>(a: MatRef, ic: usize, mc: usize, pc: usize, kc: usize) -> Vec<[f32; MR]> {
-    let mut packed = vec![[0.0; MR]; mc.div_ceil(MR) * kc];
+/// zero-padded past row `mc`, in `buffer`: sliver `s`, column `p` holds
+/// `A[ic + s * MR ..][..MR, pc + p]`.
+fn pack_a<'buf, const MR: usize>(
+    a: MatRef,
+    ic: usize,
+    mc: usize,
+    pc: usize,
+    kc: usize,
+    buffer: &'buf mut Vec<f32>,
+) -> &'buf [[f32; MR]] {
+    let packed = sliver_buffer::<MR>(buffer, mc.div_ceil(MR), kc);
     for (s, sliver) in packed.chunks_exact_mut(kc).enumerate() {
         pack_sliver(a, ic + s * MR, ic + mc, pc, sliver);
     }
     packed
 }
 
-/// Fills `sliver[p][w] = x[lane0 + w, pc + p]` for the lanes below `lane_end` (the rest
-/// stay zero): rows of `x` are the sliver's lanes, its columns the depth. The loop order
+/// Fills `sliver[p][w] = x[lane0 + w, pc + p]` for the lanes below `lane_end` and zeros
+/// the rest: rows of `x` are the sliver's lanes, its columns the depth. The loop order
 /// follows the operand's layout so that the reads are contiguous when either stride is 1.
 fn pack_sliver<const W: usize>(x: MatRef, lane0: usize, lane_end: usize, pc: usize, sliver: &mut [[f32; W]]) {
     let (lanes, depth) = (W.min(lane_end - lane0), sliver.len());
-    if x.col_stride == 1 {
-        // Depth is contiguous (a row-major A, or a B that is a transposed row-major matrix).
+    if lanes < W {
+        sliver.iter_mut().for_each(|row| row[lanes..].fill(0.0));
+    }
+    if x.col_stride == 1 && lanes == W {
+        // Depth is contiguous (a row-major A, or a B that is a transposed row-major
+        // matrix): read the W lines side by side, so that each sliver row is written
+        // whole (the lines stream through L1 together).
+        let line = |w: usize| &x.data[x.offset + (lane0 + w) * x.row_stride + pc..][..depth];
+        let lines: [&[f32]; W] = std::array::from_fn(line);
+        for (p, dst) in sliver.iter_mut().enumerate() {
+            for (d, l) in dst.iter_mut().zip(&lines) {
+                *d = l[p];
+            }
+        }
+    } else if x.col_stride == 1 {
+        // The same with fewer lanes (the last sliver), line by line.
         for w in 0..lanes {
             let start = x.offset + (lane0 + w) * x.row_stride + pc;
             for (dst, &v) in sliver.iter_mut().zip(&x.data[start..start + depth]) {
                 dst[w] = v;
             }
+        }
+    } else if x.row_stride == 1 {
+        // The lanes are contiguous (a row-major B, or a transposed A): each sliver row
+        // is one slice.
+        for (p, dst) in sliver.iter_mut().enumerate() {
+            let start = x.offset + lane0 + (pc + p) * x.col_stride;
+            dst[..lanes].copy_from_slice(&x.data[start..start + lanes]);
         }
     } else {
         for (p, dst) in sliver.iter_mut().enumerate() {
