@@ -219,6 +219,22 @@ impl<'a, T: FloatElem> Problem<'a, T> {
         if self.causal { (query + self.lk + 1).saturating_sub(self.lq).min(self.lk) } else { self.lk }
     }
 
+    /// Turns a row of raw scores `q . k_j` (query `query`, keys from `key_start`) into
+    /// the softmax's logits: scaled, plus the mask's bias, `-inf` where the causal mask
+    /// hides the key.
+    pub(super) fn scale_and_mask(&self, batch: usize, query: usize, key_start: usize, row: &mut [T::Acc]) {
+        let visible = self.visible_keys(query).saturating_sub(key_start).min(row.len());
+        let (seen, hidden) = row.split_at_mut(visible);
+        let scale = self.scale;
+        seen.iter_mut().for_each(|s| *s *= scale);
+        if !matches!(self.mask, MaskMatrices::None) {
+            for (j, s) in seen.iter_mut().enumerate() {
+                *s += self.mask.bias(batch, query, key_start + j);
+            }
+        }
+        hidden.fill(T::Acc::NEG_INFINITY);
+    }
+
     /// Computes output rows `first..first + out.len() / dv` of batch entry `batch`.
     fn attend(&self, batch: usize, first: usize, out: &mut [T]) {
         let (d, dv) = (self.d, self.dv);
@@ -241,15 +257,7 @@ impl<'a, T: FloatElem> Problem<'a, T> {
             let scores = &mut scores[..rows * width];
             gemm_acc(rows, width, d, (&q, d, 1), (&k, 1, d), scores);
             for (i, row) in scores.chunks_mut(width).enumerate() {
-                let query = first + i;
-                let visible = self.visible_keys(query).saturating_sub(key_start).min(width);
-                for (j, s) in row.iter_mut().enumerate() {
-                    *s = if j < visible {
-                        self.scale * *s + self.mask.bias(batch, query, key_start + j)
-                    } else {
-                        T::Acc::NEG_INFINITY
-                    };
-                }
+                self.scale_and_mask(batch, first + i, key_start, row);
                 let state = OnlineSoftmax { max: &mut max[i], sum: &mut sum[i], acc: &mut acc[i * dv..(i + 1) * dv] };
                 state.update(row);
             }

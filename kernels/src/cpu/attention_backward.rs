@@ -106,11 +106,7 @@ impl<A: Real> BatchGrads<A> {
             let probs = &mut probs_buf[..rows * keys];
             gemm_acc(rows, keys, d, (&q_block, d, 1), (&k, 1, d), probs);
             for (i, row) in probs.chunks_mut(keys).enumerate() {
-                let query = first + i;
-                let visible = p.visible_keys(query).min(keys);
-                for (j, s) in row.iter_mut().enumerate() {
-                    *s = if j < visible { p.scale * *s + p.mask.bias(batch, query, j) } else { A::NEG_INFINITY };
-                }
+                p.scale_and_mask(batch, first + i, 0, row);
                 softmax_in_place(row);
             }
             // dV[..keys] += P^T G_b.
@@ -120,7 +116,7 @@ impl<A: Real> BatchGrads<A> {
             let ds = &mut ds_buf[..rows * keys];
             gemm_acc(rows, keys, dv, (&g_block, dv, 1), (&v, 1, dv), ds);
             for (ds_row, p_row) in ds.chunks_mut(keys).zip(probs.chunks(keys)) {
-                let dot = ds_row.iter().zip(p_row).fold(zero, |acc, (&dp, &pr)| acc + dp * pr);
+                let dot = dot(ds_row, p_row);
                 for (x, &pr) in ds_row.iter_mut().zip(p_row) {
                     *x = pr * (*x - dot) * p.scale;
                 }
@@ -146,6 +142,19 @@ fn softmax_in_place<A: Real>(row: &mut [A]) {
     for s in row.iter_mut() {
         *s *= inv;
     }
+}
+
+/// `sum_j a_j b_j`, over eight interleaved partial sums (so that it vectorises).
+fn dot<A: Real>(a: &[A], b: &[A]) -> A {
+    let mut partial = [A::zero(); 8];
+    let (mut a8, mut b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    for (x, y) in (&mut a8).zip(&mut b8) {
+        for ((p, &x), &y) in partial.iter_mut().zip(x).zip(y) {
+            *p += x * y;
+        }
+    }
+    let tail = a8.remainder().iter().zip(b8.remainder()).fold(A::zero(), |s, (&x, &y)| s + x * y);
+    partial.iter().fold(tail, |s, &p| s + p)
 }
 
 fn add_into<A: Real>(acc: &mut [A], part: &[A]) {
