@@ -29,7 +29,12 @@ impl Var {
             return if rhs.rank() == 1 { out.squeeze(-1) } else { Ok(out) };
         }
         let value = a.value().matmul(b.value())?;
-        let out = a.binary_op(&b, "matmul", value, |_, g, a, b| Ok((g.matmul(&b.t()?)?, a.t()?.matmul(g)?)))?;
+        let out = a.binary_op(&b, "matmul", value, |_, g, a, b| {
+            // Each gradient is computed in its operand's memory order (see `is_transposed`).
+            let da = if is_transposed(a) { b.matmul(&g.t()?)?.t()? } else { g.matmul(&b.t()?)? };
+            let db = if is_transposed(b) { g.t()?.matmul(a)?.t()? } else { a.t()?.matmul(g)? };
+            Ok((da, db))
+        })?;
         match (self.rank(), rhs.rank()) {
             (1, 1) => out.reshape(()),
             (1, _) => out.squeeze(-2),
@@ -37,6 +42,15 @@ impl Var {
             _ => Ok(out),
         }
     }
+}
+
+/// Whether `x` is a transposed contiguous matrix, like a linear layer's `W.t()`. Its
+/// gradient is then computed transposed (`(A^T G)^T = G^T A`) and handed back as a
+/// transposed view, so that the gradient reaching the contiguous `W` is contiguous too
+/// (no transposing copy when it is accumulated).
+fn is_transposed(x: &Var) -> bool {
+    let v = x.value();
+    v.rank() == 2 && !v.is_contiguous() && v.t().is_ok_and(|t| t.is_contiguous())
 }
 
 #[cfg(test)]
@@ -63,5 +77,19 @@ mod tests {
         gradcheck(|v| v[0].matmul(&v[1]), &[&m, &x], "matvec").unwrap();
         gradcheck(|v| v[1].matmul(&v[0].t()?), &[&m, &x], "vecmat").unwrap();
         gradcheck(|v| v[0].matmul(&v[0]), &[&x], "dot").unwrap();
+    }
+
+    #[test]
+    fn gradients_of_transposed_operands_reach_their_matrices_contiguous() {
+        // x W^T and W^T x, as a linear layer writes them: W's gradient arrives contiguous
+        // and equals the plain formula's.
+        let (x, w) = (crate::Var::leaf(inputs::seeded(&[5, 3], 5)), crate::Var::leaf(inputs::seeded(&[4, 3], 6)));
+        x.matmul(&w.t().unwrap()).unwrap().square().unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = w.grad().unwrap();
+        assert!(gw.is_contiguous());
+        let y = x.value().matmul(&w.value().t().unwrap()).unwrap();
+        let want = y.affine(2.0, 0.0).unwrap().t().unwrap().matmul(x.value()).unwrap();
+        assert!(gw.sub(&want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() < 1e-12);
+        gradcheck(|v| v[1].t()?.matmul(&v[1].square()?), &[x.value(), w.value()], "transposed lhs").unwrap();
     }
 }
