@@ -184,10 +184,16 @@ fn walk(
     Ok(kept)
 }
 
-/// Adds `g` to the gradient pending for `v`, reducing it to `v`'s shape first.
+/// Adds `g` to the gradient pending for `v`, reducing it to `v`'s shape first. When
+/// the walk is not recorded and nothing else holds the pending gradient, the sum is
+/// taken in its buffer (no new tensor per contribution).
 fn add_into(pending: &mut HashMap<u64, Var>, v: &Var, g: Var) -> Result<()> {
     let g = if g.value().dims() != v.value().dims() { g.sum_to(v.value().dims())? } else { g };
     let sum = match pending.remove(&v.id()) {
+        Some(prev) if !mode::is_grad_enabled() && prev.is_sole_holder() => {
+            prev.value().add_(g.value())?;
+            prev
+        }
         Some(prev) => prev.add(&g)?,
         None => g,
     };
@@ -199,6 +205,10 @@ fn add_into(pending: &mut HashMap<u64, Var>, v: &Var, g: Var) -> Result<()> {
 pub(crate) fn accumulate(slot: &std::sync::Mutex<Option<Tensor>>, g: &Tensor) -> Result<()> {
     let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
     *slot = Some(match slot.take() {
+        Some(prev) if prev.is_sole_owner() && prev.is_contiguous() => {
+            prev.add_(g)?;
+            prev
+        }
         Some(prev) => prev.add(g)?,
         None => g.contiguous()?,
     });
@@ -236,6 +246,25 @@ mod tests {
         assert_eq!(x.grad().unwrap().to_vec::<f64>().unwrap(), vec![4.0, -8.0]);
         x.zero_grad();
         assert!(x.grad().is_none());
+    }
+
+    #[test]
+    fn in_place_accumulation_never_changes_a_tensor_someone_else_holds() {
+        // `x + x`: add's rule hands the same gradient to both operands, so the first
+        // contribution must not be summed into in place (it is the second one too).
+        let x = leaf(&[1.0, -2.0]);
+        let y = x.add(&x).unwrap().mul(&x.exp().unwrap()).unwrap();
+        y.sum_all().unwrap().backward().unwrap();
+        let e: Vec<f64> = [1.0f64, -2.0].iter().map(|v| v.exp()).collect();
+        let want: Vec<f64> = [1.0f64, -2.0].iter().zip(&e).map(|(v, e)| 2.0 * e + 2.0 * v * e).collect();
+        let got = x.grad().unwrap().to_vec::<f64>().unwrap();
+        assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-12), "{got:?} vs {want:?}");
+        // A gradient the caller holds stays as it was when the next backward accumulates.
+        let held = x.grad().unwrap();
+        x.square().unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(held.to_vec::<f64>().unwrap(), got);
+        let after = x.grad().unwrap().to_vec::<f64>().unwrap();
+        assert!((after[0] - (got[0] + 2.0)).abs() < 1e-12 && (after[1] - (got[1] - 4.0)).abs() < 1e-12);
     }
 
     #[test]

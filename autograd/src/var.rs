@@ -68,6 +68,12 @@ impl Var {
         Var::leaf(self.value().clone())
     }
 
+    /// Whether this handle is the only one on the var and on its value's buffer, so
+    /// that changing the value in place cannot be seen anywhere else.
+    pub(crate) fn is_sole_holder(&self) -> bool {
+        Arc::strong_count(&self.0) == 1 && self.value().is_sole_owner()
+    }
+
     /// The same value, cut off from the graph.
     pub fn detach(&self) -> Var {
         Var::constant(self.value().clone())

@@ -186,6 +186,11 @@ impl Tensor {
         self.layout.is_contiguous()
     }
     /// Whether two tensors are views of the same buffer.
+    /// How many tensors hold this tensor's buffer (this one included).
+    pub(crate) fn storage_handle_count(&self) -> usize {
+        Arc::strong_count(&self.storage)
+    }
+
     pub fn shares_storage_with(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.storage, &other.storage)
     }

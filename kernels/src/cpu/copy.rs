@@ -1,10 +1,10 @@
 //! Copies and casts: materialise a strided view row-major, convert between dtypes, and
 //! write a strided source into a strided region of an existing buffer (used by `cat`
-//! and in-place assignment).
+//! and in-place assignment), or add it there (in-place accumulation).
 
 use super::map::map;
-use crate::Element;
 use crate::layout::{Layout, RunWalk, for_each_offsets};
+use crate::{Element, FloatElem};
 
 /// The elements of a strided view, row-major.
 pub fn contiguous<T: Element>(src: &[T], layout: &Layout) -> Vec<T> {
@@ -18,9 +18,21 @@ pub fn cast<S: Element, D: Element>(src: &[S], layout: &Layout) -> Vec<D> {
 }
 
 /// Writes the view `src`/`src_layout` into `dst` at the positions `dst_layout` names.
-/// The two layouts must have the same shape. Runs along which both sides are
-/// contiguous are copied as slices.
+/// The two layouts must have the same shape.
 pub fn copy_into<T: Element>(src: &[T], src_layout: &Layout, dst: &mut [T], dst_layout: &Layout) {
+    combine_into(src, src_layout, dst, dst_layout, |d, s| *d = s);
+}
+
+/// Adds the view `src`/`src_layout` to the elements of `dst` that `dst_layout` names
+/// (`dst += src`, computed in the accumulator type). The two layouts must have the
+/// same shape.
+pub fn add_into<T: FloatElem>(src: &[T], src_layout: &Layout, dst: &mut [T], dst_layout: &Layout) {
+    combine_into(src, src_layout, dst, dst_layout, |d, s| *d = T::from_acc(d.to_acc() + s.to_acc()));
+}
+
+/// `f(dst element, src element)` for every pair of elements at the same index. Runs
+/// along which both sides are contiguous are walked as slices (which vectorise).
+fn combine_into<T: Element>(src: &[T], src_layout: &Layout, dst: &mut [T], dst_layout: &Layout, f: impl Fn(&mut T, T)) {
     debug_assert_eq!(src_layout.shape(), dst_layout.shape());
     let walk = RunWalk::new(src_layout.shape(), [src_layout.strides(), dst_layout.strides()]);
     let len = walk.run_len();
@@ -29,7 +41,7 @@ pub fn copy_into<T: Element>(src: &[T], src_layout: &Layout, dst: &mut [T], dst_
     }
     if walk.run_strides() == [1, 1] {
         walk.for_each_run([src_layout.offset(), dst_layout.offset()], |[os, od]| {
-            dst[od..od + len].copy_from_slice(&src[os..os + len])
+            dst[od..od + len].iter_mut().zip(&src[os..os + len]).for_each(|(d, &s)| f(d, s))
         });
         return;
     }
@@ -37,6 +49,6 @@ pub fn copy_into<T: Element>(src: &[T], src_layout: &Layout, dst: &mut [T], dst_
         src_layout.shape(),
         [src_layout.strides(), dst_layout.strides()],
         [src_layout.offset(), dst_layout.offset()],
-        |[os, od]| dst[od] = src[os],
+        |[os, od]| f(&mut dst[od], src[os]),
     );
 }

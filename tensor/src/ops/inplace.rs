@@ -1,7 +1,8 @@
 //! In-place ops: the only ops that write into an existing buffer. They exist for the
 //! places where a copy per step would be waste: assigning new values to a parameter, the
 //! fused optimizer updates (`aigc_kernels::cpu::optim`: SGD, Adam/AdamW, RMSprop) and the
-//! parameter EMA (`lerp_`). Every view of the buffer sees the change.
+//! parameter EMA (`lerp_`), and gradient accumulation (`add_`). Every view of the
+//! buffer sees the change.
 
 use crate::{DType, Error, Result, Tensor, WithDType};
 use aigc_kernels::FloatElem;
@@ -26,6 +27,37 @@ impl Tensor {
                 Ok(())
             })
         })
+    }
+
+    /// Adds `src` (broadcast to this tensor's shape, same dtype) to this tensor's
+    /// elements, in place (`+=`; the autograd tape accumulates gradients with it).
+    pub fn add_(&self, src: &Tensor) -> Result<()> {
+        const OP: &str = "add_";
+        self.expect_float(OP)?;
+        self.same_dtype(src, OP)?;
+        self.same_device(src, OP)?;
+        let src = src.broadcast_to(self.shape())?;
+        let src = if src.shares_storage_with(self) { src.copy()? } else { src };
+        let dst_layout = self.layout().clone();
+        src.read_cpu(|s, sl| {
+            self.write_cpu(|d, _| {
+                use crate::storage::CpuStorage::{BF16, F16, F32, F64};
+                match (s, d) {
+                    (F32(a), F32(b)) => copy::add_into(a, sl, b, &dst_layout),
+                    (F64(a), F64(b)) => copy::add_into(a, sl, b, &dst_layout),
+                    (F16(a), F16(b)) => copy::add_into(a, sl, b, &dst_layout),
+                    (BF16(a), BF16(b)) => copy::add_into(a, sl, b, &dst_layout),
+                    _ => unreachable!("checked above: one float dtype"),
+                }
+                Ok(())
+            })
+        })
+    }
+
+    /// Whether no other tensor shares this tensor's buffer: writing into it in place
+    /// then changes nothing anyone else can see.
+    pub fn is_sole_owner(&self) -> bool {
+        self.storage_handle_count() == 1
     }
 
     /// Checks that the optimizer operands fit this parameter: same shape and dtype,
@@ -263,6 +295,28 @@ mod tests {
         assert!(err.contains("momentum buffer is needed exactly when"), "{err}");
         let err = p.rmsprop_step_(&g, &sq, Some(&sq), Some(&mb), s).unwrap_err().to_string();
         assert!(err.contains("separate buffers"), "{err}");
+    }
+
+    #[test]
+    fn add_accumulates_into_views_with_broadcast_and_knows_its_owners() {
+        let dev = Device::Cpu;
+        let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], [2, 3], &dev).unwrap();
+        assert!(x.is_sole_owner());
+        let t = x.t().unwrap(); // [3, 2], sharing x's buffer
+        assert!(!x.is_sole_owner());
+        t.add_(&Tensor::new(&[10.0f32, 20.0], &dev).unwrap()).unwrap(); // a row broadcast down t
+        assert_eq!(x.to_vec::<f32>().unwrap(), vec![11.0, 12.0, 13.0, 24.0, 25.0, 26.0]);
+        x.add_(&x).unwrap(); // from its own buffer: read first
+        assert_eq!(x.to_vec::<f32>().unwrap(), vec![22.0, 24.0, 26.0, 48.0, 50.0, 52.0]);
+        drop(t);
+        assert!(x.is_sole_owner());
+        let h = Tensor::from_slice(&[1.5f64, -2.0], [2], &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        h.add_(&h.ones_like().unwrap()).unwrap();
+        assert_eq!(h.to_dtype(DType::F64).unwrap().to_vec::<f64>().unwrap(), vec![2.5, -1.0]);
+        assert!(x.add_(&Tensor::zeros([2, 3], DType::F64, &dev).unwrap()).is_err());
+        assert!(x.add_(&Tensor::zeros([2], DType::F32, &dev).unwrap()).is_err());
+        let i = Tensor::from_slice(&[1i64], [1], &dev).unwrap();
+        assert!(i.add_(&i).is_err());
     }
 
     #[test]
