@@ -7,7 +7,7 @@
 //!   against candle, in milliseconds;
 //! - softmax and LayerNorm on (4096, 1024), GELU (erf and tanh forms) on 16M floats,
 //!   `add` on 64 floats, against candle, in milliseconds, with `copy_ms`, a plain copy of
-//!   the same bytes (the memory-bound floor) for the large ones.
+//!   the same bytes into an existing buffer (the memory-bound floor) for the large ones.
 //!
 //! Run: `cargo run --release --example bench_kernels` (add `-- quick` for fewer repeats).
 //! Each figure is the median of interleaved repeats (ours, peer, ours, ...), so slow
@@ -67,11 +67,18 @@ fn line(op: &str, shape: &[usize], threads: usize, ms: f64, peer_ms: f64, copy_m
     );
 }
 
+/// Median seconds of copying `values` into a buffer that already exists (so the figure
+/// is the memory traffic alone, not the allocator's page faults).
+fn copy_seconds(values: &[f32], reps: usize) -> f64 {
+    let mut dst = vec![1.0f32; values.len()];
+    race(reps, || dst.copy_from_slice(black_box(values)), || ()).0
+}
+
 /// The memory-bound ops: ours and candle's, and a plain copy of the input.
 fn elementwise_and_rows(threads: usize, reps: usize) {
     let ms = 1e3;
     let (x, cx, values) = pair(&[4096, 1024], 1);
-    let copy = |reps| race(reps, || drop(black_box(values.clone())), || ()).0 * ms;
+    let copy = |reps| copy_seconds(&values, reps) * ms;
     let (ours, peer) =
         race(reps, || drop(x.softmax(-1).unwrap()), || drop(candle_nn::ops::softmax_last_dim(&cx).unwrap()));
     line("softmax", &[4096, 1024], threads, ours * ms, peer * ms, Some(copy(reps)));
@@ -86,7 +93,7 @@ fn elementwise_and_rows(threads: usize, reps: usize) {
 
     let n = 16 << 20;
     let (x, cx, values) = pair(&[n], 4);
-    let copy = race(reps.div_ceil(3), || drop(black_box(values.clone())), || ()).0 * ms;
+    let copy = copy_seconds(&values, reps.div_ceil(3)) * ms;
     let (ours, peer) = race(reps.div_ceil(3), || drop(x.gelu().unwrap()), || drop(cx.gelu_erf().unwrap()));
     line("gelu_erf", &[n], threads, ours * ms, peer * ms, Some(copy));
     let (ours, peer) = race(reps.div_ceil(3), || drop(x.gelu_tanh().unwrap()), || drop(cx.gelu().unwrap()));
