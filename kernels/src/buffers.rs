@@ -9,10 +9,14 @@
 //! half per page, which made a 1.2 MB matmul output cost a third more than its arithmetic.
 //! PyTorch keeps the same kind of cache for its CUDA memory.
 //!
-//! The cache keeps freed buffers of at least [`MIN_CACHED_BYTES`] by exact length (a
-//! loop asks for exactly the sizes it freed), up to a total of [`limit`] bytes (1 GiB
-//! unless [`set_limit`] says otherwise). When a buffer would not fit, the cache empties
-//! itself first, so a process whose shapes change does not keep stale sizes forever.
+//! The cache keeps freed buffers of at least [`MIN_CACHED_BYTES`] by capacity, and
+//! serves a request from the smallest buffer that holds it with at most half again to
+//! spare (a loop asks for exactly the sizes it freed). It stays near the working set of
+//! the loop: a request it cannot serve frees as many cached bytes (the largest buffers
+//! first) as the new buffer takes, so that switching to other sizes (evaluation with
+//! another batch size, generation) replaces the old set instead of adding to it. It
+//! never holds more than [`limit`] bytes (1 GiB unless [`set_limit`] says otherwise);
+//! when a buffer would not fit, the cache empties itself first.
 //! Buffers are handed out either filled ([`filled`], the drop-in for `vec![v; len]`) or
 //! with whatever values they held ([`for_overwrite`]) for kernels that write every
 //! element; both are plain initialised `Vec`s, so no unsafe code is involved.
@@ -31,33 +35,52 @@ pub const MIN_CACHED_BYTES: usize = 64 * 1024;
 static CACHED_BYTES: AtomicUsize = AtomicUsize::new(0);
 static LIMIT_BYTES: AtomicUsize = AtomicUsize::new(1 << 30);
 
-/// The freed buffers of one element type, by length.
+/// The freed buffers of one element type, by capacity.
 pub struct BufferCache<T> {
     free: Mutex<BTreeMap<usize, Vec<Vec<T>>>>,
 }
 
-impl<T> BufferCache<T> {
+impl<T: Element> BufferCache<T> {
     /// An empty cache (for the one static per element type).
     pub const fn new() -> Self {
         BufferCache { free: Mutex::new(BTreeMap::new()) }
     }
 
-    /// A cached buffer of exactly `len` elements, if there is one.
+    /// The smallest cached buffer that holds `len` elements without wasting more than
+    /// half of that again, resized to `len` (elements past the old length are zeros).
     fn take(&self, len: usize) -> Option<Vec<T>> {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let buffers = free.get_mut(&len)?;
-        let buffer = buffers.pop()?;
+        let (&capacity, buffers) = free.range_mut(len..=len + len / 2).next()?;
+        let mut buffer = buffers.pop()?;
         if buffers.is_empty() {
-            free.remove(&len);
+            free.remove(&capacity);
         }
+        drop(free);
         CACHED_BYTES.fetch_sub(bytes_of(&buffer), Ordering::Relaxed);
+        buffer.resize(len, T::zero());
         Some(buffer)
     }
 
     /// Keeps `buffer` for reuse.
     fn put(&self, buffer: Vec<T>) {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.entry(buffer.len()).or_default().push(buffer);
+        free.entry(buffer.capacity()).or_default().push(buffer);
+    }
+
+    /// Frees cached buffers, the largest first, until at least `bytes` are released or
+    /// none is left; returns the bytes released.
+    fn evict(&self, bytes: usize) -> usize {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let mut released = 0;
+        while released < bytes {
+            let Some(mut largest) = free.last_entry() else { break };
+            let buffer = largest.get_mut().pop().expect("no empty lists are kept");
+            if largest.get().is_empty() {
+                largest.remove();
+            }
+            released += bytes_of(&buffer);
+        }
+        released
     }
 
     /// Frees every buffer of this cache; returns the bytes released.
@@ -69,7 +92,7 @@ impl<T> BufferCache<T> {
     }
 }
 
-impl<T> Default for BufferCache<T> {
+impl<T: Element> Default for BufferCache<T> {
     fn default() -> Self {
         Self::new()
     }
@@ -85,9 +108,25 @@ fn is_cached_size<T>(len: usize) -> bool {
     len * size_of::<T>() >= MIN_CACHED_BYTES
 }
 
+/// A cached buffer of `len` elements, if the cache has one; on a miss, the cache frees
+/// as many bytes as the new buffer will take, so that a process whose sizes change
+/// (training, then evaluation with another batch) does not hold both sets at once.
+fn take_cached<T: Element>(len: usize) -> Option<Vec<T>> {
+    if !is_cached_size::<T>(len) {
+        return None;
+    }
+    let cache = T::buffer_cache();
+    let hit = cache.take(len);
+    if hit.is_none() {
+        let released = cache.evict(len * size_of::<T>());
+        CACHED_BYTES.fetch_sub(released, Ordering::Relaxed);
+    }
+    hit
+}
+
 /// A buffer of `len` copies of `value`: a cached one refilled, or a new one.
 pub fn filled<T: Element>(len: usize, value: T) -> Vec<T> {
-    match is_cached_size::<T>(len).then(|| T::buffer_cache().take(len)).flatten() {
+    match take_cached(len) {
         Some(mut buffer) => {
             buffer.fill(value);
             buffer
@@ -99,13 +138,13 @@ pub fn filled<T: Element>(len: usize, value: T) -> Vec<T> {
 /// A buffer of `len` elements whose values are unspecified (those of a freed tensor, or
 /// zeros): for kernels that overwrite every element.
 pub fn for_overwrite<T: Element>(len: usize) -> Vec<T> {
-    is_cached_size::<T>(len).then(|| T::buffer_cache().take(len)).flatten().unwrap_or_else(|| vec![T::zero(); len])
+    take_cached(len).unwrap_or_else(|| vec![T::zero(); len])
 }
 
 /// Gives a buffer back for reuse (or frees it, if it is small or the cache is full).
 pub fn recycle<T: Element>(buffer: Vec<T>) {
     let bytes = bytes_of(&buffer);
-    if !is_cached_size::<T>(buffer.len()) || buffer.len() != buffer.capacity() {
+    if !is_cached_size::<T>(buffer.capacity()) {
         return;
     }
     let limit = LIMIT_BYTES.load(Ordering::Relaxed);
@@ -171,6 +210,29 @@ mod tests {
         recycle(again);
         let stale = for_overwrite::<f64>(len);
         assert_eq!((stale.as_ptr(), stale.len()), (address, len));
+    }
+
+    #[test]
+    fn a_request_takes_the_smallest_buffer_that_fits_and_a_miss_frees_room() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        // i64 and lengths no other test of this crate uses.
+        let big = filled(40_009, 5i64);
+        let (big_address, bytes) = (big.as_ptr(), 40_009 * 8);
+        recycle(big);
+        // 30_007 * 1.5 >= 40_009: served by the big buffer, shortened.
+        let shorter = for_overwrite::<i64>(30_007);
+        assert_eq!((shorter.as_ptr(), shorter.len()), (big_address, 30_007));
+        recycle(shorter);
+        // Longer again (within its capacity): the new elements are zeros.
+        let longer = for_overwrite::<i64>(40_009);
+        assert_eq!(longer.as_ptr(), big_address);
+        assert!(longer[..30_007].iter().all(|&v| v == 5) && longer[30_007..].iter().all(|&v| v == 0));
+        recycle(longer);
+        // Too small to be served by it without waste: a miss, which frees the big one.
+        let before = cached_bytes();
+        let small = filled(20_011, 1i64);
+        assert_eq!(small.len(), 20_011);
+        assert_eq!(cached_bytes(), before - bytes);
     }
 
     #[test]
