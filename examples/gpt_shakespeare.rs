@@ -138,14 +138,17 @@ fn main() -> Result<()> {
         let report = aigc::autograd::profile::report();
         println!("where the time went ({:.1} s profiled):\n{report}", report.total().as_secs_f64());
     }
-    println!(
-        "validation loss over the whole validation text ({} {unit}s): {:.4}",
-        val_ids.len(),
-        validation_loss(&model, &vs, &val_ids)?
-    );
-    match reached_1_90 {
-        Some(s) => println!("validation loss reached 1.90 after {s:.1} s wall"),
-        None => println!("validation loss did not reach 1.90"),
+    let whole_val = validation_loss(&model, &vs, &val_ids)?;
+    println!("validation loss over the whole validation text ({} {unit}s): {whole_val:.4}", val_ids.len());
+    if opts.bpe_vocab.is_some() {
+        // Per character, comparable with the character-level models.
+        let chars = val_text.chars().count();
+        println!("  = {:.4} nats/char ({chars} chars)", whole_val * val_ids.len() as f64 / chars as f64);
+    } else {
+        match reached_1_90 {
+            Some(s) => println!("validation loss reached 1.90 after {s:.1} s wall"),
+            None => println!("validation loss did not reach 1.90"),
+        }
     }
     if let Some(mib) = common::peak_rss_mib() {
         println!("peak memory (RSS): {mib:.0} MiB");
