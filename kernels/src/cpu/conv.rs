@@ -10,7 +10,8 @@
 //! ```
 //!
 //! whenever that lands inside the image (padding is zero, so outside taps add nothing).
-//! [`for_each_tap`] enumerates these `(tap, feature position, image position)` triples.
+//! [`for_each_tap`] enumerates these pairs as runs along feature rows (`(tap, feature
+//! position, image position, length)`), which are slice copies at stride 1.
 //! The `columns` matrix has one row per (input channel, tap) and one column per feature
 //! position, and both directions are one GEMM and one pass of [`for_each_tap`]:
 //!
@@ -28,7 +29,7 @@
 
 use super::map::map;
 use super::matmul::gemm_acc;
-use crate::{Element, FloatElem, Layout, Real};
+use crate::{Element, FloatElem, Layout, Real, buffers};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -86,10 +87,12 @@ fn valid_outputs(offset: usize, padding: usize, stride: usize, image_len: usize,
     first.min(end)..end
 }
 
-/// Calls `f(tap, feature_pos, image_pos)` for every kernel tap (row-major index into
-/// one filter) and every feature position whose tap lands inside the image. Positions
-/// are flat row-major indices within one plane.
-fn for_each_tap(g: &ConvGeometry, mut f: impl FnMut(usize, usize, usize)) {
+/// Calls `f(tap, feature_pos, image_pos, len)` for every kernel tap (row-major index into
+/// one filter) and every run of `len` feature positions along a row whose tap lands
+/// inside the image: feature positions `feature_pos..feature_pos + len` meet image
+/// positions `image_pos, image_pos + stride_x, ..`. Positions are flat row-major
+/// indices within one plane.
+fn for_each_tap(g: &ConvGeometry, mut f: impl FnMut(usize, usize, usize, usize)) {
     let [kh, kw] = g.kernel;
     let [ih, iw] = g.in_size;
     let [oh, ow] = g.out_size;
@@ -100,13 +103,14 @@ fn for_each_tap(g: &ConvGeometry, mut f: impl FnMut(usize, usize, usize)) {
         let rows = valid_outputs(ky * dy, py, sy, ih, oh);
         for kx in 0..kw {
             let cols = valid_outputs(kx * dx, px, sx, iw, ow);
+            if cols.is_empty() {
+                continue;
+            }
             let tap = ky * kw + kx;
             for oy in rows.clone() {
                 let iy = oy * sy + ky * dy - py;
-                for ox in cols.clone() {
-                    let ix = ox * sx + kx * dx - px;
-                    f(tap, oy * ow + ox, iy * iw + ix);
-                }
+                let ix = cols.start * sx + kx * dx - px;
+                f(tap, oy * ow + cols.start, iy * iw + ix, cols.len());
             }
         }
     }
@@ -148,14 +152,26 @@ pub fn conv2d<T: FloatElem>(
     }
     out.par_chunks_mut(g.out_channels * fp).enumerate().for_each(|(n, out_n)| {
         let zero = T::Acc::zero();
-        let (mut columns, mut features) = (vec![zero; depth * fp], vec![zero; cout_g * fp]);
+        // Scratch from the buffer cache and back to it: a fresh megabyte per batch
+        // entry would fault its pages in every time (serialised in the kernel, so the
+        // threads queue up there).
+        let (mut columns, mut features) = (buffers::filled(depth * fp, zero), buffers::filled(cout_g * fp, zero));
         for group in 0..g.groups {
-            // im2col: row `ci * taps + tap` holds the image values that tap meets.
-            columns.fill(zero);
+            // im2col: row `ci * taps + tap` holds the image values that tap meets. Every
+            // group writes the same positions; the others (taps in the padding) keep
+            // the zeros the buffer was filled with.
             for ci_in_group in 0..cin_g {
                 let plane = &image[(n * g.in_channels + group * cin_g + ci_in_group) * g.image_plane()..];
                 let rows = &mut columns[ci_in_group * taps * fp..(ci_in_group + 1) * taps * fp];
-                for_each_tap(g, |tap, o, i| rows[tap * fp + o] = plane[i]);
+                let sx = g.stride[1];
+                for_each_tap(g, |tap, o, i, len| {
+                    let dst = &mut rows[tap * fp + o..][..len];
+                    if sx == 1 {
+                        dst.copy_from_slice(&plane[i..i + len]);
+                    } else {
+                        dst.iter_mut().zip(plane[i..].iter().step_by(sx)).for_each(|(d, &v)| *d = v);
+                    }
+                });
             }
             let filters = &weight[group * cout_g * depth..(group + 1) * cout_g * depth];
             gemm_acc(cout_g, fp, depth, (filters, depth, 1), (&columns, fp, 1), &mut features);
@@ -167,7 +183,11 @@ pub fn conv2d<T: FloatElem>(
                 }
             }
         }
+        buffers::recycle(columns);
+        buffers::recycle(features);
     });
+    buffers::recycle(image);
+    buffers::recycle(weight);
     out
 }
 
@@ -200,7 +220,7 @@ pub fn conv_transpose2d<T: FloatElem>(
     }
     out.par_chunks_mut(g.in_channels * ip).enumerate().for_each(|(n, out_n)| {
         let zero = T::Acc::zero();
-        let (mut columns, mut image) = (vec![zero; depth * fp], vec![zero; g.in_channels * ip]);
+        let (mut columns, mut image) = (buffers::filled(depth * fp, zero), buffers::filled(g.in_channels * ip, zero));
         for group in 0..g.groups {
             // columns = W_g^T x_g: row `ci * taps + tap` is what that tap sends back.
             let filters = &weight[group * cout_g * depth..(group + 1) * cout_g * depth];
@@ -211,7 +231,15 @@ pub fn conv_transpose2d<T: FloatElem>(
             for ci_in_group in 0..cin_g {
                 let plane = &mut image[(group * cin_g + ci_in_group) * ip..(group * cin_g + ci_in_group + 1) * ip];
                 let rows = &columns[ci_in_group * taps * fp..(ci_in_group + 1) * taps * fp];
-                for_each_tap(g, |tap, o, i| plane[i] += rows[tap * fp + o]);
+                let sx = g.stride[1];
+                for_each_tap(g, |tap, o, i, len| {
+                    let src = &rows[tap * fp + o..][..len];
+                    if sx == 1 {
+                        plane[i..i + len].iter_mut().zip(src).for_each(|(p, &v)| *p += v);
+                    } else {
+                        plane[i..].iter_mut().step_by(sx).zip(src).for_each(|(p, &v)| *p += v);
+                    }
+                });
             }
         }
         for (ci, (dst, plane)) in out_n.chunks_mut(ip.max(1)).zip(image.chunks(ip.max(1))).enumerate() {
@@ -220,7 +248,11 @@ pub fn conv_transpose2d<T: FloatElem>(
                 *o = T::from_acc(v + b);
             }
         }
+        buffers::recycle(columns);
+        buffers::recycle(image);
     });
+    buffers::recycle(features);
+    buffers::recycle(weight);
     out
 }
 
