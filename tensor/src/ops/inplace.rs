@@ -4,8 +4,10 @@
 //! parameter EMA (`lerp_`), and gradient accumulation (`add_`). Every view of the
 //! buffer sees the change.
 
+use crate::storage::CpuStorage;
 use crate::{DType, Error, Result, Tensor, WithDType};
 use aigc_kernels::FloatElem;
+use aigc_kernels::Layout;
 use aigc_kernels::cpu::{copy, optim};
 
 pub use aigc_kernels::cpu::optim::{AdamStep, RmsPropStep, SgdStep};
@@ -15,17 +17,9 @@ impl Tensor {
     /// elements, in place.
     pub fn assign_(&self, src: &Tensor) -> Result<()> {
         const OP: &str = "assign_";
-        self.same_dtype(src, OP)?;
-        self.same_device(src, OP)?;
-        let src = src.broadcast_to(self.shape())?;
-        // Reading and writing the same buffer under one lock is impossible: copy first.
-        let src = if src.shares_storage_with(self) { src.copy()? } else { src };
-        let dst_layout = self.layout().clone();
-        src.read_cpu(|s, sl| {
-            self.write_cpu(|d, _| {
-                crate::storage::zip_any!(OP, s, d, |a, b| copy::copy_into(a, sl, b, &dst_layout));
-                Ok(())
-            })
+        self.write_from(OP, src, |s, sl, d, dl| {
+            crate::storage::zip_any!(OP, s, d, |a, b| copy::copy_into(a, sl, b, dl));
+            Ok(())
         })
     }
 
@@ -34,24 +28,34 @@ impl Tensor {
     pub fn add_(&self, src: &Tensor) -> Result<()> {
         const OP: &str = "add_";
         self.expect_float(OP)?;
-        self.same_dtype(src, OP)?;
-        self.same_device(src, OP)?;
+        self.write_from(OP, src, |s, sl, d, dl| {
+            use crate::storage::CpuStorage::{BF16, F16, F32, F64};
+            match (s, d) {
+                (F32(a), F32(b)) => copy::add_into(a, sl, b, dl),
+                (F64(a), F64(b)) => copy::add_into(a, sl, b, dl),
+                (F16(a), F16(b)) => copy::add_into(a, sl, b, dl),
+                (BF16(a), BF16(b)) => copy::add_into(a, sl, b, dl),
+                _ => unreachable!("checked above: one float dtype"),
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `write(src buffer, src layout, this buffer, this layout)` with `src` checked
+    /// against this tensor and broadcast to its shape.
+    fn write_from(
+        &self,
+        op: &'static str,
+        src: &Tensor,
+        write: impl FnOnce(&CpuStorage, &Layout, &mut CpuStorage, &Layout) -> Result<()>,
+    ) -> Result<()> {
+        self.same_dtype(src, op)?;
+        self.same_device(src, op)?;
         let src = src.broadcast_to(self.shape())?;
+        // Reading and writing the same buffer under one lock is impossible: copy first.
         let src = if src.shares_storage_with(self) { src.copy()? } else { src };
         let dst_layout = self.layout().clone();
-        src.read_cpu(|s, sl| {
-            self.write_cpu(|d, _| {
-                use crate::storage::CpuStorage::{BF16, F16, F32, F64};
-                match (s, d) {
-                    (F32(a), F32(b)) => copy::add_into(a, sl, b, &dst_layout),
-                    (F64(a), F64(b)) => copy::add_into(a, sl, b, &dst_layout),
-                    (F16(a), F16(b)) => copy::add_into(a, sl, b, &dst_layout),
-                    (BF16(a), BF16(b)) => copy::add_into(a, sl, b, &dst_layout),
-                    _ => unreachable!("checked above: one float dtype"),
-                }
-                Ok(())
-            })
-        })
+        src.read_cpu(|s, sl| self.write_cpu(|d, _| write(s, sl, d, &dst_layout)))
     }
 
     /// Whether no other tensor shares this tensor's buffer: writing into it in place
