@@ -64,7 +64,8 @@ pub fn normalize<T: FloatElem>(
     if let Some(x) = T::as_f32(src)
         && let Some(rows) = unit_rows(layout, norm)
     {
-        let mut out = crate::buffers::filled(layout.numel(), T::zero());
+        // Every row is written by the SIMD kernel.
+        let mut out = crate::buffers::for_overwrite(layout.numel());
         let out_f32 = T::as_f32_mut(&mut out).expect("T is f32");
         let (weight, bias) = (f32_operand(weight, 1.0), f32_operand(bias, 0.0));
         let (center, eps) = (norm.center(), eps as f32);
@@ -300,7 +301,9 @@ fn blocks_with_sums<T: Send, A: Real>(
     if out.len() <= PARALLEL_THRESHOLD {
         return block((0, out), 0);
     }
-    let rows_per_block = (PARALLEL_THRESHOLD / n).max(1);
+    // Blocks of a fixed size (a quarter of the threshold: enough blocks to balance the
+    // threads), never one that depends on the thread count, so the sums do not either.
+    let rows_per_block = (PARALLEL_THRESHOLD / 4 / n).max(1);
     let partials: Vec<(Vec<A>, Vec<A>)> =
         out.par_chunks_mut(rows_per_block * n).enumerate().map(|b| block(b, rows_per_block)).collect();
     let (mut dw, mut db) = zeros();

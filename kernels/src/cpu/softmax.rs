@@ -49,7 +49,8 @@ pub fn softmax<T: FloatElem>(src: &[T], layout: &Layout, dim: usize, kind: Softm
         && let Some(x) = T::as_f32(src)
         && let Some(rows) = UnitRows::new(layout)
     {
-        let mut out = crate::buffers::filled(layout.numel(), T::zero());
+        // Every row is written by the SIMD kernel.
+        let mut out = crate::buffers::for_overwrite(layout.numel());
         let out_f32 = T::as_f32_mut(&mut out).expect("T is f32");
         for_row_blocks(out_f32, rows.n, |first, out| softmax_f32(Isa::best(), x, &rows, first, out, kind));
         return out;
@@ -75,7 +76,7 @@ pub fn softmax_backward<T: FloatElem>(
         && let (Some(y), Some(g)) = (T::as_f32(y), T::as_f32(g))
         && let (Some(y_rows), Some(g_rows)) = (UnitRows::new(y_layout), UnitRows::new(g_layout))
     {
-        let mut out = crate::buffers::filled(y_layout.numel(), T::zero());
+        let mut out = crate::buffers::for_overwrite(y_layout.numel());
         let out_f32 = T::as_f32_mut(&mut out).expect("T is f32");
         for_row_blocks(out_f32, y_rows.n, |first, out| {
             softmax_backward_f32(Isa::best(), (y, &y_rows), (g, &g_rows), first, out, kind)
@@ -193,7 +194,11 @@ pub(crate) fn for_row_blocks(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [
     if out.len() <= PARALLEL_THRESHOLD {
         return f(0, out);
     }
-    let rows_per_block = (PARALLEL_THRESHOLD / n).max(1);
+    // Blocks of about a quarter of the threshold, as many as a multiple of the thread
+    // count, so that every thread gets the same number of rows.
+    let (rows, threads) = (out.len() / n, rayon::current_num_threads());
+    let blocks = out.len().div_ceil(PARALLEL_THRESHOLD / 4).next_multiple_of(threads);
+    let rows_per_block = rows.div_ceil(blocks).max(1);
     out.par_chunks_mut(rows_per_block * n).enumerate().for_each(|(b, block)| f(b * rows_per_block, block));
 }
 
