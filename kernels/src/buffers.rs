@@ -105,7 +105,7 @@ fn bytes_of<T>(buffer: &Vec<T>) -> usize {
 
 /// Whether a buffer of `len` elements of `T` is worth caching.
 fn is_cached_size<T>(len: usize) -> bool {
-    len * size_of::<T>() >= MIN_CACHED_BYTES
+    len.saturating_mul(size_of::<T>()) >= MIN_CACHED_BYTES
 }
 
 /// A cached buffer of `len` elements, if the cache has one; on a miss, the cache frees
@@ -118,7 +118,7 @@ fn take_cached<T: Element>(len: usize) -> Option<Vec<T>> {
     let cache = T::buffer_cache();
     let hit = cache.take(len);
     if hit.is_none() {
-        let released = cache.evict(len * size_of::<T>());
+        let released = cache.evict(len.saturating_mul(size_of::<T>()));
         CACHED_BYTES.fetch_sub(released, Ordering::Relaxed);
     }
     hit
