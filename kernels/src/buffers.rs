@@ -50,7 +50,7 @@ impl<T: Element> BufferCache<T> {
     /// half of that again, resized to `len` (elements past the old length are zeros).
     fn take(&self, len: usize) -> Option<Vec<T>> {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let (&capacity, buffers) = free.range_mut(len..=len + len / 2).next()?;
+        let (&capacity, buffers) = free.range_mut(len..=len.saturating_add(len / 2)).next()?;
         let mut buffer = buffers.pop()?;
         if buffers.is_empty() {
             free.remove(&capacity);
