@@ -93,7 +93,8 @@ pub fn scaled_dot_product_attention<T: FloatElem>(
 ) -> Vec<T> {
     let problem = Problem::new(q, k, v, mask, options);
     let (lq, dv) = (problem.lq, problem.dv);
-    let mut out = crate::buffers::filled(problem.q.starts.len() * lq * dv, T::zero());
+    // `attend` writes every row (zeros for a row that sees no key).
+    let mut out = crate::buffers::for_overwrite(problem.q.starts.len() * lq * dv);
     if out.is_empty() {
         return out;
     }

@@ -146,7 +146,8 @@ pub fn conv2d<T: FloatElem>(
     let (cin_g, cout_g, taps, fp) =
         (g.in_channels_per_group(), g.out_channels_per_group(), g.taps(), g.feature_plane());
     let depth = cin_g * taps;
-    let mut out = crate::buffers::filled(g.batch * g.out_channels * fp, T::zero());
+    // Every output plane is written below.
+    let mut out = buffers::for_overwrite(g.batch * g.out_channels * fp);
     if out.is_empty() {
         return out;
     }
@@ -214,7 +215,8 @@ pub fn conv_transpose2d<T: FloatElem>(
     let (cin_g, cout_g, taps, fp) =
         (g.in_channels_per_group(), g.out_channels_per_group(), g.taps(), g.feature_plane());
     let (depth, ip) = (cin_g * taps, g.image_plane());
-    let mut out = crate::buffers::filled(g.batch * g.in_channels * ip, T::zero());
+    // Every output plane is written below.
+    let mut out = buffers::for_overwrite(g.batch * g.in_channels * ip);
     if out.is_empty() {
         return out;
     }
