@@ -1,9 +1,11 @@
 //! `Linear`: `y = x W^T + b`, PyTorch's layout (`weight` is `[out, in]`) and default
 //! initialisation: `W, b ~ U(-1/sqrt(in), 1/sqrt(in))` (kaiming-uniform with `a = sqrt 5`).
+//! The bias, and an activation that follows the layer ([`Linear::forward_with`]), are
+//! applied in the GEMM's epilogue (`Var::matmul_bias_act`).
 
 use crate::{Init, Module, VarStore};
 use aigc_autograd::Var;
-use aigc_tensor::Result;
+use aigc_tensor::{Result, UnaryOp};
 
 /// A fully connected layer.
 pub struct Linear {
@@ -25,15 +27,17 @@ impl Linear {
         let bias = if bias { Some(vs.param("bias", [out_features], init)?) } else { None };
         Ok(Linear { weight, bias })
     }
+
+    /// `activation(x W^T + b)`: the layer and the activation after it, fused into the
+    /// product's epilogue when no gradient is recorded (inference, sampling).
+    pub fn forward_with(&self, x: &Var, activation: UnaryOp) -> Result<Var> {
+        x.matmul_bias_act(&self.weight.t()?, self.bias.as_ref(), Some(activation))
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Var) -> Result<Var> {
-        let y = x.matmul(&self.weight.t()?)?;
-        match &self.bias {
-            Some(b) => y.add(b),
-            None => Ok(y),
-        }
+        x.matmul_bias_act(&self.weight.t()?, self.bias.as_ref(), None)
     }
 }
 

@@ -13,7 +13,7 @@
 
 use crate::{Init, Linear, Module, VarStore};
 use aigc_autograd::Var;
-use aigc_tensor::{DType, Device, Error, Result, Tensor};
+use aigc_tensor::{DType, Device, Error, Result, Tensor, UnaryOp};
 
 /// The sinusoidal position encodings of positions `0..len`, `[len, dim]`: column `2i` is
 /// `sin(pos / 10000^(2i/dim))` and column `2i+1` the cosine of the same angle. (An odd
@@ -116,7 +116,7 @@ impl TimestepEmbedding {
 
 impl Module for TimestepEmbedding {
     fn forward(&self, emb: &Var) -> Result<Var> {
-        self.linear_2.forward(&self.linear_1.forward(emb)?.silu()?)
+        self.linear_2.forward(&self.linear_1.forward_with(emb, UnaryOp::Silu)?)
     }
 }
 

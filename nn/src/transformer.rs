@@ -17,7 +17,7 @@ use crate::dropout::Dropout;
 use crate::norm::{LayerNorm, LayerNormConfig};
 use crate::{Linear, Module, VarStore};
 use aigc_autograd::Var;
-use aigc_tensor::Result;
+use aigc_tensor::{Result, UnaryOp};
 
 /// The nonlinearity between the two linear maps of the feed-forward network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,11 +96,11 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Var) -> Result<Var> {
-        let hidden = self.linear1.forward(x)?;
-        let hidden = match self.activation {
-            FeedForwardActivation::Relu => hidden.relu()?,
-            FeedForwardActivation::Gelu => hidden.gelu()?,
+        let activation = match self.activation {
+            FeedForwardActivation::Relu => UnaryOp::Relu,
+            FeedForwardActivation::Gelu => UnaryOp::Gelu,
         };
+        let hidden = self.linear1.forward_with(x, activation)?;
         self.linear2.forward(&self.dropout.forward(&hidden)?)
     }
 }

@@ -2,7 +2,7 @@
 //! incoming gradient `g`; broadcasting is undone by the tape (`Var::sum_to`).
 
 use crate::{Var, mode};
-use aigc_tensor::{Result, Tensor};
+use aigc_tensor::{Error, Result, Tensor, UnaryOp};
 use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI, PI};
 
 /// `sqrt(2/pi)` and the cubic coefficient of the tanh GELU.
@@ -23,6 +23,42 @@ impl Var {
             let zero = g.zeros_like()?;
             Ok((g.where_cond(&mask, &zero)?, zero.where_cond(&mask, g)?))
         })
+    }
+
+    /// The differentiable form of an elementwise [`UnaryOp`] (`x.apply(UnaryOp::Gelu)` is
+    /// `x.gelu()`), for code that carries the op as a value, like a fused layer's
+    /// activation. The rounding ops (`Sign`, `Floor`, `Ceil`, `Round`), whose derivative is
+    /// zero almost everywhere, are an error: detach the input if that is what you mean.
+    pub fn apply(&self, op: UnaryOp) -> Result<Var> {
+        match op {
+            UnaryOp::Neg => self.neg(),
+            UnaryOp::Abs => self.abs(),
+            UnaryOp::Exp => self.exp(),
+            UnaryOp::Log => self.log(),
+            UnaryOp::Log1p => self.log1p(),
+            UnaryOp::Sqrt => self.sqrt(),
+            UnaryOp::Rsqrt => self.rsqrt(),
+            UnaryOp::Square => self.square(),
+            UnaryOp::Recip => self.recip(),
+            UnaryOp::Sin => self.sin(),
+            UnaryOp::Cos => self.cos(),
+            UnaryOp::Tanh => self.tanh(),
+            UnaryOp::Sigmoid => self.sigmoid(),
+            UnaryOp::Relu => self.relu(),
+            UnaryOp::Gelu => self.gelu(),
+            UnaryOp::GeluTanh => self.gelu_tanh(),
+            UnaryOp::Silu => self.silu(),
+            UnaryOp::Softplus => self.softplus(),
+            UnaryOp::Erf => self.erf(),
+            UnaryOp::Powf { exponent } => self.powf(exponent),
+            UnaryOp::Affine { mul, add } => self.affine(mul, add),
+            UnaryOp::Clamp { min, max } => self.clamp(min, max),
+            UnaryOp::LeakyRelu { slope } => self.leaky_relu(slope),
+            UnaryOp::Sign | UnaryOp::Floor | UnaryOp::Ceil | UnaryOp::Round => Err(Error::invalid(
+                "apply",
+                format!("{} has no useful gradient (zero almost everywhere); apply it to a detached value", op.name()),
+            )),
+        }
     }
 
     pub fn neg(&self) -> Result<Var> {
@@ -196,6 +232,27 @@ mod tests {
     use proptest::prelude::*;
 
     type Unary = fn(&Var) -> Result<Var>;
+
+    #[test]
+    fn apply_records_the_same_op_as_the_named_method() {
+        use aigc_tensor::UnaryOp;
+        let x = inputs::seeded(&[7], 3).abs().unwrap().affine(1.0, 0.1).unwrap();
+        let cases: [(UnaryOp, fn(&Var) -> Result<Var>); 4] = [
+            (UnaryOp::Gelu, Var::gelu),
+            (UnaryOp::Log, Var::log),
+            (UnaryOp::Silu, Var::silu),
+            (UnaryOp::Rsqrt, Var::rsqrt),
+        ];
+        for (op, method) in cases {
+            let v = Var::leaf(x.clone());
+            let (a, b) = (v.apply(op).unwrap(), method(&v).unwrap());
+            assert_eq!(a.op_name(), b.op_name());
+            assert_eq!(a.value().to_vec::<f64>().unwrap(), b.value().to_vec::<f64>().unwrap());
+        }
+        gradcheck(|v| v[0].apply(UnaryOp::Clamp { min: 0.2, max: 0.9 }), &[&x], "apply clamp").unwrap();
+        let err = Var::leaf(x).apply(UnaryOp::Floor).unwrap_err().to_string();
+        assert!(err.contains("Floor has no useful gradient"), "{err}");
+    }
 
     #[test]
     fn fused_activation_gradients_equal_the_composed_create_graph_ones() {

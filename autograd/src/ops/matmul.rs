@@ -2,8 +2,8 @@
 //! summed back by the tape; 1-d operands are promoted with `unsqueeze` (itself
 //! differentiable), so the rule only ever sees matrices.
 
-use crate::Var;
-use aigc_tensor::{Error, Result};
+use crate::{Var, mode};
+use aigc_tensor::{Error, Result, UnaryOp};
 
 impl Var {
     /// `self @ rhs` with numpy semantics (see `Tensor::matmul`).
@@ -29,12 +29,7 @@ impl Var {
             return if rhs.rank() == 1 { out.squeeze(-1) } else { Ok(out) };
         }
         let value = a.value().matmul(b.value())?;
-        let out = a.binary_op(&b, "matmul", value, |_, g, a, b| {
-            // Each gradient is computed in its operand's memory order (see `is_transposed`).
-            let da = if is_transposed(a) { b.matmul(&g.t()?)?.t()? } else { g.matmul(&b.t()?)? };
-            let db = if is_transposed(b) { g.t()?.matmul(a)?.t()? } else { a.t()?.matmul(g)? };
-            Ok((da, db))
-        })?;
+        let out = a.binary_op(&b, "matmul", value, |_, g, a, b| matmul_grads(g, a, b))?;
         match (self.rank(), rhs.rank()) {
             (1, 1) => out.reshape(()),
             (1, _) => out.squeeze(-2),
@@ -42,6 +37,58 @@ impl Var {
             _ => Ok(out),
         }
     }
+
+    /// `activation(self @ rhs + bias)`, a linear layer's forward (see
+    /// `Tensor::matmul_bias_act`; `bias` has shape `[n]`, `rhs` is a matrix or a batch).
+    ///
+    /// When nothing needs a gradient (inference, sampling) the whole expression is one
+    /// fused tensor op. Otherwise the product and the bias are one recorded op (gradients
+    /// `dA = G B^T`, `dB = A^T G`, `dbias` = `G` summed over every dim but the last) and the
+    /// activation is recorded after it ([`Var::apply`]), since its backward reads the
+    /// pre-activation values.
+    pub fn matmul_bias_act(&self, rhs: &Var, bias: Option<&Var>, activation: Option<UnaryOp>) -> Result<Var> {
+        let inputs_need_grad = self.needs_grad() || rhs.needs_grad() || bias.is_some_and(Var::needs_grad);
+        if !mode::is_grad_enabled() || !inputs_need_grad {
+            let bias = bias.map(Var::value);
+            return Ok(Var::constant(self.value().matmul_bias_act(rhs.value(), bias, activation)?));
+        }
+        let Some(bias) = bias else {
+            let product = self.matmul(rhs)?;
+            return activation.map_or(Ok(product.clone()), |op| product.apply(op));
+        };
+        if self.rank() == 1 && rhs.rank() >= 2 {
+            return self.unsqueeze(0)?.matmul_bias_act(rhs, Some(bias), activation)?.squeeze(-2);
+        }
+        if self.rank() > 2 && rhs.rank() == 2 {
+            // As in `matmul`: fold the batch dims of `self` into its rows.
+            let mut shape = self.dims()[..self.rank() - 1].to_vec();
+            let rows = self.reshape([shape.iter().product(), self.dims()[self.rank() - 1]])?;
+            shape.push(rhs.dims()[1]);
+            return rows.matmul_bias_act(rhs, Some(bias), activation)?.reshape(shape);
+        }
+        let value = self.value().matmul_bias_act(rhs.value(), Some(bias.value()), None)?;
+        let inputs = vec![self.clone(), rhs.clone(), bias.clone()];
+        let pre_activation = Var::from_op(
+            "matmul_bias",
+            value,
+            inputs,
+            Box::new(|_, g, xs| {
+                // The tape sums each gradient back to its input's shape (the bias's
+                // gradient is `g` summed over the rows).
+                let (da, db) = matmul_grads(g, &xs[0], &xs[1])?;
+                Ok(vec![Some(da), Some(db), Some(g.clone())])
+            }),
+        )?;
+        activation.map_or(Ok(pre_activation.clone()), |op| pre_activation.apply(op))
+    }
+}
+
+/// The gradients of `A @ B` for matrices (or batches of equal shape): `(G B^T, A^T G)`,
+/// each computed in its operand's memory order (see `is_transposed`).
+fn matmul_grads(g: &Var, a: &Var, b: &Var) -> Result<(Var, Var)> {
+    let da = if is_transposed(a) { b.matmul(&g.t()?)?.t()? } else { g.matmul(&b.t()?)? };
+    let db = if is_transposed(b) { g.t()?.matmul(a)?.t()? } else { a.t()?.matmul(g)? };
+    Ok((da, db))
 }
 
 /// Whether `x` is a transposed contiguous matrix, like a linear layer's `W.t()`. Its
@@ -77,6 +124,43 @@ mod tests {
         gradcheck(|v| v[0].matmul(&v[1]), &[&m, &x], "matvec").unwrap();
         gradcheck(|v| v[1].matmul(&v[0].t()?), &[&m, &x], "vecmat").unwrap();
         gradcheck(|v| v[0].matmul(&v[0]), &[&x], "dot").unwrap();
+    }
+
+    #[test]
+    fn fused_bias_and_activation_gradients_match_finite_differences() {
+        use aigc_tensor::UnaryOp;
+        let bias = inputs::seeded(&[5], 9);
+        for (a_shape, b_shape) in
+            [(&[3, 4][..], &[4, 5][..]), (&[2, 3, 4], &[4, 5]), (&[4], &[4, 5]), (&[2, 3, 4], &[2, 4, 5])]
+        {
+            let (a, b) = (inputs::seeded(a_shape, 7), inputs::seeded(b_shape, 8));
+            for act in [None, Some(UnaryOp::Gelu), Some(UnaryOp::Tanh)] {
+                gradcheck(|v| v[0].matmul_bias_act(&v[1], Some(&v[2]), act), &[&a, &b, &bias], "matmul_bias_act")
+                    .unwrap();
+                gradcheck(|v| v[0].matmul_bias_act(&v[1], None, act), &[&a, &b], "matmul_act").unwrap();
+            }
+        }
+        gradgradcheck(
+            |v| v[0].matmul_bias_act(&v[1], Some(&v[2]), None),
+            &[&inputs::seeded(&[3, 4], 1), &inputs::seeded(&[4, 5], 2), &bias],
+            "matmul_bias",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn fused_forward_without_gradients_equals_the_recorded_one() {
+        use aigc_tensor::UnaryOp;
+        let x = crate::Var::leaf(inputs::seeded(&[2, 3, 4], 3));
+        let w = crate::Var::leaf(inputs::seeded(&[5, 4], 4));
+        let b = crate::Var::leaf(inputs::seeded(&[5], 5));
+        let act = Some(UnaryOp::GeluTanh);
+        let recorded = x.matmul_bias_act(&w.t().unwrap(), Some(&b), act).unwrap();
+        assert!(recorded.needs_grad());
+        let fused = crate::no_grad(|| x.matmul_bias_act(&w.t().unwrap(), Some(&b), act)).unwrap();
+        assert!(!fused.needs_grad());
+        let diff = recorded.value().sub(fused.value()).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
     }
 
     #[test]

@@ -29,7 +29,7 @@
 //! outputs zeros (PyTorch gives NaN): there is nothing to attend to, and zeros keep
 //! padded rows from poisoning the rest of a batch.
 
-use super::matmul::{as_f32_mut, gemm_acc};
+use super::matmul::{cast_mut, gemm_acc};
 use super::simd::{F32Vector, Isa, Operand, kernel, math, sums, update};
 use super::softmax::start_offsets;
 use crate::layout::Layout;
@@ -311,7 +311,7 @@ impl<A: Real> OnlineSoftmax<'_, A> {
 /// `row[j] = exp(row[j] - max)` in place (`-inf` entries become 0); returns the sum. The
 /// exponentials of attention: SIMD for f32, `Real::exp` otherwise.
 pub(super) fn exp_shifted<A: Real>(row: &mut [A], max: A) -> A {
-    if let Some(row) = as_f32_mut(row) {
+    if let Some(row) = cast_mut::<_, f32>(row) {
         let sum = exp_shifted_f32(Isa::best(), row, max.to_f64() as f32);
         return A::from_f64(sum as f64);
     }

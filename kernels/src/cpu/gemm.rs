@@ -14,13 +14,22 @@
 //!
 //! Packing reads A and B through arbitrary strides (a transposed operand costs nothing
 //! extra) and pads the last sliver with zeros, so the microkernel always runs a full
-//! tile; only the valid part of the tile is written back to C.
+//! tile; only the valid part of the tile is written back to C. Packing is also where the
+//! input type is widened: f16 and bf16 operands ([`GemmInput`]) are converted to f32 as
+//! they are packed, so the products accumulate in f32 with the f32 microkernels and
+//! nothing is converted twice (each value is packed once per use, as an f32 would be).
+//!
+//! An [`Epilogue`] (bias per output column, then an elementwise activation) is applied to
+//! each column sliver of a C block right after its last depth block is computed, while
+//! that part of C is still in cache: `act(A @ B + bias)` costs one pass over C, not three.
 //!
 //! The microkernel is chosen once per process by runtime detection: AVX-512F (14 x 32
 //! with zmm), then AVX2 + FMA (6 x 16 with ymm), then a portable scalar kernel that
 //! compiles on every target. The row blocks (`ic`) run in parallel with rayon when the
 //! product is large.
 
+use super::unary::{UnaryOp, bias_activation_f32};
+use half::{bf16, f16};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -70,22 +79,87 @@ impl Isa {
     }
 }
 
+/// An element type the GEMM reads: f32 as it is, f16 and bf16 widened to f32 (exactly)
+/// when they are packed.
+pub trait GemmInput: Copy + Send + Sync + 'static {
+    /// The value as an f32.
+    fn to_f32(self) -> f32;
+
+    /// `dst[i] = src[i].to_f32()` for every `i` (same lengths).
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
+    }
+}
+
+impl GemmInput for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn widen(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl GemmInput for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        // A bf16 is the top half of an f32.
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
+impl GemmInput for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
 /// A strided read-only matrix: element `(i, j)` is `data[offset + i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy)]
-pub struct MatRef<'a> {
-    pub data: &'a [f32],
+pub struct MatRef<'a, T = f32> {
+    pub data: &'a [T],
     pub offset: usize,
     pub row_stride: usize,
     pub col_stride: usize,
 }
 
-impl MatRef<'_> {
+impl<T: GemmInput> MatRef<'_, T> {
     fn at(&self, i: usize, j: usize) -> f32 {
-        self.data[self.offset + i * self.row_stride + j * self.col_stride]
+        self.data[self.offset + i * self.row_stride + j * self.col_stride].to_f32()
     }
     /// The same elements read as the transpose.
     fn transposed(self) -> Self {
         MatRef { row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+    }
+}
+
+/// What is done to C after the product: `C = activation(A @ B + bias)`, with `bias`
+/// indexed by C's column (a linear layer's bias) and `activation` one of the
+/// elementwise ops with an f32 kernel ([`UnaryOp::has_f32_kernel`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Epilogue<'a> {
+    /// Added to every row of C (`n` values), if given.
+    pub bias: Option<&'a [f32]>,
+    /// Applied to every element after the bias, if given.
+    pub activation: Option<UnaryOp>,
+}
+
+impl Epilogue<'_> {
+    /// The plain product.
+    pub const NONE: Epilogue<'static> = Epilogue { bias: None, activation: None };
+
+    fn is_none(&self) -> bool {
+        self.bias.is_none() && self.activation.is_none()
+    }
+
+    /// Applies the epilogue to the `rows x cols` block of `c` at column `j0` (rows `ld` apart).
+    fn apply(&self, isa: Isa, c: &mut [f32], ld: usize, rows: usize, j0: usize, cols: usize) {
+        let bias = self.bias.map(|b| &b[j0..j0 + cols]);
+        bias_activation_f32(isa, &mut c[j0..], ld, rows, cols, bias, self.activation);
     }
 }
 
@@ -96,30 +170,59 @@ impl MatRef<'_> {
 /// # Panics
 /// If `c.len() != m * n` or a strided operand reaches past its slice.
 pub fn sgemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32]) {
-    sgemm_with_isa(Isa::best(), m, n, k, a, b, c);
+    gemm(m, n, k, a, b, c, Epilogue::NONE);
 }
 
-/// [`sgemm`] with an explicit microkernel, for testing each ISA path.
+/// `C = epilogue(A @ B)` with f32 accumulation for any [`GemmInput`] (f32, f16, bf16),
+/// with the fastest microkernel this CPU has. Shapes as in [`sgemm`].
 ///
 /// # Panics
-/// If `isa` is not available on this CPU, and as [`sgemm`].
-pub fn sgemm_with_isa(isa: Isa, m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32]) {
-    assert!(isa.is_available(), "sgemm: {isa:?} is not supported by this CPU");
-    assert_eq!(c.len(), m * n, "sgemm: output holds {} values, expected m * n = {m} * {n}", c.len());
+/// As [`sgemm`]; also if the bias does not hold `n` values or the activation has no f32
+/// kernel.
+pub fn gemm<T: GemmInput>(m: usize, n: usize, k: usize, a: MatRef<T>, b: MatRef<T>, c: &mut [f32], epilogue: Epilogue) {
+    gemm_with_isa(Isa::best(), m, n, k, a, b, c, epilogue);
+}
+
+/// [`gemm`] with an explicit microkernel, for testing each ISA path.
+///
+/// # Panics
+/// If `isa` is not available on this CPU, and as [`gemm`].
+#[allow(clippy::too_many_arguments)] // the BLAS argument list: sizes, operands, output, epilogue
+pub fn gemm_with_isa<T: GemmInput>(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<T>,
+    b: MatRef<T>,
+    c: &mut [f32],
+    epilogue: Epilogue,
+) {
+    assert!(isa.is_available(), "gemm: {isa:?} is not supported by this CPU");
+    assert_eq!(c.len(), m * n, "gemm: output holds {} values, expected m * n = {m} * {n}", c.len());
+    if let Some(bias) = epilogue.bias {
+        assert_eq!(bias.len(), n, "gemm: the bias holds {} values, expected one per column (n = {n})", bias.len());
+    }
+    if let Some(op) = epilogue.activation {
+        assert!(op.has_f32_kernel(), "gemm: the activation {} has no f32 kernel", op.name());
+    }
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         c.fill(0.0);
+        if !epilogue.is_none() {
+            epilogue.apply(isa, c, n, m, 0, n);
+        }
         return;
     }
-    let dims = Dims { m, n, k };
+    let problem = Problem { dims: Dims { m, n, k }, isa, epilogue };
     match isa {
-        Isa::Scalar => blocked_gemm::<SCALAR_MR, SCALAR_NR>(scalar_tile, dims, a, b, c),
+        Isa::Scalar => blocked_gemm::<T, SCALAR_MR, SCALAR_NR>(scalar_tile, problem, a, b, c),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => blocked_gemm::<{ x86::AVX2_MR }, { x86::AVX2_NR }>(x86::avx2_tile, dims, a, b, c),
+        Isa::Avx2Fma => blocked_gemm::<T, { x86::AVX2_MR }, { x86::AVX2_NR }>(x86::avx2_tile, problem, a, b, c),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => blocked_gemm::<{ x86::AVX512_MR }, { x86::AVX512_NR }>(x86::avx512_tile, dims, a, b, c),
+        Isa::Avx512 => blocked_gemm::<T, { x86::AVX512_MR }, { x86::AVX512_NR }>(x86::avx512_tile, problem, a, b, c),
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2Fma | Isa::Avx512 => unreachable!("checked by is_available"),
     }
@@ -131,6 +234,15 @@ struct Dims {
     m: usize,
     n: usize,
     k: usize,
+}
+
+/// One product: its size, the ISA of its microkernel (also used by the epilogue) and the
+/// epilogue.
+#[derive(Clone, Copy)]
+struct Problem<'a> {
+    dims: Dims,
+    isa: Isa,
+    epilogue: Epilogue<'a>,
 }
 
 /// A microkernel: the MR x NR tile `T = sum over p of a[p] (outer) b[p]` (with
@@ -146,11 +258,11 @@ type Microkernel<const MR: usize, const NR: usize> =
     unsafe fn(a: &[[f32; MR]], b: &[[f32; NR]], c: &mut [f32], ldc: usize, first: bool);
 
 /// The five-loop blocked GEMM around one microkernel (see the module docs).
-fn blocked_gemm<const MR: usize, const NR: usize>(
+fn blocked_gemm<T: GemmInput, const MR: usize, const NR: usize>(
     kernel: Microkernel<MR, NR>,
-    Dims { m, n, k }: Dims,
-    a: MatRef,
-    b: MatRef,
+    Problem { dims: Dims { m, n, k }, isa, epilogue }: Problem,
+    a: MatRef<T>,
+    b: MatRef<T>,
     c: &mut [f32],
 ) {
     let parallel = m * n * k >= PARALLEL_MIN_WORK;
@@ -164,12 +276,13 @@ fn blocked_gemm<const MR: usize, const NR: usize>(
         let nc = NC.min(n - jc);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            let b_slivers = pack_b::<NR>(b, pc, kc, jc, nc, &mut packed_b, parallel);
+            let last_depth_block = pc + kc == k;
+            let b_slivers = pack_b::<T, NR>(b, pc, kc, jc, nc, &mut packed_b, parallel);
             let block = |(block_index, c_rows): (usize, &mut [f32])| {
                 let ic = block_index * mc;
                 let rows = c_rows.len() / n;
                 let mut packed_a = PACKED_A.take();
-                let a_slivers = pack_a::<MR>(a, ic, rows, pc, kc, &mut packed_a);
+                let a_slivers = pack_a::<T, MR>(a, ic, rows, pc, kc, &mut packed_a);
                 let mut edge = [[0.0f32; NR]; MR];
                 for (jr, b_sliver) in b_slivers.chunks_exact(kc).enumerate() {
                     for (ir, a_sliver) in a_slivers.chunks_exact(kc).enumerate() {
@@ -190,6 +303,9 @@ fn blocked_gemm<const MR: usize, const NR: usize>(
                             store_tile_row(c_row, &tile_row[..tile_cols], pc == 0);
                         }
                     }
+                }
+                if last_depth_block && !epilogue.is_none() {
+                    epilogue.apply(isa, c_rows, n, rows, jc, nc);
                 }
                 PACKED_A.set(packed_a);
             };
@@ -231,8 +347,8 @@ fn store_tile_row(c_row: &mut [f32], tile_row: &[f32], first: bool) {
 
 /// Packs `B[pc..pc + kc, jc..jc + nc]` into NR-wide slivers of `kc` rows each, zero-padded
 /// past column `nc`, in `buffer`: sliver `s`, row `p` holds `B[pc + p, jc + s * NR ..][..NR]`.
-fn pack_b<'buf, const NR: usize>(
-    b: MatRef,
+fn pack_b<'buf, T: GemmInput, const NR: usize>(
+    b: MatRef<T>,
     pc: usize,
     kc: usize,
     jc: usize,
@@ -255,8 +371,8 @@ fn pack_b<'buf, const NR: usize>(
 /// Packs `A[ic..ic + mc, pc..pc + kc]` into MR-tall slivers of `kc` columns each,
 /// zero-padded past row `mc`, in `buffer`: sliver `s`, column `p` holds
 /// `A[ic + s * MR ..][..MR, pc + p]`.
-fn pack_a<'buf, const MR: usize>(
-    a: MatRef,
+fn pack_a<'buf, T: GemmInput, const MR: usize>(
+    a: MatRef<T>,
     ic: usize,
     mc: usize,
     pc: usize,
@@ -273,7 +389,13 @@ fn pack_a<'buf, const MR: usize>(
 /// Fills `sliver[p][w] = x[lane0 + w, pc + p]` for the lanes below `lane_end` and zeros
 /// the rest: rows of `x` are the sliver's lanes, its columns the depth. The loop order
 /// follows the operand's layout so that the reads are contiguous when either stride is 1.
-fn pack_sliver<const W: usize>(x: MatRef, lane0: usize, lane_end: usize, pc: usize, sliver: &mut [[f32; W]]) {
+fn pack_sliver<T: GemmInput, const W: usize>(
+    x: MatRef<T>,
+    lane0: usize,
+    lane_end: usize,
+    pc: usize,
+    sliver: &mut [[f32; W]],
+) {
     let (lanes, depth) = (W.min(lane_end - lane0), sliver.len());
     if lanes < W {
         sliver.iter_mut().for_each(|row| row[lanes..].fill(0.0));
@@ -283,10 +405,10 @@ fn pack_sliver<const W: usize>(x: MatRef, lane0: usize, lane_end: usize, pc: usi
         // matrix): read the W lines side by side, so that each sliver row is written
         // whole (the lines stream through L1 together).
         let line = |w: usize| &x.data[x.offset + (lane0 + w) * x.row_stride + pc..][..depth];
-        let lines: [&[f32]; W] = std::array::from_fn(line);
+        let lines: [&[T]; W] = std::array::from_fn(line);
         for (p, dst) in sliver.iter_mut().enumerate() {
             for (d, l) in dst.iter_mut().zip(&lines) {
-                *d = l[p];
+                *d = l[p].to_f32();
             }
         }
     } else if x.col_stride == 1 {
@@ -294,7 +416,7 @@ fn pack_sliver<const W: usize>(x: MatRef, lane0: usize, lane_end: usize, pc: usi
         for w in 0..lanes {
             let start = x.offset + (lane0 + w) * x.row_stride + pc;
             for (dst, &v) in sliver.iter_mut().zip(&x.data[start..start + depth]) {
-                dst[w] = v;
+                dst[w] = v.to_f32();
             }
         }
     } else if x.row_stride == 1 {
@@ -302,7 +424,7 @@ fn pack_sliver<const W: usize>(x: MatRef, lane0: usize, lane_end: usize, pc: usi
         // is one slice.
         for (p, dst) in sliver.iter_mut().enumerate() {
             let start = x.offset + lane0 + (pc + p) * x.col_stride;
-            dst[..lanes].copy_from_slice(&x.data[start..start + lanes]);
+            T::widen(&x.data[start..start + lanes], &mut dst[..lanes]);
         }
     } else {
         for (p, dst) in sliver.iter_mut().enumerate() {
@@ -472,8 +594,22 @@ mod tests {
 
     fn run(isa: Isa, m: usize, n: usize, k: usize, a: &Operand, b: &Operand) -> Vec<f32> {
         let mut c = vec![f32::NAN; m * n];
-        sgemm_with_isa(isa, m, n, k, a.view(), b.view(), &mut c);
+        gemm_with_isa(isa, m, n, k, a.view(), b.view(), &mut c, Epilogue::NONE);
         c
+    }
+
+    impl Operand {
+        /// The operand's values converted to a half type (`data` is first rounded to it,
+        /// so that [`naive_product`] sees exactly the values the GEMM reads).
+        fn to_half<H: GemmInput>(&mut self, from_f32: fn(f32) -> H) -> Vec<H> {
+            let half: Vec<H> = self.data.iter().map(|&v| from_f32(v)).collect();
+            self.data = half.iter().map(|h| h.to_f32()).collect();
+            half
+        }
+
+        fn view_of<'a, H>(&self, data: &'a [H]) -> MatRef<'a, H> {
+            MatRef { data, offset: self.offset, row_stride: self.row_stride, col_stride: self.col_stride }
+        }
     }
 
     /// Checks `got` against the f64 reference with a tolerance relative to `sum |a||b|`.
@@ -505,6 +641,115 @@ mod tests {
             let b = Operand::new(k, n, b_t, pads.1, gaps.1, seed ^ 0x9e37);
             assert_matches_naive(&run(Isa::best(), m, n, k, &a, &b), m, n, k, &a, &b);
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        #[test]
+        fn half_precision_inputs_are_widened_exactly_and_accumulate_in_f32(
+            m in 0usize..=40, n in 0usize..=40, k in 0usize..=300,
+            a_t in any::<bool>(), b_t in any::<bool>(), use_f16 in any::<bool>(), seed in any::<u64>(),
+        ) {
+            let mut a = Operand::new(m, k, a_t, 1, 1, seed);
+            let mut b = Operand::new(k, n, b_t, 2, 0, seed ^ 0x51);
+            let mut c = vec![f32::NAN; m * n];
+            if use_f16 {
+                let (ah, bh) = (a.to_half(f16::from_f32), b.to_half(f16::from_f32));
+                gemm(m, n, k, a.view_of(&ah), b.view_of(&bh), &mut c, Epilogue::NONE);
+            } else {
+                let (ah, bh) = (a.to_half(bf16::from_f32), b.to_half(bf16::from_f32));
+                gemm(m, n, k, a.view_of(&ah), b.view_of(&bh), &mut c, Epilogue::NONE);
+            }
+            assert_matches_naive(&c, m, n, k, &a, &b);
+        }
+    }
+
+    /// `activation(A @ B + bias)` in f64, the reference of the epilogue.
+    fn naive_fused(m: usize, n: usize, k: usize, a: &Operand, b: &Operand, bias: &[f32], op: UnaryOp) -> Vec<f64> {
+        let mut c = naive_product(m, n, k, a, b);
+        for (j, v) in c.iter_mut().enumerate() {
+            *v = op.apply(*v + bias[j % n] as f64);
+        }
+        c
+    }
+
+    #[test]
+    fn epilogue_adds_the_bias_and_applies_the_activation_on_every_isa_and_block() {
+        let ops = [
+            UnaryOp::Gelu,
+            UnaryOp::GeluTanh,
+            UnaryOp::Relu,
+            UnaryOp::Silu,
+            UnaryOp::Tanh,
+            UnaryOp::Affine { mul: 2.0, add: -1.0 },
+        ];
+        // Edge tiles, one depth block, several depth blocks (the epilogue must wait for
+        // the last), several row blocks.
+        for (m, n, k) in [(1, 1, 1), (7, 17, 5), (29, 65, 31), (13, 40, 600), (500, 33, 70)] {
+            let a = Operand::new(m, k, false, 1, 0, 21);
+            let b = Operand::new(k, n, true, 0, 2, 22);
+            let bias: Vec<f32> = (0..n).map(|j| (j as f32 * 0.37).sin()).collect();
+            for isa in available_isas() {
+                for op in ops {
+                    let mut c = vec![f32::NAN; m * n];
+                    let epilogue = Epilogue { bias: Some(&bias), activation: Some(op) };
+                    gemm_with_isa(isa, m, n, k, a.view(), b.view(), &mut c, epilogue);
+                    let want = naive_fused(m, n, k, &a, &b, &bias, op);
+                    for (idx, (&g, &w)) in c.iter().zip(&want).enumerate() {
+                        let tol = 2e-4 * (k as f64).sqrt().max(1.0) + 1e-5 * w.abs();
+                        assert!(
+                            (g as f64 - w).abs() <= tol,
+                            "{isa:?} {op:?} {m}x{n}x{k}: C[{idx}] = {g}, expected {w}"
+                        );
+                    }
+                }
+                // Bias alone, and the activation alone.
+                let mut c = vec![f32::NAN; m * n];
+                gemm_with_isa(
+                    isa,
+                    m,
+                    n,
+                    k,
+                    a.view(),
+                    b.view(),
+                    &mut c,
+                    Epilogue { bias: Some(&bias), activation: None },
+                );
+                let want = naive_fused(m, n, k, &a, &b, &bias, UnaryOp::Affine { mul: 1.0, add: 0.0 });
+                assert!(c.iter().zip(&want).all(|(&g, &w)| (g as f64 - w).abs() <= 2e-4 * (k as f64).sqrt()));
+                let relu = Epilogue { bias: None, activation: Some(UnaryOp::Relu) };
+                gemm_with_isa(isa, m, n, k, a.view(), b.view(), &mut c, relu);
+                let plain = naive_product(m, n, k, &a, &b);
+                assert!(c.iter().zip(&plain).all(|(&g, &w)| (g as f64 - w.max(0.0)).abs() <= 2e-4 * (k as f64).sqrt()));
+            }
+        }
+    }
+
+    #[test]
+    fn epilogue_applies_to_an_empty_depth_product() {
+        let a = Operand::new(2, 0, false, 0, 0, 1);
+        let b = Operand::new(0, 3, false, 0, 0, 2);
+        let mut c = vec![f32::NAN; 6];
+        let bias = [1.0, -2.0, 0.5];
+        gemm(2, 3, 0, a.view(), b.view(), &mut c, Epilogue { bias: Some(&bias), activation: Some(UnaryOp::Relu) });
+        assert_eq!(c, [1.0, 0.0, 0.5, 1.0, 0.0, 0.5]);
+    }
+
+    #[test]
+    #[should_panic(expected = "one per column")]
+    fn gemm_rejects_a_bias_of_the_wrong_length() {
+        let v = MatRef { data: &[1.0f32, 2.0], offset: 0, row_stride: 1, col_stride: 1 };
+        let epilogue = Epilogue { bias: Some(&[1.0]), activation: None };
+        gemm(2, 2, 1, v, MatRef { row_stride: 2, ..v }, &mut [0.0; 4], epilogue);
+    }
+
+    #[test]
+    #[should_panic(expected = "has no f32 kernel")]
+    fn gemm_rejects_an_activation_without_an_f32_kernel() {
+        let v = MatRef { data: &[1.0f32, 2.0], offset: 0, row_stride: 1, col_stride: 1 };
+        let epilogue = Epilogue { bias: None, activation: Some(UnaryOp::Softplus) };
+        gemm(2, 2, 1, v, MatRef { row_stride: 2, ..v }, &mut [0.0; 4], epilogue);
     }
 
     #[test]

@@ -1,56 +1,84 @@
-//! Batched matrix multiply `C[b] = A[b] @ B[b]` over strided operands.
+//! Batched matrix multiply `C[b] = act(A[b] @ B[b] + bias)` over strided operands.
 //!
 //! The tensor layer broadcasts the batch dims, so both layouts arrive as
 //! `[batch..., m, k]` and `[batch..., k, n]` with identical batch dims (stride 0 where a
-//! batch is shared). Each batch's A and B are packed once into contiguous row-major
-//! buffers in the accumulator type (which also widens f16/bf16), then the output rows
-//! are computed in parallel with an i-k-j loop whose inner loop is a contiguous
-//! `c_row += a_ik * b_row` that the compiler vectorises.
-//!
-//! That reference path serves f64, f16 and bf16. f32 goes to the packed,
-//! register-blocked SIMD GEMM in [`super::gemm`], one call per batch, which reads the
-//! strided operands directly.
+//! batch is shared). f32, f16 and bf16 go to the packed, register-blocked SIMD GEMM in
+//! [`super::gemm`], one call per batch, which reads the strided operands directly
+//! (widening half-precision values as it packs them) and applies the optional bias and
+//! activation in its epilogue; half-precision results are rounded once from the f32
+//! accumulators. f64 takes a reference path: each batch's A and B are packed into
+//! contiguous row-major buffers, then the output rows are computed in parallel with an
+//! i-k-j loop whose inner loop is a contiguous `c_row += a_ik * b_row` that the compiler
+//! vectorises, and the bias and activation follow.
 
-use super::gemm::{MatRef, sgemm};
+use super::gemm::{Epilogue, GemmInput, MatRef, gemm, sgemm};
+use super::unary::UnaryOp;
 use crate::layout::{Layout, for_each_offsets};
 use crate::{Element, FloatElem, Real};
+use half::{bf16, f16};
 use rayon::prelude::*;
 use std::any::TypeId;
 
-/// `slice` viewed as f32s, when `T` is f32.
-pub(crate) fn as_f32<T: 'static>(slice: &[T]) -> Option<&[f32]> {
-    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| {
-        // SAFETY: `T` is `f32` (same `TypeId`), so pointer and length describe the same f32s.
-        unsafe { std::slice::from_raw_parts(slice.as_ptr().cast::<f32>(), slice.len()) }
+/// `slice` viewed as `[U]`, when `T` is `U`.
+pub(crate) fn cast<T: 'static, U: 'static>(slice: &[T]) -> Option<&[U]> {
+    (TypeId::of::<T>() == TypeId::of::<U>()).then(|| {
+        // SAFETY: `T` is `U` (same `TypeId`), so pointer and length describe the same values.
+        unsafe { std::slice::from_raw_parts(slice.as_ptr().cast::<U>(), slice.len()) }
     })
 }
 
-/// `slice` viewed mutably as f32s, when `T` is f32.
-pub(crate) fn as_f32_mut<T: 'static>(slice: &mut [T]) -> Option<&mut [f32]> {
-    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| {
-        // SAFETY: `T` is `f32` (same `TypeId`), so pointer and length describe the same f32s,
-        // and the exclusive borrow moves from `slice` to the result.
-        unsafe { std::slice::from_raw_parts_mut(slice.as_mut_ptr().cast::<f32>(), slice.len()) }
+/// `slice` viewed mutably as `[U]`, when `T` is `U`.
+pub(crate) fn cast_mut<T: 'static, U: 'static>(slice: &mut [T]) -> Option<&mut [U]> {
+    (TypeId::of::<T>() == TypeId::of::<U>()).then(|| {
+        // SAFETY: `T` is `U` (same `TypeId`), so pointer and length describe the same
+        // values, and the exclusive borrow moves from `slice` to the result.
+        unsafe { std::slice::from_raw_parts_mut(slice.as_mut_ptr().cast::<U>(), slice.len()) }
     })
 }
 
-/// The f32 path: one [`sgemm`] per batch, batches in parallel when the work is large.
-fn matmul_f32(a: &[f32], b: &[f32], out: &mut [f32], dims: [usize; 3], strides: [usize; 4], batches: &[[usize; 2]]) {
-    let [m, k, n] = dims;
-    let [ars, acs, brs, bcs] = strides;
+/// The shape of one batched product: `[m, k, n]`, A's and B's strides
+/// `[a_row, a_col, b_row, b_col]`, and each batch's `[a_offset, b_offset]`.
+struct Batches<'a> {
+    dims: [usize; 3],
+    strides: [usize; 4],
+    offsets: &'a [[usize; 2]],
+}
+
+/// The GEMM path: one [`gemm`] per batch into `out` (f32 accumulators), batches in
+/// parallel when the work is large.
+fn gemm_batches<T: GemmInput>(a: &[T], b: &[T], out: &mut [f32], batches: &Batches, epilogue: Epilogue) {
+    let [m, k, n] = batches.dims;
+    let [ars, acs, brs, bcs] = batches.strides;
     if out.is_empty() {
         return;
     }
     let one_batch = |(c, &[oa, ob]): (&mut [f32], &[usize; 2])| {
         let a = MatRef { data: a, offset: oa, row_stride: ars, col_stride: acs };
         let b = MatRef { data: b, offset: ob, row_stride: brs, col_stride: bcs };
-        sgemm(m, n, k, a, b, c)
+        gemm(m, n, k, a, b, c, epilogue)
     };
     if out.len() * k >= super::map::PARALLEL_THRESHOLD {
-        out.par_chunks_mut(m * n).zip(batches).for_each(one_batch);
+        out.par_chunks_mut(m * n).zip(batches.offsets).for_each(one_batch);
     } else {
-        out.chunks_mut(m * n).zip(batches).for_each(one_batch);
+        out.chunks_mut(m * n).zip(batches.offsets).for_each(one_batch);
     }
+}
+
+/// The half-precision path: the GEMM into f32 accumulators (bias widened), each result
+/// rounded once to `H`.
+fn gemm_batches_half<H: GemmInput + FloatElem<Acc = f32>>(
+    a: &[H],
+    b: &[H],
+    bias: Option<&[H]>,
+    activation: Option<UnaryOp>,
+    batches: &Batches,
+    out: &mut [H],
+) {
+    let mut acc: Vec<f32> = crate::buffers::for_overwrite(out.len());
+    let bias: Option<Vec<f32>> = bias.map(|bias| bias.iter().map(|v| v.to_f32()).collect());
+    gemm_batches(a, b, &mut acc, batches, Epilogue { bias: bias.as_deref(), activation });
+    out.iter_mut().zip(&acc).for_each(|(o, &v)| *o = H::from_acc(v));
+    crate::buffers::recycle(acc);
 }
 
 /// One strided matrix operand of [`gemm_acc`]: the data, its row stride and column stride.
@@ -60,7 +88,7 @@ pub(crate) type StridedMat<'a, A> = (&'a [A], usize, usize);
 /// [`sgemm`] for f32, the i-k-j reference loop otherwise. For kernels that multiply
 /// small tiles of their own (the attention backward).
 pub(crate) fn gemm_acc<A: Real>(m: usize, n: usize, k: usize, a: StridedMat<A>, b: StridedMat<A>, c: &mut [A]) {
-    if let (Some(ad), Some(bd), Some(cd)) = (as_f32(a.0), as_f32(b.0), as_f32_mut(c)) {
+    if let (Some(ad), Some(bd), Some(cd)) = (cast::<A, f32>(a.0), cast::<A, f32>(b.0), cast_mut::<A, f32>(c)) {
         let a = MatRef { data: ad, offset: 0, row_stride: a.1, col_stride: a.2 };
         let b = MatRef { data: bd, offset: 0, row_stride: b.1, col_stride: b.2 };
         return sgemm(m, n, k, a, b, cd);
@@ -92,37 +120,81 @@ fn pack<T: FloatElem>(src: &[T], offset: usize, rows: usize, cols: usize, rs: us
 }
 
 /// `[batch..., m, k] @ [batch..., k, n] -> [batch..., m, n]`, row-major.
-///
-/// f32 runs on the SIMD [`sgemm`]; the other types on the reference loop below.
 pub fn matmul<T: FloatElem>(a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Vec<T> {
+    matmul_fused(a, la, b, lb, None, None)
+}
+
+/// `activation(A @ B + bias)` for `[batch..., m, k] @ [batch..., k, n]`, row-major
+/// `[batch..., m, n]`: the bias (`n` values, contiguous) is added to every row, then the
+/// activation (an op with an f32 kernel, [`UnaryOp::has_f32_kernel`]) is applied, in the
+/// GEMM's epilogue for f32, f16 and bf16.
+///
+/// # Panics
+/// If the bias does not hold `n` values or the activation has no f32 kernel.
+pub fn matmul_fused<T: FloatElem>(
+    a: &[T],
+    la: &Layout,
+    b: &[T],
+    lb: &Layout,
+    bias: Option<&[T]>,
+    activation: Option<UnaryOp>,
+) -> Vec<T> {
     let rank = la.rank();
     debug_assert!(rank >= 2 && lb.rank() == rank);
     let (m, k, n) = (la.shape()[rank - 2], la.shape()[rank - 1], lb.shape()[rank - 1]);
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), n, "matmul: the bias holds {} values, expected n = {n}", bias.len());
+    }
+    if let Some(op) = activation {
+        assert!(op.has_f32_kernel(), "matmul: the activation {} has no f32 kernel", op.name());
+    }
     let batch_shape = &la.shape()[..rank - 2];
-    let mut batch_offsets = Vec::new();
+    let mut offsets = Vec::new();
     for_each_offsets(
         batch_shape,
         [&la.strides()[..rank - 2], &lb.strides()[..rank - 2]],
         [la.offset(), lb.offset()],
-        |o| batch_offsets.push(o),
+        |o| offsets.push(o),
     );
-    let (ars, acs) = (la.strides()[rank - 2], la.strides()[rank - 1]);
-    let (brs, bcs) = (lb.strides()[rank - 2], lb.strides()[rank - 1]);
-    let mut out = crate::buffers::for_overwrite(batch_offsets.len() * m * n);
-    if let (Some(a), Some(b), Some(c)) = (as_f32(a), as_f32(b), as_f32_mut(&mut out)) {
-        matmul_f32(a, b, c, [m, k, n], [ars, acs, brs, bcs], &batch_offsets);
-        return out;
+    let strides = [la.strides()[rank - 2], la.strides()[rank - 1], lb.strides()[rank - 2], lb.strides()[rank - 1]];
+    let batches = Batches { dims: [m, k, n], strides, offsets: &offsets };
+    let mut out = crate::buffers::for_overwrite(offsets.len() * m * n);
+    if let (Some(a), Some(b), Some(c)) = (T::as_f32(a), T::as_f32(b), T::as_f32_mut(&mut out)) {
+        let bias = bias.map(|bias| T::as_f32(bias).expect("T is f32"));
+        gemm_batches(a, b, c, &batches, Epilogue { bias, activation });
+    } else if let (Some(a), Some(b), Some(c)) = (cast::<T, bf16>(a), cast::<T, bf16>(b), cast_mut::<T, bf16>(&mut out))
+    {
+        gemm_batches_half(a, b, bias.map(|bias| cast(bias).expect("T is bf16")), activation, &batches, c);
+    } else if let (Some(a), Some(b), Some(c)) = (cast::<T, f16>(a), cast::<T, f16>(b), cast_mut::<T, f16>(&mut out)) {
+        gemm_batches_half(a, b, bias.map(|bias| cast(bias).expect("T is f16")), activation, &batches, c);
+    } else {
+        reference_matmul(a, b, bias, activation, &batches, &mut out);
+    }
+    out
+}
+
+/// The reference path (f64): packed row-major batches, an i-k-j loop per output row in
+/// the accumulator type, then the bias and activation.
+fn reference_matmul<T: FloatElem>(
+    a: &[T],
+    b: &[T],
+    bias: Option<&[T]>,
+    activation: Option<UnaryOp>,
+    batches: &Batches,
+    out: &mut [T],
+) {
+    let [m, k, n] = batches.dims;
+    let [ars, acs, brs, bcs] = batches.strides;
+    if n == 0 {
+        return;
     }
     let packed: Vec<PackedPair<T>> =
-        batch_offsets.iter().map(|&[oa, ob]| (pack(a, oa, m, k, ars, acs), pack(b, ob, k, n, brs, bcs))).collect();
-
-    if n == 0 {
-        return out;
-    }
+        batches.offsets.iter().map(|&[oa, ob]| (pack(a, oa, m, k, ars, acs), pack(b, ob, k, n, brs, bcs))).collect();
+    let bias: Option<Vec<T::Acc>> = bias.map(|bias| bias.iter().map(|v| v.to_acc()).collect());
     let compute_row = |row: usize, c: &mut [T]| {
         let (batch, i) = (row / m, row % m);
         let (pa, pb) = &packed[batch];
-        let mut acc = vec![<T::Acc as Element>::zero(); n];
+        let mut acc = bias.clone().unwrap_or_else(|| vec![<T::Acc as Element>::zero(); n]);
         for p in 0..k {
             let aik = pa[i * k + p];
             for (c_j, &b_pj) in acc.iter_mut().zip(&pb[p * n..(p + 1) * n]) {
@@ -130,7 +202,7 @@ pub fn matmul<T: FloatElem>(a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Vec<T
             }
         }
         for (dst, v) in c.iter_mut().zip(acc) {
-            *dst = T::from_acc(v);
+            *dst = T::from_acc(activation.map_or(v, |op| op.apply(v)));
         }
     };
     if out.len() * k >= super::map::PARALLEL_THRESHOLD {
@@ -138,7 +210,6 @@ pub fn matmul<T: FloatElem>(a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Vec<T
     } else {
         out.chunks_mut(n).enumerate().for_each(|(row, c)| compute_row(row, c));
     }
-    out
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@
 //! and layouts take the generic kernel.
 
 use super::map::PARALLEL_THRESHOLD;
-use super::simd::{F32Vector, Isa, Operand, kernel, map, sums, update};
+use super::simd::{F32Vector, Isa, Operand, kernel, map, prefetch, sums, update};
 use super::softmax::{Rows, UnitRows, for_row_blocks};
 use crate::layout::Layout;
 use crate::{Element, FloatElem, Real};
@@ -371,7 +371,12 @@ kernel! {
         bias: Operand,
     ) {
         let n = rows.n;
+        let count = out.len() / n;
         for (i, y) in out.chunks_exact_mut(n).enumerate() {
+            if i + 1 < count {
+                // The next row loads while this one is computed.
+                prefetch(rows.row(x, first + i + 1));
+            }
             let x = rows.row(x, first + i);
             let (mean, rstd) = row_stats_f32::<V>(x, center, eps);
             map::<V, 3>([Operand::Slice(x), weight, bias], y, |[v, w, b]| ((v - mean) * rstd).mul_add(w, b));
@@ -395,8 +400,14 @@ kernel! {
     ) {
         let n = x.1.n;
         let inv_n = 1.0 / n as f32;
+        let count = dx.len() / n;
         for (i, dx) in dx.chunks_exact_mut(n).enumerate() {
             let row = first + i;
+            if i + 1 < count {
+                // The next rows load while this one is computed.
+                prefetch(x.1.row(x.0, row + 1));
+                prefetch(g.1.row(g.0, row + 1));
+            }
             let (x, g) = (x.1.row(x.0, row), g.1.row(g.0, row));
             let (mean, rstd) = row_stats_f32::<V>(x, center, eps);
             let xhat = |x: V| (x - mean) * rstd;

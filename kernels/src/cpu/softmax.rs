@@ -23,12 +23,13 @@
 //!
 //! For f32 along the last dim, when each row is contiguous in memory, both directions
 //! run a fused SIMD kernel per row ([`UnitRows`]): softmax reads the row for the max,
-//! writes `exp(x - max)` while summing, and scales in place, so the input is read from
-//! memory once and the output written once; the other dims, dtypes and layouts take the
+//! writes `exp(x - max)` while summing (with [`math::exp_nonpositive`]), and scales in
+//! place, so the input is read from memory once and the output written once, and the
+//! next row is prefetched while this one is computed; the other dims, dtypes and layouts take the
 //! generic kernel, which reads each line into a scratch buffer through [`Rows`].
 
 use super::map::PARALLEL_THRESHOLD;
-use super::simd::{F32Vector, Isa, Operand, kernel, map, math, max_of, sums, update};
+use super::simd::{F32Vector, Isa, Operand, kernel, map, map1_sum, math, max_of, prefetch, sums, update};
 use crate::layout::{Layout, for_each_offsets};
 use crate::{Element, FloatElem, Real};
 use rayon::prelude::*;
@@ -206,18 +207,21 @@ kernel! {
     /// Softmax or log-softmax of whole rows `first..` of `x` into `out`, with SIMD.
     fn softmax_f32(x: &[f32], rows: &UnitRows, first: usize, out: &mut [f32], kind: SoftmaxKind) {
         let n = rows.n;
+        let count = out.len() / n;
         for (i, y) in out.chunks_exact_mut(n).enumerate() {
+            if i + 1 < count {
+                prefetch(rows.row(x, first + i + 1));
+            }
             let x = rows.row(x, first + i);
             let max = V::splat(max_of::<V>(x));
             match kind {
                 SoftmaxKind::Softmax => {
-                    map::<V, 1>([Operand::Slice(x)], y, |[v]| math::exp(v - max));
-                    let [sum] = sums::<V, 1, 1>([Operand::Slice(y)], n, |[e]| [e]);
+                    let sum = map1_sum::<V>(x, y, |v| math::exp_nonpositive(v - max));
                     let scale = V::splat(1.0 / sum);
                     update::<V, 1, 0>([y], [], |[e], []| [e * scale]);
                 }
                 SoftmaxKind::LogSoftmax => {
-                    let [sum] = sums::<V, 1, 1>([Operand::Slice(x)], n, |[v]| [math::exp(v - max)]);
+                    let [sum] = sums::<V, 1, 1>([Operand::Slice(x)], n, |[v]| [math::exp_nonpositive(v - max)]);
                     let log_sum = V::splat(sum.ln());
                     map::<V, 1>([Operand::Slice(x)], y, |[v]| (v - max) - log_sum);
                 }
@@ -237,7 +241,12 @@ kernel! {
         kind: SoftmaxKind,
     ) {
         let n = y.1.n;
+        let count = out.len() / n;
         for (i, dx) in out.chunks_exact_mut(n).enumerate() {
+            if i + 1 < count {
+                prefetch(y.1.row(y.0, first + i + 1));
+                prefetch(g.1.row(g.0, first + i + 1));
+            }
             let y = Operand::Slice(y.1.row(y.0, first + i));
             let g = Operand::Slice(g.1.row(g.0, first + i));
             match kind {

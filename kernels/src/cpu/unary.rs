@@ -11,7 +11,7 @@
 //! stated there); the other ops, dtypes and layouts take the generic scalar kernel.
 
 use super::map::{SimdRuns, map};
-use super::simd::{F32Vector, Isa, Operand, kernel, map1, math};
+use super::simd::{F32Vector, Isa, Operand, kernel, map1, math, update};
 use crate::{Element, FloatElem, Layout, Real};
 
 macro_rules! unary_ops {
@@ -220,48 +220,124 @@ impl UnaryOp {
     }
 }
 
-kernel! {
-    /// The f32 SIMD kernel of the ops in [`UnaryOp::has_f32_kernel`]: `dst = op(src)` on
-    /// one contiguous run. Each op is one vector expression; the scalar definitions in
-    /// `unary_ops!` are the reference they are tested against.
-    ///
-    /// Every function is passed as a closure, never as a function item (`math::exp`):
-    /// a closure inherits the kernel's target features, while a function item is called
-    /// through a shim compiled without them, where every intrinsic becomes an
-    /// out-of-line call (measured: GELU 3x slower).
-    fn unary_f32(op: UnaryOp, src: &[f32], dst: &mut [f32]) {
+/// Expands `$body` with `$f` bound to the vector form of `$op` (one of the ops in
+/// [`UnaryOp::has_f32_kernel`]), a closure `Fn(V) -> V`: the one table of vector
+/// expressions that [`unary_f32`] and [`bias_activation_f32`] share. Each op is one vector
+/// expression; the scalar definitions in `unary_ops!` are the reference they are tested
+/// against. It must expand inside a [`kernel!`] body (`V` in scope).
+///
+/// Every function is written as a closure, never as a function item (`math::exp`): a
+/// closure inherits the kernel's target features, while a function item is called
+/// through a shim compiled without them, where every intrinsic becomes an out-of-line
+/// call (measured: GELU 3x slower).
+macro_rules! with_vector_op {
+    ($op:expr, |$f:ident| $body:expr) => {{
         let zero = V::splat(0.0);
         let one = V::splat(1.0);
-        match op {
-            UnaryOp::Neg => map1::<V>(src, dst, |x| -x),
-            UnaryOp::Abs => map1::<V>(src, dst, |x| V::abs(x)),
-            UnaryOp::Exp => map1::<V>(src, dst, |x| math::exp(x)),
-            UnaryOp::Log => map1::<V>(src, dst, |x| math::ln(x)),
-            UnaryOp::Sqrt => map1::<V>(src, dst, |x| V::sqrt(x)),
-            UnaryOp::Rsqrt => map1::<V>(src, dst, |x| one / x.sqrt()),
-            UnaryOp::Square => map1::<V>(src, dst, |x| x * x),
-            UnaryOp::Recip => map1::<V>(src, dst, |x| one / x),
-            UnaryOp::Tanh => map1::<V>(src, dst, |x| math::tanh(x)),
-            UnaryOp::Sigmoid => map1::<V>(src, dst, |x| math::sigmoid(x)),
+        match $op {
+            UnaryOp::Neg => {
+                let $f = |x: V| -x;
+                $body
+            }
+            UnaryOp::Abs => {
+                let $f = |x: V| V::abs(x);
+                $body
+            }
+            UnaryOp::Exp => {
+                let $f = |x: V| math::exp(x);
+                $body
+            }
+            UnaryOp::Log => {
+                let $f = |x: V| math::ln(x);
+                $body
+            }
+            UnaryOp::Sqrt => {
+                let $f = |x: V| V::sqrt(x);
+                $body
+            }
+            UnaryOp::Rsqrt => {
+                let $f = |x: V| one / x.sqrt();
+                $body
+            }
+            UnaryOp::Square => {
+                let $f = |x: V| x * x;
+                $body
+            }
+            UnaryOp::Recip => {
+                let $f = |x: V| one / x;
+                $body
+            }
+            UnaryOp::Tanh => {
+                let $f = |x: V| math::tanh(x);
+                $body
+            }
+            UnaryOp::Sigmoid => {
+                let $f = |x: V| math::sigmoid(x);
+                $body
+            }
             // `x <= 0` is false for NaN, which passes through as in the scalar `relu`.
-            UnaryOp::Relu => map1::<V>(src, dst, |x| V::select(x.le(zero), zero, x)),
-            UnaryOp::Gelu => map1::<V>(src, dst, |x| math::gelu_erf(x)),
-            UnaryOp::GeluTanh => map1::<V>(src, dst, |x| math::gelu_tanh(x)),
-            UnaryOp::Silu => map1::<V>(src, dst, |x| math::silu(x)),
-            UnaryOp::Erf => map1::<V>(src, dst, |x| math::erf(x)),
+            UnaryOp::Relu => {
+                let $f = |x: V| V::select(x.le(zero), zero, x);
+                $body
+            }
+            UnaryOp::Gelu => {
+                let $f = |x: V| math::gelu_erf(x);
+                $body
+            }
+            UnaryOp::GeluTanh => {
+                let $f = |x: V| math::gelu_tanh(x);
+                $body
+            }
+            UnaryOp::Silu => {
+                let $f = |x: V| math::silu(x);
+                $body
+            }
+            UnaryOp::Erf => {
+                let $f = |x: V| math::erf(x);
+                $body
+            }
             UnaryOp::Affine { mul, add } => {
                 let (mul, add) = (V::splat(mul as f32), V::splat(add as f32));
-                map1::<V>(src, dst, |x| x.mul_add(mul, add))
+                let $f = |x: V| x.mul_add(mul, add);
+                $body
             }
             UnaryOp::Clamp { min, max } => {
                 let (min, max) = (V::splat(min as f32), V::splat(max as f32));
-                map1::<V>(src, dst, |x| V::select(x.lt(min), min, V::select(x.gt(max), max, x)))
+                let $f = |x: V| V::select(x.lt(min), min, V::select(x.gt(max), max, x));
+                $body
             }
             UnaryOp::LeakyRelu { slope } => {
                 let slope = V::splat(slope as f32);
-                map1::<V>(src, dst, |x| V::select(x.ge(zero), x, x * slope))
+                let $f = |x: V| V::select(x.ge(zero), x, x * slope);
+                $body
             }
-            op => unreachable!("unary_f32: {} has no f32 kernel", op.name()),
+            op => unreachable!("{} has no f32 kernel", op.name()),
+        }
+    }};
+}
+
+kernel! {
+    /// The f32 SIMD kernel of the ops in [`UnaryOp::has_f32_kernel`]: `dst = op(src)` on
+    /// one contiguous run.
+    fn unary_f32(op: UnaryOp, src: &[f32], dst: &mut [f32]) {
+        with_vector_op!(op, |f| map1::<V>(src, dst, f))
+    }
+}
+
+kernel! {
+    /// A GEMM epilogue (see [`super::gemm::Epilogue`]): `c[r][j] = op(c[r][j] + bias[j])`
+    /// for `r < rows`, `j < cols` on the block of `c` whose rows start `ld` apart, in
+    /// place. No bias adds nothing; no op is the identity. `op` must have an f32 kernel.
+    pub(crate) fn bias_activation_f32(c: &mut [f32], ld: usize, rows: usize, cols: usize, bias: Option<&[f32]>, op: Option<UnaryOp>) {
+        let bias = match bias {
+            Some(b) => Operand::Slice(&b[..cols]),
+            None => Operand::Splat(0.0),
+        };
+        let row_starts = (0..rows).map(|r| r * ld);
+        match op {
+            None => row_starts.for_each(|start| update::<V, 1, 1>([&mut c[start..start + cols]], [bias], |[c], [b]| [c + b])),
+            Some(op) => with_vector_op!(op, |f| row_starts
+                .for_each(|start| update::<V, 1, 1>([&mut c[start..start + cols]], [bias], |[c], [b]| [f(c + b)]))),
         }
     }
 }

@@ -18,7 +18,7 @@
 use aigc_autograd::{CrossEntropyOptions, Var};
 use aigc_nn::norm::{LayerNorm, LayerNormConfig};
 use aigc_nn::{Init, KvCache, Linear, Module, VarStore};
-use aigc_tensor::{DType, Device, Error, Result, Tensor};
+use aigc_tensor::{DType, Device, Error, Result, Tensor, UnaryOp};
 
 /// The shape and regularisation of a GPT.
 #[derive(Clone, Debug, PartialEq)]
@@ -139,7 +139,7 @@ impl Mlp {
         })
     }
     fn forward(&self, x: &Var) -> Result<Var> {
-        self.c_proj.forward(&self.c_fc.forward(x)?.gelu()?)
+        self.c_proj.forward(&self.c_fc.forward_with(x, UnaryOp::Gelu)?)
     }
 }
 

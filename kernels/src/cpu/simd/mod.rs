@@ -273,18 +273,46 @@ pub fn map<V: F32Vector, const N: usize>(inputs: [Operand; N], dst: &mut [f32], 
 /// `dst[i] = f(src[i])`: [`map`] of one slice, written out so that `f` takes a plain
 /// vector (`map1(src, dst, |x| math::exp(x))`; pass a closure, not the function item
 /// `math::exp`, whose call shim would be compiled without the kernel's target features).
+/// It is [`map1_sum`] with the sum unused, which the compiler removes once inlined.
 #[inline(always)]
 pub fn map1<V: F32Vector>(src: &[f32], dst: &mut [f32], f: impl Fn(V) -> V) {
+    map1_sum(src, dst, f);
+}
+
+/// `dst[i] = f(src[i])` and the sum of the results in one pass (a softmax writing its
+/// exponentials while it sums them); the padded lanes of the tail are left out of the sum.
+///
+/// Two vectors per iteration: the functions are long dependency chains (a polynomial by
+/// Horner's rule), and two independent chains side by side keep more of the FMA units
+/// busy (GELU 10% faster on Zen 1).
+#[inline(always)]
+pub fn map1_sum<V: F32Vector>(src: &[f32], dst: &mut [f32], f: impl Fn(V) -> V) -> f32 {
     assert_eq!(src.len(), dst.len(), "simd: operand and output lengths differ");
+    let zero = V::splat(0.0);
+    let (mut acc0, mut acc1) = (zero, zero);
+    let mut src_pairs = src.chunks_exact(2 * V::LANES);
+    let mut dst_pairs = dst.chunks_exact_mut(2 * V::LANES);
+    for (s, d) in (&mut src_pairs).zip(&mut dst_pairs) {
+        let (y0, y1) = (f(V::load(s)), f(V::load(&s[V::LANES..])));
+        y0.store(d);
+        y1.store(&mut d[V::LANES..]);
+        (acc0, acc1) = (acc0 + y0, acc1 + y1);
+    }
+    let (src, dst) = (src_pairs.remainder(), dst_pairs.into_remainder());
     let mut src_chunks = src.chunks_exact(V::LANES);
     let mut dst_chunks = dst.chunks_exact_mut(V::LANES);
     for (s, d) in (&mut src_chunks).zip(&mut dst_chunks) {
-        f(V::load(s)).store(d);
+        let y = f(V::load(s));
+        y.store(d);
+        acc0 = acc0 + y;
     }
     let (s, d) = (src_chunks.remainder(), dst_chunks.into_remainder());
     if !s.is_empty() {
-        f(V::load_partial(s, 1.0)).store_partial(d);
+        let y = f(V::load_partial(s, 1.0));
+        y.store_partial(d);
+        acc1 = acc1 + V::select(first_lanes::<V>(s.len()), y, zero);
     }
+    (acc0 + acc1).reduce_add()
 }
 
 /// Updates `M` buffers in place, reading `N` more inputs:
@@ -387,6 +415,22 @@ pub fn max_of<V: F32Vector>(x: &[f32]) -> f32 {
         acc[k] = acc[k].max(V::load_partial(chunk, f32::NEG_INFINITY));
     }
     acc[0].max(acc[1]).max(acc[2].max(acc[3])).reduce_max()
+}
+
+/// Asks the CPU to start loading `slice` into L1 (one prefetch per 64-byte line), so that
+/// a row kernel computing on one row overlaps the next row's memory traffic with its
+/// arithmetic instead of waiting for it afterwards. Only a hint: it changes no value, and
+/// does nothing on targets without a prefetch instruction here.
+#[inline(always)]
+pub fn prefetch(slice: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in slice.chunks(16) {
+        // SAFETY: SSE is part of the x86-64 baseline, and a prefetch never faults; the
+        // address is inside `slice` anyway.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = slice;
 }
 
 /// Every ISA this CPU can run, for tests (on x86-64 `Isa::Scalar` runs [`Scalar`]).
