@@ -3,6 +3,9 @@
 //!
 //! - `fma_peak`: the FMA peak of each instruction set, every thread busy, in GFLOP/s;
 //! - `sgemm` against the `gemm` crate (candle's GEMM), in GFLOP/s;
+//! - `gemm_bf16`: our GEMM on bf16 operands (f32 accumulation) against ours on f32;
+//! - `linear_bias_gelu`: `gelu(x W^T + b)` with the bias and GELU in the GEMM's epilogue
+//!   (`matmul_bias_act`) against the same as three separate ops;
 //! - conv2d and conv_transpose2d (the shapes), forward and forward+backward,
 //!   against candle, in milliseconds;
 //! - softmax and LayerNorm on (4096, 1024), GELU (erf and tanh forms) on 16M floats,
@@ -14,9 +17,10 @@
 //! drifts of a shared machine hit both sides alike.
 
 use aigc::autograd::Var;
-use aigc::kernels::cpu::gemm::{Isa, MatRef, sgemm};
+use aigc::kernels::bf16;
+use aigc::kernels::cpu::gemm::{Epilogue, Isa, MatRef, gemm, sgemm};
 use aigc::kernels::cpu::simd::fma_chains;
-use aigc::tensor::{Conv2dParams, ConvTranspose2dParams};
+use aigc::tensor::{Conv2dParams, ConvTranspose2dParams, UnaryOp};
 use aigc::{Device, Tensor};
 use std::hint::black_box;
 use std::time::Instant;
@@ -68,10 +72,16 @@ fn line(op: &str, shape: &[usize], threads: usize, ms: f64, peer_ms: f64, copy_m
 }
 
 /// Median seconds of copying `values` into a buffer that already exists (so the figure
-/// is the memory traffic alone, not the allocator's page faults).
+/// is the memory traffic alone, not the allocator's page faults), split over the pool's
+/// threads like the kernels it is the floor of.
 fn copy_seconds(values: &[f32], reps: usize) -> f64 {
+    use rayon::prelude::*;
     let mut dst = vec![1.0f32; values.len()];
-    race(reps, || dst.copy_from_slice(black_box(values)), || ()).0
+    let chunk = values.len().div_ceil(rayon::current_num_threads());
+    let copy = |dst: &mut [f32]| {
+        dst.par_chunks_mut(chunk).zip(black_box(values).par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s))
+    };
+    race(reps, || copy(&mut dst), || ()).0
 }
 
 /// The memory-bound ops: ours and candle's, and a plain copy of the input.
@@ -187,6 +197,49 @@ fn sgemm_lines(threads: usize, reps: usize) {
     }
 }
 
+/// GEMM on bf16 operands (widened to f32 as they are packed) against f32, same shapes.
+fn bf16_gemm_lines(threads: usize, reps: usize) {
+    for (m, k, n) in [(512, 512, 512), (1024, 1024, 1024), (4096, 384, 1536)] {
+        let a = Tensor::randn([m, k], &Device::Cpu, 1).unwrap().to_vec::<f32>().unwrap();
+        let b = Tensor::randn([k, n], &Device::Cpu, 2).unwrap().to_vec::<f32>().unwrap();
+        let (a16, b16): (Vec<bf16>, Vec<bf16>) =
+            (a.iter().map(|&v| bf16::from_f32(v)).collect(), b.iter().map(|&v| bf16::from_f32(v)).collect());
+        let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+        let view = |data, cols| MatRef { data, offset: 0, row_stride: cols, col_stride: 1 };
+        let (ours, f32_secs) = race(
+            reps,
+            || gemm(m, n, k, view(&a16, k), view(&b16, n), &mut c1, Epilogue::NONE),
+            || sgemm(m, n, k, row_major(&a, k), row_major(&b, n), &mut c2),
+        );
+        let gflops = |secs: f64| 2.0 * (m * n * k) as f64 / secs / 1e9;
+        println!(
+            "{{\"op\":\"gemm_bf16\",\"shape\":[{m},{k},{n}],\"threads\":{threads},\"gflops\":{:.1},\"f32_gflops\":{:.1},\"bf16_over_f32\":{:.2}}}",
+            gflops(ours),
+            gflops(f32_secs),
+            f32_secs / ours
+        );
+    }
+}
+
+/// A linear layer with a bias and GELU: fused into the GEMM's epilogue against three ops.
+fn fused_linear_lines(threads: usize, reps: usize) {
+    for (m, k, n) in [(768, 128, 512), (4096, 384, 1536)] {
+        let x = Tensor::randn([m, k], &Device::Cpu, 1).unwrap();
+        let w_t = Tensor::randn([n, k], &Device::Cpu, 2).unwrap().t().unwrap();
+        let bias = Tensor::randn([n], &Device::Cpu, 3).unwrap();
+        let (fused, separate) = race(
+            reps,
+            || drop(black_box(x.matmul_bias_act(&w_t, Some(&bias), Some(UnaryOp::Gelu)).unwrap())),
+            || drop(black_box(x.matmul(&w_t).unwrap().add(&bias).unwrap().gelu().unwrap())),
+        );
+        println!(
+            "{{\"op\":\"linear_bias_gelu\",\"shape\":[{m},{k},{n}],\"threads\":{threads},\"fused_ms\":{:.4},\"separate_ms\":{:.4}}}",
+            fused * 1e3,
+            separate * 1e3
+        );
+    }
+}
+
 /// The FMA peak of each instruction set this CPU has, with every thread of the pool
 /// running the probe at once: the ceiling to read GFLOP/s figures against.
 fn fma_peak_lines(threads: usize, pool: &rayon::ThreadPool) {
@@ -210,6 +263,8 @@ fn main() {
             elementwise_and_rows(threads, reps);
             conv_lines(threads, reps.div_ceil(3));
             sgemm_lines(threads, reps);
+            bf16_gemm_lines(threads, reps);
+            fused_linear_lines(threads, reps);
         });
     }
 }

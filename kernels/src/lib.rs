@@ -21,4 +21,6 @@ pub mod element;
 pub mod layout;
 
 pub use element::{Element, FloatElem, Real};
+/// The half-precision element types, re-exported so that users need no `half` dependency.
+pub use half::{bf16, f16};
 pub use layout::Layout;

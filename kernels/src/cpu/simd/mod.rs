@@ -262,8 +262,17 @@ pub fn map<V: F32Vector, const N: usize>(inputs: [Operand; N], dst: &mut [f32], 
     check_lens(&inputs, dst.len());
     let body = dst.len() - dst.len() % V::LANES;
     let (head, tail) = dst.split_at_mut(body);
-    for (i, d) in head.chunks_exact_mut(V::LANES).enumerate() {
-        f(load_all(&inputs, i * V::LANES, false)).store(d);
+    // Two vectors per iteration, as in `map1_sum`.
+    let mut pairs = head.chunks_exact_mut(2 * V::LANES);
+    for (i, d) in (&mut pairs).enumerate() {
+        let start = 2 * i * V::LANES;
+        let (y0, y1) = (f(load_all(&inputs, start, false)), f(load_all(&inputs, start + V::LANES, false)));
+        y0.store(d);
+        y1.store(&mut d[V::LANES..]);
+    }
+    let single = pairs.into_remainder();
+    if !single.is_empty() {
+        f(load_all(&inputs, body - V::LANES, false)).store(single);
     }
     if !tail.is_empty() {
         f(load_all(&inputs, body, true)).store_partial(tail);
