@@ -10,11 +10,11 @@
 //!   the convolution `dx = conv(g, w)`, cropped to `x`'s size.
 //! - **weight**: `dw[co, ci, ky, kx] = sum_{n, oy, ox} g[n, co, oy, ox] *
 //!   x[n, ci, oy*s + ky*d - p, ox*s + kx*d - p]`, a correlation of the image with the
-//!   feature gradient. It is itself a convolution once batch and channel dims trade places:
-//!   the image is the input, the feature gradient is the weight, and stride and dilation
-//!   swap roles (the kernel tap `k` moves by `d`, the feature position by `s`); each group
-//!   is one group of that convolution. For a transposed convolution the image is `g` and
-//!   the features are `x`.
+//!   feature gradient (`Tensor::conv2d_weight_grad`: one GEMM per batch entry on the
+//!   forward's im2col columns). For a transposed convolution the image is `g` and the
+//!   features are `x`. It is recorded as an op of its own, linear in both operands: for a
+//!   weight-shaped gradient `h`, `<dw, h> = <conv2d(x, h), g>`, so its gradients are the
+//!   adjoint `conv_transpose(g, h)` (for the image) and `conv2d(x, h)` (for the features).
 //! - **bias**: the sum of `g` over batch and spatial dims.
 //!
 //! Every gradient is built from these same `Var` ops, so gradients of any order exist.
@@ -154,28 +154,14 @@ pub(crate) fn conv2d_adjoint(g: &Var, w: &Var, image_size: &[usize], params: Con
 }
 
 /// The gradient of `<conv2d(image, w, params), features>` with respect to `w`, whose
-/// spatial size is `kernel`: with `G` groups, image `[N, G*I, H, W]` and features
-/// `[N, G*O, Ho, Wo]`, it is the convolution of the image as `[I, G*N, H, W]` with the
-/// features as the weight `[G*O, N, Ho, Wo]`, `G` groups, stride and dilation swapped;
-/// that gives `[I, G*O, kH', kW']` with `kH' >= kH` (rows the stride never reached), which
-/// is cropped and transposed to the weight's `[G*O, I, kH, kW]`.
+/// spatial size is `kernel` (see the module doc), recorded so that it can be
+/// differentiated again.
 fn weight_grad(image: &Var, features: &Var, kernel: &[usize], params: Conv2dParams) -> Result<Var> {
-    let groups = params.groups;
-    let [n, image_channels, h, w] = [0, 1, 2, 3].map(|d| image.dims()[d]);
-    let [feature_channels, ho, wo] = [1, 2, 3].map(|d| features.dims()[d]);
-    let per_group = image_channels / groups;
-    let image = image.reshape([n, groups, per_group, h, w])?.permute(&[2, 1, 0, 3, 4])?.reshape([
-        per_group,
-        groups * n,
-        h,
-        w,
-    ])?;
-    let features = features
-        .reshape([n, groups, feature_channels / groups, ho, wo])?
-        .permute(&[1, 2, 0, 3, 4])?
-        .reshape([feature_channels, n, ho, wo])?;
-    let swapped = Conv2dParams { stride: params.dilation, padding: params.padding, dilation: params.stride, groups };
-    crop(&image.conv2d(&features, None, swapped)?, kernel)?.permute(&[1, 0, 2, 3])
+    let value = image.value().conv2d_weight_grad(features.value(), [kernel[0], kernel[1]], params)?;
+    let image_size = image.dims()[2..].to_vec();
+    image.binary_op(features, "conv2d_weight_grad", value, move |_, h, image, features| {
+        Ok((conv2d_adjoint(features, h, &image_size, params)?, image.conv2d(h, None, params)?))
+    })
 }
 
 /// The leading `size` window of the spatial dims (2 and 3) of `v`.

@@ -121,6 +121,27 @@ fn bias_of<R: Real>(bias: &Option<Vec<R>>, c: usize) -> R {
     bias.as_ref().map_or(R::zero(), |b| b[c])
 }
 
+/// im2col for batch entry `n` and one group: row `ci * taps + tap` of `columns` (the
+/// group's `cin_g * taps` rows of `feature_plane` values) holds the image values that tap
+/// meets. Every group writes the same positions; the others (taps in the padding) keep
+/// what the buffer held, zeros when the caller filled it so.
+fn im2col<A: Copy>(g: &ConvGeometry, image: &[A], n: usize, group: usize, columns: &mut [A]) {
+    let (cin_g, taps, fp) = (g.in_channels_per_group(), g.taps(), g.feature_plane());
+    for ci_in_group in 0..cin_g {
+        let plane = &image[(n * g.in_channels + group * cin_g + ci_in_group) * g.image_plane()..];
+        let rows = &mut columns[ci_in_group * taps * fp..(ci_in_group + 1) * taps * fp];
+        let sx = g.stride[1];
+        for_each_tap(g, |tap, o, i, len| {
+            let dst = &mut rows[tap * fp + o..][..len];
+            if sx == 1 {
+                dst.copy_from_slice(&plane[i..i + len]);
+            } else {
+                dst.iter_mut().zip(plane[i..].iter().step_by(sx)).for_each(|(d, &v)| *d = v);
+            }
+        });
+    }
+}
+
 /// Reads a strided view row-major in the accumulator type.
 fn widen<T: FloatElem>(src: &[T], layout: &Layout) -> Vec<T::Acc> {
     map(src, layout, T::to_acc)
@@ -158,22 +179,7 @@ pub fn conv2d<T: FloatElem>(
         // threads queue up there).
         let (mut columns, mut features) = (buffers::filled(depth * fp, zero), buffers::filled(cout_g * fp, zero));
         for group in 0..g.groups {
-            // im2col: row `ci * taps + tap` holds the image values that tap meets. Every
-            // group writes the same positions; the others (taps in the padding) keep
-            // the zeros the buffer was filled with.
-            for ci_in_group in 0..cin_g {
-                let plane = &image[(n * g.in_channels + group * cin_g + ci_in_group) * g.image_plane()..];
-                let rows = &mut columns[ci_in_group * taps * fp..(ci_in_group + 1) * taps * fp];
-                let sx = g.stride[1];
-                for_each_tap(g, |tap, o, i, len| {
-                    let dst = &mut rows[tap * fp + o..][..len];
-                    if sx == 1 {
-                        dst.copy_from_slice(&plane[i..i + len]);
-                    } else {
-                        dst.iter_mut().zip(plane[i..].iter().step_by(sx)).for_each(|(d, &v)| *d = v);
-                    }
-                });
-            }
+            im2col(g, &image, n, group, &mut columns);
             let filters = &weight[group * cout_g * depth..(group + 1) * cout_g * depth];
             gemm_acc(cout_g, fp, depth, (filters, depth, 1), (&columns, fp, 1), &mut features);
             for (co_in_group, plane) in features.chunks(fp.max(1)).enumerate() {
@@ -258,6 +264,68 @@ pub fn conv_transpose2d<T: FloatElem>(
     out
 }
 
+/// Batch entries per partial sum of [`conv2d_weight_grad`]: a fixed count, so that the
+/// order of the additions (and the rounding) does not depend on the number of threads.
+const WEIGHT_GRAD_ENTRIES: usize = 4;
+
+/// The weight gradient of [`conv2d`]: for features `[batch, out_channels, out_size..]`
+/// (the gradient of the convolution's output) and its input image
+/// `[batch, in_channels, in_size..]`,
+/// `dw[co, ci, ky, kx] = sum over n, oy, ox of features[n, co, oy, ox] * image[n, ci, iy, ix]`
+/// with `iy, ix` as in the module doc (and `ci` within `co`'s group). Returns
+/// `[out_channels, in_channels / groups, kernel..]` row-major. For a transposed
+/// convolution the roles swap: its output gradient is the image and its input the
+/// features.
+///
+/// Method: the columns of [`conv2d`] again, per batch entry and group, and one GEMM
+/// `features_n (cout_g x fp) @ columns^T (fp x cin_g * taps)` added into the group's rows
+/// of `dw`. Batch entries are summed in fixed chunks of [`WEIGHT_GRAD_ENTRIES`] in
+/// parallel, then the chunks' partial sums in order.
+pub fn conv2d_weight_grad<T: FloatElem>(
+    g: &ConvGeometry,
+    image: &[T],
+    image_layout: &Layout,
+    features: &[T],
+    features_layout: &Layout,
+) -> Vec<T> {
+    let image = widen(image, image_layout);
+    let features = widen(features, features_layout);
+    let (cin_g, cout_g, taps, fp) =
+        (g.in_channels_per_group(), g.out_channels_per_group(), g.taps(), g.feature_plane());
+    let depth = cin_g * taps;
+    let zero = T::Acc::zero();
+    let chunks: Vec<usize> = (0..g.batch.div_ceil(WEIGHT_GRAD_ENTRIES)).collect();
+    let partials: Vec<Vec<T::Acc>> = chunks
+        .par_iter()
+        .map(|&chunk| {
+            let mut dw = vec![zero; g.out_channels * depth];
+            let (mut columns, mut product) = (buffers::filled(depth * fp, zero), buffers::filled(cout_g * depth, zero));
+            let entries = chunk * WEIGHT_GRAD_ENTRIES..((chunk + 1) * WEIGHT_GRAD_ENTRIES).min(g.batch);
+            for n in entries {
+                for group in 0..g.groups {
+                    im2col(g, &image, n, group, &mut columns);
+                    let start = (n * g.out_channels + group * cout_g) * fp;
+                    let grads = &features[start..start + cout_g * fp];
+                    gemm_acc(cout_g, depth, fp, (grads, fp, 1), (&columns, 1, fp), &mut product);
+                    let rows = &mut dw[group * cout_g * depth..(group + 1) * cout_g * depth];
+                    rows.iter_mut().zip(&product).for_each(|(d, &p)| *d += p);
+                }
+            }
+            buffers::recycle(columns);
+            buffers::recycle(product);
+            dw
+        })
+        .collect();
+    let mut total = partials.into_iter().reduce(|mut sum, part| {
+        sum.iter_mut().zip(&part).for_each(|(s, &p)| *s += p);
+        sum
+    });
+    buffers::recycle(image);
+    buffers::recycle(features);
+    let total = total.get_or_insert_with(|| vec![zero; g.out_channels * depth]);
+    total.iter().map(|&v| T::from_acc(v)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,5 +379,74 @@ mod tests {
             None,
         );
         assert_eq!(back, vec![1.0, 0.0, 3.0, 0.0, 0.0, 0.0, 7.0, 0.0, 9.0]);
+    }
+
+    /// The weight gradient by its definition, in f64.
+    fn naive_weight_grad(g: &ConvGeometry, image: &[f64], features: &[f64]) -> Vec<f64> {
+        let (cin_g, cout_g) = (g.in_channels / g.groups, g.out_channels / g.groups);
+        let [kh, kw] = g.kernel;
+        let mut dw = vec![0.0; g.out_channels * cin_g * kh * kw];
+        for n in 0..g.batch {
+            for co in 0..g.out_channels {
+                let group = co / cout_g;
+                for ci in 0..cin_g {
+                    for (ky, kx) in (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky, kx))) {
+                        let mut acc = 0.0;
+                        for (oy, ox) in (0..g.out_size[0]).flat_map(|oy| (0..g.out_size[1]).map(move |ox| (oy, ox))) {
+                            let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.padding[0] as isize;
+                            let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.padding[1] as isize;
+                            if iy < 0 || ix < 0 || iy >= g.in_size[0] as isize || ix >= g.in_size[1] as isize {
+                                continue;
+                            }
+                            let channel = n * g.in_channels + group * cin_g + ci;
+                            let x = image[(channel * g.in_size[0] + iy as usize) * g.in_size[1] + ix as usize];
+                            acc += features[((n * g.out_channels + co) * g.out_size[0] + oy) * g.out_size[1] + ox] * x;
+                        }
+                        dw[((co * cin_g + ci) * kh + ky) * kw + kx] += acc;
+                    }
+                }
+            }
+        }
+        dw
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        #[test]
+        fn weight_grad_matches_its_definition(
+            batch in 0usize..10, groups in 1usize..3, cin in 1usize..3, cout in 1usize..3,
+            size in (1usize..7, 1usize..7), kernel in (1usize..4, 1usize..4), stride in (1usize..3, 1usize..3),
+            padding in (0usize..3, 0usize..3), dilation in (1usize..3, 1usize..3), seed in 0u64..1000,
+        ) {
+            let out = |len: usize, k: usize, s: usize, p: usize, d: usize| (len + 2 * p).checked_sub(d * (k - 1) + 1).map(|v| v / s + 1);
+            let (Some(oh), Some(ow)) = (out(size.0, kernel.0, stride.0, padding.0, dilation.0), out(size.1, kernel.1, stride.1, padding.1, dilation.1)) else {
+                return Ok(());
+            };
+            let g = ConvGeometry {
+                batch, in_channels: cin * groups, in_size: [size.0, size.1], out_channels: cout * groups, out_size: [oh, ow],
+                kernel: [kernel.0, kernel.1], stride: [stride.0, stride.1], padding: [padding.0, padding.1],
+                dilation: [dilation.0, dilation.1], groups,
+            };
+            let values = |len: usize, salt: u64| -> Vec<f64> {
+                (0..len as u64).map(|i| (((i + salt) * 2654435761 % 1000) as f64) / 500.0 - 1.0).collect()
+            };
+            let image = values(batch * g.in_channels * size.0 * size.1, seed);
+            let features = values(batch * g.out_channels * oh * ow, seed + 7);
+            let want = naive_weight_grad(&g, &image, &features);
+            let image_layout = Layout::contiguous(&[batch, g.in_channels, size.0, size.1]);
+            let features_layout = Layout::contiguous(&[batch, g.out_channels, oh, ow]);
+            let got = conv2d_weight_grad(&g, &image, &image_layout, &features, &features_layout);
+            proptest::prop_assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(&want) {
+                proptest::prop_assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()), "{} vs {}", a, b);
+            }
+            // f32 through the SIMD GEMM.
+            let (image32, features32): (Vec<f32>, Vec<f32>) =
+                (image.iter().map(|&v| v as f32).collect(), features.iter().map(|&v| v as f32).collect());
+            let got32 = conv2d_weight_grad(&g, &image32, &image_layout, &features32, &features_layout);
+            for (a, b) in got32.iter().zip(&want) {
+                proptest::prop_assert!((*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()), "{} vs {}", a, b);
+            }
+        }
     }
 }

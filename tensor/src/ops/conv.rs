@@ -175,6 +175,65 @@ impl Tensor {
         self.conv_nd("conv_transpose1d", weight, bias, params.adjoint(), direction)
     }
 
+    /// The gradient of `self.conv2d(w, _, params)` with respect to a weight `w` of
+    /// spatial size `kernel`, given `features`, the gradient of the convolution's output
+    /// (`[N, C_out, H_out, W_out]`, with `self` the image `[N, C_in, H, W]`):
+    /// `dw[co, ci, ky, kx] = sum over n, oy, ox of features[n, co, oy, ox] * self[n, ci, iy, ix]`,
+    /// shaped `[C_out, C_in / groups, kH, kW]`. It is one GEMM per batch entry on the
+    /// forward's im2col columns (`aigc_kernels::cpu::conv::conv2d_weight_grad`). For a
+    /// transposed convolution, the image is its output gradient and `features` its input
+    /// (which may be smaller than the convolution's output: only the positions it has
+    /// count).
+    pub fn conv2d_weight_grad(&self, features: &Tensor, kernel: [usize; 2], params: Conv2dParams) -> Result<Tensor> {
+        const OP: &str = "conv2d_weight_grad";
+        self.expect_float(OP)?;
+        self.same_dtype(features, OP)?;
+        self.same_device(features, OP)?;
+        check_params(OP, &params)?;
+        let mismatch =
+            |reason: String| Error::ShapeMismatch { op: OP, lhs: self.shape(), rhs: features.shape(), reason };
+        if self.rank() != 4 || features.rank() != 4 {
+            return Err(mismatch(
+                "expected a 4-d image [N, C_in, H, W] and 4-d features [N, C_out, H_out, W_out]".into(),
+            ));
+        }
+        let (x, f, groups) = (self.dims(), features.dims(), params.groups);
+        if x[0] != f[0] {
+            return Err(mismatch(format!("batch sizes differ: {} and {}", x[0], f[0])));
+        }
+        if x[1] % groups != 0 || f[1] % groups != 0 {
+            return Err(mismatch(format!("channels {} and {} must both be divisible by groups {groups}", x[1], f[1])));
+        }
+        if kernel.contains(&0) || x[2..].contains(&0) {
+            return Err(mismatch(format!("kernel {kernel:?} and image sizes {:?} must be >= 1", &x[2..])));
+        }
+        // The features may stop short of the convolution's output: a transposed
+        // convolution's output padding adds image rows its input never reached.
+        let out_size = forward_sizes(&x[2..], &kernel, &params).map_err(&mismatch)?;
+        if f[2..].iter().zip(&out_size).any(|(&have, &most)| have > most) {
+            return Err(mismatch(format!(
+                "the features' spatial size {:?} exceeds the convolution's output size {out_size:?}",
+                &f[2..]
+            )));
+        }
+        let geometry = ConvGeometry {
+            batch: x[0],
+            in_channels: x[1],
+            in_size: [x[2], x[3]],
+            out_channels: f[1],
+            out_size: [f[2], f[3]],
+            kernel,
+            stride: params.stride,
+            padding: params.padding,
+            dilation: params.dilation,
+            groups,
+        };
+        let out = self.read_cpu2(features, OP, |si, li, sf, lf| {
+            Ok(zip_float!(OP, si, sf, |image, grads| conv::conv2d_weight_grad(&geometry, image, li, grads, lf)))
+        })?;
+        Ok(Tensor::from_cpu(out, &[f[1], x[1] / groups, kernel[0], kernel[1]]))
+    }
+
     /// Every convolution: validate, describe as a 2-d [`ConvGeometry`], run the kernel.
     fn conv_nd<const D: usize>(
         &self,
@@ -932,5 +991,28 @@ mod tests {
         );
         let y = zeros(&[1, 2, 4, 4]).conv2d(&zeros(&[0, 2, 3, 3]), None, Default::default()).unwrap();
         assert_eq!(y.dims(), &[1, 0, 2, 2]);
+    }
+
+    #[test]
+    fn weight_grad_checks_its_operands_and_equals_the_correlation() {
+        let dev = Device::Cpu;
+        let image = Tensor::uniform([2, 4, 5, 5], -1.0, 1.0, DType::F64, &dev, 1).unwrap();
+        let params = Conv2dParams { padding: [1, 1], groups: 2, ..Default::default() };
+        let features = Tensor::uniform([2, 6, 5, 5], -1.0, 1.0, DType::F64, &dev, 2).unwrap();
+        let dw = image.conv2d_weight_grad(&features, [3, 3], params).unwrap();
+        assert_eq!(dw.dims(), &[6, 2, 3, 3]);
+        // <dw, h> = <conv2d(image, h), features> for any weight-shaped h.
+        let h = Tensor::uniform([6, 2, 3, 3], -1.0, 1.0, DType::F64, &dev, 3).unwrap();
+        let lhs = dw.mul(&h).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let rhs = image.conv2d(&h, None, params).unwrap().mul(&features).unwrap().sum_all().unwrap();
+        assert!((lhs - rhs.to_scalar::<f64>().unwrap()).abs() < 1e-10);
+        let err = |f: &Tensor, k: [usize; 2]| image.conv2d_weight_grad(f, k, params).unwrap_err().to_string();
+        let other_batch = Tensor::zeros([3, 6, 5, 5], DType::F64, &dev).unwrap();
+        assert!(err(&other_batch, [3, 3]).contains("batch sizes differ"));
+        let too_large = Tensor::zeros([2, 6, 6, 5], DType::F64, &dev).unwrap();
+        assert!(err(&too_large, [3, 3]).contains("exceeds the convolution's output size [5, 5]"));
+        let odd_channels = Tensor::zeros([2, 5, 5, 5], DType::F64, &dev).unwrap();
+        assert!(err(&odd_channels, [3, 3]).contains("divisible by groups 2"));
+        assert!(err(&features, [0, 3]).contains("must be >= 1"));
     }
 }
