@@ -12,7 +12,8 @@
 //!   `add` on 64 floats, against candle, in milliseconds, with `copy_ms`, a plain copy of
 //!   the same bytes into an existing buffer (the memory-bound floor) for the large ones.
 //!
-//! Run: `cargo run --release --example bench_kernels` (add `-- quick` for fewer repeats).
+//! Run: `cargo run --release --example bench_kernels` (add `-- quick` for fewer repeats, and
+//! group names, `rows conv sgemm bf16 fused`, to run only those).
 //! Each figure is the median of interleaved repeats (ours, peer, ours, ...), so slow
 //! drifts of a shared machine hit both sides alike.
 
@@ -240,31 +241,51 @@ fn fused_linear_lines(threads: usize, reps: usize) {
     }
 }
 
-/// The FMA peak of each instruction set this CPU has, with every thread of the pool
-/// running the probe at once: the ceiling to read GFLOP/s figures against.
-fn fma_peak_lines(threads: usize, pool: &rayon::ThreadPool) {
-    let iterations = 20_000_000;
+/// The FMA peak of each instruction set this CPU has, with `threads` threads running the
+/// probe at once: the ceiling to read GFLOP/s figures against. Plain scoped threads, not
+/// the rayon pool: a `broadcast` on the pool measured about half the 2-thread peak here
+/// (95 against 175 GFLOP/s), the threads not overlapping for the whole probe.
+fn fma_peak_lines(threads: usize) {
+    let iterations = 50_000_000;
     for isa in Isa::ALL.into_iter().filter(|isa| isa.is_available()) {
-        pool.broadcast(|_| black_box(fma_chains(isa, 1000))); // warm up every thread
+        black_box(fma_chains(isa, 1000)); // warm up
         let started = Instant::now();
-        let flops: usize = pool.broadcast(|_| black_box(fma_chains(isa, iterations)).0).into_iter().sum();
+        let flops: usize = std::thread::scope(|scope| {
+            let probes: Vec<_> =
+                (0..threads).map(|_| scope.spawn(move || black_box(fma_chains(isa, iterations)).0)).collect();
+            probes.into_iter().map(|probe| probe.join().expect("an FMA probe thread")).sum()
+        });
         let gflops = flops as f64 / started.elapsed().as_secs_f64() / 1e9;
         println!("{{\"op\":\"fma_peak\",\"isa\":\"{isa:?}\",\"threads\":{threads},\"gflops\":{gflops:.1}}}");
     }
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "quick");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "quick");
     let reps = if quick { 5 } else { 15 };
+    // Any other argument names the groups to run (`rows conv sgemm bf16 fused`); none runs all.
+    let groups: Vec<&str> = args.iter().map(String::as_str).filter(|a| *a != "quick").collect();
+    let wanted = |group: &str| groups.is_empty() || groups.contains(&group);
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a rayon pool");
-        fma_peak_lines(threads, &pool);
+        fma_peak_lines(threads);
         pool.install(|| {
-            elementwise_and_rows(threads, reps);
-            conv_lines(threads, reps.div_ceil(3));
-            sgemm_lines(threads, reps);
-            bf16_gemm_lines(threads, reps);
-            fused_linear_lines(threads, reps);
+            if wanted("rows") {
+                elementwise_and_rows(threads, reps);
+            }
+            if wanted("conv") {
+                conv_lines(threads, reps.div_ceil(3));
+            }
+            if wanted("sgemm") {
+                sgemm_lines(threads, reps);
+            }
+            if wanted("bf16") {
+                bf16_gemm_lines(threads, reps);
+            }
+            if wanted("fused") {
+                fused_linear_lines(threads, reps);
+            }
         });
     }
 }

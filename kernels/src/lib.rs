@@ -9,6 +9,7 @@
 //! - [`element`]: the element types and the math they compute with.
 //! - [`cpu`]: the CPU kernels, one module per op family.
 //! - [`buffers`]: the cache of freed host buffers that kernel outputs are taken from.
+//! - [`parallel`]: the thread pool the hot kernels split their loops over.
 #![deny(unsafe_op_in_unsafe_fn)]
 // SIMD kernels pass closures (`|x| math::exp(x)`), never function items: a closure
 // inherits the `#[target_feature]`s of the kernel it is written in, a function item's
@@ -19,6 +20,7 @@ pub mod buffers;
 pub mod cpu;
 pub mod element;
 pub mod layout;
+pub mod parallel;
 
 pub use element::{Element, FloatElem, Real};
 /// The half-precision element types, re-exported so that users need no `half` dependency.

@@ -33,8 +33,8 @@ use super::matmul::{cast_mut, gemm_acc};
 use super::simd::{F32Vector, Isa, Operand, kernel, math, sums, update};
 use super::softmax::start_offsets;
 use crate::layout::Layout;
+use crate::parallel;
 use crate::{Element, FloatElem, Real};
-use rayon::prelude::*;
 
 /// A strided view into a buffer: the data and the layout that addresses it.
 #[derive(Clone, Copy, Debug)]
@@ -99,11 +99,22 @@ pub fn scaled_dot_product_attention<T: FloatElem>(
         return out;
     }
     let query_block = options.tiling.query_block.max(1);
-    out.par_chunks_mut(lq * dv).enumerate().for_each(|(batch, out_batch)| {
-        out_batch.par_chunks_mut(query_block * dv).enumerate().for_each(|(block, out_block)| {
+    let attend_blocks = |batch: usize, out_batch: &mut [T]| {
+        out_batch.chunks_mut(query_block * dv).enumerate().for_each(|(block, out_block)| {
             problem.attend(batch, block * query_block, out_block);
         });
-    });
+    };
+    if problem.q.starts.len() >= 2 * parallel::threads() {
+        // Enough batch entries (batch x heads) to share out whole.
+        parallel::for_each_chunk_mut(&mut out, lq * dv, attend_blocks);
+    } else {
+        // Few long ones: share out each one's query blocks.
+        for (batch, out_batch) in out.chunks_mut(lq * dv).enumerate() {
+            parallel::for_each_chunk_mut(out_batch, query_block * dv, |block, out_block| {
+                problem.attend(batch, block * query_block, out_block);
+            });
+        }
+    }
     out
 }
 

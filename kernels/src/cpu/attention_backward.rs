@@ -23,8 +23,8 @@
 
 use super::attention::{AttentionMask, AttentionOptions, Matrices, Problem, Strided, exp_shifted};
 use super::matmul::gemm_acc;
+use crate::parallel;
 use crate::{FloatElem, Real};
-use rayon::prelude::*;
 
 /// Query rows per block of the backward.
 const QUERY_BLOCK: usize = 64;
@@ -53,18 +53,18 @@ pub fn scaled_dot_product_attention_backward<T: FloatElem>(
     if batches == 0 || lq == 0 || lk == 0 {
         return [dq, dk, dvs];
     }
-    // `max(1)`: chunks of a zero-width gradient are empty but must still pair up.
-    let per_batch = dq
-        .par_chunks_mut((lq * d).max(1))
-        .zip(dk.par_chunks_mut((lk * d).max(1)))
-        .zip(dvs.par_chunks_mut((lk * dv).max(1)))
-        .enumerate();
-    per_batch.for_each(|(batch, ((dq, dk), dv_out))| {
+    // Each batch entry's gradients in parallel, dq written in place, dk and dv handed back
+    // (`max(1)`: chunks of a zero-width gradient are empty but must still pair up).
+    let key_grads = parallel::map_chunks_mut(&mut dq, (lq * d).max(1), |batch, dq| {
         let grads = BatchGrads::of(&problem, &g, batch);
         write(dq, &grads.dq);
-        write(dk, &grads.dk);
-        write(dv_out, &grads.dv);
+        (grads.dk, grads.dv)
     });
+    let key_chunks = dk.chunks_mut((lk * d).max(1)).zip(dvs.chunks_mut((lk * dv).max(1)));
+    for ((dk, dv_out), (dk_acc, dv_acc)) in key_chunks.zip(key_grads) {
+        write(dk, &dk_acc);
+        write(dv_out, &dv_acc);
+    }
     [dq, dk, dvs]
 }
 

@@ -28,9 +28,10 @@
 //! output is rounded once.
 
 use super::map::map;
-use super::matmul::gemm_acc;
+use super::matmul::{cast, gemm_acc};
+use crate::parallel;
 use crate::{Element, FloatElem, Layout, Real, buffers};
-use rayon::prelude::*;
+use std::borrow::Cow;
 use std::ops::Range;
 
 /// The sizes of one 2-d convolution, described in the forward direction: it maps an
@@ -117,8 +118,8 @@ fn for_each_tap(g: &ConvGeometry, mut f: impl FnMut(usize, usize, usize, usize))
 }
 
 /// The bias of channel `c`, or zero without a bias.
-fn bias_of<R: Real>(bias: &Option<Vec<R>>, c: usize) -> R {
-    bias.as_ref().map_or(R::zero(), |b| b[c])
+fn bias_of<R: Real>(bias: Option<&[R]>, c: usize) -> R {
+    bias.map_or(R::zero(), |b| b[c])
 }
 
 /// im2col for batch entry `n` and one group: row `ci * taps + tap` of `columns` (the
@@ -142,9 +143,20 @@ fn im2col<A: Copy>(g: &ConvGeometry, image: &[A], n: usize, group: usize, column
     }
 }
 
-/// Reads a strided view row-major in the accumulator type.
-fn widen<T: FloatElem>(src: &[T], layout: &Layout) -> Vec<T::Acc> {
-    map(src, layout, T::to_acc)
+/// A strided view row-major in the accumulator type: the buffer itself when it already
+/// is (a contiguous f32 or f64 tensor), else a converted copy.
+fn widen<'a, T: FloatElem>(src: &'a [T], layout: &Layout) -> Cow<'a, [T::Acc]> {
+    match cast::<T, T::Acc>(src) {
+        Some(acc) if layout.is_contiguous() => Cow::Borrowed(&acc[layout.offset()..layout.offset() + layout.numel()]),
+        _ => Cow::Owned(map(src, layout, T::to_acc)),
+    }
+}
+
+/// Gives a copy made by [`widen`] back to the buffer cache.
+fn release<A: Element>(values: Cow<'_, [A]>) {
+    if let Cow::Owned(buffer) = values {
+        buffers::recycle(buffer);
+    }
 }
 
 /// Convolution: `out[n, co, oy, ox] = bias[co] + sum over ci in co's group, ky, kx of
@@ -172,7 +184,7 @@ pub fn conv2d<T: FloatElem>(
     if out.is_empty() {
         return out;
     }
-    out.par_chunks_mut(g.out_channels * fp).enumerate().for_each(|(n, out_n)| {
+    parallel::for_each_entry(&mut out, g.out_channels * fp, |n, out_n| {
         let zero = T::Acc::zero();
         // Scratch from the buffer cache and back to it: a fresh megabyte per batch
         // entry would fault its pages in every time (serialised in the kernel, so the
@@ -184,7 +196,7 @@ pub fn conv2d<T: FloatElem>(
             gemm_acc(cout_g, fp, depth, (filters, depth, 1), (&columns, fp, 1), &mut features);
             for (co_in_group, plane) in features.chunks(fp.max(1)).enumerate() {
                 let co = group * cout_g + co_in_group;
-                let b = bias_of(&bias, co);
+                let b = bias_of(bias.as_deref(), co);
                 for (o, &v) in out_n[co * fp..(co + 1) * fp].iter_mut().zip(plane) {
                     *o = T::from_acc(v + b);
                 }
@@ -193,8 +205,8 @@ pub fn conv2d<T: FloatElem>(
         buffers::recycle(columns);
         buffers::recycle(features);
     });
-    buffers::recycle(image);
-    buffers::recycle(weight);
+    release(image);
+    release(weight);
     out
 }
 
@@ -226,7 +238,7 @@ pub fn conv_transpose2d<T: FloatElem>(
     if out.is_empty() {
         return out;
     }
-    out.par_chunks_mut(g.in_channels * ip).enumerate().for_each(|(n, out_n)| {
+    parallel::for_each_entry(&mut out, g.in_channels * ip, |n, out_n| {
         let zero = T::Acc::zero();
         let (mut columns, mut image) = (buffers::filled(depth * fp, zero), buffers::filled(g.in_channels * ip, zero));
         for group in 0..g.groups {
@@ -251,7 +263,7 @@ pub fn conv_transpose2d<T: FloatElem>(
             }
         }
         for (ci, (dst, plane)) in out_n.chunks_mut(ip.max(1)).zip(image.chunks(ip.max(1))).enumerate() {
-            let b = bias_of(&bias, ci);
+            let b = bias_of(bias.as_deref(), ci);
             for (o, &v) in dst.iter_mut().zip(plane) {
                 *o = T::from_acc(v + b);
             }
@@ -259,8 +271,8 @@ pub fn conv_transpose2d<T: FloatElem>(
         buffers::recycle(columns);
         buffers::recycle(image);
     });
-    buffers::recycle(features);
-    buffers::recycle(weight);
+    release(features);
+    release(weight);
     out
 }
 
@@ -294,34 +306,30 @@ pub fn conv2d_weight_grad<T: FloatElem>(
         (g.in_channels_per_group(), g.out_channels_per_group(), g.taps(), g.feature_plane());
     let depth = cin_g * taps;
     let zero = T::Acc::zero();
-    let chunks: Vec<usize> = (0..g.batch.div_ceil(WEIGHT_GRAD_ENTRIES)).collect();
-    let partials: Vec<Vec<T::Acc>> = chunks
-        .par_iter()
-        .map(|&chunk| {
-            let mut dw = vec![zero; g.out_channels * depth];
-            let (mut columns, mut product) = (buffers::filled(depth * fp, zero), buffers::filled(cout_g * depth, zero));
-            let entries = chunk * WEIGHT_GRAD_ENTRIES..((chunk + 1) * WEIGHT_GRAD_ENTRIES).min(g.batch);
-            for n in entries {
-                for group in 0..g.groups {
-                    im2col(g, &image, n, group, &mut columns);
-                    let start = (n * g.out_channels + group * cout_g) * fp;
-                    let grads = &features[start..start + cout_g * fp];
-                    gemm_acc(cout_g, depth, fp, (grads, fp, 1), (&columns, 1, fp), &mut product);
-                    let rows = &mut dw[group * cout_g * depth..(group + 1) * cout_g * depth];
-                    rows.iter_mut().zip(&product).for_each(|(d, &p)| *d += p);
-                }
+    let partials: Vec<Vec<T::Acc>> = parallel::map(g.batch.div_ceil(WEIGHT_GRAD_ENTRIES), |chunk| {
+        let mut dw = vec![zero; g.out_channels * depth];
+        let (mut columns, mut product) = (buffers::filled(depth * fp, zero), buffers::filled(cout_g * depth, zero));
+        let entries = chunk * WEIGHT_GRAD_ENTRIES..((chunk + 1) * WEIGHT_GRAD_ENTRIES).min(g.batch);
+        for n in entries {
+            for group in 0..g.groups {
+                im2col(g, &image, n, group, &mut columns);
+                let start = (n * g.out_channels + group * cout_g) * fp;
+                let grads = &features[start..start + cout_g * fp];
+                gemm_acc(cout_g, depth, fp, (grads, fp, 1), (&columns, 1, fp), &mut product);
+                let rows = &mut dw[group * cout_g * depth..(group + 1) * cout_g * depth];
+                rows.iter_mut().zip(&product).for_each(|(d, &p)| *d += p);
             }
-            buffers::recycle(columns);
-            buffers::recycle(product);
-            dw
-        })
-        .collect();
+        }
+        buffers::recycle(columns);
+        buffers::recycle(product);
+        dw
+    });
     let mut total = partials.into_iter().reduce(|mut sum, part| {
         sum.iter_mut().zip(&part).for_each(|(s, &p)| *s += p);
         sum
     });
-    buffers::recycle(image);
-    buffers::recycle(features);
+    release(image);
+    release(features);
     let total = total.get_or_insert_with(|| vec![zero; g.out_channels * depth]);
     total.iter().map(|&v| T::from_acc(v)).collect()
 }

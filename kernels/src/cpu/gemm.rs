@@ -25,12 +25,12 @@
 //!
 //! The microkernel is chosen once per process by runtime detection: AVX-512F (14 x 32
 //! with zmm), then AVX2 + FMA (6 x 16 with ymm), then a portable scalar kernel that
-//! compiles on every target. The row blocks (`ic`) run in parallel with rayon when the
-//! product is large.
+//! compiles on every target. The row blocks (`ic`) run in parallel on the kernels' pool
+//! ([`crate::parallel`]) when the product is large.
 
 use super::unary::{UnaryOp, bias_activation_f32};
+use crate::parallel;
 use half::{bf16, f16};
-use rayon::prelude::*;
 use std::sync::OnceLock;
 
 /// Depth of one packed block: an A sliver (MR x KC) and a B sliver (KC x NR) stay in L1/L2.
@@ -40,7 +40,7 @@ const MC: usize = 480;
 /// Columns of B packed at once: a KC x NC panel stays in L3.
 const NC: usize = 4096;
 /// Below this many multiply-adds (`m * n * k`) the product runs on the calling thread.
-const PARALLEL_MIN_WORK: usize = 1 << 18;
+pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 18;
 /// Below this many values a B panel is packed on the calling thread.
 const PARALLEL_PACK_MIN: usize = 1 << 16;
 
@@ -266,9 +266,11 @@ fn blocked_gemm<T: GemmInput, const MR: usize, const NR: usize>(
     c: &mut [f32],
 ) {
     let parallel = m * n * k >= PARALLEL_MIN_WORK;
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
-    // Split the rows evenly over the threads, in whole A slivers, at most MC per block.
-    let mc = m.div_ceil(threads).next_multiple_of(MR).min(MC.next_multiple_of(MR));
+    let threads = if parallel { parallel::threads() } else { 1 };
+    // Split the rows evenly into blocks of at most MC rows, as many blocks as a multiple
+    // of the threads (so that every thread gets the same number of rows), in whole A slivers.
+    let blocks = m.div_ceil(MC).next_multiple_of(threads);
+    let mc = m.div_ceil(blocks).next_multiple_of(MR);
     // The packing buffers are reused from call to call (one per thread): a fresh
     // allocation would fault its pages in on every call, and its first writes miss.
     let mut packed_b = PACKED_B.take();
@@ -310,7 +312,7 @@ fn blocked_gemm<T: GemmInput, const MR: usize, const NR: usize>(
                 PACKED_A.set(packed_a);
             };
             if parallel {
-                c.par_chunks_mut(mc * n).enumerate().for_each(block);
+                parallel::for_each_chunk_mut(c, mc * n, |index, rows| block((index, rows)));
             } else {
                 c.chunks_mut(mc * n).enumerate().for_each(block);
             }
@@ -361,7 +363,7 @@ fn pack_b<'buf, T: GemmInput, const NR: usize>(
     let b_t = b.transposed();
     let pack = |(s, sliver): (usize, &mut [[f32; NR]])| pack_sliver(b_t, jc + s * NR, jc + nc, pc, sliver);
     if parallel && packed.len() * NR >= PARALLEL_PACK_MIN {
-        packed.par_chunks_mut(kc).enumerate().for_each(pack);
+        parallel::for_each_chunk_mut(packed, kc, |index, sliver| pack((index, sliver)));
     } else {
         packed.chunks_mut(kc).enumerate().for_each(pack);
     }

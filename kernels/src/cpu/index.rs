@@ -16,8 +16,8 @@
 //! blocks with rayon when it is large.
 
 use super::map::PARALLEL_THRESHOLD;
+use crate::parallel;
 use crate::{Element, FloatElem};
-use rayon::prelude::*;
 
 /// A row-major tensor seen around one dimension: `outer` blocks (the product of the
 /// dims before it), each holding `size` rows (the dim itself) of `inner` elements (the
@@ -82,7 +82,7 @@ fn for_each_chunk<T: Element>(out: &mut [T], chunk_len: usize, fill: impl Fn(usi
         return;
     }
     if out.len() >= PARALLEL_THRESHOLD {
-        out.par_chunks_mut(chunk_len).enumerate().for_each(|(r, chunk)| fill(r, chunk));
+        parallel::for_each_chunk_mut(out, chunk_len, fill);
     } else {
         out.chunks_mut(chunk_len).enumerate().for_each(|(r, chunk)| fill(r, chunk));
     }

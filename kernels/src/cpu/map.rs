@@ -9,8 +9,8 @@
 
 use super::simd::Operand;
 use crate::layout::{Layout, RunWalk, for_each_offsets};
+use crate::parallel;
 use crate::{Element, buffers};
-use rayon::prelude::*;
 
 /// Below this many elements a pointwise op runs on the calling thread: handing work to
 /// the pool costs more than it saves.
@@ -85,14 +85,22 @@ impl<const N: usize> SimdRuns<N> {
         }
         let mut all_starts = Vec::with_capacity(out.len() / len);
         self.for_each_run(|starts| all_starts.push(starts));
-        out.par_chunks_mut(len).zip(all_starts).with_min_len((PIECE / len).max(1)).for_each(|(run, starts)| {
-            if len <= PIECE {
-                return call(starts, run);
+        if len <= PIECE {
+            // Whole runs, grouped into tasks of about a piece.
+            let runs_per_task = PIECE / len;
+            parallel::for_each_chunk_mut(out, runs_per_task * len, |task, runs| {
+                for (r, run) in runs.chunks_mut(len).enumerate() {
+                    call(all_starts[task * runs_per_task + r], run);
+                }
+            });
+        } else {
+            // Long runs, each cut into pieces.
+            for (run, starts) in out.chunks_mut(len).zip(all_starts) {
+                parallel::for_each_chunk_mut(run, PIECE, |p, piece| {
+                    call(std::array::from_fn(|k| starts[k] + p * PIECE * self.strides[k]), piece)
+                });
             }
-            run.par_chunks_mut(PIECE)
-                .enumerate()
-                .for_each(|(p, piece)| call(std::array::from_fn(|k| starts[k] + p * PIECE * self.strides[k]), piece));
-        });
+        }
     }
 
     fn for_each_run(&self, mut f: impl FnMut([usize; N])) {
@@ -109,7 +117,9 @@ pub fn map<S: Element, D: Element>(src: &[S], layout: &Layout, f: impl Fn(S) -> 
     if let Some(range) = layout.contiguous_range() {
         let s = &src[range];
         if s.len() >= PARALLEL_THRESHOLD {
-            out.par_iter_mut().zip(s.par_iter()).for_each(|(o, &v)| *o = f(v));
+            parallel::for_each_chunk_mut(&mut out, PIECE, |p, o| {
+                o.iter_mut().zip(&s[p * PIECE..]).for_each(|(o, &v)| *o = f(v));
+            });
         } else {
             out.iter_mut().zip(s).for_each(|(o, &v)| *o = f(v));
         }
@@ -135,7 +145,10 @@ pub fn zip_map<A: Element, B: Element, D: Element>(
     if let (Some(ra), Some(rb)) = (la.contiguous_range(), lb.contiguous_range()) {
         let (a, b) = (&a[ra], &b[rb]);
         if a.len() >= PARALLEL_THRESHOLD {
-            out.par_iter_mut().zip(a.par_iter().zip(b.par_iter())).for_each(|(o, (&x, &y))| *o = f(x, y));
+            parallel::for_each_chunk_mut(&mut out, PIECE, |p, o| {
+                let (a, b) = (&a[p * PIECE..], &b[p * PIECE..]);
+                o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| *o = f(x, y));
+            });
         } else {
             out.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| *o = f(x, y));
         }

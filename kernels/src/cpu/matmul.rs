@@ -11,12 +11,12 @@
 //! i-k-j loop whose inner loop is a contiguous `c_row += a_ik * b_row` that the compiler
 //! vectorises, and the bias and activation follow.
 
-use super::gemm::{Epilogue, GemmInput, MatRef, gemm, sgemm};
+use super::gemm::{Epilogue, GemmInput, MatRef, PARALLEL_MIN_WORK, gemm, sgemm};
 use super::unary::UnaryOp;
 use crate::layout::{Layout, for_each_offsets};
+use crate::parallel;
 use crate::{Element, FloatElem, Real};
 use half::{bf16, f16};
-use rayon::prelude::*;
 use std::any::TypeId;
 
 /// `slice` viewed as `[U]`, when `T` is `U`.
@@ -57,8 +57,13 @@ fn gemm_batches<T: GemmInput>(a: &[T], b: &[T], out: &mut [f32], batches: &Batch
         let b = MatRef { data: b, offset: ob, row_stride: brs, col_stride: bcs };
         gemm(m, n, k, a, b, c, epilogue)
     };
-    if out.len() * k >= super::map::PARALLEL_THRESHOLD {
-        out.par_chunks_mut(m * n).zip(batches.offsets).for_each(one_batch);
+    // Batches in parallel when there are enough of them to share out evenly, or when each
+    // is too small for the GEMM to split; otherwise one after another, each GEMM split
+    // over the threads.
+    let count = batches.offsets.len();
+    let many = count >= 2 * parallel::threads() || m * n * k < PARALLEL_MIN_WORK;
+    if count > 1 && many && out.len() * k >= super::map::PARALLEL_THRESHOLD {
+        parallel::for_each_chunk_mut(out, m * n, |batch, c| one_batch((c, &batches.offsets[batch])));
     } else {
         out.chunks_mut(m * n).zip(batches.offsets).for_each(one_batch);
     }
@@ -206,7 +211,7 @@ fn reference_matmul<T: FloatElem>(
         }
     };
     if out.len() * k >= super::map::PARALLEL_THRESHOLD {
-        out.par_chunks_mut(n).enumerate().for_each(|(row, c)| compute_row(row, c));
+        parallel::for_each_chunk_mut(out, n, compute_row);
     } else {
         out.chunks_mut(n).enumerate().for_each(|(row, c)| compute_row(row, c));
     }

@@ -34,8 +34,8 @@ use super::map::PARALLEL_THRESHOLD;
 use super::simd::{F32Vector, Isa, Operand, kernel, map, prefetch, sums, update};
 use super::softmax::{Rows, UnitRows, for_row_blocks};
 use crate::layout::Layout;
+use crate::parallel;
 use crate::{Element, FloatElem, Real};
-use rayon::prelude::*;
 
 /// Which normalisation, and over which elements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -304,8 +304,7 @@ fn blocks_with_sums<T: Send, A: Real>(
     // Blocks of a fixed size (a quarter of the threshold: enough blocks to balance the
     // threads), never one that depends on the thread count, so the sums do not either.
     let rows_per_block = (PARALLEL_THRESHOLD / 4 / n).max(1);
-    let partials: Vec<(Vec<A>, Vec<A>)> =
-        out.par_chunks_mut(rows_per_block * n).enumerate().map(|b| block(b, rows_per_block)).collect();
+    let partials = parallel::map_chunks_mut(out, rows_per_block * n, |b, rows| block((b, rows), rows_per_block));
     let (mut dw, mut db) = zeros();
     for (pw, pb) in partials {
         dw.iter_mut().zip(pw).for_each(|(a, v)| *a += v);

@@ -9,8 +9,8 @@
 //! if there is one.
 
 use crate::layout::{Layout, for_each_offset};
+use crate::parallel;
 use crate::{Element, FloatElem};
-use rayon::prelude::*;
 
 /// Folds each run of `group` consecutive elements (row-major over `layout`) with `fold`,
 /// starting from `init`, and maps the final state with `finish`.
@@ -29,7 +29,7 @@ fn fold_groups<T: Element, S: Copy + Send + Sync, O: Send>(
         let data = &src[range];
         let run = |chunk: &[T]| finish(chunk.iter().enumerate().fold(init, |s, (i, &v)| fold(s, i, v)));
         if numel >= super::map::PARALLEL_THRESHOLD {
-            return data.par_chunks(group).map(run).collect();
+            return map_groups(data, group, run);
         }
         return data.chunks(group).map(run).collect();
     }
@@ -48,6 +48,17 @@ fn fold_groups<T: Element, S: Copy + Send + Sync, O: Send>(
     out
 }
 
+/// `run` on each `group`-long chunk of `data`, in parallel: groups are handed out a
+/// few thousand elements' worth at a time, results in order.
+fn map_groups<T: Sync, O: Send>(data: &[T], group: usize, run: impl Fn(&[T]) -> O + Sync) -> Vec<O> {
+    let per_task = ((super::map::PARALLEL_THRESHOLD / 4) / group).max(1) * group;
+    let tasks = data.len().div_ceil(per_task);
+    let parts = parallel::map(tasks, |t| {
+        data[t * per_task..data.len().min((t + 1) * per_task)].chunks(group).map(&run).collect::<Vec<O>>()
+    });
+    parts.into_iter().flatten().collect()
+}
+
 /// Sum of each group, accumulated in f64.
 pub fn sum_float<T: FloatElem>(src: &[T], layout: &Layout, group: usize) -> Vec<T> {
     if let Some(range) = layout.contiguous_range() {
@@ -56,7 +67,7 @@ pub fn sum_float<T: FloatElem>(src: &[T], layout: &Layout, group: usize) -> Vec<
         let run = |chunk: &[T]| T::from_f64(sum_f64(chunk));
         let data = &src[range];
         if data.len() >= super::map::PARALLEL_THRESHOLD {
-            return data.par_chunks(group).map(run).collect();
+            return map_groups(data, group, run);
         }
         return data.chunks(group).map(run).collect();
     }

@@ -31,8 +31,8 @@
 use super::map::PARALLEL_THRESHOLD;
 use super::simd::{F32Vector, Isa, Operand, kernel, map, map1_sum, math, max_of, prefetch, sums, update};
 use crate::layout::{Layout, for_each_offsets};
+use crate::parallel;
 use crate::{Element, FloatElem, Real};
-use rayon::prelude::*;
 
 /// Which of the two functions to compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,7 +187,7 @@ impl UnitRows {
 }
 
 /// Calls `f(first_row, block)` on blocks of whole rows (of `n` elements) of `out`,
-/// on the rayon pool when `out` is large and on the calling thread otherwise.
+/// on the kernels' pool when `out` is large and on the calling thread otherwise.
 pub(crate) fn for_row_blocks(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     if out.is_empty() || n == 0 {
         return;
@@ -197,10 +197,10 @@ pub(crate) fn for_row_blocks(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [
     }
     // Blocks of about a quarter of the threshold, as many as a multiple of the thread
     // count, so that every thread gets the same number of rows.
-    let (rows, threads) = (out.len() / n, rayon::current_num_threads());
+    let (rows, threads) = (out.len() / n, parallel::threads());
     let blocks = out.len().div_ceil(PARALLEL_THRESHOLD / 4).next_multiple_of(threads);
     let rows_per_block = rows.div_ceil(blocks).max(1);
-    out.par_chunks_mut(rows_per_block * n).enumerate().for_each(|(b, block)| f(b * rows_per_block, block));
+    parallel::for_each_chunk_mut(out, rows_per_block * n, |b, block| f(b * rows_per_block, block));
 }
 
 kernel! {
@@ -330,8 +330,8 @@ impl<'a> Rows<'a> {
         })
     }
 
-    /// Calls `f(scratch, row_index, out_row)` for every output row, on the rayon pool
-    /// when the work is large (each worker makes its scratch with `init`), else on the
+    /// Calls `f(scratch, row_index, out_row)` for every output row, on the kernels' pool
+    /// when the work is large (each task makes its scratch with `init`), else on the
     /// calling thread. Returns the output rows concatenated.
     fn for_each_row<T: FloatElem, S>(
         &self,
@@ -348,10 +348,12 @@ impl<'a> Rows<'a> {
             return out;
         }
         let rows_per_task = (PARALLEL_THRESHOLD / self.len).max(1);
-        out.par_chunks_mut(self.len)
-            .enumerate()
-            .with_min_len(rows_per_task)
-            .for_each_init(init, |scratch, (row, out_row)| f(scratch, row, out_row));
+        parallel::for_each_chunk_mut(&mut out, rows_per_task * self.len, |task, rows| {
+            let mut scratch = init();
+            for (r, out_row) in rows.chunks_mut(self.len).enumerate() {
+                f(&mut scratch, task * rows_per_task + r, out_row);
+            }
+        });
         out
     }
 }
