@@ -177,7 +177,13 @@ struct Pool {
 fn pool() -> &'static Pool {
     static POOL: OnceLock<&'static Pool> = OnceLock::new();
     POOL.get_or_init(|| {
-        let workers = rayon::current_num_threads().saturating_sub(1);
+        // Rayon's global default, whichever pool the first caller happens to run in.
+        let size = std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let workers = size - 1;
         let pool: &'static Pool = Box::leak(Box::new(Pool {
             workers,
             slot: Mutex::new(None),
@@ -388,10 +394,15 @@ mod tests {
     }
 
     #[test]
-    fn a_one_thread_rayon_pool_makes_loops_serial() {
+    fn a_one_thread_rayon_pool_makes_loops_serial_and_sizes_nothing() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         pool.install(|| {
             assert_eq!(threads(), 1);
+            // The pool itself is sized by the machine, not by the pool it was first used in.
+            assert_eq!(
+                super::pool().workers + 1,
+                rayon::ThreadPoolBuilder::new().build().unwrap().current_num_threads()
+            );
             let caller = std::thread::current().id();
             for_each(16, |_| assert_eq!(std::thread::current().id(), caller));
         });

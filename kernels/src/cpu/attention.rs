@@ -29,12 +29,14 @@
 //! outputs zeros (PyTorch gives NaN): there is nothing to attend to, and zeros keep
 //! padded rows from poisoning the rest of a batch.
 
-use super::matmul::{cast_mut, gemm_acc};
-use super::simd::{F32Vector, Isa, Operand, kernel, math, sums, update};
+use super::matmul::{StridedMat, cast, cast_mut, gemm_acc};
+use super::simd::{self, F32Vector, Isa, kernel, math};
 use super::softmax::start_offsets;
+use crate::buffers::{for_overwrite, recycle};
 use crate::layout::Layout;
 use crate::parallel;
 use crate::{Element, FloatElem, Real};
+use std::borrow::Cow;
 
 /// A strided view into a buffer: the data and the layout that addresses it.
 #[derive(Clone, Copy, Debug)]
@@ -145,8 +147,19 @@ impl<'a, T: Copy> Matrices<'a, T> {
 }
 
 impl<T: FloatElem> Matrices<'_, T> {
-    /// Rows `rows` of matrix `batch`, `cols` wide, row-major in the accumulator type.
-    pub(super) fn tile(&self, batch: usize, rows: std::ops::Range<usize>, cols: usize) -> Vec<T::Acc> {
+    /// Rows `rows` of matrix `batch`, `cols` wide, as a GEMM operand in the accumulator
+    /// type: the buffer itself, through its strides, when it already holds that type (f32,
+    /// f64), else a row-major converted copy.
+    pub(super) fn tile(&self, batch: usize, rows: std::ops::Range<usize>, cols: usize) -> Tile<'_, T::Acc> {
+        let start = self.starts[batch] + rows.start * self.row_stride;
+        if let Some(data) = cast::<T, T::Acc>(self.data)
+            && !rows.is_empty()
+            && cols > 0
+        {
+            let end = start + (rows.len() - 1) * self.row_stride + (cols - 1) * self.col_stride + 1;
+            let (row_stride, col_stride) = (self.row_stride, self.col_stride);
+            return Tile { data: Cow::Borrowed(&data[start..end]), row_stride, col_stride };
+        }
         let mut out = Vec::with_capacity(rows.len() * cols);
         for r in rows {
             let row_start = self.starts[batch] + r * self.row_stride;
@@ -156,7 +169,27 @@ impl<T: FloatElem> Matrices<'_, T> {
                 out.extend((0..cols).map(|c| self.data[row_start + c * self.col_stride].to_acc()));
             }
         }
-        out
+        Tile { data: Cow::Owned(out), row_stride: cols, col_stride: 1 }
+    }
+}
+
+/// A block of rows of one matrix as a GEMM operand: borrowed or converted (see
+/// [`Matrices::tile`]).
+pub(super) struct Tile<'a, A: Clone> {
+    data: Cow<'a, [A]>,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<A: Clone> Tile<'_, A> {
+    /// The block as it is.
+    pub(super) fn mat(&self) -> StridedMat<'_, A> {
+        (&self.data, self.row_stride, self.col_stride)
+    }
+
+    /// The block transposed (read through swapped strides).
+    pub(super) fn mat_t(&self) -> StridedMat<'_, A> {
+        (&self.data, self.col_stride, self.row_stride)
     }
 }
 
@@ -234,7 +267,9 @@ impl<'a, T: FloatElem> Problem<'a, T> {
     /// Turns a row of raw scores `q . k_j` (query `query`, keys from `key_start`) into
     /// the softmax's logits: scaled, plus the mask's bias, `-inf` where the causal mask
     /// hides the key.
-    pub(super) fn scale_and_mask(&self, batch: usize, query: usize, key_start: usize, row: &mut [T::Acc]) {
+    /// Returns how many leading keys of the row the causal mask leaves visible (the rest
+    /// are `-inf`).
+    pub(super) fn scale_and_mask(&self, batch: usize, query: usize, key_start: usize, row: &mut [T::Acc]) -> usize {
         let visible = self.visible_keys(query).saturating_sub(key_start).min(row.len());
         let (seen, hidden) = row.split_at_mut(visible);
         let scale = self.scale;
@@ -245,6 +280,7 @@ impl<'a, T: FloatElem> Problem<'a, T> {
             }
         }
         hidden.fill(T::Acc::NEG_INFINITY);
+        visible
     }
 
     /// Computes output rows `first..first + out.len() / dv` of batch entry `batch`.
@@ -256,8 +292,8 @@ impl<'a, T: FloatElem> Problem<'a, T> {
         let mut max = vec![T::Acc::NEG_INFINITY; rows];
         let mut sum = vec![zero; rows];
         let mut acc = vec![zero; rows * dv];
-        let mut scores = vec![zero; rows * self.key_block];
-        let mut values = vec![zero; rows * dv];
+        // Scratch that each product overwrites before it is read: no zero fill.
+        let (mut scores, mut values) = (for_overwrite(rows * self.key_block), for_overwrite(rows * dv));
         // Later queries see at least as many keys, so the last row bounds the key range.
         let key_end = self.visible_keys(first + rows - 1);
         for key_start in (0..key_end).step_by(self.key_block) {
@@ -267,22 +303,25 @@ impl<'a, T: FloatElem> Problem<'a, T> {
             let v = self.v.tile(batch, keys.clone(), dv);
             // The tile of scores S = Q_b K^T (K^T read through strides), one GEMM.
             let scores = &mut scores[..rows * width];
-            gemm_acc(rows, width, d, (&q, d, 1), (&k, 1, d), scores);
+            gemm_acc(rows, width, d, q.mat(), k.mat_t(), scores);
             for (i, row) in scores.chunks_mut(width).enumerate() {
-                self.scale_and_mask(batch, first + i, key_start, row);
+                let visible = self.scale_and_mask(batch, first + i, key_start, row);
                 let state = OnlineSoftmax { max: &mut max[i], sum: &mut sum[i], acc: &mut acc[i * dv..(i + 1) * dv] };
-                state.update(row);
+                state.update(row, visible);
             }
             // acc += P V: the rows of `scores` now hold the unnormalised probabilities.
-            gemm_acc(rows, dv, width, (scores, width, 1), (&v, dv, 1), &mut values);
+            gemm_acc(rows, dv, width, (scores, width, 1), v.mat(), &mut values);
             for (a, &x) in acc.iter_mut().zip(&values) {
                 *a += x;
             }
         }
+        recycle(scores);
+        recycle(values);
         for ((out_row, acc_row), &l) in out.chunks_mut(dv).zip(acc.chunks(dv)).zip(&sum) {
+            // l == 0 only when no key was visible: the row outputs zeros.
+            let inv = if l == zero { zero } else { <T::Acc as Element>::one() / l };
             for (o, &a) in out_row.iter_mut().zip(acc_row) {
-                // l == 0 only when no key was visible: the row outputs zeros.
-                *o = T::from_acc(if l == zero { zero } else { a / l });
+                *o = T::from_acc(a * inv);
             }
         }
     }
@@ -297,29 +336,49 @@ struct OnlineSoftmax<'s, A> {
 }
 
 impl<A: Real> OnlineSoftmax<'_, A> {
-    /// Folds in one block of scores `s_j`: raises the max, rescales `l` and `acc` to it,
-    /// adds `sum_j exp(s_j - m')` to `l`, and overwrites the scores with
-    /// `exp(s_j - m')`, the weights the caller then multiplies into `acc` with the
-    /// block's values (`acc += P V`, one GEMM for all rows).
-    fn update(self, scores: &mut [A]) {
-        let block_max = scores.iter().fold(A::NEG_INFINITY, |m, &s| m.max(s));
+    /// Folds in one block of scores `s_j`, of which only the first `visible` can be
+    /// finite (the rest are hidden by the causal mask): raises the max, rescales `l` and
+    /// `acc` to it, adds `sum_j exp(s_j - m')` to `l`, and overwrites the scores with
+    /// `exp(s_j - m')` (0 for the hidden ones), the weights the caller then multiplies
+    /// into `acc` with the block's values (`acc += P V`, one GEMM for all rows).
+    fn update(self, scores: &mut [A], visible: usize) {
+        let (seen, hidden) = scores.split_at_mut(visible);
+        hidden.fill(A::zero());
+        let block_max = max_of(seen);
         if block_max == A::NEG_INFINITY {
-            scores.fill(A::zero()); // every key of the block is masked out: nothing changes
+            seen.fill(A::zero()); // every key of the block is masked out: nothing changes
             return;
         }
-        let new_max = self.max.max(block_max);
-        // exp(-inf - finite) = 0 clears the empty initial state.
-        let rescale = (*self.max - new_max).exp();
-        *self.sum *= rescale;
-        for a in self.acc.iter_mut() {
-            *a *= rescale;
+        if block_max > *self.max {
+            // exp(-inf - finite) = 0 clears the empty initial state.
+            let rescale = (*self.max - block_max).exp();
+            *self.sum *= rescale;
+            for a in self.acc.iter_mut() {
+                *a *= rescale;
+            }
+            *self.max = block_max;
         }
-        *self.sum += exp_shifted(scores, new_max);
-        *self.max = new_max;
+        *self.sum += exp_shifted(seen, *self.max);
     }
 }
 
-/// `row[j] = exp(row[j] - max)` in place (`-inf` entries become 0); returns the sum. The
+/// The largest value of `row` (`-inf` when empty): SIMD for f32.
+pub(super) fn max_of<A: Real>(row: &[A]) -> A {
+    match cast::<_, f32>(row) {
+        Some(row) => A::from_f64(f64::from(max_f32(Isa::best(), row))),
+        None => row.iter().fold(A::NEG_INFINITY, |m, &s| m.max(s)),
+    }
+}
+
+kernel! {
+    /// [`max_of`] on f32.
+    fn max_f32(row: &[f32]) -> f32 {
+        simd::max_of::<V>(row)
+    }
+}
+
+/// `row[j] = exp(row[j] - max)` in place (`-inf` entries become 0) for a `max` no smaller
+/// than any entry; returns the sum. The
 /// exponentials of attention: SIMD for f32, `Real::exp` otherwise.
 pub(super) fn exp_shifted<A: Real>(row: &mut [A], max: A) -> A {
     if let Some(row) = cast_mut::<_, f32>(row) {
@@ -335,12 +394,25 @@ pub(super) fn exp_shifted<A: Real>(row: &mut [A], max: A) -> A {
 }
 
 kernel! {
-    /// [`exp_shifted`] on f32.
+    /// [`exp_shifted`] on f32, in one pass: `max` is at least every entry of the row (a
+    /// row's running max), so every exponent is `<= 0`. The tail is padded with `-inf`,
+    /// whose exponential adds nothing to the sum.
     fn exp_shifted_f32(row: &mut [f32], max: f32) -> f32 {
         let max = V::splat(max);
-        update::<V, 1, 0>([&mut *row], [], |[s], []| [math::exp(s - max)]);
-        let [sum] = sums::<V, 1, 1>([Operand::Slice(row)], row.len(), |[e]| [e]);
-        sum
+        let mut sum = V::splat(0.0);
+        let mut vectors = row.chunks_exact_mut(V::LANES);
+        for x in &mut vectors {
+            let e = math::exp_nonpositive(V::load(x) - max);
+            e.store(x);
+            sum = sum + e;
+        }
+        let tail = vectors.into_remainder();
+        if !tail.is_empty() {
+            let e = math::exp_nonpositive(V::load_partial(tail, f32::NEG_INFINITY) - max);
+            e.store_partial(tail);
+            sum = sum + e;
+        }
+        sum.reduce_add()
     }
 }
 

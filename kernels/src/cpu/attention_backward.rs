@@ -21,8 +21,9 @@
 //! `dK` and `dV`. Under the causal mask a query block only reads the keys its last row
 //! can see. Masking conventions are the forward's (`attention.rs`).
 
-use super::attention::{AttentionMask, AttentionOptions, Matrices, Problem, Strided, exp_shifted};
+use super::attention::{AttentionMask, AttentionOptions, Matrices, Problem, Strided, exp_shifted, max_of};
 use super::matmul::gemm_acc;
+use crate::buffers::{for_overwrite, recycle};
 use crate::parallel;
 use crate::{FloatElem, Real};
 
@@ -92,8 +93,10 @@ impl<A: Real> BatchGrads<A> {
         // Scratch for every block, sized for the largest: probabilities, dS, and one
         // product at a time for dV and dK.
         let block_rows = QUERY_BLOCK.min(lq);
-        let (mut probs_buf, mut ds_buf) = (vec![zero; block_rows * keys_seen], vec![zero; block_rows * keys_seen]);
-        let mut part = vec![zero; keys_seen * dv.max(d)];
+        // Scratch that every product overwrites before it is read: no zero fill.
+        let (mut probs_buf, mut ds_buf) =
+            (for_overwrite(block_rows * keys_seen), for_overwrite(block_rows * keys_seen));
+        let mut part = for_overwrite(keys_seen * dv.max(d));
         for first in (0..lq).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(lq - first);
             let keys = p.visible_keys(first + rows - 1);
@@ -104,17 +107,17 @@ impl<A: Real> BatchGrads<A> {
             let g_block = g.tile(batch, first..first + rows, dv);
             // S = Q_b K^T (K^T read through strides), then scale, bias and softmax.
             let probs = &mut probs_buf[..rows * keys];
-            gemm_acc(rows, keys, d, (&q_block, d, 1), (&k, 1, d), probs);
+            gemm_acc(rows, keys, d, q_block.mat(), k.mat_t(), probs);
             for (i, row) in probs.chunks_mut(keys).enumerate() {
-                p.scale_and_mask(batch, first + i, 0, row);
-                softmax_in_place(row);
+                let visible = p.scale_and_mask(batch, first + i, 0, row);
+                softmax_in_place(row, visible);
             }
             // dV[..keys] += P^T G_b.
-            gemm_acc(keys, dv, rows, (probs, 1, keys), (&g_block, dv, 1), &mut part[..keys * dv]);
+            gemm_acc(keys, dv, rows, (probs, 1, keys), g_block.mat(), &mut part[..keys * dv]);
             add_into(&mut out.dv[..keys * dv], &part[..keys * dv]);
             // dP = G_b V^T, then dS = P (dP - rowsum(P dP)) * scale, in place.
             let ds = &mut ds_buf[..rows * keys];
-            gemm_acc(rows, keys, dv, (&g_block, dv, 1), (&v, 1, dv), ds);
+            gemm_acc(rows, keys, dv, g_block.mat(), v.mat_t(), ds);
             for (ds_row, p_row) in ds.chunks_mut(keys).zip(probs.chunks(keys)) {
                 let dot = dot(ds_row, p_row);
                 for (x, &pr) in ds_row.iter_mut().zip(p_row) {
@@ -122,29 +125,34 @@ impl<A: Real> BatchGrads<A> {
                 }
             }
             // dQ_b = dS K, dK[..keys] += dS^T Q_b.
-            gemm_acc(rows, d, keys, (ds, keys, 1), (&k, d, 1), &mut out.dq[first * d..(first + rows) * d]);
-            gemm_acc(keys, d, rows, (ds, 1, keys), (&q_block, d, 1), &mut part[..keys * d]);
+            gemm_acc(rows, d, keys, (ds, keys, 1), k.mat(), &mut out.dq[first * d..(first + rows) * d]);
+            gemm_acc(keys, d, rows, (ds, 1, keys), q_block.mat(), &mut part[..keys * d]);
             add_into(&mut out.dk[..keys * d], &part[..keys * d]);
         }
+        [probs_buf, ds_buf, part].into_iter().for_each(recycle);
         out
     }
 }
 
 /// Softmax of one row of scores in place; `-inf` entries get 0, and a row of only
 /// `-inf` becomes zeros (as the forward's empty rows).
-fn softmax_in_place<A: Real>(row: &mut [A]) {
-    let max = row.iter().fold(A::NEG_INFINITY, |m, &s| m.max(s));
+/// Softmax of `row` in place, of which only the first `visible` entries can be finite
+/// (the rest, hidden by the causal mask, become 0); a row with no finite entry becomes
+/// zeros.
+fn softmax_in_place<A: Real>(row: &mut [A], visible: usize) {
+    let (seen, hidden) = row.split_at_mut(visible);
+    hidden.fill(A::zero());
+    let max = max_of(seen);
     if max == A::NEG_INFINITY {
-        row.fill(A::zero());
+        seen.fill(A::zero());
         return;
     }
-    let inv = A::one() / exp_shifted(row, max);
-    for s in row.iter_mut() {
+    let inv = A::one() / exp_shifted(seen, max);
+    for s in seen.iter_mut() {
         *s *= inv;
     }
 }
 
-/// `sum_j a_j b_j`, over eight interleaved partial sums (so that it vectorises).
 fn dot<A: Real>(a: &[A], b: &[A]) -> A {
     let mut partial = [A::zero(); 8];
     let (mut a8, mut b8) = (a.chunks_exact(8), b.chunks_exact(8));

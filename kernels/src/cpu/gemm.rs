@@ -341,7 +341,8 @@ fn sliver_buffer<const W: usize>(buffer: &mut Vec<f32>, slivers: usize, depth: u
 /// Writes (first depth block) or accumulates (later blocks) one row of a tile into C.
 fn store_tile_row(c_row: &mut [f32], tile_row: &[f32], first: bool) {
     if first {
-        c_row.copy_from_slice(tile_row);
+        // A loop rather than `copy_from_slice`: rows are short, a `memmove` call costs more.
+        c_row.iter_mut().zip(tile_row).for_each(|(c, &t)| *c = t);
     } else {
         c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c += t);
     }
@@ -421,9 +422,17 @@ fn pack_sliver<T: GemmInput, const W: usize>(
                 dst[w] = v.to_f32();
             }
         }
-    } else if x.row_stride == 1 {
+    } else if x.row_stride == 1 && lanes == W {
         // The lanes are contiguous (a row-major B, or a transposed A): each sliver row
-        // is one slice.
+        // is one slice, of a length known at compile time (an inline copy, not a call).
+        for (p, dst) in sliver.iter_mut().enumerate() {
+            let start = x.offset + lane0 + (pc + p) * x.col_stride;
+            for (d, s) in dst.iter_mut().zip(&x.data[start..start + W]) {
+                *d = s.to_f32();
+            }
+        }
+    } else if x.row_stride == 1 {
+        // The same with fewer lanes (the last sliver).
         for (p, dst) in sliver.iter_mut().enumerate() {
             let start = x.offset + lane0 + (pc + p) * x.col_stride;
             T::widen(&x.data[start..start + lanes], &mut dst[..lanes]);
