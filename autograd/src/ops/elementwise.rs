@@ -237,7 +237,8 @@ mod tests {
     fn apply_records_the_same_op_as_the_named_method() {
         use aigc_tensor::UnaryOp;
         let x = inputs::seeded(&[7], 3).abs().unwrap().affine(1.0, 0.1).unwrap();
-        let cases: [(UnaryOp, fn(&Var) -> Result<Var>); 4] = [
+        type Method = fn(&Var) -> Result<Var>;
+        let cases: [(UnaryOp, Method); 4] = [
             (UnaryOp::Gelu, Var::gelu),
             (UnaryOp::Log, Var::log),
             (UnaryOp::Silu, Var::silu),

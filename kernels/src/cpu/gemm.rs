@@ -612,7 +612,7 @@ mod tests {
     impl Operand {
         /// The operand's values converted to a half type (`data` is first rounded to it,
         /// so that [`naive_product`] sees exactly the values the GEMM reads).
-        fn to_half<H: GemmInput>(&mut self, from_f32: fn(f32) -> H) -> Vec<H> {
+        fn round_to_half<H: GemmInput>(&mut self, from_f32: fn(f32) -> H) -> Vec<H> {
             let half: Vec<H> = self.data.iter().map(|&v| from_f32(v)).collect();
             self.data = half.iter().map(|h| h.to_f32()).collect();
             half
@@ -666,10 +666,10 @@ mod tests {
             let mut b = Operand::new(k, n, b_t, 2, 0, seed ^ 0x51);
             let mut c = vec![f32::NAN; m * n];
             if use_f16 {
-                let (ah, bh) = (a.to_half(f16::from_f32), b.to_half(f16::from_f32));
+                let (ah, bh) = (a.round_to_half(f16::from_f32), b.round_to_half(f16::from_f32));
                 gemm(m, n, k, a.view_of(&ah), b.view_of(&bh), &mut c, Epilogue::NONE);
             } else {
-                let (ah, bh) = (a.to_half(bf16::from_f32), b.to_half(bf16::from_f32));
+                let (ah, bh) = (a.round_to_half(bf16::from_f32), b.round_to_half(bf16::from_f32));
                 gemm(m, n, k, a.view_of(&ah), b.view_of(&bh), &mut c, Epilogue::NONE);
             }
             assert_matches_naive(&c, m, n, k, &a, &b);

@@ -185,7 +185,7 @@ mod tests {
     /// `op(a @ b + bias)` with separate ops in f64: the reference of the fused product.
     fn separate_ops(a: &Tensor, b: &Tensor, bias: &Tensor, op: Option<UnaryOp>) -> Vec<f64> {
         let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-        let y = f64_of(a).matmul(&f64_of(b)).unwrap().add(&f64_of(bias)).unwrap();
+        let y = f64_of(a).matmul(&f64_of(b)).unwrap().add(f64_of(bias)).unwrap();
         op.map_or(y.clone(), |op| y.unary(op, op.name()).unwrap()).to_vec::<f64>().unwrap()
     }
 
