@@ -90,9 +90,8 @@ pub fn for_each_entry<T: Send>(data: &mut [T], entry_len: usize, task: impl Fn(u
 
 /// `task(i)` for every `i` in `0..tasks`, in parallel as [`for_each`], collected in order.
 pub fn map<R: Send>(tasks: usize, task: impl Fn(usize) -> R + Sync) -> Vec<R> {
-    let mut slots: Vec<Option<R>> = (0..tasks).map(|_| None).collect();
-    for_each_chunk_mut(&mut slots, 1, |index, slot| slot[0] = Some(task(index)));
-    slots.into_iter().map(|slot| slot.expect("every task ran")).collect()
+    // One chunk of a zero-sized slice per task (no allocation).
+    map_chunks_mut(&mut vec![(); tasks], 1, |index, _| task(index))
 }
 
 /// [`for_each_chunk_mut`] that also collects what each task returns, in chunk order.

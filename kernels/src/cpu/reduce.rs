@@ -48,8 +48,8 @@ fn fold_groups<T: Element, S: Copy + Send + Sync, O: Send>(
     out
 }
 
-/// `run` on each `group`-long chunk of `data`, in parallel: groups are handed out a
-/// few thousand elements' worth at a time, results in order.
+/// `run` on each `group`-long chunk of `data`, in parallel: groups are handed out about
+/// 16k elements' worth at a time (at least one group), results in order.
 fn map_groups<T: Sync, O: Send>(data: &[T], group: usize, run: impl Fn(&[T]) -> O + Sync) -> Vec<O> {
     let per_task = ((super::map::PARALLEL_THRESHOLD / 4) / group).max(1) * group;
     let tasks = data.len().div_ceil(per_task);
