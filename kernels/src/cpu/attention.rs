@@ -3,9 +3,9 @@
 //! online softmax (Milakov & Gimelshein 2018, "Online normalizer calculation for
 //! softmax"; Dao et al. 2022, "FlashAttention").
 //!
-//! Queries are split into blocks of [`Tiling::query_block`] rows, one rayon task per
-//! (batch entry, query block). Keys and values stream through in blocks of
-//! [`Tiling::key_block`] rows, so only a `query_block x key_block` tile of scores exists
+//! Queries are split into blocks of [`Tiling::query_block`] rows; the kernels' pool runs
+//! one task per batch entry, or per query block when there are few entries. Keys and
+//! values stream through in blocks of [`Tiling::key_block`] rows, so only a `query_block x key_block` tile of scores exists
 //! at any time. For each query row the kernel keeps a running max `m`, a running sum
 //! `l = sum_j exp(s_j - m)` and an accumulator `acc = sum_j exp(s_j - m) v_j`. When a
 //! key block raises the max to `m'`, the old terms are rescaled by `exp(m - m')`:
@@ -101,22 +101,13 @@ pub fn scaled_dot_product_attention<T: FloatElem>(
         return out;
     }
     let query_block = options.tiling.query_block.max(1);
-    let attend_blocks = |batch: usize, out_batch: &mut [T]| {
-        out_batch.chunks_mut(query_block * dv).enumerate().for_each(|(block, out_block)| {
+    // Batch entries (batch x heads) across the threads when there are enough of them,
+    // else each one's query blocks.
+    parallel::for_each_entry(&mut out, lq * dv, |batch, out_batch| {
+        parallel::for_each_chunk_mut(out_batch, query_block * dv, |block, out_block| {
             problem.attend(batch, block * query_block, out_block);
         });
-    };
-    if problem.q.starts.len() >= 2 * parallel::threads() {
-        // Enough batch entries (batch x heads) to share out whole.
-        parallel::for_each_chunk_mut(&mut out, lq * dv, attend_blocks);
-    } else {
-        // Few long ones: share out each one's query blocks.
-        for (batch, out_batch) in out.chunks_mut(lq * dv).enumerate() {
-            parallel::for_each_chunk_mut(out_batch, query_block * dv, |block, out_block| {
-                problem.attend(batch, block * query_block, out_block);
-            });
-        }
-    }
+    });
     out
 }
 
