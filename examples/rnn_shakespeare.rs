@@ -6,7 +6,9 @@
 //!
 //! Run: `cargo run --release --example rnn_shakespeare -- --kind lstm [--iters N]
 //!       [--hidden H] [--layers L] [--embedding E] [--seconds S] [--lr LR] [--batch B]
-//!       [--seq-len T] [--dropout P] [--eval-interval N] [--sample N]`
+//!       [--seq-len T] [--dropout P] [--eval-interval N] [--sample N] [--profile]`
+//!
+//! `--profile` prints where the training time went, op by op (forward and backward).
 
 use aigc::nn::VarStore;
 use aigc::nn::rnn::{GruCell, LstmCell, RnnCell};
@@ -40,12 +42,17 @@ struct Options {
     seq_len: Option<usize>,
     eval_interval: Option<u64>,
     sample: Option<usize>,
+    profile: bool,
 }
 
 fn parse_options() -> Result<Options> {
     let mut o = Options::default();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--profile" {
+            o.profile = true;
+            continue;
+        }
         let value = args.next().ok_or_else(|| Error::invalid("rnn_shakespeare", format!("{flag} needs a value")))?;
         fn parse<T: FromStr>(flag: &str, v: &str) -> Result<Option<T>> {
             let parsed = v.parse().map_err(|_| Error::invalid("rnn_shakespeare", format!("{flag}: cannot read `{v}`")));
@@ -69,7 +76,7 @@ fn parse_options() -> Result<Options> {
                     "rnn_shakespeare",
                     format!(
                         "unknown flag `{other}`; expected --kind, --iters, --hidden, --layers, --embedding, \
-                         --dropout, --seconds, --lr, --batch, --seq-len, --eval-interval, --sample"
+                         --dropout, --seconds, --lr, --batch, --seq-len, --eval-interval, --sample, --profile"
                     ),
                 ));
             }
@@ -139,6 +146,9 @@ fn run<C: LmCell>(opts: &Options) -> Result<()> {
         run.max_seconds.map_or(String::new(), |s| format!(" or {s} s"))
     );
 
+    if opts.profile {
+        aigc::autograd::profile::enable();
+    }
     let started = Instant::now();
     let report = train(&model, &train_ids, &val_ids, run, |p| {
         println!(
@@ -163,6 +173,11 @@ fn run<C: LmCell>(opts: &Options) -> Result<()> {
         report.steps as f64 * chars_per_iter / report.train_seconds,
         started.elapsed().as_secs_f64()
     );
+    if opts.profile {
+        aigc::autograd::profile::disable();
+        let report = aigc::autograd::profile::report();
+        println!("where the time went ({:.1} s profiled):\n{report}", report.total().as_secs_f64());
+    }
     if let Some(mib) = common::peak_rss_mib() {
         println!("peak memory (RSS): {mib:.0} MiB");
     }

@@ -49,7 +49,12 @@ pub struct GradOptions {
 /// Gradients of the sum of `outputs` (each scalar, or weighted by `seeds`) with respect
 /// to `inputs`, like `torch.autograd.grad`. Inputs the outputs do not depend on get zeros.
 pub fn grad_with(outputs: &[&Var], seeds: Option<&[&Var]>, inputs: &[&Var], opts: GradOptions) -> Result<Vec<Var>> {
-    let grads = walk(outputs, seeds, opts, |_| true)?;
+    let grads = walk(outputs, seeds, opts, &[], |_| true)?;
+    gradients_of(inputs, &grads)
+}
+
+/// Each input's gradient out of a walk's result; zeros for the inputs it did not reach.
+fn gradients_of(inputs: &[&Var], grads: &BTreeMap<u64, (Var, Var)>) -> Result<Vec<Var>> {
     inputs
         .iter()
         .map(|x| match grads.get(&x.id()) {
@@ -70,19 +75,32 @@ pub fn grad(outputs: &[&Var], inputs: &[&Var], create_graph: bool) -> Result<Vec
 pub fn backward(output: &Var, seed: Option<&Var>, retain_graph: bool) -> Result<()> {
     let seeds = seed.map(|s| vec![s]);
     let opts = GradOptions { create_graph: false, retain_graph };
-    let grads = walk(&[output], seeds.as_deref(), opts, |v| matches!(v.kind(), Kind::Leaf(_)))?;
+    let grads = walk(&[output], seeds.as_deref(), opts, &[], |v| matches!(v.kind(), Kind::Leaf(_)))?;
     for (leaf, g) in grads.values() {
         leaf.accumulate_grad(g.value())?;
     }
     Ok(())
 }
 
+/// Partial derivatives of `outputs` (weighted by `seeds`) with respect to `inputs`, as
+/// differentiable vars: the inputs are treated as independent variables, so the walk
+/// stops at them instead of going on into whatever they were computed from. A fused
+/// op's rule uses this under `create_graph`, on a recomputation of the op from
+/// differentiable ops.
+pub(crate) fn partial_grads(outputs: &[&Var], seeds: &[&Var], inputs: &[&Var]) -> Result<Vec<Var>> {
+    let stop: Vec<u64> = inputs.iter().map(|v| v.id()).collect();
+    let opts = GradOptions { create_graph: true, retain_graph: true };
+    let grads = walk(outputs, Some(seeds), opts, &stop, |v| stop.contains(&v.id()))?;
+    gradients_of(inputs, &grads)
+}
+
 /// The reverse walk. Returns `(var, gradient)` for every reached var for which `keep`
-/// holds, by id.
+/// holds, by id. The walk does not go past the vars whose ids are in `stop`.
 fn walk(
     outputs: &[&Var],
     seeds: Option<&[&Var]>,
     opts: GradOptions,
+    stop: &[u64],
     keep: impl Fn(&Var) -> bool,
 ) -> Result<BTreeMap<u64, (Var, Var)>> {
     if let Some(s) = seeds
@@ -129,7 +147,9 @@ fn walk(
         if tape.contains_key(&v.id()) || !v.needs_grad() {
             continue;
         }
-        if let Kind::Op { record, .. } = v.kind() {
+        if let Kind::Op { record, .. } = v.kind()
+            && !stop.contains(&v.id())
+        {
             let record = record.lock().unwrap_or_else(|e| e.into_inner());
             match record.as_ref() {
                 Some(r) => stack.extend(r.inputs.iter().cloned()),
@@ -153,6 +173,9 @@ fn walk(
         let Some(g) = pending.remove(&id) else { continue };
         if keep(&v) {
             kept.insert(id, (v.clone(), g.clone()));
+        }
+        if stop.contains(&id) {
+            continue;
         }
         let Kind::Op { record: slot, .. } = v.kind() else { continue };
         let (grads, inputs) = {

@@ -37,5 +37,6 @@ pub use device::Device;
 pub use dtype::{DType, WithDType};
 pub use error::{Error, Result};
 pub use ops::conv::{Conv1dParams, Conv2dParams, ConvTranspose1dParams, ConvTranspose2dParams};
+pub use ops::recurrent::{RecurrentCell, RecurrentGrads, RecurrentStates};
 pub use shape::Shape;
 pub use tensor::Tensor;

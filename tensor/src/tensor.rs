@@ -57,6 +57,24 @@ impl Tensor {
         self.read_cpu(|a, la| other.read_cpu(|b, lb| f(a, la, b, lb)))
     }
 
+    /// Runs `f` on the row-major elements of every tensor of `tensors`, all of dtype `T`,
+    /// borrowed from their buffers (a tensor that is not contiguous is copied first).
+    pub(crate) fn read_contiguous<T: WithDType, R>(
+        tensors: &[&Tensor],
+        op: &'static str,
+        f: impl FnOnce(&[&[T]]) -> R,
+    ) -> Result<R> {
+        let owned = tensors.iter().map(|t| t.contiguous()).collect::<Result<Vec<_>>>()?;
+        let guards: Vec<_> = owned.iter().map(|t| t.storage.read().unwrap_or_else(|e| e.into_inner())).collect();
+        let mut slices = Vec::with_capacity(owned.len());
+        for (guard, t) in guards.iter().zip(&owned) {
+            let Storage::Cpu(s) = &**guard;
+            let buf = T::from_storage(s).ok_or(Error::DTypeMismatch { op, lhs: T::DTYPE, rhs: t.dtype })?;
+            slices.push(&buf[t.layout.offset()..t.layout.offset() + t.numel()]);
+        }
+        Ok(f(&slices))
+    }
+
     /// Mutable access to the CPU buffer, for in-place writes. The caller must only write
     /// positions its own layout addresses.
     pub(crate) fn write_cpu<R>(&self, f: impl FnOnce(&mut CpuStorage, &Layout) -> Result<R>) -> Result<R> {

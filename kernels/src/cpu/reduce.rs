@@ -71,7 +71,51 @@ pub fn sum_float<T: FloatElem>(src: &[T], layout: &Layout, group: usize) -> Vec<
         }
         return data.chunks(group).map(run).collect();
     }
+    if let Some(columns) = columns_of_contiguous(layout, group) {
+        return sum_columns(&src[layout.offset()..layout.offset() + layout.numel()], columns);
+    }
     fold_groups(src, layout, group, 0.0f64, |s, _, v| s + v.to_f64(), T::from_f64)
+}
+
+/// `Some(columns)` when the groups are the columns of a contiguous row-major matrix
+/// `[group, columns]`: the kept dims trail in memory and the reduced dims lead, as when a
+/// bias gradient is summed over the batch. The layout is then `[kept.., reduced..]` with
+/// contiguous strides for the kept dims and the reduced dims' strides `columns` times theirs.
+fn columns_of_contiguous(layout: &Layout, group: usize) -> Option<usize> {
+    let columns = layout.numel() / group;
+    let (shape, strides) = (layout.shape(), layout.strides());
+    let split = (0..=shape.len()).find(|&s| shape[..s].iter().product::<usize>() == columns)?;
+    let runs_with = |dims: std::ops::Range<usize>, unit: usize| {
+        let mut expected = unit;
+        dims.rev().all(|d| {
+            let ok = shape[d] == 1 || strides[d] == expected;
+            expected *= shape[d];
+            ok
+        })
+    };
+    (runs_with(0..split, 1) && runs_with(split..shape.len(), columns)).then_some(columns)
+}
+
+/// Column sums of the row-major matrix `data` with `columns` columns, in f64: each row is
+/// added into a row of accumulators (unit-stride, so it vectorises). Large matrices are
+/// split by columns across threads; every column is still summed top to bottom.
+fn sum_columns<T: FloatElem>(data: &[T], columns: usize) -> Vec<T> {
+    const COLUMNS_PER_TASK: usize = 256;
+    let sum_range = |cols: std::ops::Range<usize>| {
+        let mut acc = vec![0.0f64; cols.len()];
+        for row in data.chunks_exact(columns) {
+            for (a, v) in acc.iter_mut().zip(&row[cols.clone()]) {
+                *a += v.to_f64();
+            }
+        }
+        acc.into_iter().map(T::from_f64).collect::<Vec<T>>()
+    };
+    if data.len() < super::map::PARALLEL_THRESHOLD || columns < 2 * COLUMNS_PER_TASK {
+        return sum_range(0..columns);
+    }
+    let tasks = columns.div_ceil(COLUMNS_PER_TASK);
+    let parts = parallel::map(tasks, |t| sum_range(t * COLUMNS_PER_TASK..columns.min((t + 1) * COLUMNS_PER_TASK)));
+    parts.into_iter().flatten().collect()
 }
 
 /// The f64 sum of `values`, over eight interleaved partial sums.
@@ -146,6 +190,34 @@ mod tests {
         let l = Layout::contiguous(&[2, 3]).permute(&[1, 0]);
         assert_eq!(sum_float(&src, &l, 2), vec![3.0, 5.0, 7.0]);
         assert_eq!(arg_extreme(&src, &l, 2, true), vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn sums_over_leading_dims_are_column_sums() {
+        // [2, 3, 4] summed over dims 0 and 1 (moved last: [4, 2, 3]) and over dim 0 alone
+        // ([3, 4, 2]), against a plain walk of the same views.
+        let src: Vec<f64> = (0..24).map(|v| (v * v % 7) as f64 - 2.5).collect();
+        let base = Layout::contiguous(&[2, 3, 4]);
+        for (perm, group) in [([2, 0, 1], 6), ([1, 2, 0], 2)] {
+            let l = base.permute(&perm);
+            assert_eq!(columns_of_contiguous(&l, group), Some(24 / group));
+            let mut want = vec![0.0; 24 / group];
+            let mut i = 0;
+            for_each_offset(&l, |o| {
+                want[i / group] += src[o];
+                i += 1;
+            });
+            assert_eq!(sum_float(&src, &l, group), want);
+        }
+        // A middle dim reduced is not a column sum; neither is a transposed matrix's row sum.
+        assert_eq!(columns_of_contiguous(&base.permute(&[0, 2, 1]), 3), None);
+        assert_eq!(columns_of_contiguous(&Layout::contiguous(&[3, 2]).permute(&[1, 0]).permute(&[1, 0]), 2), None);
+        // Large enough to split across threads.
+        let wide: Vec<f32> = (0..64 * 1024).map(|v| (v % 13) as f32).collect();
+        let l = Layout::contiguous(&[64, 1024]).permute(&[1, 0]);
+        let sums = sum_float(&wide, &l, 64);
+        let want: Vec<f32> = (0..1024).map(|c| (0..64).map(|r| ((r * 1024 + c) % 13) as f32).sum()).collect();
+        assert_eq!(sums, want);
     }
 
     #[test]

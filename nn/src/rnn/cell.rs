@@ -9,10 +9,14 @@
 //! - GRU, gate blocks `r, z, n` in that row order:
 //!   `r = σ(W_ir x + b_ir + W_hr h + b_hr)`, `z = σ(W_iz x + b_iz + W_hz h + b_hz)`,
 //!   `n = tanh(W_in x + b_in + r * (W_hn h + b_hn))`, `h' = (1 - z) * n + z * h`.
+//!
+//! A step is the input projection, then the fused recurrent op over one time step
+//! ([`Var::recurrent_sequence`], which implements these equations).
 
 use super::{CellWeights, LstmState, Nonlinearity, Recurrent, RecurrentState};
 use crate::VarStore;
 use aigc_autograd::Var;
+use aigc_tensor::RecurrentCell;
 use aigc_tensor::{Error, Result};
 
 /// An Elman RNN cell: `h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh)`.
@@ -110,11 +114,6 @@ impl GruCell {
     }
 }
 
-/// Gate block `k` (`[batch, hidden]`) of `[batch, G * hidden]` pre-activations.
-fn gate(pre_activations: &Var, k: usize, hidden: usize) -> Result<Var> {
-    pre_activations.narrow(1, k * hidden, hidden)
-}
-
 impl Recurrent for RnnCell {
     type State = Var;
     const NAME: &'static str = "RnnCell";
@@ -125,8 +124,11 @@ impl Recurrent for RnnCell {
         &self.weights
     }
 
-    fn step(&self, projected_input: &Var, h: &Var) -> Result<Var> {
-        self.nonlinearity.apply(&projected_input.add(&self.weights.hidden_projection(h)?)?)
+    fn cell(&self) -> RecurrentCell {
+        match self.nonlinearity {
+            Nonlinearity::Tanh => RecurrentCell::RnnTanh,
+            Nonlinearity::Relu => RecurrentCell::RnnRelu,
+        }
     }
 }
 
@@ -140,16 +142,8 @@ impl Recurrent for LstmCell {
         &self.weights
     }
 
-    fn step(&self, projected_input: &Var, state: &LstmState) -> Result<LstmState> {
-        let hidden = self.weights.hidden_size();
-        let gates = projected_input.add(&self.weights.hidden_projection(&state.h)?)?;
-        let input_gate = gate(&gates, 0, hidden)?.sigmoid()?;
-        let forget_gate = gate(&gates, 1, hidden)?.sigmoid()?;
-        let candidate = gate(&gates, 2, hidden)?.tanh()?;
-        let output_gate = gate(&gates, 3, hidden)?.sigmoid()?;
-        let c = forget_gate.mul(&state.c)?.add(&input_gate.mul(&candidate)?)?;
-        let h = output_gate.mul(&c.tanh()?)?;
-        Ok(LstmState { h, c })
+    fn cell(&self) -> RecurrentCell {
+        RecurrentCell::Lstm
     }
 }
 
@@ -163,16 +157,8 @@ impl Recurrent for GruCell {
         &self.weights
     }
 
-    fn step(&self, projected_input: &Var, h: &Var) -> Result<Var> {
-        let hidden = self.weights.hidden_size();
-        let projected_hidden = self.weights.hidden_projection(h)?;
-        let both = |k| -> Result<Var> { gate(projected_input, k, hidden)?.add(&gate(&projected_hidden, k, hidden)?) };
-        let reset = both(0)?.sigmoid()?;
-        let update = both(1)?.sigmoid()?;
-        let new_gate =
-            gate(projected_input, 2, hidden)?.add(&reset.mul(&gate(&projected_hidden, 2, hidden)?)?)?.tanh()?;
-        // h' = (1 - z) * n + z * h, written as n + z * (h - n).
-        new_gate.add(&update.mul(&h.sub(&new_gate)?)?)
+    fn cell(&self) -> RecurrentCell {
+        RecurrentCell::Gru
     }
 }
 
@@ -183,7 +169,7 @@ fn checked_step<C: Recurrent>(cell: &C, x: &Var, state: &C::State) -> Result<C::
         return Err(Error::bad_shape(C::NAME, &x.shape(), format!("expected [batch, {input}] (batch, input_size)")));
     }
     state.check_shape(C::NAME, &[x.dims()[0], hidden], "batch, hidden_size")?;
-    cell.step(&cell.weights().input_projection(x)?, state)
+    Ok(cell.run(&cell.weights().input_projection(x)?.unsqueeze(0)?, state)?.1)
 }
 
 /// A zero state of the cell's dtype and device.

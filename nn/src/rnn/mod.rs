@@ -10,7 +10,9 @@
 //! `h W_hh^T + b_hh` of the previous hidden state, where `W_ih` is `[G * hidden, input]`
 //! and `W_hh` is `[G * hidden, hidden]`, the `G` gate blocks stacked by rows in PyTorch's
 //! order. A sequence layer computes the input map for every time step in one matrix
-//! product before its time loop; only the hidden map runs step by step.
+//! product; the time loop (the hidden map and the gate arithmetic of each step) is one
+//! fused op forward and one backward through time ([`Var::recurrent_sequence`]), and a
+//! cell's single step is that op over one step.
 //!
 //! Truncated backpropagation through time: run a long sequence in chunks and pass the
 //! previous chunk's final state, cut from the graph with `detach()`, as the next chunk's
@@ -24,7 +26,7 @@ pub use sequence::{Gru, Lstm, Rnn, RnnConfig, Sequence};
 
 use crate::{Init, VarStore};
 use aigc_autograd::Var;
-use aigc_tensor::{DType, Device, Error, Result, Tensor};
+use aigc_tensor::{DType, Device, Error, RecurrentCell, Result, Tensor};
 
 /// The activation of an Elman RNN: `h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh)`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -123,27 +125,13 @@ impl CellWeights {
 
     /// `x W_ih^T + b_ih` for `x` of shape `[n, input]`: every gate's input term, `[n, G * hidden]`.
     pub fn input_projection(&self, x: &Var) -> Result<Var> {
-        affine(x, &self.weight_ih, self.bias_ih.as_ref())
-    }
-
-    /// `h W_hh^T + b_hh` for `h` of shape `[batch, hidden]`: every gate's recurrent term.
-    pub fn hidden_projection(&self, h: &Var) -> Result<Var> {
-        affine(h, &self.weight_hh, self.bias_hh.as_ref())
-    }
-}
-
-/// `x W^T + b`.
-fn affine(x: &Var, weight: &Var, bias: Option<&Var>) -> Result<Var> {
-    let y = x.matmul(&weight.t()?)?;
-    match bias {
-        Some(b) => y.add(b),
-        None => Ok(y),
+        x.matmul_bias_act(&self.weight_ih.t()?, self.bias_ih.as_ref(), None)
     }
 }
 
 /// A recurrent cell as the sequence layers drive it: the input projection
-/// ([`CellWeights::input_projection`]) is computed for all time steps at once, then `step`
-/// advances the state by one time step.
+/// ([`CellWeights::input_projection`]) is computed for all time steps at once, then the
+/// fused op of [`Recurrent::cell`] runs the time steps.
 pub trait Recurrent {
     /// The state carried from step to step: `h` (a [`Var`]) or `(h, c)` ([`LstmState`]).
     type State: RecurrentState;
@@ -155,8 +143,18 @@ pub trait Recurrent {
     const GATES: usize;
     /// The cell's parameters.
     fn weights(&self) -> &CellWeights;
-    /// One time step from the state, given this step's `x W_ih^T + b_ih`, `[batch, G * hidden]`.
-    fn step(&self, projected_input: &Var, state: &Self::State) -> Result<Self::State>;
+    /// The equations of a step, as the fused op names them.
+    fn cell(&self) -> RecurrentCell;
+
+    /// Runs the cell over time-major input projections `x_gates [steps, batch, G * hidden]`
+    /// (each step's `x W_ih^T + b_ih`) from `state`: every step's packed state
+    /// `[steps, batch, S * hidden]` (see [`RecurrentState::pack`]) and the last state.
+    fn run(&self, x_gates: &Var, state: &Self::State) -> Result<(Var, Self::State)> {
+        let w = self.weights();
+        let states = Var::recurrent_sequence(self.cell(), x_gates, &w.weight_hh, w.bias_hh.as_ref(), &state.pack()?)?;
+        let last = states.narrow(0, x_gates.dims()[0] - 1, 1)?.squeeze(0)?;
+        Ok((states, Self::State::unpack(&last, w.hidden_size())?))
+    }
 }
 
 /// What the sequence layers need to do with a cell's state: read its hidden part, make a
@@ -172,6 +170,11 @@ pub trait RecurrentState: Clone + Sized {
     fn stack(states: &[Self]) -> Result<Self>;
     /// An error naming `op` unless every part has shape `expected` (described by `what`).
     fn check_shape(&self, op: &'static str, expected: &[usize], what: &str) -> Result<()>;
+    /// The parts side by side along the last dim, `[.., S * hidden]`, as the fused op
+    /// takes and returns states (the LSTM's `h` then `c`).
+    fn pack(&self) -> Result<Var>;
+    /// The state out of its packed form.
+    fn unpack(packed: &Var, hidden: usize) -> Result<Self>;
 }
 
 fn zero_var(dims: &[usize], dtype: DType, device: &Device) -> Result<Var> {
@@ -201,6 +204,12 @@ impl RecurrentState for Var {
     fn check_shape(&self, op: &'static str, expected: &[usize], what: &str) -> Result<()> {
         check_part(op, "h", self, expected, what)
     }
+    fn pack(&self) -> Result<Var> {
+        Ok(self.clone())
+    }
+    fn unpack(packed: &Var, _hidden: usize) -> Result<Var> {
+        Ok(packed.clone())
+    }
 }
 
 impl RecurrentState for LstmState {
@@ -221,6 +230,12 @@ impl RecurrentState for LstmState {
     fn check_shape(&self, op: &'static str, expected: &[usize], what: &str) -> Result<()> {
         check_part(op, "h", &self.h, expected, what)?;
         check_part(op, "c", &self.c, expected, what)
+    }
+    fn pack(&self) -> Result<Var> {
+        Var::cat(&[&self.h, &self.c], -1)
+    }
+    fn unpack(packed: &Var, hidden: usize) -> Result<LstmState> {
+        Ok(LstmState { h: packed.narrow(-1, 0, hidden)?, c: packed.narrow(-1, hidden, hidden)? })
     }
 }
 

@@ -4,14 +4,14 @@
 //! Layer `k` reads layer `k - 1`'s output sequence (with dropout in between when training).
 //! A bidirectional layer runs a second cell from the last step to the first and
 //! concatenates both directions' outputs along the features. Each direction of each layer
-//! projects its whole input sequence through `W_ih` in one matrix product before its time
-//! loop, so the loop only adds `h W_hh^T + b_hh` and applies the gates; the per-step outputs
-//! are stacked once at the end.
+//! projects its whole input sequence through `W_ih` in one matrix product, time-major;
+//! the time loop is the fused recurrent op ([`Recurrent::run`]), which returns every
+//! step's state at once.
 
 use super::{CellWeights, GruCell, LstmCell, Nonlinearity, Recurrent, RecurrentState, RnnCell};
 use crate::{Module, VarStore};
 use aigc_autograd::Var;
-use aigc_tensor::{Error, Result};
+use aigc_tensor::{DType, Error, Result, Tensor};
 
 /// Options shared by [`Rnn`], [`Lstm`] and [`Gru`]: PyTorch's `RNNBase` arguments, less
 /// `batch_first` (always true here) and `proj_size`.
@@ -199,42 +199,26 @@ impl<C: Recurrent> Sequence<C> {
 /// and the starting state, the hidden state at every step `[batch, time, hidden]` and the
 /// last state. `reverse` steps from the last time step to the first; the output stays in
 /// time order.
-fn run_over_time<C: Recurrent>(cell: &C, x: &Var, mut state: C::State, reverse: bool) -> Result<(Var, C::State)> {
+fn run_over_time<C: Recurrent>(cell: &C, x: &Var, state: C::State, reverse: bool) -> Result<(Var, C::State)> {
     let (batch, time, features) = (x.dims()[0], x.dims()[1], x.dims()[2]);
-    let gate_rows = cell.weights().weight_ih.dims()[0];
+    let (gate_rows, hidden) = (cell.weights().weight_ih.dims()[0], cell.weights().hidden_size());
+    // Time-major, so that each step's input projection is one contiguous block, and in
+    // the order of the steps.
+    let reversed_time =
+        || -> Result<Tensor> { Tensor::arange_step(time as f64 - 1.0, -1.0, -1.0, DType::I64, &x.device()) };
+    let mut x = x.permute(&[1, 0, 2])?;
+    if reverse {
+        x = x.index_select(0, &reversed_time()?)?;
+    }
     // Every step's input term `x_t W_ih^T + b_ih`, in one matrix product.
-    let projected =
-        cell.weights().input_projection(&x.reshape([batch * time, features])?)?.reshape([batch, time, gate_rows])?;
-    let mut steps = Vec::with_capacity(time);
-    split_time_steps(&projected, &mut steps)?;
+    let x_gates =
+        cell.weights().input_projection(&x.reshape([time * batch, features])?)?.reshape([time, batch, gate_rows])?;
+    let (states, last) = cell.run(&x_gates, &state)?;
+    let mut outputs = states.narrow(2, 0, hidden)?;
     if reverse {
-        steps.reverse();
+        outputs = outputs.index_select(0, &reversed_time()?)?;
     }
-    let mut hidden_states = Vec::with_capacity(time);
-    for projected_input in &steps {
-        state = cell.step(projected_input, &state)?;
-        hidden_states.push(state.hidden().clone());
-    }
-    if reverse {
-        hidden_states.reverse();
-    }
-    Ok((Var::stack(&hidden_states.iter().collect::<Vec<_>>(), 1)?, state))
-}
-
-/// Appends the time steps `[batch, n]` of `x [batch, time, n]` to `steps`, in order. It
-/// halves the sequence recursively rather than narrowing the whole of it `time` times: the
-/// gradient of a narrow is zero-padded back to the size of what it narrowed, so `time`
-/// narrows of the whole would cost `O(time^2)` in the backward pass; the halving tree
-/// costs `O(time log time)`.
-fn split_time_steps(x: &Var, steps: &mut Vec<Var>) -> Result<()> {
-    let time = x.dims()[1];
-    if time == 1 {
-        steps.push(x.squeeze(1)?);
-        return Ok(());
-    }
-    let half = time / 2;
-    split_time_steps(&x.narrow(1, 0, half)?, steps)?;
-    split_time_steps(&x.narrow(1, half, time - half)?, steps)
+    Ok((outputs.permute(&[1, 0, 2])?, last))
 }
 
 /// As a [`Module`]: the output sequence from a zero initial state (the final state is dropped).

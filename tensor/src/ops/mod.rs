@@ -14,6 +14,7 @@ pub mod matmul;
 pub mod norm;
 pub mod pool;
 pub mod random;
+pub mod recurrent;
 pub mod reduce;
 pub mod softmax;
 pub mod view;
