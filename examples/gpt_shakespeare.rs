@@ -6,7 +6,11 @@
 //! samples 500 tokens with and without the KV cache.
 //!
 //! Run: `cargo run --release --example gpt_shakespeare -- [--iters N] [--bpe VOCAB]
-//!       [--data PATH/input.txt] [--eval-interval N] [--sample N] [--seed N] [--profile]`
+//!       [--data PATH/input.txt] [--eval-interval N] [--sample N] [--seed N] [--profile]
+//!       [--layers N] [--heads N] [--width N] [--context N] [--batch N] [--lr LR] [--dropout P]`
+//!
+//! The model and run flags override the baby configuration; with `--iters` the cosine
+//! decays over the given number of iterations.
 //!
 //! `--seed` seeds both the initial weights and the order of the training batches
 //! (default 1337, nanoGPT's). `--profile` prints where the training time went, op by op
@@ -33,10 +37,18 @@ struct Options {
     sample: usize,
     seed: u64,
     profile: bool,
+    layers: Option<usize>,
+    heads: Option<usize>,
+    width: Option<usize>,
+    context: Option<usize>,
+    batch: Option<usize>,
+    lr: Option<f64>,
+    dropout: Option<f64>,
 }
 
 const USAGE: &str = "usage: gpt_shakespeare [--iters N] [--bpe VOCAB] [--data PATH/input.txt] \
-[--eval-interval N] [--sample N] [--seed N] [--profile]";
+[--eval-interval N] [--sample N] [--seed N] [--profile] [--layers N] [--heads N] [--width N] [--context N] \
+[--batch N] [--lr LR] [--dropout P]";
 
 fn parse_options() -> Result<Options> {
     let mut o = Options {
@@ -47,6 +59,13 @@ fn parse_options() -> Result<Options> {
         sample: 500,
         seed: 1337,
         profile: false,
+        layers: None,
+        heads: None,
+        width: None,
+        context: None,
+        batch: None,
+        lr: None,
+        dropout: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -56,8 +75,19 @@ fn parse_options() -> Result<Options> {
             v.parse::<u64>()
                 .map_err(|_| Error::invalid("gpt_shakespeare", format!("{flag} expects a number, got `{v}`")))
         };
+        let real = |v: String| {
+            v.parse::<f64>()
+                .map_err(|_| Error::invalid("gpt_shakespeare", format!("{flag} expects a number, got `{v}`")))
+        };
         match flag.as_str() {
             "--profile" => o.profile = true,
+            "--layers" => o.layers = Some(number(value()?)? as usize),
+            "--heads" => o.heads = Some(number(value()?)? as usize),
+            "--width" => o.width = Some(number(value()?)? as usize),
+            "--context" => o.context = Some(number(value()?)? as usize),
+            "--batch" => o.batch = Some(number(value()?)? as usize),
+            "--lr" => o.lr = Some(real(value()?)?),
+            "--dropout" => o.dropout = Some(real(value()?)?),
             "--iters" => o.iters = number(value()?)?,
             "--bpe" => o.bpe_vocab = Some(number(value()?)? as usize),
             "--data" => o.data = Some(value()?),
@@ -90,12 +120,29 @@ fn main() -> Result<()> {
 
     let dev = Device::Cpu;
     let vs = VarStore::new(DType::F32, &dev, opts.seed);
-    let model = Gpt::new(&vs, GptConfig::baby_shakespeare(tokenizer.vocab_size()))?;
+    let baby = GptConfig::baby_shakespeare(tokenizer.vocab_size());
+    let model = Gpt::new(
+        &vs,
+        GptConfig {
+            n_layer: opts.layers.unwrap_or(baby.n_layer),
+            n_head: opts.heads.unwrap_or(baby.n_head),
+            n_embd: opts.width.unwrap_or(baby.n_embd),
+            block_size: opts.context.unwrap_or(baby.block_size),
+            dropout: opts.dropout.unwrap_or(baby.dropout),
+            ..baby
+        },
+    )?;
+    let baby_run = GptTrainConfig::baby_shakespeare();
+    let lr = opts.lr.unwrap_or(baby_run.lr);
     let cfg = GptTrainConfig {
         iters: opts.iters,
+        lr_decay_iters: opts.iters,
+        batch_size: opts.batch.unwrap_or(baby_run.batch_size),
+        lr,
+        min_lr: lr / 10.0,
         eval_interval: opts.eval_interval,
         seed: opts.seed,
-        ..GptTrainConfig::baby_shakespeare()
+        ..baby_run
     };
     println!(
         "GPT: {} parameters, vocabulary {}, {} train / {} val tokens, {} threads",

@@ -101,7 +101,7 @@ fn run<C: LmCell>(opts: &Options) -> Result<()> {
     let tokenizer = CharTokenizer::from_corpus(&corpus.text)?;
     let (train_ids, val_ids) = (tokenizer.encode(train_text)?, tokenizer.encode(val_text)?);
 
-    let preset = RecurrentLmConfig::shakespeare(C::KIND, tokenizer.vocab_size());
+    let preset = RecurrentLmConfig::shakespeare(tokenizer.vocab_size());
     let cfg = RecurrentLmConfig {
         hidden_size: opts.hidden.unwrap_or(preset.hidden_size),
         num_layers: opts.layers.unwrap_or(preset.num_layers),

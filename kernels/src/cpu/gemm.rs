@@ -216,6 +216,19 @@ pub fn gemm_with_isa<T: GemmInput>(
         }
         return;
     }
+    if few_rows_for_the_threads(isa, m, n, k) {
+        // C^T = B^T A^T has n rows, which split evenly across the threads; C is its
+        // transpose (m * n values, few next to the product's work).
+        let mut transposed = crate::buffers::for_overwrite(m * n);
+        gemm_with_isa(isa, n, m, k, b.transposed(), a.transposed(), &mut transposed, Epilogue::NONE);
+        for (i, c_row) in c.chunks_exact_mut(n).enumerate() {
+            c_row.iter_mut().zip(transposed[i..].iter().step_by(m)).for_each(|(c, &t)| *c = t);
+        }
+        if !epilogue.is_none() {
+            epilogue.apply(isa, c, n, m, 0, n);
+        }
+        return;
+    }
     let problem = Problem { dims: Dims { m, n, k }, isa, epilogue };
     match isa {
         Isa::Scalar => blocked_gemm::<T, SCALAR_MR, SCALAR_NR>(scalar_tile, problem, a, b, c),
@@ -226,6 +239,24 @@ pub fn gemm_with_isa<T: GemmInput>(
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2Fma | Isa::Avx512 => unreachable!("checked by is_available"),
     }
+}
+
+/// Whether a product too big for one thread has too few rows to split evenly across the
+/// threads: fewer than four row tiles per thread, and more columns than rows. Row blocks
+/// are whole tiles, so 16 rows on 2 threads would split 12 + 4 (one recurrent step of a
+/// batch of 16; a decoding step has 1 row). The transposed product is split instead.
+fn few_rows_for_the_threads(isa: Isa, m: usize, n: usize, k: usize) -> bool {
+    let tile_rows = match isa {
+        Isa::Scalar => SCALAR_MR,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => x86::AVX2_MR,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => x86::AVX512_MR,
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx2Fma | Isa::Avx512 => SCALAR_MR,
+    };
+    let threads = parallel::threads();
+    threads > 1 && m * n * k >= PARALLEL_MIN_WORK && n > m && m < 4 * threads * tile_rows
 }
 
 /// The problem size: `C (m x n) = A (m x k) @ B (k x n)`.
@@ -696,8 +727,14 @@ mod tests {
             UnaryOp::Affine { mul: 2.0, add: -1.0 },
         ];
         // Edge tiles, one depth block, several depth blocks (the epilogue must wait for
-        // the last), several row blocks.
-        for (m, n, k) in [(1, 1, 1), (7, 17, 5), (29, 65, 31), (13, 40, 600), (500, 33, 70)] {
+        // the last), several row blocks, and few rows on several threads (computed
+        // transposed: a recurrent step, a decoding step).
+        let few_rows = [(16, 300, 200), (1, 400, 700), (5, 257, 300)];
+        if parallel::threads() > 1 {
+            assert!(few_rows.iter().all(|&(m, n, k)| few_rows_for_the_threads(Isa::best(), m, n, k)));
+        }
+        for (m, n, k) in [(1, 1, 1), (7, 17, 5), (29, 65, 31), (13, 40, 600), (500, 33, 70)].into_iter().chain(few_rows)
+        {
             let a = Operand::new(m, k, false, 1, 0, 21);
             let b = Operand::new(k, n, true, 0, 2, 22);
             let bias: Vec<f32> = (0..n).map(|j| (j as f32 * 0.37).sin()).collect();

@@ -5,8 +5,8 @@
 
 use super::model::Gpt;
 use crate::rng::SplitMix64;
-use aigc_autograd::no_grad;
 use aigc_autograd::profile::region;
+use aigc_autograd::{CrossEntropyOptions, no_grad};
 use aigc_nn::optim::ParamGroup;
 use aigc_nn::optim::schedule::{LrSchedule, WarmupCosine};
 use aigc_nn::{AdamConfig, AdamW, Optimizer, VarStore, clip_grad_norm};
@@ -17,6 +17,10 @@ use std::time::Instant;
 #[derive(Clone, Debug, PartialEq)]
 pub struct GptTrainConfig {
     pub iters: u64,
+    /// A budget of training seconds (estimates excluded): the run stops when it is spent,
+    /// and after the warmup the decay is advanced to the share of it spent when that is
+    /// further along than the step count, so that a run the budget stops also ends its decay.
+    pub max_seconds: Option<f64>,
     pub batch_size: usize,
     pub lr: f64,
     pub min_lr: f64,
@@ -43,6 +47,7 @@ impl GptTrainConfig {
     pub fn baby_shakespeare() -> GptTrainConfig {
         GptTrainConfig {
             iters: 2000,
+            max_seconds: None,
             batch_size: 12,
             lr: 1e-3,
             min_lr: 1e-4,
@@ -118,36 +123,59 @@ pub fn estimate_loss(
     Ok(total? / batches.max(1) as f64)
 }
 
-/// The mean loss (nats per token) over the whole of `tokens`, cut into consecutive windows
-/// of `block_size` tokens scored 64 windows at a time, in evaluation mode: the exact
-/// validation loss, where [`estimate_loss`] samples a few random batches. Each position
-/// sees the ones before it in its window.
+/// The mean loss (nats per token) over every next-token prediction of `tokens`, in
+/// evaluation mode: the exact validation loss, where [`estimate_loss`] samples a few random
+/// batches. Windows of `block_size` tokens start every `block_size / 2` positions (the
+/// last one is moved back to end at the last token); the first window scores all its
+/// positions, each later one only those the earlier windows did not score. So every
+/// token is scored once, and all but the first `block_size / 2` with at least
+/// `block_size / 2` tokens of context: the model is judged on what it does with context,
+/// as a recurrent model read contiguously is, not on the start of a window.
 pub fn validation_loss(model: &Gpt, vs: &VarStore, tokens: &[u32]) -> Result<f64> {
+    const IGNORED: i64 = -1;
     let block = model.config().block_size;
-    let windows = tokens.len().saturating_sub(1) / block;
-    if windows == 0 {
+    if tokens.len() < block + 1 {
         return Err(Error::invalid(
             "gpt::validation_loss",
             format!("{} tokens hold no window of block_size {block} plus its target", tokens.len()),
         ));
     }
-    let window = |k: usize, shift: usize| tokens[k * block + shift..(k + 1) * block + shift].iter().map(|&t| t as i64);
+    let last_start = tokens.len() - 1 - block;
+    let mut starts: Vec<usize> = (0..=last_start).step_by((block / 2).max(1)).collect();
+    if starts.last() != Some(&last_start) {
+        starts.push(last_start);
+    }
+    // Each window's inputs and targets, with the targets already scored set to IGNORED.
+    let mut scored_until = 0;
+    let windows: Vec<(Vec<i64>, Vec<i64>)> = starts
+        .iter()
+        .map(|&s| {
+            let x = tokens[s..s + block].iter().map(|&t| t as i64).collect();
+            let y =
+                (0..block).map(|i| if s + i >= scored_until { tokens[s + i + 1] as i64 } else { IGNORED }).collect();
+            scored_until = s + block;
+            (x, y)
+        })
+        .collect();
     let was_training = vs.is_training();
     vs.set_training(false);
+    let options = CrossEntropyOptions { ignore_index: Some(IGNORED), ..Default::default() };
     let total = no_grad(|| -> Result<f64> {
         let mut total = 0.0;
-        for first in (0..windows).step_by(64) {
-            let batch: Vec<usize> = (first..windows.min(first + 64)).collect();
-            let x: Vec<i64> = batch.iter().flat_map(|&k| window(k, 0)).collect();
-            let y: Vec<i64> = batch.iter().flat_map(|&k| window(k, 1)).collect();
+        for batch in windows.chunks(64) {
             let shape = [batch.len(), block];
-            let (x, y) = (Tensor::from_vec(x, shape, &model.device())?, Tensor::from_vec(y, shape, &model.device())?);
-            total += model.loss(&x, &y)?.value().to_f64_vec()?[0] * batch.len() as f64;
+            let x = Tensor::from_vec(batch.iter().flat_map(|w| w.0.clone()).collect(), shape, &model.device())?;
+            let y: Vec<i64> = batch.iter().flat_map(|w| w.1.clone()).collect();
+            let counted = y.iter().filter(|&&t| t != IGNORED).count();
+            let logits = model.forward(&x)?;
+            let flat = logits.reshape([batch.len() * block, model.config().vocab_size])?;
+            let loss = flat.cross_entropy(&Tensor::from_vec(y, [batch.len() * block], &model.device())?, options)?;
+            total += loss.value().to_f64_vec()?[0] * counted as f64;
         }
         Ok(total)
     });
     vs.set_training(was_training);
-    Ok(total? / windows as f64)
+    Ok(total? / (tokens.len() - 1) as f64)
 }
 
 /// Trains `model` (whose parameters live in `vs`) on the token stream `train`, estimating
@@ -170,9 +198,13 @@ pub fn train(
     let params = vs.parameters();
     let mut points = vec![];
     let mut train_seconds = 0.0;
-    for step in 0..cfg.iters {
+    let budget_spent = |seconds: f64| cfg.max_seconds.is_some_and(|budget| seconds >= budget);
+    let mut step = 0;
+    while step < cfg.iters && !budget_spent(train_seconds) {
         let started = Instant::now();
-        opt.set_lr(schedule.lr(step));
+        // The warmup counts steps; the decay follows the budget when that is further along.
+        let by_time = cfg.max_seconds.map_or(0, |budget| (train_seconds / budget * cfg.lr_decay_iters as f64) as u64);
+        opt.set_lr(schedule.lr(if step < cfg.warmup_iters { step } else { step.max(by_time) }));
         let (x, y) = region("sample_batch", || sample_batch(train, block, cfg.batch_size, &mut rng, &model.device()))?;
         let loss = model.loss(&x, &y)?;
         opt.zero_grad();
@@ -182,12 +214,12 @@ pub fn train(
         }
         region("optimizer step", || opt.step())?;
         train_seconds += started.elapsed().as_secs_f64();
-        let done = step + 1;
-        if done.is_multiple_of(cfg.eval_interval.max(1)) || done == cfg.iters {
-            let eval_seed = cfg.seed ^ done;
+        step += 1;
+        if step.is_multiple_of(cfg.eval_interval.max(1)) || step == cfg.iters || budget_spent(train_seconds) {
+            let eval_seed = cfg.seed ^ step;
             let point = region("estimate_loss", || -> Result<EvalPoint> {
                 Ok(EvalPoint {
-                    step: done,
+                    step,
                     train_loss: estimate_loss(model, vs, train, cfg.eval_iters, cfg.batch_size, eval_seed)?,
                     val_loss: estimate_loss(model, vs, val, cfg.eval_iters, cfg.batch_size, eval_seed)?,
                     train_seconds,
@@ -233,25 +265,55 @@ mod tests {
     }
 
     #[test]
-    fn validation_loss_is_the_mean_over_every_whole_window() {
+    fn a_time_budget_stops_the_run_with_a_final_estimate() {
+        let dev = Device::Cpu;
+        let text: Vec<u32> = (0..400u32).map(|i| i % 4).collect();
+        let vs = VarStore::new(DType::F32, &dev, 0);
+        let cfg =
+            GptConfig { vocab_size: 4, block_size: 8, n_layer: 1, n_head: 2, n_embd: 16, dropout: 0.0, bias: false };
+        let model = Gpt::new(&vs, cfg).unwrap();
+        let run = GptTrainConfig {
+            iters: 1_000_000,
+            max_seconds: Some(1e-9),
+            batch_size: 4,
+            eval_interval: 1000,
+            eval_iters: 2,
+            ..GptTrainConfig::baby_shakespeare()
+        };
+        let points = train(&model, &vs, &text, &text, &run, |_| {}).unwrap();
+        assert_eq!(points.len(), 1, "one estimate, after the step that spent the budget");
+        assert_eq!(points[0].step, 1);
+        assert!(points[0].train_seconds > 0.0);
+    }
+
+    #[test]
+    fn validation_loss_scores_every_token_once_from_the_first_window_holding_it() {
         let dev = Device::Cpu;
         let vs = VarStore::new(DType::F64, &dev, 3);
         let cfg =
             GptConfig { vocab_size: 5, block_size: 4, n_layer: 1, n_head: 1, n_embd: 8, dropout: 0.0, bias: false };
         let model = Gpt::new(&vs, cfg).unwrap();
-        // 150 windows of 4 (more than one batch of 64) and 2 leftover tokens.
+        // 601 targets: windows start every 2 tokens (more than one batch of 64), and the
+        // last start (597) is off that grid.
         let tokens: Vec<u32> = (0..602u32).map(|i| (i * 7 + i / 3) % 5).collect();
         let got = validation_loss(&model, &vs, &tokens).unwrap();
-        let window_loss = |k: usize| {
-            let ids = |shift: usize| tokens[k * 4 + shift..k * 4 + 4 + shift].iter().map(|&t| t as i64).collect();
-            let (x, y) =
-                (Tensor::from_vec(ids(0), [1, 4], &dev).unwrap(), Tensor::from_vec(ids(1), [1, 4], &dev).unwrap());
-            model.loss(&x, &y).unwrap().value().to_f64_vec().unwrap()[0]
+        // Reference: the target after position g is scored by the first window [s, s + 4)
+        // that holds g, with the model run on that window alone.
+        let mut starts: Vec<usize> = (0..=597).step_by(2).collect();
+        starts.push(597);
+        let log_prob = |s: usize, g: usize| {
+            let x: Vec<i64> = tokens[s..s + 4].iter().map(|&t| t as i64).collect();
+            let logits = model.forward(&Tensor::from_vec(x, [1, 4], &dev).unwrap()).unwrap();
+            let row = &logits.value().to_vec::<f64>().unwrap()[(g - s) * 5..(g - s + 1) * 5];
+            let log_sum = row.iter().map(|v| v.exp()).sum::<f64>().ln();
+            row[tokens[g + 1] as usize] - log_sum
         };
-        let want = (0..150).map(window_loss).sum::<f64>() / 150.0;
+        let want = -(0..601).map(|g| log_prob(*starts.iter().find(|&&s| s <= g && g < s + 4).unwrap(), g)).sum::<f64>()
+            / 601.0;
         assert!((got - want).abs() < 1e-12, "{got} vs {want}");
         assert!(vs.is_training(), "the training mode is restored");
         assert!(validation_loss(&model, &vs, &tokens[..4]).is_err());
+        assert!(validation_loss(&model, &vs, &tokens[..5]).is_ok(), "one window and its target");
     }
 
     #[test]
