@@ -83,6 +83,9 @@ pub fn sum_float<T: FloatElem>(src: &[T], layout: &Layout, group: usize) -> Vec<
 /// contiguous strides for the kept dims and the reduced dims' strides `columns` times theirs.
 fn columns_of_contiguous(layout: &Layout, group: usize) -> Option<usize> {
     let columns = layout.numel() / group;
+    if columns == 0 {
+        return None;
+    }
     let (shape, strides) = (layout.shape(), layout.strides());
     let split = (0..=shape.len()).find(|&s| shape[..s].iter().product::<usize>() == columns)?;
     let runs_with = |dims: std::ops::Range<usize>, unit: usize| {
@@ -209,6 +212,9 @@ mod tests {
             });
             assert_eq!(sum_float(&src, &l, group), want);
         }
+        // An empty kept dim is left to the general walk (no columns to split).
+        assert_eq!(columns_of_contiguous(&Layout::contiguous(&[3, 0]).permute(&[1, 0]), 3), None);
+        assert!(sum_float::<f32>(&[], &Layout::contiguous(&[3, 0]).permute(&[1, 0]), 3).is_empty());
         // A middle dim reduced is not a column sum; neither is a transposed matrix's row sum.
         assert_eq!(columns_of_contiguous(&base.permute(&[0, 2, 1]), 3), None);
         assert_eq!(columns_of_contiguous(&Layout::contiguous(&[3, 2]).permute(&[1, 0]).permute(&[1, 0]), 2), None);
