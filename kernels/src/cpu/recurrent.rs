@@ -40,6 +40,7 @@
 //! kernels' pool.
 
 use super::matmul::matmul_fused;
+use super::reduce::sum_columns;
 use super::simd::{F32Vector, Isa, kernel, math};
 use super::unary::UnaryOp;
 use crate::layout::Layout;
@@ -211,13 +212,8 @@ pub fn sequence_backward<T: FloatElem>(
         None,
         None,
     );
-    let mut bias = vec![0.0f64; gh];
-    for row in d_h_gates.chunks_exact(gh) {
-        for (b, v) in bias.iter_mut().zip(row) {
-            *b += v.to_f64();
-        }
-    }
-    SequenceGrads { x_gates: d_x, weight_hh, bias_hh: bias.into_iter().map(T::from_f64).collect(), state0: carried }
+    let bias_hh = sum_columns(&d_h_gates, gh);
+    SequenceGrads { x_gates: d_x, weight_hh, bias_hh, state0: carried }
 }
 
 fn check_lengths<T>(cell: Cell, dims: SequenceDims, x_gates: &[T], weight_hh: &[T], state0: &[T]) {

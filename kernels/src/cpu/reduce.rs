@@ -102,7 +102,7 @@ fn columns_of_contiguous(layout: &Layout, group: usize) -> Option<usize> {
 /// Column sums of the row-major matrix `data` with `columns` columns, in f64: each row is
 /// added into a row of accumulators (unit-stride, so it vectorises). Large matrices are
 /// split by columns across threads; every column is still summed top to bottom.
-fn sum_columns<T: FloatElem>(data: &[T], columns: usize) -> Vec<T> {
+pub(crate) fn sum_columns<T: FloatElem>(data: &[T], columns: usize) -> Vec<T> {
     const COLUMNS_PER_TASK: usize = 256;
     let sum_range = |cols: std::ops::Range<usize>| {
         let mut acc = vec![0.0f64; cols.len()];
