@@ -3,6 +3,7 @@
 //!
 //! - `fma_peak`: the FMA peak of each instruction set, every thread busy, in GFLOP/s;
 //! - `sgemm` against the `gemm` crate (candle's GEMM), in GFLOP/s;
+//! - `gpt_*`: the GEMMs of one GPT "baby" training step in their real layouts, against `gemm`;
 //! - `gemm_bf16`: our GEMM on bf16 operands (f32 accumulation) against ours on f32;
 //! - `linear_bias_gelu`: `gelu(x W^T + b)` with the bias and GELU in the GEMM's epilogue
 //!   (`matmul_bias_act`) against the same as three separate ops;
@@ -13,7 +14,7 @@
 //!   the same bytes into an existing buffer (the memory-bound floor) for the large ones.
 //!
 //! Run: `cargo run --release --example bench_kernels` (add `-- quick` for fewer repeats, and
-//! group names, `rows conv sgemm bf16 fused`, to run only those).
+//! group names, `rows conv sgemm gpt bf16 fused`, to run only those).
 //! Each figure is the median of interleaved repeats (ours, peer, ours, ...), so slow
 //! drifts of a shared machine hit both sides alike.
 
@@ -28,7 +29,7 @@ use std::time::Instant;
 
 #[path = "common/gemm_peer.rs"]
 mod gemm_peer;
-use gemm_peer::gemm_crate_sgemm;
+use gemm_peer::{gemm_crate_sgemm, gemm_crate_sgemm_strided};
 
 /// Median seconds of `f` and `g` over `reps` interleaved calls each (after a warm-up).
 fn race(reps: usize, mut f: impl FnMut(), mut g: impl FnMut()) -> (f64, f64) {
@@ -198,6 +199,41 @@ fn sgemm_lines(threads: usize, reps: usize) {
     }
 }
 
+/// The GEMMs of one training step of the GPT "baby" (768 tokens, width 128, MLP 512), in
+/// the layouts a linear layer hands the GEMM: forward `x W^T` (B column-major), input
+/// gradient `dy W` (both row-major), weight gradient `dy^T x` (A column-major, depth 768).
+fn gpt_gemm_lines(threads: usize, reps: usize) {
+    let tokens = 768;
+    for (inputs, outputs) in [(128, 384), (128, 128), (128, 512), (512, 128), (128, 65)] {
+        let x = Tensor::randn([tokens, inputs], &Device::Cpu, 1).unwrap().to_vec::<f32>().unwrap();
+        let w = Tensor::randn([outputs, inputs], &Device::Cpu, 2).unwrap().to_vec::<f32>().unwrap();
+        let dy = Tensor::randn([tokens, outputs], &Device::Cpu, 3).unwrap().to_vec::<f32>().unwrap();
+        // (name, m, n, k, A as (data, row stride, col stride), B likewise)
+        let products = [
+            ("forward", tokens, outputs, inputs, (&x, inputs, 1), (&w, 1, inputs)),
+            ("input_grad", tokens, inputs, outputs, (&dy, outputs, 1), (&w, inputs, 1)),
+            ("weight_grad", outputs, inputs, tokens, (&dy, 1, outputs), (&x, inputs, 1)),
+        ];
+        for (name, m, n, k, (a, a_rs, a_cs), (b, b_rs, b_cs)) in products {
+            let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+            let view = |data, row_stride, col_stride| MatRef { data, offset: 0, row_stride, col_stride };
+            let (ours, peer) = race(
+                reps * 4,
+                || sgemm(m, n, k, view(a, a_rs, a_cs), view(b, b_rs, b_cs), &mut c1),
+                || gemm_crate_sgemm_strided(m, n, k, (a, a_rs, a_cs), (b, b_rs, b_cs), &mut c2, threads),
+            );
+            let gflops = |secs: f64| 2.0 * (m * n * k) as f64 / secs / 1e9;
+            println!(
+                "{{\"op\":\"gpt_{name}\",\"shape\":[{m},{k},{n}],\"threads\":{threads},\"ms\":{:.4},\"gflops\":{:.1},\"peer\":\"gemm\",\"peer_ms\":{:.4},\"peer_gflops\":{:.1}}}",
+                ours * 1e3,
+                gflops(ours),
+                peer * 1e3,
+                gflops(peer)
+            );
+        }
+    }
+}
+
 /// GEMM on bf16 operands (widened to f32 as they are packed) against f32, same shapes.
 fn bf16_gemm_lines(threads: usize, reps: usize) {
     for (m, k, n) in [(512, 512, 512), (1024, 1024, 1024), (4096, 384, 1536)] {
@@ -264,7 +300,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "quick");
     let reps = if quick { 5 } else { 15 };
-    // Any other argument names the groups to run (`rows conv sgemm bf16 fused`); none runs all.
+    // Any other argument names the groups to run (`rows conv sgemm gpt bf16 fused`); none runs all.
     let groups: Vec<&str> = args.iter().map(String::as_str).filter(|a| *a != "quick").collect();
     let wanted = |group: &str| groups.is_empty() || groups.contains(&group);
     for threads in [1, 2] {
@@ -279,6 +315,9 @@ fn main() {
             }
             if wanted("sgemm") {
                 sgemm_lines(threads, reps);
+            }
+            if wanted("gpt") {
+                gpt_gemm_lines(threads, reps);
             }
             if wanted("bf16") {
                 bf16_gemm_lines(threads, reps);

@@ -90,7 +90,21 @@ impl Var {
         if !mode::is_grad_enabled() || !inputs.iter().any(Var::needs_grad) {
             return Ok(Var::constant(value));
         }
-        Ok(Var::make(value, Kind::Op { name: op, record: Mutex::new(Some(Record { op, inputs, backward })) }))
+        Ok(Var::make(
+            value,
+            Kind::Op { name: op, record: Mutex::new(Some(Record { op, inputs, backward, window: None })) },
+        ))
+    }
+
+    /// Marks a recorded op as a window of its one input (see [`crate::tape::Window`]);
+    /// a constant (nothing recorded) is left as it is.
+    pub(crate) fn mark_window(&self, window: crate::tape::Window) {
+        if let Kind::Op { record, .. } = self.kind()
+            && let Some(r) = record.lock().unwrap_or_else(|e| e.into_inner()).as_mut()
+        {
+            debug_assert_eq!(r.inputs.len(), 1, "a window has one input");
+            r.window = Some(window);
+        }
     }
 
     /// The value.

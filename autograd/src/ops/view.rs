@@ -60,7 +60,10 @@ impl Var {
     pub fn narrow(&self, dim: isize, start: usize, len: usize) -> Result<Var> {
         let value = self.value().narrow(dim, start, len)?;
         let d = resolve_dim("narrow", dim, self.rank())?;
-        self.unary_op("narrow", value, move |_, g, x| g.pad_with_zeros(d as isize, start, x.dims()[d] - start - len))
+        let out = self
+            .unary_op("narrow", value, move |_, g, x| g.pad_with_zeros(d as isize, start, x.dims()[d] - start - len))?;
+        out.mark_window(crate::tape::Window { dim: d, start });
+        Ok(out)
     }
     /// Pads `dim` with `before` zeros in front and `after` behind; the gradient is the
     /// middle part again (`narrow`).

@@ -434,6 +434,22 @@ fn pack_sliver<T: GemmInput, const W: usize>(
     if lanes < W {
         sliver.iter_mut().for_each(|row| row[lanes..].fill(0.0));
     }
+    #[cfg(target_arch = "x86_64")]
+    if x.col_stride == 1
+        && W <= x86::PACK_MAX_LANES
+        && let Some(data) = super::matmul::cast::<T, f32>(x.data)
+        && Isa::Avx2Fma.is_available()
+    {
+        // Depth is contiguous and the values are f32: transpose 8 x 8 blocks in registers.
+        let mut lines = [&data[..0]; x86::PACK_MAX_LANES];
+        for (w, line) in lines.iter_mut().take(lanes).enumerate() {
+            *line = &data[x.offset + (lane0 + w) * x.row_stride + pc..][..depth];
+        }
+        // SAFETY: the CPU has AVX2 (checked above); `lines` holds `lanes <= W` lines of
+        // `depth` values each, as the function requires.
+        unsafe { x86::pack_lines_avx2(&lines[..lanes], sliver) };
+        return;
+    }
     if x.col_stride == 1 && lanes == W {
         // Depth is contiguous (a row-major A, or a B that is a transposed row-major
         // matrix): read the W lines side by side, so that each sliver row is written
@@ -560,6 +576,94 @@ mod x86 {
                 }
             }
         };
+    }
+
+    /// The most lanes [`pack_lines_avx2`] packs (the widest sliver, AVX-512's B).
+    pub const PACK_MAX_LANES: usize = 32;
+
+    /// `sliver[p][w] = lines[w][p]` for the given lines and `0` for the lanes past them
+    /// (`lines.len() <= W`): packs lines whose depth is contiguous (a row-major A, a B
+    /// that is a transposed row-major matrix) 8 lines x 8 depth values at a time, each
+    /// block loaded as eight vectors, transposed in registers and stored as eight sliver
+    /// rows (the scalar loop it replaces moved one value per load and store).
+    ///
+    /// A group of fewer than 8 lanes (the last one when `W` is not a multiple of 8) is
+    /// still stored 8 lanes wide: the extra lanes spill into the start of the next sliver
+    /// row, which a later store overwrites, since the groups are stored last to first and
+    /// the rows in order. (A masked store is slow on AMD cores.) Only the sliver's last row
+    /// is stored exactly.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 (and FMA, the ISA this is dispatched with).
+    ///
+    /// # Panics
+    /// If there are more than `W` lines or a line holds fewer than `sliver.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn pack_lines_avx2<const W: usize>(lines: &[&[f32]], sliver: &mut [[f32; W]]) {
+        let depth = sliver.len();
+        assert!(lines.len() <= W && lines.iter().all(|line| line.len() >= depth), "pack_lines: short lines");
+        let blocks = depth / 8 * 8;
+        let flat = sliver.as_flattened_mut();
+        for group in (0..W).step_by(8).rev() {
+            let width = 8.min(W - group);
+            for p0 in (0..blocks).step_by(8) {
+                let mut rows = [_mm256_setzero_ps(); 8];
+                for (row, line) in rows.iter_mut().zip(lines.iter().skip(group).take(width)) {
+                    // SAFETY: `line` holds at least `depth >= p0 + 8` values (asserted).
+                    *row = unsafe { _mm256_loadu_ps(line.as_ptr().add(p0)) };
+                }
+                for (j, column) in transpose8(rows).iter().enumerate() {
+                    let start = (p0 + j) * W + group;
+                    if start + 8 <= flat.len() {
+                        // SAFETY: `flat[start..start + 8]` is in bounds (checked).
+                        unsafe { _mm256_storeu_ps(flat[start..].as_mut_ptr(), *column) };
+                    } else {
+                        let mut lanes = [0.0f32; 8];
+                        // SAFETY: `lanes` holds 8 values.
+                        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *column) };
+                        flat[start..start + width].copy_from_slice(&lanes[..width]);
+                    }
+                }
+            }
+        }
+        for (p, row) in sliver.iter_mut().enumerate().skip(blocks) {
+            for (w, value) in row.iter_mut().enumerate() {
+                *value = lines.get(w).map_or(0.0, |line| line[p]);
+            }
+        }
+    }
+
+    /// The transpose of an 8 x 8 block held as eight row vectors.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        // Interleave pairs of rows, then pairs of pairs, then swap 128-bit halves.
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
     }
 
     two_vector_microkernel!(
@@ -820,6 +924,39 @@ mod tests {
         let b = Operand::new(k, n, true, 1, 0, 5);
         for isa in available_isas() {
             assert_matches_naive(&run(isa, m, n, k, &a, &b), m, n, k, &a, &b);
+        }
+    }
+
+    /// The AVX2 transposing pack against its definition, for every sliver width the
+    /// microkernels use, fewer lines than lanes, and depths around the 8-value blocks.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn transposing_pack_matches_its_definition() {
+        fn check<const W: usize>() {
+            for depth in [0, 1, 7, 8, 9, 16, 23] {
+                for line_count in [0, 1, W / 2, W - 1, W] {
+                    let data: Vec<Vec<f32>> =
+                        (0..line_count).map(|w| (0..depth + 3).map(|p| (w * 100 + p) as f32).collect()).collect();
+                    let lines: Vec<&[f32]> = data.iter().map(|line| &line[..]).collect();
+                    let mut sliver = vec![[f32::NAN; W]; depth];
+                    // SAFETY: checked that the CPU has AVX2 and FMA.
+                    unsafe { x86::pack_lines_avx2(&lines, &mut sliver) };
+                    for (p, row) in sliver.iter().enumerate() {
+                        for (w, &v) in row.iter().enumerate() {
+                            let want = if w < line_count { (w * 100 + p) as f32 } else { 0.0 };
+                            assert_eq!(v, want, "W {W}, depth {depth}, {line_count} lines: [{p}][{w}]");
+                        }
+                    }
+                }
+            }
+        }
+        if Isa::Avx2Fma.is_available() {
+            check::<4>();
+            check::<6>();
+            check::<8>();
+            check::<14>();
+            check::<16>();
+            check::<32>();
         }
     }
 
