@@ -33,7 +33,7 @@ use crate::gpt::{EvalPoint, SamplingConfig};
 use crate::rng::SplitMix64;
 use aigc_autograd::{CrossEntropyOptions, Var, no_grad};
 use aigc_nn::optim::ParamGroup;
-use aigc_nn::optim::schedule::{LrSchedule, WarmupCosine};
+use aigc_nn::optim::schedule::WarmupCosine;
 use aigc_nn::rnn::{GruCell, LstmCell, Recurrent, RnnCell, Sequence};
 use aigc_nn::{
     AdamConfig, AdamW, Dropout, Embedding, Init, Linear, Module, Nonlinearity, Optimizer, RnnConfig, VarStore,
@@ -528,8 +528,7 @@ impl RecurrentTrainConfig {
     pub fn lr_at(&self, step: u64, seconds: f64) -> f64 {
         let schedule =
             WarmupCosine { warmup: self.warmup_iters, total: self.iters, max_lr: self.lr, min_lr: self.min_lr };
-        let by_time = self.max_seconds.map_or(0, |budget| (seconds / budget * self.iters as f64) as u64);
-        schedule.lr(if step < self.warmup_iters { step } else { step.max(by_time) })
+        schedule.lr_within_budget(step, self.max_seconds.map(|budget| seconds / budget))
     }
 }
 

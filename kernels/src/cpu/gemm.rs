@@ -431,9 +431,6 @@ fn pack_sliver<T: GemmInput, const W: usize>(
     sliver: &mut [[f32; W]],
 ) {
     let (lanes, depth) = (W.min(lane_end - lane0), sliver.len());
-    if lanes < W {
-        sliver.iter_mut().for_each(|row| row[lanes..].fill(0.0));
-    }
     #[cfg(target_arch = "x86_64")]
     if x.col_stride == 1
         && W <= x86::PACK_MAX_LANES
@@ -446,9 +443,12 @@ fn pack_sliver<T: GemmInput, const W: usize>(
             *line = &data[x.offset + (lane0 + w) * x.row_stride + pc..][..depth];
         }
         // SAFETY: the CPU has AVX2 (checked above); `lines` holds `lanes <= W` lines of
-        // `depth` values each, as the function requires.
+        // `depth` values each, as the function requires. It zeroes the padding lanes too.
         unsafe { x86::pack_lines_avx2(&lines[..lanes], sliver) };
         return;
+    }
+    if lanes < W {
+        sliver.iter_mut().for_each(|row| row[lanes..].fill(0.0));
     }
     if x.col_stride == 1 && lanes == W {
         // Depth is contiguous (a row-major A, or a B that is a transposed row-major

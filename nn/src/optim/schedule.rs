@@ -75,6 +75,18 @@ impl LrSchedule for WarmupCosine {
     }
 }
 
+impl WarmupCosine {
+    /// The rate for a run with a time budget, after `step` steps with the share
+    /// `budget_spent` (0 to 1, `None` without a budget) of it used: the warmup counts
+    /// steps, and after it the decay is advanced to the spent share of `total` when that
+    /// is further along than the step count, so that a run its budget stops also ends its
+    /// decay.
+    pub fn lr_within_budget(&self, step: u64, budget_spent: Option<f64>) -> f64 {
+        let by_time = budget_spent.map_or(0, |share| (share * self.total as f64) as u64);
+        self.lr(if step < self.warmup { step } else { step.max(by_time) })
+    }
+}
+
 /// `lr * gamma^(step / step_size)` (integer division): the rate drops by `gamma` every
 /// `step_size` steps. A `step_size` of 0 counts as 1.
 #[derive(Clone, Copy, Debug)]
@@ -102,6 +114,16 @@ mod tests {
         let s = LinearWarmup { warmup: 4, lr: 1.0 };
         let got: Vec<f64> = (0..6).map(|i| s.lr(i)).collect();
         assert_eq!(got, vec![0.2, 0.4, 0.6, 0.8, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn a_budget_advances_the_decay_but_not_the_warmup() {
+        let s = WarmupCosine { warmup: 10, total: 100, max_lr: 1.0, min_lr: 0.1 };
+        assert_eq!(s.lr_within_budget(40, None), s.lr(40));
+        assert_eq!(s.lr_within_budget(40, Some(0.2)), s.lr(40), "the steps are further along");
+        assert_eq!(s.lr_within_budget(40, Some(0.7)), s.lr(70), "the budget is further along");
+        assert_eq!(s.lr_within_budget(3, Some(0.9)), s.lr(3), "the warmup counts steps");
+        assert_eq!(s.lr_within_budget(20, Some(1.0)), 0.1);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::rng::SplitMix64;
 use aigc_autograd::profile::region;
 use aigc_autograd::{CrossEntropyOptions, no_grad};
 use aigc_nn::optim::ParamGroup;
-use aigc_nn::optim::schedule::{LrSchedule, WarmupCosine};
+use aigc_nn::optim::schedule::WarmupCosine;
 use aigc_nn::{AdamConfig, AdamW, Optimizer, VarStore, clip_grad_norm};
 use aigc_tensor::{Device, Error, Result, Tensor};
 use std::time::Instant;
@@ -164,8 +164,8 @@ pub fn validation_loss(model: &Gpt, vs: &VarStore, tokens: &[u32]) -> Result<f64
         let mut total = 0.0;
         for batch in windows.chunks(64) {
             let shape = [batch.len(), block];
-            let x = Tensor::from_vec(batch.iter().flat_map(|w| w.0.clone()).collect(), shape, &model.device())?;
-            let y: Vec<i64> = batch.iter().flat_map(|w| w.1.clone()).collect();
+            let x = Tensor::from_vec(batch.iter().flat_map(|w| w.0.iter().copied()).collect(), shape, &model.device())?;
+            let y: Vec<i64> = batch.iter().flat_map(|w| w.1.iter().copied()).collect();
             let counted = y.iter().filter(|&&t| t != IGNORED).count();
             let logits = model.forward(&x)?;
             let flat = logits.reshape([batch.len() * block, model.config().vocab_size])?;
@@ -202,9 +202,7 @@ pub fn train(
     let mut step = 0;
     while step < cfg.iters && !budget_spent(train_seconds) {
         let started = Instant::now();
-        // The warmup counts steps; the decay follows the budget when that is further along.
-        let by_time = cfg.max_seconds.map_or(0, |budget| (train_seconds / budget * cfg.lr_decay_iters as f64) as u64);
-        opt.set_lr(schedule.lr(if step < cfg.warmup_iters { step } else { step.max(by_time) }));
+        opt.set_lr(schedule.lr_within_budget(step, cfg.max_seconds.map(|budget| train_seconds / budget)));
         let (x, y) = region("sample_batch", || sample_batch(train, block, cfg.batch_size, &mut rng, &model.device()))?;
         let loss = model.loss(&x, &y)?;
         opt.zero_grad();
