@@ -4,6 +4,8 @@
 //! - `fma_peak`: the FMA peak of each instruction set, every thread busy, in GFLOP/s;
 //! - `sgemm` against the `gemm` crate (candle's GEMM), in GFLOP/s;
 //! - `gpt_*`: the GEMMs of one GPT "baby" training step in their real layouts, against `gemm`;
+//! - `small_*`: products below the packing threshold (attention tiles, a decoding step),
+//!   against `gemm`;
 //! - `gemm_bf16`: our GEMM on bf16 operands (f32 accumulation) against ours on f32;
 //! - `linear_bias_gelu`: `gelu(x W^T + b)` with the bias and GELU in the GEMM's epilogue
 //!   (`matmul_bias_act`) against the same as three separate ops;
@@ -14,7 +16,7 @@
 //!   the same bytes into an existing buffer (the memory-bound floor) for the large ones.
 //!
 //! Run: `cargo run --release --example bench_kernels` (add `-- quick` for fewer repeats, and
-//! group names, `rows conv sgemm gpt bf16 fused`, to run only those).
+//! group names, `rows conv sgemm gpt small bf16 fused`, to run only those).
 //! Each figure is the median of interleaved repeats (ours, peer, ours, ...), so slow
 //! drifts of a shared machine hit both sides alike.
 
@@ -188,14 +190,38 @@ fn sgemm_lines(threads: usize, reps: usize) {
             batched(inner, || sgemm(m, n, k, row_major(&a, k), row_major(&b, n), &mut c1)),
             batched(inner, || gemm_crate_sgemm(m, n, k, &a, &b, &mut c2, threads)),
         );
-        let gflops = |secs: f64| 2.0 * (m * n * k) as f64 * inner as f64 / secs / 1e9;
-        println!(
-            "{{\"op\":\"sgemm\",\"shape\":[{m},{k},{n}],\"threads\":{threads},\"ms\":{:.4},\"gflops\":{:.1},\"peer\":\"gemm\",\"peer_ms\":{:.4},\"peer_gflops\":{:.1}}}",
-            ours * 1e3 / inner as f64,
-            gflops(ours),
-            peer * 1e3 / inner as f64,
-            gflops(peer)
+        gemm_line("sgemm", [m, k, n], threads, ours / inner as f64, peer / inner as f64);
+    }
+}
+
+/// Prints one GEMM measurement against the `gemm` crate, from the seconds per product.
+fn gemm_line(op: &str, [m, k, n]: [usize; 3], threads: usize, ours: f64, peer: f64) {
+    let gflops = |secs: f64| 2.0 * (m * n * k) as f64 / secs / 1e9;
+    println!(
+        "{{\"op\":\"{op}\",\"shape\":[{m},{k},{n}],\"threads\":{threads},\"ms\":{:.4},\"gflops\":{:.1},\"peer\":\"gemm\",\"peer_ms\":{:.4},\"peer_gflops\":{:.1}}}",
+        ours * 1e3,
+        gflops(ours),
+        peer * 1e3,
+        gflops(peer)
+    );
+}
+
+/// A product in a given layout: `(name, m, n, k, A, B)`, each operand as `(data, row
+/// stride, column stride)`.
+type StridedProduct<'a> = (&'a str, usize, usize, usize, (&'a [f32], usize, usize), (&'a [f32], usize, usize));
+
+/// Races our `sgemm` against `gemm` on each product, `inner` products per timed sample,
+/// and prints one line each (op `{prefix}_{name}`).
+fn strided_gemm_lines(prefix: &str, products: &[StridedProduct], threads: usize, reps: usize, inner: usize) {
+    for &(name, m, n, k, (a, a_rs, a_cs), (b, b_rs, b_cs)) in products {
+        let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+        let view = |data, row_stride, col_stride| MatRef { data, offset: 0, row_stride, col_stride };
+        let (ours, peer) = race(
+            reps,
+            batched(inner, || sgemm(m, n, k, view(a, a_rs, a_cs), view(b, b_rs, b_cs), &mut c1)),
+            batched(inner, || gemm_crate_sgemm_strided(m, n, k, (a, a_rs, a_cs), (b, b_rs, b_cs), &mut c2, threads)),
         );
+        gemm_line(&format!("{prefix}_{name}"), [m, k, n], threads, ours / inner as f64, peer / inner as f64);
     }
 }
 
@@ -208,29 +234,12 @@ fn gpt_gemm_lines(threads: usize, reps: usize) {
         let x = Tensor::randn([tokens, inputs], &Device::Cpu, 1).unwrap().to_vec::<f32>().unwrap();
         let w = Tensor::randn([outputs, inputs], &Device::Cpu, 2).unwrap().to_vec::<f32>().unwrap();
         let dy = Tensor::randn([tokens, outputs], &Device::Cpu, 3).unwrap().to_vec::<f32>().unwrap();
-        // (name, m, n, k, A as (data, row stride, col stride), B likewise)
         let products = [
-            ("forward", tokens, outputs, inputs, (&x, inputs, 1), (&w, 1, inputs)),
-            ("input_grad", tokens, inputs, outputs, (&dy, outputs, 1), (&w, inputs, 1)),
-            ("weight_grad", outputs, inputs, tokens, (&dy, 1, outputs), (&x, inputs, 1)),
+            ("forward", tokens, outputs, inputs, (&x[..], inputs, 1), (&w[..], 1, inputs)),
+            ("input_grad", tokens, inputs, outputs, (&dy[..], outputs, 1), (&w[..], inputs, 1)),
+            ("weight_grad", outputs, inputs, tokens, (&dy[..], 1, outputs), (&x[..], inputs, 1)),
         ];
-        for (name, m, n, k, (a, a_rs, a_cs), (b, b_rs, b_cs)) in products {
-            let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
-            let view = |data, row_stride, col_stride| MatRef { data, offset: 0, row_stride, col_stride };
-            let (ours, peer) = race(
-                reps * 4,
-                || sgemm(m, n, k, view(a, a_rs, a_cs), view(b, b_rs, b_cs), &mut c1),
-                || gemm_crate_sgemm_strided(m, n, k, (a, a_rs, a_cs), (b, b_rs, b_cs), &mut c2, threads),
-            );
-            let gflops = |secs: f64| 2.0 * (m * n * k) as f64 / secs / 1e9;
-            println!(
-                "{{\"op\":\"gpt_{name}\",\"shape\":[{m},{k},{n}],\"threads\":{threads},\"ms\":{:.4},\"gflops\":{:.1},\"peer\":\"gemm\",\"peer_ms\":{:.4},\"peer_gflops\":{:.1}}}",
-                ours * 1e3,
-                gflops(ours),
-                peer * 1e3,
-                gflops(peer)
-            );
-        }
+        strided_gemm_lines("gpt", &products, threads, reps * 4, 1);
     }
 }
 
@@ -277,6 +286,21 @@ fn fused_linear_lines(threads: usize, reps: usize) {
     }
 }
 
+/// Products below the GEMM's packing threshold, which take the unpacked path: the tile
+/// products of attention in a GPT baby layer (64 positions, head dim 32; Q/K/V rows 384
+/// apart as views into the fused projection), and one decoding step's `x W^T`.
+fn small_gemm_lines(threads: usize, reps: usize) {
+    let operand = |len: usize, seed: u64| Tensor::randn([len], &Device::Cpu, seed).unwrap().to_vec::<f32>().unwrap();
+    let (qkv, square, w) = (operand(64 * 384, 1), operand(64 * 64, 2), operand(384 * 128, 3));
+    let products = [
+        ("attn_scores", 64, 64, 32, (&qkv[..], 384, 1), (&qkv[..], 1, 384)),
+        ("attn_weighted_values", 64, 32, 64, (&square[..], 64, 1), (&qkv[..], 384, 1)),
+        ("attn_value_grad", 64, 32, 64, (&square[..], 1, 64), (&qkv[..], 384, 1)),
+        ("decode_step", 1, 384, 128, (&qkv[..], 384, 1), (&w[..], 1, 128)),
+    ];
+    strided_gemm_lines("small", &products, threads, reps, 50);
+}
+
 /// The FMA peak of each instruction set this CPU has, with `threads` threads running the
 /// probe at once: the ceiling to read GFLOP/s figures against. Plain scoped threads, not
 /// the rayon pool: a `broadcast` on the pool measured about half the 2-thread peak here
@@ -300,7 +324,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "quick");
     let reps = if quick { 5 } else { 15 };
-    // Any other argument names the groups to run (`rows conv sgemm gpt bf16 fused`); none runs all.
+    // Any other argument names the groups to run (`rows conv sgemm gpt small bf16 fused`); none runs all.
     let groups: Vec<&str> = args.iter().map(String::as_str).filter(|a| *a != "quick").collect();
     let wanted = |group: &str| groups.is_empty() || groups.contains(&group);
     for threads in [1, 2] {
@@ -318,6 +342,9 @@ fn main() {
             }
             if wanted("gpt") {
                 gpt_gemm_lines(threads, reps);
+            }
+            if wanted("small") {
+                small_gemm_lines(threads, reps);
             }
             if wanted("bf16") {
                 bf16_gemm_lines(threads, reps);

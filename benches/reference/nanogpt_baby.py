@@ -2,8 +2,11 @@
 tiny Shakespeare (n_layer 4, n_head 4, n_embd 128, block 64, batch 12, dropout 0, no biases,
 AdamW lr 1e-3 betas (0.9, 0.99) wd 0.1, warmup 100 then cosine to 1e-4 at 2000 iters, clip 1).
 
-Usage: python3 benches/reference/nanogpt_baby.py PATH/TO/input.txt [iters] [--compile]
-Prints iterations/s, tokens/s, and the validation loss at the end. Run with the same thread
+Usage: python3 benches/reference/nanogpt_baby.py PATH/TO/input.txt [iters] [--compile] [--seed N]
+Prints iterations/s, tokens/s, and the validation loss at the end twice: nanoGPT's estimate
+(the mean over random validation batches) and the loss over the whole validation text, scored
+as aigc's `gpt::validation_loss` does (windows every block/2 characters, each target scored once,
+from the first window that holds it). Run with the same thread
 count as aigc (torch.set_num_threads(2)). Not part of the test suite.
 """
 
@@ -16,10 +19,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 torch.set_num_threads(2)
-torch.manual_seed(1337)
-path = sys.argv[1]
-iters = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
-compile_model = "--compile" in sys.argv
+args = [a for a in sys.argv[1:]]
+seed = 1337
+if "--seed" in args:
+    at = args.index("--seed")
+    seed = int(args[at + 1])
+    del args[at : at + 2]
+compile_model = "--compile" in args
+args = [a for a in args if a != "--compile"]
+torch.manual_seed(seed)
+path = args[0]
+iters = int(args[1]) if len(args) > 1 else 2000
 text = open(path, encoding="utf-8").read()
 chars = sorted(set(text))
 stoi = {c: i for i, c in enumerate(chars)}
@@ -67,12 +77,12 @@ class Gpt(nn.Module):
             if p.dim() >= 2:
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * L) if name.endswith("2.weight") or "c_proj" in name else 0.02)
 
-    def forward(self, idx, targets):
+    def forward(self, idx, targets, reduction="mean"):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
         for blk in self.h:
             x = blk(x)
         logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, V), targets.reshape(-1))
+        return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1, reduction=reduction)
 
 
 def batch(split):
@@ -114,4 +124,19 @@ print(f"{(iters - 10) / elapsed:.2f} it/s, {(iters - 10) * B * BLOCK / elapsed:.
 model.eval()
 with torch.no_grad():
     losses = [model(*batch("val")).item() for _ in range(200)]
-print(f"val loss {sum(losses) / len(losses):.4f} after {iters} iters, {time.time() - t0:.1f}s total")
+    # The whole validation text: windows every BLOCK/2, each target scored once, by the
+    # first window that holds it (aigc's gpt::validation_loss).
+    last = len(val) - 1 - BLOCK
+    starts = list(range(0, last + 1, BLOCK // 2))
+    if starts[-1] != last:
+        starts.append(last)
+    xs, ys, scored_until = [], [], 0
+    for s in starts:
+        xs.append(val[s : s + BLOCK])
+        y = val[s + 1 : s + 1 + BLOCK].clone()
+        y[: max(0, scored_until - s)] = -1
+        ys.append(y)
+        scored_until = s + BLOCK
+    total = sum(model(torch.stack(xs[i : i + 64]), torch.stack(ys[i : i + 64]), "sum").item() for i in range(0, len(xs), 64))
+    whole = total / (len(val) - 1)
+print(f"val loss {sum(losses) / len(losses):.4f} (200 random batches), whole validation text {whole:.4f}, after {iters} iters (seed {seed}), {time.time() - t0:.1f}s total")

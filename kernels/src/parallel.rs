@@ -88,6 +88,29 @@ pub fn for_each_entry<T: Send>(data: &mut [T], entry_len: usize, task: impl Fn(u
     }
 }
 
+/// Runs `a` and `b` at the same time, one on the calling thread and one on a worker
+/// (one after the other when the pool has a single thread), and returns both results.
+/// Parallel loops inside them run serially: this is for two independent pieces of work
+/// each too small to split well across the threads (the two gradients of a small matrix
+/// product), which then run whole, side by side.
+pub fn join<A: Send, B: Send>(a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B + Send) -> (A, B) {
+    fn take<X>(slot: &Mutex<Option<X>>) -> Option<X> {
+        slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+    let (a, b) = (Mutex::new(Some(a)), Mutex::new(Some(b)));
+    let (out_a, out_b) = (Mutex::new(None), Mutex::new(None));
+    for_each(2, |index| {
+        if index == 0 {
+            let a = take(&a).expect("task 0 runs once");
+            *out_a.lock().unwrap_or_else(|e| e.into_inner()) = Some(a());
+        } else {
+            let b = take(&b).expect("task 1 runs once");
+            *out_b.lock().unwrap_or_else(|e| e.into_inner()) = Some(b());
+        }
+    });
+    (take(&out_a).expect("task 0 ran"), take(&out_b).expect("task 1 ran"))
+}
+
 /// `task(i)` for every `i` in `0..tasks`, in parallel as [`for_each`], collected in order.
 pub fn map<R: Send>(tasks: usize, task: impl Fn(usize) -> R + Sync) -> Vec<R> {
     // One chunk of a zero-sized slice per task (no allocation).
@@ -334,6 +357,40 @@ mod tests {
             let mut data = vec![0usize; entries * 6];
             for_each_entry(&mut data, 6, |index, entry| entry.iter_mut().for_each(|v| *v += index + 1));
             assert!(data.chunks(6).enumerate().all(|(i, e)| e.iter().all(|&v| v == i + 1)));
+        }
+    }
+
+    #[test]
+    fn join_returns_both_results_and_moves_what_it_is_given() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for threads in [1, 2] {
+            let pool1 = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            let run = || {
+                let (text, numbers) = (String::from("left"), vec![1u64, 2, 3]);
+                // Each side owns its input and runs a parallel loop of its own (serial inside).
+                join(
+                    move || {
+                        let counted = AtomicUsize::new(0);
+                        for_each(10, |_| {
+                            counted.fetch_add(1, Ordering::Relaxed);
+                        });
+                        format!("{text}{}", counted.into_inner())
+                    },
+                    move || numbers.iter().sum::<u64>(),
+                )
+            };
+            let got = if threads == 2 { pool.install(run) } else { pool1.install(run) };
+            assert_eq!(got, ("left10".to_string(), 6), "{threads} threads");
+        }
+    }
+
+    #[test]
+    fn a_panic_in_either_side_of_a_join_reaches_the_caller() {
+        for side in 0..2 {
+            let caught = catch_unwind(|| {
+                join(|| assert!(side != 0, "left failed"), || assert!(side != 1, "right failed"));
+            });
+            assert!(caught.is_err(), "side {side}");
         }
     }
 

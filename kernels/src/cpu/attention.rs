@@ -66,10 +66,13 @@ pub struct Tiling {
 }
 
 impl Default for Tiling {
-    /// 32 query rows by 128 keys: a tile of scores, and the key/value blocks for a head
-    /// dim of 64, fit comfortably in L1/L2, and the two GEMMs per tile are not too small.
+    /// 16 query rows by 128 keys: a tile of scores, and the key/value blocks for a head
+    /// dim of 64, fit comfortably in L1/L2; the two products per tile are small enough
+    /// for the GEMM's unpacked path, and under a causal mask short query blocks skip more
+    /// of the hidden keys (a GPT baby layer's forward measured 10-15% faster than with
+    /// 32-row blocks).
     fn default() -> Self {
-        Self { query_block: 32, key_block: 128 }
+        Self { query_block: 16, key_block: 128 }
     }
 }
 

@@ -27,8 +27,11 @@ use crate::buffers::{for_overwrite, recycle};
 use crate::parallel;
 use crate::{FloatElem, Real};
 
-/// Query rows per block of the backward.
-const QUERY_BLOCK: usize = 64;
+/// Query rows per block of the backward. Small blocks skip more of what the causal mask
+/// hides (a block reads only the keys its last row sees): with 64 positions, blocks of 16
+/// compute 62% of the full score matrix, blocks of 64 all of it. Measured on a GPT baby
+/// layer (12 x 4 heads, 64 positions, head dim 32): 16 rows 10-15% faster than 64.
+const QUERY_BLOCK: usize = 16;
 
 /// The gradients `[dQ, dK, dV]` of attention, each row-major with the shape of its
 /// (batch-broadcast) operand `[batch.., L, D]`: summing broadcast batch dims down to an
@@ -46,14 +49,15 @@ pub fn scaled_dot_product_attention_backward<T: FloatElem>(
     let g = Matrices::new(g);
     let (lq, lk, d, dv) = (problem.lq, problem.lk, problem.d, problem.dv);
     let batches = problem.q.starts.len();
-    let (mut dq, mut dk, mut dvs) = (
-        crate::buffers::filled(batches * lq * d, T::zero()),
-        crate::buffers::filled(batches * lk * d, T::zero()),
-        crate::buffers::filled(batches * lk * dv, T::zero()),
-    );
     if batches == 0 || lq == 0 || lk == 0 {
-        return [dq, dk, dvs];
+        // No query or no key: every gradient is zero.
+        let zeros = |len| crate::buffers::filled(len, T::zero());
+        return [zeros(batches * lq * d), zeros(batches * lk * d), zeros(batches * lk * dv)];
     }
+    // Every value is written below (a batch entry's gradients are computed whole, zeros
+    // included, then copied out): no zero fill.
+    let (mut dq, mut dk, mut dvs) =
+        (for_overwrite(batches * lq * d), for_overwrite(batches * lk * d), for_overwrite(batches * lk * dv));
     // Each batch entry's gradients in parallel, dq written in place, dk and dv handed back
     // (`max(1)`: chunks of a zero-width gradient are empty but must still pair up).
     let key_grads = parallel::map_chunks_mut(&mut dq, (lq * d).max(1), |batch, dq| {

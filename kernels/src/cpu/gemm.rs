@@ -28,6 +28,7 @@
 //! compiles on every target. The row blocks (`ic`) run in parallel on the kernels' pool
 //! ([`crate::parallel`]) when the product is large.
 
+use super::gemm_small;
 use super::unary::{UnaryOp, bias_activation_f32};
 use crate::parallel;
 use half::{bf16, f16};
@@ -131,6 +132,12 @@ impl<T: GemmInput> MatRef<'_, T> {
     fn at(&self, i: usize, j: usize) -> f32 {
         self.data[self.offset + i * self.row_stride + j * self.col_stride].to_f32()
     }
+    /// The same view when the elements are f32 (the unpacked path reads only f32).
+    fn as_f32(&self) -> Option<MatRef<'_, f32>> {
+        let data = super::matmul::cast::<T, f32>(self.data)?;
+        Some(MatRef { data, offset: self.offset, row_stride: self.row_stride, col_stride: self.col_stride })
+    }
+
     /// The same elements read as the transpose.
     fn transposed(self) -> Self {
         MatRef { row_stride: self.col_stride, col_stride: self.row_stride, ..self }
@@ -216,11 +223,37 @@ pub fn gemm_with_isa<T: GemmInput>(
         }
         return;
     }
+    if let (Some(a32), Some(b32)) = (a.as_f32(), b.as_f32())
+        && gemm_small::is_small(m, n, k)
+    {
+        gemm_small::small_sgemm(isa, m, n, k, a32, b32, c);
+        if !epilogue.is_none() {
+            epilogue.apply(isa, c, n, m, 0, n);
+        }
+        return;
+    }
+    packed_gemm(isa, m, n, k, a, b, c, epilogue);
+}
+
+/// The packed path of [`gemm_with_isa`] for a product with `m`, `n` and `k` nonzero (the
+/// arguments already checked): split by columns when the rows are too few for the
+/// threads, else [`blocked_gemm`] with the ISA's microkernel.
+#[allow(clippy::too_many_arguments)] // as gemm_with_isa
+fn packed_gemm<T: GemmInput>(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<T>,
+    b: MatRef<T>,
+    c: &mut [f32],
+    epilogue: Epilogue,
+) {
     if few_rows_for_the_threads(isa, m, n, k) {
         // C^T = B^T A^T has n rows, which split evenly across the threads; C is its
         // transpose (m * n values, few next to the product's work).
         let mut transposed = crate::buffers::for_overwrite(m * n);
-        gemm_with_isa(isa, n, m, k, b.transposed(), a.transposed(), &mut transposed, Epilogue::NONE);
+        packed_gemm(isa, n, m, k, b.transposed(), a.transposed(), &mut transposed, Epilogue::NONE);
         for (i, c_row) in c.chunks_exact_mut(n).enumerate() {
             c_row.iter_mut().zip(transposed[i..].iter().step_by(m)).for_each(|(c, &t)| *c = t);
         }
@@ -381,7 +414,7 @@ fn store_tile_row(c_row: &mut [f32], tile_row: &[f32], first: bool) {
 
 /// Packs `B[pc..pc + kc, jc..jc + nc]` into NR-wide slivers of `kc` rows each, zero-padded
 /// past column `nc`, in `buffer`: sliver `s`, row `p` holds `B[pc + p, jc + s * NR ..][..NR]`.
-fn pack_b<'buf, T: GemmInput, const NR: usize>(
+pub(super) fn pack_b<'buf, T: GemmInput, const NR: usize>(
     b: MatRef<T>,
     pc: usize,
     kc: usize,
@@ -744,6 +777,19 @@ mod tests {
         c
     }
 
+    /// The product through each path on its own, whatever its size: the packed one and,
+    /// when `m`, `n` and `k` are nonzero (as `gemm_with_isa` ensures), the unpacked one.
+    fn run_each_path(isa: Isa, m: usize, n: usize, k: usize, a: &Operand, b: &Operand) -> Vec<Vec<f32>> {
+        let mut packed = vec![f32::NAN; m * n];
+        if m > 0 && n > 0 && k > 0 {
+            packed_gemm(isa, m, n, k, a.view(), b.view(), &mut packed, Epilogue::NONE);
+            let mut small = vec![f32::NAN; m * n];
+            gemm_small::small_sgemm(isa, m, n, k, a.view(), b.view(), &mut small);
+            return vec![packed, small];
+        }
+        vec![run(isa, m, n, k, a, b)]
+    }
+
     impl Operand {
         /// The operand's values converted to a half type (`data` is first rounded to it,
         /// so that [`naive_product`] sees exactly the values the GEMM reads).
@@ -786,6 +832,9 @@ mod tests {
             let a = Operand::new(m, k, a_t, pads.0, gaps.0, seed);
             let b = Operand::new(k, n, b_t, pads.1, gaps.1, seed ^ 0x9e37);
             assert_matches_naive(&run(Isa::best(), m, n, k, &a, &b), m, n, k, &a, &b);
+            for got in run_each_path(Isa::best(), m, n, k, &a, &b) {
+                assert_matches_naive(&got, m, n, k, &a, &b);
+            }
         }
     }
 
@@ -912,7 +961,9 @@ mod tests {
             let a = Operand::new(m, k, true, 1, 1, 7);
             let b = Operand::new(k, n, false, 2, 3, 11);
             for &isa in &isas {
-                assert_matches_naive(&run(isa, m, n, k, &a, &b), m, n, k, &a, &b);
+                for got in run_each_path(isa, m, n, k, &a, &b) {
+                    assert_matches_naive(&got, m, n, k, &a, &b);
+                }
             }
         }
     }

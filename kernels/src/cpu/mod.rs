@@ -11,6 +11,7 @@ pub mod binary;
 pub mod conv;
 pub mod copy;
 pub mod gemm;
+mod gemm_small;
 pub mod index;
 pub mod map;
 pub mod matmul;
