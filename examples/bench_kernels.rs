@@ -198,7 +198,7 @@ fn sgemm_lines(threads: usize, reps: usize) {
 fn gemm_line(op: &str, [m, k, n]: [usize; 3], threads: usize, ours: f64, peer: f64) {
     let gflops = |secs: f64| 2.0 * (m * n * k) as f64 / secs / 1e9;
     println!(
-        "{{\"op\":\"{op}\",\"shape\":[{m},{k},{n}],\"threads\":{threads},\"ms\":{:.4},\"gflops\":{:.1},\"peer\":\"gemm\",\"peer_ms\":{:.4},\"peer_gflops\":{:.1}}}",
+        "{{\"op\":\"{op}\",\"shape\":[{m},{k},{n}],\"threads\":{threads},\"ms\":{:.5},\"gflops\":{:.1},\"peer\":\"gemm\",\"peer_ms\":{:.5},\"peer_gflops\":{:.1}}}",
         ours * 1e3,
         gflops(ours),
         peer * 1e3,
