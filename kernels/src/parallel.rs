@@ -362,9 +362,8 @@ mod tests {
 
     #[test]
     fn join_returns_both_results_and_moves_what_it_is_given() {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for threads in [1, 2] {
-            let pool1 = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let run = || {
                 let (text, numbers) = (String::from("left"), vec![1u64, 2, 3]);
                 // Each side owns its input and runs a parallel loop of its own (serial inside).
@@ -379,7 +378,7 @@ mod tests {
                     move || numbers.iter().sum::<u64>(),
                 )
             };
-            let got = if threads == 2 { pool.install(run) } else { pool1.install(run) };
+            let got = pool.install(run);
             assert_eq!(got, ("left10".to_string(), 6), "{threads} threads");
         }
     }

@@ -57,22 +57,15 @@ pub(super) fn small_sgemm(isa: Isa, m: usize, n: usize, k: usize, a: MatRef, b: 
     let last = |x: &MatRef, rows: usize, cols: usize| x.offset + (rows - 1) * x.row_stride + (cols - 1) * x.col_stride;
     assert!(last(&a, m, k) < a.data.len(), "small_sgemm: A ({m} x {k}) reaches past its slice");
     assert!(last(&b, k, n) < b.data.len(), "small_sgemm: B ({k} x {n}) reaches past its slice");
-    let a = Strided { data: a.data, offset: a.offset, row_stride: a.row_stride, col_stride: a.col_stride };
     if m < ROWS && b.row_stride == 1 && b.col_stride != 1 && a.col_stride == 1 {
         // Fewer rows than a tile, B's columns contiguous (a decoding step's `x W^T`): each
         // value of C is a dot product of two contiguous vectors, and B is read once.
-        let b = Strided { data: b.data, offset: b.offset, row_stride: b.row_stride, col_stride: b.col_stride };
         dot_products(isa, m, n, k, a, b, c);
         return;
     }
     if b.col_stride == 1 {
-        // Column block `j` of B starts at column `j * 2 * LANES`, rows as they are.
-        let lanes = match isa {
-            Isa::Avx512 => 16,
-            Isa::Avx2Fma => 8,
-            Isa::Scalar => Baseline::LANES,
-        };
-        let b = ColumnBlocks { data: &b.data[b.offset..], block_stride: 2 * lanes, row_stride: b.row_stride };
+        // B as it is: the block at column `j0` starts `j0` values into B's first row.
+        let b = ColumnBlocks { data: &b.data[b.offset..], column_step: 1, row_stride: b.row_stride };
         tiles(isa, m, n, k, a, b, c);
         return;
     }
@@ -89,40 +82,31 @@ pub(super) fn small_sgemm(isa: Isa, m: usize, n: usize, k: usize, a: MatRef, b: 
     PACKED_B.set(packed);
 }
 
-/// A read through its strides (the fields of [`MatRef`], so that the kernel's argument
-/// list names no type of another module).
-#[derive(Clone, Copy)]
-struct Strided<'a> {
-    data: &'a [f32],
-    offset: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-/// B as blocks of `2 * LANES` columns: block `j` starts at `data[j * block_stride]`, its
-/// rows `row_stride` apart, each row's columns contiguous.
+/// B as blocks of `2 * LANES` columns, each row of a block contiguous: the block that
+/// starts at column `j0` starts at `data[j0 * column_step]`, its rows `row_stride` apart.
 #[derive(Clone, Copy)]
 struct ColumnBlocks<'a> {
     data: &'a [f32],
-    block_stride: usize,
+    column_step: usize,
     row_stride: usize,
 }
 
 impl<'a> ColumnBlocks<'a> {
-    /// B packed into `buffer` as `NR`-wide blocks (zero-padded at the right edge).
+    /// B packed into `buffer` as `NR`-wide blocks of `k` rows (zero-padded at the right
+    /// edge): the block at column `j0 = s * NR` starts at `s * k * NR = j0 * k`.
     fn packed<const NR: usize>(b: MatRef, k: usize, n: usize, buffer: &'a mut Vec<f32>) -> Self {
         let slivers = pack_b::<f32, NR>(b, 0, k, 0, n, buffer, false);
-        ColumnBlocks { data: slivers.as_flattened(), block_stride: k * NR, row_stride: NR }
+        ColumnBlocks { data: slivers.as_flattened(), column_step: k, row_stride: NR }
     }
 }
 
 kernel! {
     /// Every register tile of `C = A @ B` (see the module docs for the loop order).
-    fn tiles(m: usize, n: usize, k: usize, a: Strided<'_>, b: ColumnBlocks<'_>, c: &mut [f32]) {
+    fn tiles(m: usize, n: usize, k: usize, a: MatRef<'_>, b: ColumnBlocks<'_>, c: &mut [f32]) {
         let lanes = V::LANES;
-        for (block, j0) in (0..n).step_by(2 * lanes).enumerate() {
+        for j0 in (0..n).step_by(2 * lanes) {
             let cols = (n - j0).min(2 * lanes);
-            let b_block = &b.data[block * b.block_stride..];
+            let b_block = &b.data[j0 * b.column_step..];
             for i0 in (0..m).step_by(ROWS) {
                 let tile = Tile { k, b: b_block, ldb: b.row_stride, cols, c: &mut c[i0 * n + j0..], ldc: n };
                 match m - i0 {
@@ -141,7 +125,7 @@ kernel! {
 /// The register tile `C[i0..i0 + R, j0..] = A[i0..i0 + R, ..] @ B[.., j0..]`, A's values
 /// read through its strides.
 #[inline(always)]
-fn a_rows<V: F32Vector, const R: usize>(a: Strided, i0: usize, tile: Tile) {
+fn a_rows<V: F32Vector, const R: usize>(a: MatRef, i0: usize, tile: Tile) {
     let (first, k) = (a.offset + i0 * a.row_stride, tile.k);
     let last = first + (R - 1) * a.row_stride + (k - 1) * a.col_stride;
     assert!(last < a.data.len(), "small_sgemm: A's tile reaches past its slice");
@@ -217,7 +201,7 @@ kernel! {
     /// `C[i, j] = A[i, ..] . B[.., j]` for A with contiguous rows and B with contiguous
     /// columns: four columns of B at a time against one row of A, a vector accumulator
     /// per column, summed across its lanes at the end.
-    fn dot_products(m: usize, n: usize, k: usize, a: Strided<'_>, b: Strided<'_>, c: &mut [f32]) {
+    fn dot_products(m: usize, n: usize, k: usize, a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) {
         const GROUP: usize = 4;
         let lanes = V::LANES;
         let whole = k - k % lanes;
