@@ -1,12 +1,14 @@
 //! SGEMM side by side with the Rust peers in one run: ours (`Tensor::matmul`), the
 //! `matrixmultiply` crate (ndarray's) and the `gemm` crate (candle's). Criterion reports
 //! time per call and, through `Throughput::Elements(2 m n k)`, FLOP/s ("elem/s").
+//! `aigc/bf16` is ours on bf16 operands (f32 accumulation, the output rounded to bf16):
+//! the AVX512_BF16 dot-product kernel where the CPU has it, else widened to f32.
 //!
 //! Run: `cargo bench --bench sgemm` (2 threads), `RAYON_NUM_THREADS=1 cargo bench --bench sgemm` (1 thread;
 //! `matrixmultiply` is always single-threaded here, `gemm` follows the rayon pool).
 //! Read every figure against the FMA peak (about 116 GFLOP/s per Zen 4 core).
 
-use aigc::{Device, Tensor};
+use aigc::{DType, Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 #[path = "../examples/common/gemm_peer.rs"]
@@ -28,6 +30,8 @@ fn sgemm(c: &mut Criterion) {
         let mut out = vec![0f32; m * n];
 
         group.bench_function(BenchmarkId::new("aigc", "f32"), |bench| bench.iter(|| a.matmul(&b).unwrap()));
+        let (a16, b16) = (a.to_dtype(DType::BF16).unwrap(), b.to_dtype(DType::BF16).unwrap());
+        group.bench_function(BenchmarkId::new("aigc", "bf16"), |bench| bench.iter(|| a16.matmul(&b16).unwrap()));
         group.bench_function(BenchmarkId::new("matrixmultiply", "f32"), |bench| {
             bench.iter(|| {
                 // SAFETY: the pointers cover m*k, k*n and m*n f32s with the row-major strides given.

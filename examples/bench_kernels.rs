@@ -6,7 +6,8 @@
 //! - `gpt_*`: the GEMMs of one GPT "baby" training step in their real layouts, against `gemm`;
 //! - `small_*`: products below the packing threshold (attention tiles, a decoding step),
 //!   against `gemm`;
-//! - `gemm_bf16`: our GEMM on bf16 operands (f32 accumulation) against ours on f32;
+//! - `gemm_bf16`: our GEMM on bf16 operands (f32 accumulation) against ours on f32, with
+//!   the path taken (`vdpbf16ps` where the CPU has AVX512_BF16, else `widened` to f32);
 //! - `linear_bias_gelu`: `gelu(x W^T + b)` with the bias and GELU in the GEMM's epilogue
 //!   (`matmul_bias_act`) against the same as three separate ops;
 //! - conv2d and conv_transpose2d (the shapes), forward and forward+backward,
@@ -22,7 +23,7 @@
 
 use aigc::autograd::Var;
 use aigc::kernels::bf16;
-use aigc::kernels::cpu::gemm::{Epilogue, Isa, MatRef, gemm, sgemm};
+use aigc::kernels::cpu::gemm::{Epilogue, Isa, MatRef, gemm, has_bf16_dot_product, sgemm};
 use aigc::kernels::cpu::simd::fma_chains;
 use aigc::tensor::{Conv2dParams, ConvTranspose2dParams, UnaryOp};
 use aigc::{Device, Tensor};
@@ -243,7 +244,7 @@ fn gpt_gemm_lines(threads: usize, reps: usize) {
     }
 }
 
-/// GEMM on bf16 operands (widened to f32 as they are packed) against f32, same shapes.
+/// GEMM on bf16 operands against f32, same shapes.
 fn bf16_gemm_lines(threads: usize, reps: usize) {
     for (m, k, n) in [(512, 512, 512), (1024, 1024, 1024), (4096, 384, 1536)] {
         let a = Tensor::randn([m, k], &Device::Cpu, 1).unwrap().to_vec::<f32>().unwrap();
@@ -258,8 +259,9 @@ fn bf16_gemm_lines(threads: usize, reps: usize) {
             || sgemm(m, n, k, row_major(&a, k), row_major(&b, n), &mut c2),
         );
         let gflops = |secs: f64| 2.0 * (m * n * k) as f64 / secs / 1e9;
+        let path = if has_bf16_dot_product() { "vdpbf16ps" } else { "widened" };
         println!(
-            "{{\"op\":\"gemm_bf16\",\"shape\":[{m},{k},{n}],\"threads\":{threads},\"gflops\":{:.1},\"f32_gflops\":{:.1},\"bf16_over_f32\":{:.2}}}",
+            "{{\"op\":\"gemm_bf16\",\"shape\":[{m},{k},{n}],\"threads\":{threads},\"path\":\"{path}\",\"gflops\":{:.1},\"f32_gflops\":{:.1},\"bf16_over_f32\":{:.2}}}",
             gflops(ours),
             gflops(f32_secs),
             f32_secs / ours

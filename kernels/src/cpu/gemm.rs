@@ -18,6 +18,10 @@
 //! input type is widened: f16 and bf16 operands ([`GemmInput`]) are converted to f32 as
 //! they are packed, so the products accumulate in f32 with the f32 microkernels and
 //! nothing is converted twice (each value is packed once per use, as an f32 would be).
+//! The exception is bf16 on a CPU with AVX512_BF16: its operands are packed as pairs of
+//! bf16 for the dot-product instruction `vdpbf16ps` (twice the f32 rate; `gemm_bf16.rs`).
+//! What a packed word holds and how a sliver is filled is a `Packing`; the loops
+//! below are the same for both.
 //!
 //! An [`Epilogue`] (bias per output column, then an elementwise activation) is applied to
 //! each column sliver of a C block right after its last depth block is computed, while
@@ -28,14 +32,19 @@
 //! compiles on every target. The row blocks (`ic`) run in parallel on the kernels' pool
 //! ([`crate::parallel`]) when the product is large.
 
+#[cfg(target_arch = "x86_64")]
+use super::gemm_bf16::{self, Bf16Pairs};
 use super::gemm_small;
 use super::unary::{UnaryOp, bias_activation_f32};
 use crate::parallel;
 use half::{bf16, f16};
+use std::cell::Cell;
 use std::sync::OnceLock;
+use std::thread::LocalKey;
 
-/// Depth of one packed block: an A sliver (MR x KC) and a B sliver (KC x NR) stay in L1/L2.
-const KC: usize = 256;
+/// Depth of one packed block of f32 words: an A sliver (MR x KC) and a B sliver (KC x NR)
+/// stay in L1/L2. (bf16 pairs take twice the depth in the same bytes, [`Packing::KC`].)
+pub(super) const KC: usize = 256;
 /// Rows of A packed at once (rounded to a multiple of MR): an MC x KC block stays in L2.
 const MC: usize = 480;
 /// Columns of B packed at once: a KC x NC panel stays in L3.
@@ -78,6 +87,15 @@ impl Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
         *BEST.get_or_init(|| Isa::ALL.into_iter().rev().find(|isa| isa.is_available()).unwrap_or(Isa::Scalar))
     }
+}
+
+/// Whether bf16 operands run on the CPU's bf16 dot-product instruction (AVX512_BF16
+/// `vdpbf16ps`, at twice the f32 rate; see `gemm_bf16.rs`) rather than widened to f32.
+pub fn has_bf16_dot_product() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return gemm_bf16::has_dot_product();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// An element type the GEMM reads: f32 as it is, f16 and bf16 widened to f32 (exactly)
@@ -134,7 +152,12 @@ impl<T: GemmInput> MatRef<'_, T> {
     }
     /// The same view when the elements are f32 (the unpacked path reads only f32).
     fn as_f32(&self) -> Option<MatRef<'_, f32>> {
-        let data = super::matmul::cast::<T, f32>(self.data)?;
+        self.cast::<f32>()
+    }
+
+    /// The same view when the elements are of type `U`.
+    fn cast<U: 'static>(&self) -> Option<MatRef<'_, U>> {
+        let data = super::matmul::cast::<T, U>(self.data)?;
         Some(MatRef { data, offset: self.offset, row_stride: self.row_stride, col_stride: self.col_stride })
     }
 
@@ -264,11 +287,23 @@ fn packed_gemm<T: GemmInput>(
     }
     let problem = Problem { dims: Dims { m, n, k }, isa, epilogue };
     match isa {
-        Isa::Scalar => blocked_gemm::<T, SCALAR_MR, SCALAR_NR>(scalar_tile, problem, a, b, c),
+        Isa::Scalar => blocked_gemm::<T, Widened, SCALAR_MR, SCALAR_NR>(scalar_tile, problem, a, b, c),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => blocked_gemm::<T, { x86::AVX2_MR }, { x86::AVX2_NR }>(x86::avx2_tile, problem, a, b, c),
+        Isa::Avx2Fma => {
+            blocked_gemm::<T, Widened, { x86::AVX2_MR }, { x86::AVX2_NR }>(x86::avx2_tile, problem, a, b, c)
+        }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => blocked_gemm::<T, { x86::AVX512_MR }, { x86::AVX512_NR }>(x86::avx512_tile, problem, a, b, c),
+        Isa::Avx512 => {
+            if let (Some(a), Some(b)) = (a.cast::<bf16>(), b.cast::<bf16>())
+                && gemm_bf16::has_dot_product()
+            {
+                let kernel = gemm_bf16::avx512_bf16_tile;
+                blocked_gemm::<bf16, Bf16Pairs, { x86::AVX512_MR }, { x86::AVX512_NR }>(kernel, problem, a, b, c);
+            } else {
+                let kernel = x86::avx512_tile;
+                blocked_gemm::<T, Widened, { x86::AVX512_MR }, { x86::AVX512_NR }>(kernel, problem, a, b, c);
+            }
+        }
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2Fma | Isa::Avx512 => unreachable!("checked by is_available"),
     }
@@ -318,12 +353,81 @@ struct Problem<'a> {
 ///
 /// # Panics
 /// If `c` is shorter than `(MR - 1) * ldc + NR`.
-type Microkernel<const MR: usize, const NR: usize> =
-    unsafe fn(a: &[[f32; MR]], b: &[[f32; NR]], c: &mut [f32], ldc: usize, first: bool);
+type Microkernel<W, const MR: usize, const NR: usize> =
+    unsafe fn(a: &[[W; MR]], b: &[[W; NR]], c: &mut [f32], ldc: usize, first: bool);
 
-/// The five-loop blocked GEMM around one microkernel (see the module docs).
-fn blocked_gemm<T: GemmInput, const MR: usize, const NR: usize>(
-    kernel: Microkernel<MR, NR>,
+/// How an operand is packed for a microkernel: what one packed word holds and how a
+/// sliver is filled from a strided matrix of `T`.
+pub(super) trait Packing<T: GemmInput> {
+    /// One packed word: an f32 (one depth step), or two bf16 of consecutive depth steps.
+    type Word: PackedWord;
+    /// Depth steps per word.
+    const DEPTH_PER_WORD: usize;
+    /// Depth of one packed block, in depth steps (a multiple of `DEPTH_PER_WORD`).
+    const KC: usize;
+
+    /// Fills `sliver` (`depth.div_ceil(DEPTH_PER_WORD)` words deep) with the words of
+    /// `x[lane0 + w, pc..pc + depth]` for the lanes `w` below `lane_end`, zeros past them
+    /// (rows of `x` are the sliver's lanes, its columns the depth), and zeros for the
+    /// depth steps past `depth` in the last word.
+    fn pack_sliver<const W: usize>(
+        x: MatRef<T>,
+        lane0: usize,
+        lane_end: usize,
+        pc: usize,
+        depth: usize,
+        sliver: &mut [[Self::Word; W]],
+    );
+}
+
+/// A packed word type, with this thread's packing buffers for it.
+pub(super) trait PackedWord: Copy + Default + Send + Sync + 'static {
+    /// This thread's buffers: `[packed A blocks, packed B panels]`.
+    fn buffers() -> [&'static LocalKey<Cell<Vec<Self>>>; 2];
+}
+
+/// Implements [`PackedWord`] with a pair of thread-local buffers of the type.
+macro_rules! packed_word {
+    ($($word:ty),*) => {$(
+        impl PackedWord for $word {
+            fn buffers() -> [&'static LocalKey<Cell<Vec<$word>>>; 2] {
+                thread_local! {
+                    static PACKED_A: Cell<Vec<$word>> = const { Cell::new(Vec::new()) };
+                    static PACKED_B: Cell<Vec<$word>> = const { Cell::new(Vec::new()) };
+                }
+                [&PACKED_A, &PACKED_B]
+            }
+        }
+    )*};
+}
+// f32 for the f32 microkernels, u32 for bf16 pairs.
+packed_word!(f32, u32);
+
+/// Every input widened to one f32 per depth step, for the f32 microkernels.
+pub(super) struct Widened;
+
+impl<T: GemmInput> Packing<T> for Widened {
+    type Word = f32;
+    const DEPTH_PER_WORD: usize = 1;
+    const KC: usize = KC;
+
+    fn pack_sliver<const W: usize>(
+        x: MatRef<T>,
+        lane0: usize,
+        lane_end: usize,
+        pc: usize,
+        depth: usize,
+        sliver: &mut [[f32; W]],
+    ) {
+        debug_assert_eq!(depth, sliver.len());
+        pack_sliver(x, lane0, lane_end, pc, sliver);
+    }
+}
+
+/// The five-loop blocked GEMM around one microkernel, its operands packed as `P` says
+/// (see the module docs).
+fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
+    kernel: Microkernel<P::Word, MR, NR>,
     Problem { dims: Dims { m, n, k }, isa, epilogue }: Problem,
     a: MatRef<T>,
     b: MatRef<T>,
@@ -337,21 +441,23 @@ fn blocked_gemm<T: GemmInput, const MR: usize, const NR: usize>(
     let mc = m.div_ceil(blocks).next_multiple_of(MR);
     // The packing buffers are reused from call to call (one per thread): a fresh
     // allocation would fault its pages in on every call, and its first writes miss.
-    let mut packed_b = PACKED_B.take();
+    let [packed_a_buffer, packed_b_buffer] = P::Word::buffers();
+    let mut packed_b = packed_b_buffer.take();
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
-        for pc in (0..k).step_by(KC) {
-            let kc = KC.min(k - pc);
+        for pc in (0..k).step_by(P::KC) {
+            let kc = P::KC.min(k - pc);
+            let words = kc.div_ceil(P::DEPTH_PER_WORD);
             let last_depth_block = pc + kc == k;
-            let b_slivers = pack_b::<T, NR>(b, pc, kc, jc, nc, &mut packed_b, parallel);
+            let b_slivers = pack_b::<T, P, NR>(b, pc, kc, jc, nc, &mut packed_b, parallel);
             let block = |(block_index, c_rows): (usize, &mut [f32])| {
                 let ic = block_index * mc;
                 let rows = c_rows.len() / n;
-                let mut packed_a = PACKED_A.take();
-                let a_slivers = pack_a::<T, MR>(a, ic, rows, pc, kc, &mut packed_a);
+                let mut packed_a = packed_a_buffer.take();
+                let a_slivers = pack_a::<T, P, MR>(a, ic, rows, pc, kc, &mut packed_a);
                 let mut edge = [[0.0f32; NR]; MR];
-                for (jr, b_sliver) in b_slivers.chunks_exact(kc).enumerate() {
-                    for (ir, a_sliver) in a_slivers.chunks_exact(kc).enumerate() {
+                for (jr, b_sliver) in b_slivers.chunks_exact(words).enumerate() {
+                    for (ir, a_sliver) in a_slivers.chunks_exact(words).enumerate() {
                         let (i0, j0) = (ir * MR, jc + jr * NR);
                         let (tile_rows, tile_cols) = (MR.min(rows - i0), NR.min(jc + nc - j0));
                         if tile_rows == MR && tile_cols == NR {
@@ -373,7 +479,7 @@ fn blocked_gemm<T: GemmInput, const MR: usize, const NR: usize>(
                 if last_depth_block && !epilogue.is_none() {
                     epilogue.apply(isa, c_rows, n, rows, jc, nc);
                 }
-                PACKED_A.set(packed_a);
+                packed_a_buffer.set(packed_a);
             };
             if parallel {
                 parallel::for_each_chunk_mut(c, mc * n, |index, rows| block((index, rows)));
@@ -382,22 +488,15 @@ fn blocked_gemm<T: GemmInput, const MR: usize, const NR: usize>(
             }
         }
     }
-    PACKED_B.set(packed_b);
+    packed_b_buffer.set(packed_b);
 }
 
-thread_local! {
-    /// This thread's buffer for packed A blocks (MR-wide slivers, flattened).
-    static PACKED_A: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
-    /// This thread's buffer for packed B panels (NR-wide slivers, flattened).
-    static PACKED_B: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// `buffer` grown to hold `slivers` slivers of `depth` rows of `W` lanes, viewed as such.
+/// `buffer` grown to hold `slivers` slivers of `depth` words of `W` lanes, viewed as such.
 /// The values are left as they were: packing writes every lane, padding included.
-fn sliver_buffer<const W: usize>(buffer: &mut Vec<f32>, slivers: usize, depth: usize) -> &mut [[f32; W]] {
+fn sliver_buffer<D: PackedWord, const W: usize>(buffer: &mut Vec<D>, slivers: usize, depth: usize) -> &mut [[D; W]] {
     let len = slivers * depth * W;
     if buffer.len() < len {
-        buffer.resize(len, 0.0);
+        buffer.resize(len, D::default());
     }
     buffer[..len].as_chunks_mut::<W>().0
 }
@@ -412,43 +511,46 @@ fn store_tile_row(c_row: &mut [f32], tile_row: &[f32], first: bool) {
     }
 }
 
-/// Packs `B[pc..pc + kc, jc..jc + nc]` into NR-wide slivers of `kc` rows each, zero-padded
-/// past column `nc`, in `buffer`: sliver `s`, row `p` holds `B[pc + p, jc + s * NR ..][..NR]`.
-pub(super) fn pack_b<'buf, T: GemmInput, const NR: usize>(
+/// Packs `B[pc..pc + kc, jc..jc + nc]` into NR-wide slivers of `kc` depth steps each
+/// (as words of `P`), zero-padded past column `nc`, in `buffer`: sliver `s`, word `p`
+/// holds `B[pc + p, jc + s * NR ..][..NR]` (one depth step per word).
+pub(super) fn pack_b<'buf, T: GemmInput, P: Packing<T>, const NR: usize>(
     b: MatRef<T>,
     pc: usize,
     kc: usize,
     jc: usize,
     nc: usize,
-    buffer: &'buf mut Vec<f32>,
+    buffer: &'buf mut Vec<P::Word>,
     parallel: bool,
-) -> &'buf [[f32; NR]] {
-    let packed = sliver_buffer::<NR>(buffer, nc.div_ceil(NR), kc);
+) -> &'buf [[P::Word; NR]] {
+    let words = kc.div_ceil(P::DEPTH_PER_WORD);
+    let packed = sliver_buffer::<P::Word, NR>(buffer, nc.div_ceil(NR), words);
     // A B sliver is a sliver of B^T: lanes are B's columns, depth runs down B's rows.
     let b_t = b.transposed();
-    let pack = |(s, sliver): (usize, &mut [[f32; NR]])| pack_sliver(b_t, jc + s * NR, jc + nc, pc, sliver);
+    let pack = |(s, sliver): (usize, &mut [[P::Word; NR]])| P::pack_sliver(b_t, jc + s * NR, jc + nc, pc, kc, sliver);
     if parallel && packed.len() * NR >= PARALLEL_PACK_MIN {
-        parallel::for_each_chunk_mut(packed, kc, |index, sliver| pack((index, sliver)));
+        parallel::for_each_chunk_mut(packed, words, |index, sliver| pack((index, sliver)));
     } else {
-        packed.chunks_mut(kc).enumerate().for_each(pack);
+        packed.chunks_mut(words).enumerate().for_each(pack);
     }
     packed
 }
 
-/// Packs `A[ic..ic + mc, pc..pc + kc]` into MR-tall slivers of `kc` columns each,
-/// zero-padded past row `mc`, in `buffer`: sliver `s`, column `p` holds
-/// `A[ic + s * MR ..][..MR, pc + p]`.
-fn pack_a<'buf, T: GemmInput, const MR: usize>(
+/// Packs `A[ic..ic + mc, pc..pc + kc]` into MR-tall slivers of `kc` depth steps each (as
+/// words of `P`), zero-padded past row `mc`, in `buffer`: sliver `s`, word `p` holds
+/// `A[ic + s * MR ..][..MR, pc + p]` (one depth step per word).
+fn pack_a<'buf, T: GemmInput, P: Packing<T>, const MR: usize>(
     a: MatRef<T>,
     ic: usize,
     mc: usize,
     pc: usize,
     kc: usize,
-    buffer: &'buf mut Vec<f32>,
-) -> &'buf [[f32; MR]] {
-    let packed = sliver_buffer::<MR>(buffer, mc.div_ceil(MR), kc);
-    for (s, sliver) in packed.chunks_exact_mut(kc).enumerate() {
-        pack_sliver(a, ic + s * MR, ic + mc, pc, sliver);
+    buffer: &'buf mut Vec<P::Word>,
+) -> &'buf [[P::Word; MR]] {
+    let words = kc.div_ceil(P::DEPTH_PER_WORD);
+    let packed = sliver_buffer::<P::Word, MR>(buffer, mc.div_ceil(MR), words);
+    for (s, sliver) in packed.chunks_exact_mut(words).enumerate() {
+        P::pack_sliver(a, ic + s * MR, ic + mc, pc, kc, sliver);
     }
     packed
 }
@@ -477,7 +579,7 @@ fn pack_sliver<T: GemmInput, const W: usize>(
         }
         // SAFETY: the CPU has AVX2 (checked above); `lines` holds `lanes <= W` lines of
         // `depth` values each, as the function requires. It zeroes the padding lanes too.
-        unsafe { x86::pack_lines_avx2(&lines[..lanes], sliver) };
+        unsafe { x86::pack_lines_avx2(&lines[..lanes], sliver, |line, p| line[p]) };
         return;
     }
     if lanes < W {
@@ -548,7 +650,7 @@ fn scalar_tile(a: &[[f32; SCALAR_MR]], b: &[[f32; SCALAR_NR]], c: &mut [f32], ld
 
 /// The x86-64 SIMD microkernels.
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     /// Tile height of the AVX2 kernel.
@@ -560,17 +662,21 @@ mod x86 {
     /// Tile width of the AVX-512 kernel: two zmm registers of 16 lanes.
     pub const AVX512_NR: usize = 32;
 
-    /// Defines a microkernel whose tile row is two vector registers of `$lanes` lanes:
-    /// for each depth step, load the B row (two vectors), then for each of the MR rows
-    /// broadcast the A value and FMA it into the row's two accumulators. The C rows are
-    /// prefetched first, so that their cache misses overlap the FMAs instead of
-    /// stalling the final read-add-write.
+    /// Defines a microkernel whose tile row is two vector registers of `$lanes` f32
+    /// lanes: for each packed word of depth, load the B row (two vectors), then for each
+    /// of the MR rows broadcast the A word and multiply-add it into the row's two
+    /// accumulators. The C rows are prefetched first, so that their cache misses overlap
+    /// the multiply-adds instead of stalling the final read-add-write.
+    ///
+    /// The packed words are `$word` (f32, or a pair of bf16); `$load_b`, `$splat` and
+    /// `$fmadd` load B's words, broadcast an A word, and multiply-add (`a * b + acc`) in
+    /// that representation. C is f32 (`$load`, `$add`, `$store`).
     macro_rules! two_vector_microkernel {
-        ($(#[$doc:meta])* $name:ident, $feature:literal, $mr:expr, $lanes:literal,
-         $zero:ident, $load:ident, $set1:ident, $fmadd:ident, $add:ident, $store:ident) => {
+        ($(#[$doc:meta])* $name:ident, $feature:literal, $word:ty, $mr:expr, $lanes:literal,
+         $zero:ident, $load_b:ident, $splat:ident, $fmadd:ident, $load:ident, $add:ident, $store:ident) => {
             $(#[$doc])*
             #[target_feature(enable = $feature)]
-            pub unsafe fn $name(a: &[[f32; $mr]], b: &[[f32; 2 * $lanes]], c: &mut [f32], ldc: usize, first: bool) {
+            pub unsafe fn $name(a: &[[$word; $mr]], b: &[[$word; 2 * $lanes]], c: &mut [f32], ldc: usize, first: bool) {
                 assert!(c.len() >= ($mr - 1) * ldc + 2 * $lanes, "microkernel: C tile out of bounds");
                 let c_ptr = c.as_mut_ptr();
                 for r in 0..$mr {
@@ -584,11 +690,11 @@ mod x86 {
                 let mut acc = [[$zero(); 2]; $mr];
                 for (a_col, b_row) in a.iter().zip(b) {
                     let b_ptr = b_row.as_ptr();
-                    // SAFETY: `b_row` holds 2 * lanes f32s; the unaligned loads read lanes
+                    // SAFETY: `b_row` holds 2 * lanes words; the unaligned loads read lanes
                     // [0, lanes) and [lanes, 2 * lanes).
-                    let (b0, b1) = unsafe { ($load(b_ptr), $load(b_ptr.add($lanes))) };
+                    let (b0, b1) = unsafe { ($load_b(b_ptr), $load_b(b_ptr.add($lanes))) };
                     for (acc_row, &a_val) in acc.iter_mut().zip(a_col) {
-                        let a_bcast = $set1(a_val);
+                        let a_bcast = $splat(a_val);
                         acc_row[0] = $fmadd(a_bcast, b0, acc_row[0]);
                         acc_row[1] = $fmadd(a_bcast, b1, acc_row[1]);
                     }
@@ -614,11 +720,15 @@ mod x86 {
     /// The most lanes [`pack_lines_avx2`] packs (the widest sliver, AVX-512's B).
     pub const PACK_MAX_LANES: usize = 32;
 
-    /// `sliver[p][w] = lines[w][p]` for the given lines and `0` for the lanes past them
-    /// (`lines.len() <= W`): packs lines whose depth is contiguous (a row-major A, a B
-    /// that is a transposed row-major matrix) 8 lines x 8 depth values at a time, each
-    /// block loaded as eight vectors, transposed in registers and stored as eight sliver
-    /// rows (the scalar loop it replaces moved one value per load and store).
+    /// `sliver[p][w]` = word `p` of `lines[w]` for the given lines and a zero word for
+    /// the lanes past them (`lines.len() <= W`), where a word is four bytes of a line: one
+    /// f32, or two consecutive bf16 (`E` is the lines' element, `D` the packed word).
+    /// Packs lines whose depth is contiguous (a row-major A, a B that is a transposed
+    /// row-major matrix) 8 lines x 8 words at a time, each block loaded as eight vectors,
+    /// transposed in registers (the shuffles move bits, whatever they mean) and stored as
+    /// eight sliver rows; the scalar loop it replaces moved one value per load and store.
+    /// The words past the last whole block of 8 that every line holds are taken one at a
+    /// time from `word(line, p)` (where a line may end inside a word).
     ///
     /// A group of fewer than 8 lanes (the last one when `W` is not a multiple of 8) is
     /// still stored 8 lanes wide: the extra lanes spill into the start of the next sliver
@@ -630,30 +740,38 @@ mod x86 {
     /// The CPU must support AVX2 (and FMA, the ISA this is dispatched with).
     ///
     /// # Panics
-    /// If there are more than `W` lines or a line holds fewer than `sliver.len()` values.
+    /// If there are more than `W` lines, `D` is not four bytes or `E` does not divide them.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn pack_lines_avx2<const W: usize>(lines: &[&[f32]], sliver: &mut [[f32; W]]) {
+    pub unsafe fn pack_lines_avx2<E: Copy, D: Copy + Default, const W: usize>(
+        lines: &[&[E]],
+        sliver: &mut [[D; W]],
+        word: impl Fn(&[E], usize) -> D,
+    ) {
+        assert!(lines.len() <= W, "pack_lines: {} lines for {W} lanes", lines.len());
+        assert!(size_of::<D>() == 4 && 4 % size_of::<E>() == 0, "pack_lines: words are four bytes");
+        let per_word = 4 / size_of::<E>();
         let depth = sliver.len();
-        assert!(lines.len() <= W && lines.iter().all(|line| line.len() >= depth), "pack_lines: short lines");
-        let blocks = depth / 8 * 8;
+        let whole_words = lines.iter().map(|line| line.len() / per_word).min().unwrap_or(depth).min(depth);
+        let blocks = whole_words / 8 * 8;
         let flat = sliver.as_flattened_mut();
         for group in (0..W).step_by(8).rev() {
             let width = 8.min(W - group);
             for p0 in (0..blocks).step_by(8) {
                 let mut rows = [_mm256_setzero_ps(); 8];
                 for (row, line) in rows.iter_mut().zip(lines.iter().skip(group).take(width)) {
-                    // SAFETY: `line` holds at least `depth >= p0 + 8` values (asserted).
-                    *row = unsafe { _mm256_loadu_ps(line.as_ptr().add(p0)) };
+                    // SAFETY: `line` holds at least `blocks * per_word >= (p0 + 8) * per_word`
+                    // elements, the 32 bytes read (an unaligned load).
+                    *row = unsafe { _mm256_loadu_ps(line.as_ptr().add(p0 * per_word).cast()) };
                 }
                 for (j, column) in transpose8(rows).iter().enumerate() {
                     let start = (p0 + j) * W + group;
                     if start + 8 <= flat.len() {
-                        // SAFETY: `flat[start..start + 8]` is in bounds (checked).
-                        unsafe { _mm256_storeu_ps(flat[start..].as_mut_ptr(), *column) };
+                        // SAFETY: `flat[start..start + 8]` is in bounds (checked), 32 bytes.
+                        unsafe { _mm256_storeu_ps(flat[start..].as_mut_ptr().cast(), *column) };
                     } else {
-                        let mut lanes = [0.0f32; 8];
-                        // SAFETY: `lanes` holds 8 values.
-                        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *column) };
+                        let mut lanes = [D::default(); 8];
+                        // SAFETY: `lanes` holds 8 four-byte words.
+                        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().cast(), *column) };
                         flat[start..start + width].copy_from_slice(&lanes[..width]);
                     }
                 }
@@ -661,7 +779,7 @@ mod x86 {
         }
         for (p, row) in sliver.iter_mut().enumerate().skip(blocks) {
             for (w, value) in row.iter_mut().enumerate() {
-                *value = lines.get(w).map_or(0.0, |line| line[p]);
+                *value = lines.get(w).map_or(D::default(), |line| word(line, p));
             }
         }
     }
@@ -704,8 +822,9 @@ mod x86 {
         ///
         /// # Safety
         /// The CPU must support AVX2 and FMA.
-        avx2_tile, "avx2,fma", AVX2_MR, 8,
-        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps, _mm256_storeu_ps
+        avx2_tile, "avx2,fma", f32, AVX2_MR, 8,
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps,
+        _mm256_loadu_ps, _mm256_add_ps, _mm256_storeu_ps
     );
 
     two_vector_microkernel!(
@@ -714,9 +833,13 @@ mod x86 {
         /// # Safety
         /// The CPU must support AVX-512F.
         ///
-        avx512_tile, "avx512f", AVX512_MR, 16,
-        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps, _mm512_storeu_ps
+        avx512_tile, "avx512f", f32, AVX512_MR, 16,
+        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps,
+        _mm512_loadu_ps, _mm512_add_ps, _mm512_storeu_ps
     );
+
+    /// For the bf16 pair kernel (`gemm_bf16`), which has the same shape.
+    pub(in crate::cpu) use two_vector_microkernel;
 }
 
 #[cfg(test)]
@@ -991,7 +1114,7 @@ mod tests {
                     let lines: Vec<&[f32]> = data.iter().map(|line| &line[..]).collect();
                     let mut sliver = vec![[f32::NAN; W]; depth];
                     // SAFETY: checked that the CPU has AVX2 and FMA.
-                    unsafe { x86::pack_lines_avx2(&lines, &mut sliver) };
+                    unsafe { x86::pack_lines_avx2(&lines, &mut sliver, |line, p| line[p]) };
                     for (p, row) in sliver.iter().enumerate() {
                         for (w, &v) in row.iter().enumerate() {
                             let want = if w < line_count { (w * 100 + p) as f32 } else { 0.0 };

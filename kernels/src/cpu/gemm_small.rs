@@ -30,7 +30,7 @@
 //! The products this path takes run on the calling thread: [`is_small`] is the bound
 //! below which the packed path would not split the work across threads either.
 
-use super::gemm::{MatRef, PARALLEL_MIN_WORK, pack_b};
+use super::gemm::{MatRef, PARALLEL_MIN_WORK, Widened, pack_b};
 use super::simd::{Baseline, F32Vector, Isa, kernel};
 
 /// Rows of C per register tile.
@@ -95,7 +95,7 @@ impl<'a> ColumnBlocks<'a> {
     /// B packed into `buffer` as `NR`-wide blocks of `k` rows (zero-padded at the right
     /// edge): the block at column `j0 = s * NR` starts at `s * k * NR = j0 * k`.
     fn packed<const NR: usize>(b: MatRef, k: usize, n: usize, buffer: &'a mut Vec<f32>) -> Self {
-        let slivers = pack_b::<f32, NR>(b, 0, k, 0, n, buffer, false);
+        let slivers = pack_b::<f32, Widened, NR>(b, 0, k, 0, n, buffer, false);
         ColumnBlocks { data: slivers.as_flattened(), column_step: k, row_stride: NR }
     }
 }

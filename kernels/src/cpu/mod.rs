@@ -11,6 +11,8 @@ pub mod binary;
 pub mod conv;
 pub mod copy;
 pub mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod gemm_bf16;
 mod gemm_small;
 pub mod index;
 pub mod map;
