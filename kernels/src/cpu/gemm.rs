@@ -31,6 +31,9 @@
 //! with zmm), then AVX2 + FMA (6 x 16 with ymm), then a portable scalar kernel that
 //! compiles on every target. The row blocks (`ic`) run in parallel on the kernels' pool
 //! ([`crate::parallel`]) when the product is large.
+//!
+//! f32 products small or moderate enough that packing A costs more than it saves take
+//! the unpacked path of `gemm_small.rs` instead (A read in place).
 
 #[cfg(target_arch = "x86_64")]
 use super::gemm_bf16::{self, Bf16Pairs};
@@ -186,8 +189,12 @@ impl Epilogue<'_> {
         self.bias.is_none() && self.activation.is_none()
     }
 
-    /// Applies the epilogue to the `rows x cols` block of `c` at column `j0` (rows `ld` apart).
-    fn apply(&self, isa: Isa, c: &mut [f32], ld: usize, rows: usize, j0: usize, cols: usize) {
+    /// Applies the epilogue (if any) to the `rows x cols` block of `c` at column `j0`
+    /// (rows `ld` apart).
+    pub(super) fn apply(&self, isa: Isa, c: &mut [f32], ld: usize, rows: usize, j0: usize, cols: usize) {
+        if self.is_none() {
+            return;
+        }
         let bias = self.bias.map(|b| &b[j0..j0 + cols]);
         bias_activation_f32(isa, &mut c[j0..], ld, rows, cols, bias, self.activation);
     }
@@ -247,12 +254,9 @@ pub fn gemm_with_isa<T: GemmInput>(
         return;
     }
     if let (Some(a32), Some(b32)) = (a.as_f32(), b.as_f32())
-        && gemm_small::is_small(m, n, k)
+        && gemm_small::is_faster_unpacked(m, n, k, parallel::threads())
     {
-        gemm_small::small_sgemm(isa, m, n, k, a32, b32, c);
-        if !epilogue.is_none() {
-            epilogue.apply(isa, c, n, m, 0, n);
-        }
+        gemm_small::small_sgemm(isa, m, n, k, a32, b32, c, epilogue);
         return;
     }
     packed_gemm(isa, m, n, k, a, b, c, epilogue);
@@ -903,14 +907,29 @@ mod tests {
     /// The product through each path on its own, whatever its size: the packed one and,
     /// when `m`, `n` and `k` are nonzero (as `gemm_with_isa` ensures), the unpacked one.
     fn run_each_path(isa: Isa, m: usize, n: usize, k: usize, a: &Operand, b: &Operand) -> Vec<Vec<f32>> {
+        run_each_path_with(isa, m, n, k, a, b, Epilogue::NONE)
+    }
+
+    /// [`run_each_path`] with an epilogue.
+    fn run_each_path_with(
+        isa: Isa,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &Operand,
+        b: &Operand,
+        epilogue: Epilogue,
+    ) -> Vec<Vec<f32>> {
         let mut packed = vec![f32::NAN; m * n];
         if m > 0 && n > 0 && k > 0 {
-            packed_gemm(isa, m, n, k, a.view(), b.view(), &mut packed, Epilogue::NONE);
-            let mut small = vec![f32::NAN; m * n];
-            gemm_small::small_sgemm(isa, m, n, k, a.view(), b.view(), &mut small);
-            return vec![packed, small];
+            packed_gemm(isa, m, n, k, a.view(), b.view(), &mut packed, epilogue);
+            let mut unpacked = vec![f32::NAN; m * n];
+            gemm_small::small_sgemm(isa, m, n, k, a.view(), b.view(), &mut unpacked, epilogue);
+            return vec![packed, unpacked];
         }
-        vec![run(isa, m, n, k, a, b)]
+        let mut c = vec![f32::NAN; m * n];
+        gemm_with_isa(isa, m, n, k, a.view(), b.view(), &mut c, epilogue);
+        vec![c]
     }
 
     impl Operand {
@@ -1016,16 +1035,16 @@ mod tests {
             let bias: Vec<f32> = (0..n).map(|j| (j as f32 * 0.37).sin()).collect();
             for isa in available_isas() {
                 for op in ops {
-                    let mut c = vec![f32::NAN; m * n];
                     let epilogue = Epilogue { bias: Some(&bias), activation: Some(op) };
-                    gemm_with_isa(isa, m, n, k, a.view(), b.view(), &mut c, epilogue);
                     let want = naive_fused(m, n, k, &a, &b, &bias, op);
-                    for (idx, (&g, &w)) in c.iter().zip(&want).enumerate() {
-                        let tol = 2e-4 * (k as f64).sqrt().max(1.0) + 1e-5 * w.abs();
-                        assert!(
-                            (g as f64 - w).abs() <= tol,
-                            "{isa:?} {op:?} {m}x{n}x{k}: C[{idx}] = {g}, expected {w}"
-                        );
+                    for (path, c) in run_each_path_with(isa, m, n, k, &a, &b, epilogue).iter().enumerate() {
+                        for (idx, (&g, &w)) in c.iter().zip(&want).enumerate() {
+                            let tol = 2e-4 * (k as f64).sqrt().max(1.0) + 1e-5 * w.abs();
+                            assert!(
+                                (g as f64 - w).abs() <= tol,
+                                "{isa:?} {op:?} {m}x{n}x{k} path {path}: C[{idx}] = {g}, expected {w}"
+                            );
+                        }
                     }
                 }
                 // Bias alone, and the activation alone.
@@ -1098,6 +1117,9 @@ mod tests {
         let b = Operand::new(k, n, true, 1, 0, 5);
         for isa in available_isas() {
             assert_matches_naive(&run(isa, m, n, k, &a, &b), m, n, k, &a, &b);
+            for got in run_each_path(isa, m, n, k, &a, &b) {
+                assert_matches_naive(&got, m, n, k, &a, &b);
+            }
         }
     }
 

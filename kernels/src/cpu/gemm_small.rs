@@ -1,12 +1,15 @@
-//! f32 GEMM for products too small to be worth packing A: `C = A @ B` with A read in
-//! place through its strides.
+//! f32 GEMM without packing A: `C = A @ B` with A read in place through its strides,
+//! for products small or moderate enough that packing A costs more than it saves.
 //!
 //! Packing (`gemm.rs`) pays for itself when each packed value is used many times from
 //! L1: a KC-deep sliver of B against every A sliver of an MC-row block. A product of a
 //! few hundred thousand multiply-adds (an attention tile, `16 x 64 x 32`; a decoding
 //! step, `1 x 128 x 384`; a small layer on a small batch) uses each value only a few
 //! times, and the packed path spends about as long copying, zero-padding and dispatching
-//! as it does multiplying. Here A is never copied:
+//! as it does multiplying. Up to a few tens of millions (a GPT baby layer's
+//! `768 x 384 x 128` and its gradients) A still fits in a core's L2, and streaming it
+//! from there once per column block of B beats copying it ([`is_faster_unpacked`] has
+//! the measurements). Here A is never copied:
 //!
 //! ```text
 //! for j0 in (0..n).step_by(2 * LANES)   // a column block of B (k rows of 2 vectors)
@@ -18,41 +21,74 @@
 //! ```
 //!
 //! the same register tile as the packed AVX2 microkernel (6 rows x 2 vectors, twelve
-//! accumulators), with A's values broadcast straight from its rows, whatever its strides.
+//! accumulators), with A's values broadcast straight from its rows, whatever its strides;
+//! a block of at most one vector's columns (the right edge) takes one accumulator per row.
 //! B's rows are loaded straight from memory when its columns are contiguous (`P V` in
-//! attention, `x W` for a row-major `W`). Otherwise (`x W^T` with a row-major `W`,
-//! `Q K^T`) B is packed into column blocks first, by the packed path's own B packing
-//! (transposed in registers where B's columns are contiguous): `k x n` values, a small
-//! share of the `m x n x k` multiply-adds unless `m` is tiny. When it is (fewer rows than
-//! a tile) and B's columns are contiguous, each value of C is instead a dot product of an
-//! A row and a B column, both read in place, so B is read once and never copied.
+//! attention, `x W` for a row-major `W`), except a last block narrower than two vectors,
+//! which is copied out zero-padded so that every load is a whole vector. Otherwise
+//! (`x W^T` with a row-major `W`, `Q K^T`) B is packed into column blocks first, by the
+//! packed path's own B packing (transposed in registers where B's columns are
+//! contiguous): `k x n` values, a small share of the `m x n x k` multiply-adds unless `m`
+//! is tiny. When it is (fewer rows than a tile) and B's columns are contiguous, each value
+//! of C is instead a dot product of an A row and a B column, both read in place, so B is
+//! read once and never copied.
 //!
-//! The products this path takes run on the calling thread: [`is_small`] is the bound
-//! below which the packed path would not split the work across threads either.
+//! Products below the packed path's parallel threshold run on the calling thread; larger
+//! ones split C's rows evenly across the threads, B prepared once and shared.
 
-use super::gemm::{MatRef, PARALLEL_MIN_WORK, Widened, pack_b};
+use super::gemm::{Epilogue, MatRef, PARALLEL_MIN_WORK, Widened, pack_b};
 use super::simd::{Baseline, F32Vector, Isa, kernel};
+use crate::parallel;
 
 /// Rows of C per register tile.
 const ROWS: usize = 6;
 
-/// Whether `m x n x k` is small enough for this path: below the work at which the packed
-/// path goes parallel, where packing costs as much as it saves.
-pub(super) fn is_small(m: usize, n: usize, k: usize) -> bool {
-    m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_WORK
+/// Whether this path is the faster one for an `m x n x k` product on `threads` threads.
+///
+/// Below the work at which the packed path goes parallel, packing costs as much as it
+/// saves. Above it, A is streamed from cache once per column block of B instead of being
+/// packed once, which pays while each thread's rows of A stay in its L2 (under 2 MB)
+/// and the depth is moderate: measured at one thread on Zen 4 (AVX-512), the products of a
+/// GPT baby layer (`768 x 384 x 128` and its gradients, A up to 1.5 MB) ran 0-29% faster
+/// unpacked, `512^3` 3% faster, while `1024^3` (A 4 MB) ran 24% slower and
+/// `4096 x 1536 x 384` (A 6 MB) 41% slower.
+pub(super) fn is_faster_unpacked(m: usize, n: usize, k: usize, threads: usize) -> bool {
+    if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_WORK {
+        return true;
+    }
+    // Rows split evenly across the threads need enough of them for whole tiles.
+    m >= threads * 4 * ROWS && m.div_ceil(threads) * k < UNPACKED_MAX_A && k <= UNPACKED_MAX_DEPTH
 }
+
+/// The most values of A a thread streams through unpacked (2 MB of f32).
+const UNPACKED_MAX_A: usize = 1 << 19;
+/// The deepest product taken unpacked once the work is parallel.
+const UNPACKED_MAX_DEPTH: usize = 1024;
 
 thread_local! {
     /// This thread's buffer for a B packed into column blocks.
     static PACKED_B: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// `C = A @ B` (`m x k` times `k x n`, `c` row-major `m x n`, overwritten) without
-/// packing A. `m`, `n` and `k` are nonzero.
+/// `C = epilogue(A @ B)` (`m x k` times `k x n`, `c` row-major `m x n`, overwritten)
+/// without packing A. `m`, `n` and `k` are nonzero. When the work is large enough for the
+/// packed path to go parallel, the rows of C are split evenly across the threads (B is
+/// prepared once and shared); the epilogue is applied to each thread's rows while they
+/// are in its cache.
 ///
 /// # Panics
 /// If an operand reaches past its slice or `c.len() != m * n`.
-pub(super) fn small_sgemm(isa: Isa, m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32]) {
+#[allow(clippy::too_many_arguments)] // the BLAS argument list, as `gemm_with_isa`
+pub(super) fn small_sgemm(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+    epilogue: Epilogue,
+) {
     assert_eq!(c.len(), m * n, "small_sgemm: output holds {} values, expected {m} * {n}", c.len());
     let last = |x: &MatRef, rows: usize, cols: usize| x.offset + (rows - 1) * x.row_stride + (cols - 1) * x.col_stride;
     assert!(last(&a, m, k) < a.data.len(), "small_sgemm: A ({m} x {k}) reaches past its slice");
@@ -61,42 +97,98 @@ pub(super) fn small_sgemm(isa: Isa, m: usize, n: usize, k: usize, a: MatRef, b: 
         // Fewer rows than a tile, B's columns contiguous (a decoding step's `x W^T`): each
         // value of C is a dot product of two contiguous vectors, and B is read once.
         dot_products(isa, m, n, k, a, b, c);
+        epilogue.apply(isa, c, n, m, 0, n);
         return;
     }
-    if b.col_stride == 1 {
-        // B as it is: the block at column `j0` starts `j0` values into B's first row.
-        let b = ColumnBlocks { data: &b.data[b.offset..], column_step: 1, row_stride: b.row_stride };
-        tiles(isa, m, n, k, a, b, c);
-        return;
-    }
-    // Columns of B are not contiguous: pack them into blocks of two vectors' width, each
-    // block `k` rows of `2 * LANES` values (the packed path's B slivers, transposed in
-    // registers where B's columns are contiguous, as with `x W^T`).
-    let mut packed = PACKED_B.take();
-    let blocks = match isa {
-        Isa::Avx512 => ColumnBlocks::packed::<32>(b, k, n, &mut packed),
-        Isa::Avx2Fma => ColumnBlocks::packed::<16>(b, k, n, &mut packed),
-        Isa::Scalar => ColumnBlocks::packed::<{ 2 * Baseline::LANES }>(b, k, n, &mut packed),
+    let parallel = m * n * k >= PARALLEL_MIN_WORK && parallel::threads() > 1;
+    let width = block_width(isa);
+    let mut buffer = PACKED_B.take();
+    let blocks = if b.col_stride == 1 {
+        // B as it is: the block at column `j0` starts `j0` values into B's first row. A
+        // last block narrower than `width` is copied out, zero-padded, so that every
+        // block can be read with whole vectors.
+        let edge = n - n % width;
+        let edge = if edge < n { pad_columns(b, k, edge..n, width, &mut buffer) } else { &[] };
+        ColumnBlocks { data: &b.data[b.offset..], column_step: 1, row_stride: b.row_stride, edge }
+    } else {
+        // Columns of B are not contiguous: pack them into blocks of `width` columns, each
+        // block `k` rows of `width` values, zero-padded at the right edge (the packed path's
+        // B slivers, transposed in registers where B's columns are contiguous, as with
+        // `x W^T`).
+        match isa {
+            Isa::Avx512 => ColumnBlocks::packed::<32>(b, k, n, &mut buffer, parallel),
+            Isa::Avx2Fma => ColumnBlocks::packed::<16>(b, k, n, &mut buffer, parallel),
+            Isa::Scalar => ColumnBlocks::packed::<{ 2 * Baseline::LANES }>(b, k, n, &mut buffer, parallel),
+        }
     };
-    tiles(isa, m, n, k, a, blocks, c);
-    PACKED_B.set(packed);
+    let rows = |i0: usize, c_rows: &mut [f32]| {
+        let rows = c_rows.len() / n;
+        tiles(isa, rows, n, k, MatRef { offset: a.offset + i0 * a.row_stride, ..a }, blocks, c_rows);
+        epilogue.apply(isa, c_rows, n, rows, 0, n);
+    };
+    if parallel {
+        let chunk_rows = m.div_ceil(parallel::threads()).next_multiple_of(ROWS);
+        parallel::for_each_chunk_mut(c, chunk_rows * n, |index, c_rows| rows(index * chunk_rows, c_rows));
+    } else {
+        rows(0, c);
+    }
+    PACKED_B.set(buffer);
 }
 
-/// B as blocks of `2 * LANES` columns, each row of a block contiguous: the block that
-/// starts at column `j0` starts at `data[j0 * column_step]`, its rows `row_stride` apart.
+/// The columns of a register tile: two vectors of the ISA.
+fn block_width(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 32,
+        Isa::Avx2Fma => 16,
+        Isa::Scalar => 2 * Baseline::LANES,
+    }
+}
+
+/// `B[.., columns]` copied into `buffer` as `k` rows of `width` values, zero-padded on
+/// the right (B's columns contiguous).
+fn pad_columns<'a>(
+    b: MatRef,
+    k: usize,
+    columns: std::ops::Range<usize>,
+    width: usize,
+    buffer: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    buffer.clear();
+    buffer.resize(k * width, 0.0);
+    for (p, row) in buffer.chunks_exact_mut(width).enumerate() {
+        let start = b.offset + p * b.row_stride + columns.start;
+        row[..columns.len()].copy_from_slice(&b.data[start..start + columns.len()]);
+    }
+    buffer
+}
+
+/// B as blocks of `2 * LANES` columns, each row of a block contiguous and readable
+/// whole: the block that starts at column `j0` starts at `data[j0 * column_step]`, its
+/// rows `row_stride` apart, except a last, partial block of a B read in place, which is
+/// `edge` (rows `2 * LANES` apart, zero-padded) when that is not empty.
 #[derive(Clone, Copy)]
 struct ColumnBlocks<'a> {
     data: &'a [f32],
     column_step: usize,
     row_stride: usize,
+    edge: &'a [f32],
 }
 
 impl<'a> ColumnBlocks<'a> {
     /// B packed into `buffer` as `NR`-wide blocks of `k` rows (zero-padded at the right
     /// edge): the block at column `j0 = s * NR` starts at `s * k * NR = j0 * k`.
-    fn packed<const NR: usize>(b: MatRef, k: usize, n: usize, buffer: &'a mut Vec<f32>) -> Self {
-        let slivers = pack_b::<f32, Widened, NR>(b, 0, k, 0, n, buffer, false);
-        ColumnBlocks { data: slivers.as_flattened(), column_step: k, row_stride: NR }
+    fn packed<const NR: usize>(b: MatRef, k: usize, n: usize, buffer: &'a mut Vec<f32>, parallel: bool) -> Self {
+        let slivers = pack_b::<f32, Widened, NR>(b, 0, k, 0, n, buffer, parallel);
+        ColumnBlocks { data: slivers.as_flattened(), column_step: k, row_stride: NR, edge: &[] }
+    }
+
+    /// The block of `cols` columns at `j0` (of at most `width`) and its row stride.
+    fn block(&self, j0: usize, cols: usize, width: usize) -> (&'a [f32], usize) {
+        if cols < width && !self.edge.is_empty() {
+            (self.edge, width)
+        } else {
+            (&self.data[j0 * self.column_step..], self.row_stride)
+        }
     }
 }
 
@@ -106,30 +198,41 @@ kernel! {
         let lanes = V::LANES;
         for j0 in (0..n).step_by(2 * lanes) {
             let cols = (n - j0).min(2 * lanes);
-            let b_block = &b.data[j0 * b.column_step..];
+            let (b_block, ldb) = b.block(j0, cols, 2 * lanes);
             for i0 in (0..m).step_by(ROWS) {
-                let tile = Tile { k, b: b_block, ldb: b.row_stride, cols, c: &mut c[i0 * n + j0..], ldc: n };
-                match m - i0 {
-                    1 => a_rows::<V, 1>(a, i0, tile),
-                    2 => a_rows::<V, 2>(a, i0, tile),
-                    3 => a_rows::<V, 3>(a, i0, tile),
-                    4 => a_rows::<V, 4>(a, i0, tile),
-                    5 => a_rows::<V, 5>(a, i0, tile),
-                    _ => a_rows::<V, ROWS>(a, i0, tile),
+                let tile = Tile { k, b: b_block, ldb, cols, c: &mut c[i0 * n + j0..], ldc: n };
+                // A block of at most one vector's columns takes one accumulator per row.
+                if cols <= lanes {
+                    row_tile::<V, 1>(a, i0, m - i0, tile);
+                } else {
+                    row_tile::<V, 2>(a, i0, m - i0, tile);
                 }
             }
         }
     }
 }
 
+/// The register tile at row `i0` with `min(rows, ROWS)` rows and `NV` vectors of columns.
+#[inline(always)]
+fn row_tile<V: F32Vector, const NV: usize>(a: MatRef, i0: usize, rows: usize, tile: Tile) {
+    match rows {
+        1 => a_rows::<V, 1, NV>(a, i0, tile),
+        2 => a_rows::<V, 2, NV>(a, i0, tile),
+        3 => a_rows::<V, 3, NV>(a, i0, tile),
+        4 => a_rows::<V, 4, NV>(a, i0, tile),
+        5 => a_rows::<V, 5, NV>(a, i0, tile),
+        _ => a_rows::<V, ROWS, NV>(a, i0, tile),
+    }
+}
+
 /// The register tile `C[i0..i0 + R, j0..] = A[i0..i0 + R, ..] @ B[.., j0..]`, A's values
 /// read through its strides.
 #[inline(always)]
-fn a_rows<V: F32Vector, const R: usize>(a: MatRef, i0: usize, tile: Tile) {
+fn a_rows<V: F32Vector, const R: usize, const NV: usize>(a: MatRef, i0: usize, tile: Tile) {
     let (first, k) = (a.offset + i0 * a.row_stride, tile.k);
     let last = first + (R - 1) * a.row_stride + (k - 1) * a.col_stride;
     assert!(last < a.data.len(), "small_sgemm: A's tile reaches past its slice");
-    tile.multiply::<V, R>(|p, r| {
+    tile.multiply::<V, R, NV>(|p, r| {
         debug_assert!(p < k && r < R);
         // SAFETY: `multiply` asks only for `p < k` and `r < R`, so the index is at most
         // `last`, which is inside `a.data` (asserted above). (Checked indexing here, in the
@@ -138,8 +241,9 @@ fn a_rows<V: F32Vector, const R: usize>(a: MatRef, i0: usize, tile: Tile) {
     });
 }
 
-/// One register tile's B (a column block, rows `ldb` apart, `cols` of its columns used,
-/// at most two vectors) and C (from the tile's corner, rows `ldc` apart).
+/// One register tile's B (a column block, rows `ldb` apart, each readable for `NV`
+/// whole vectors, `cols` of its columns used) and C (from the tile's corner, rows `ldc`
+/// apart).
 struct Tile<'b, 'c> {
     k: usize,
     b: &'b [f32],
@@ -151,47 +255,34 @@ struct Tile<'b, 'c> {
 
 impl Tile<'_, '_> {
     /// `C = sum over p of A[.., p] (outer) B[p, ..]`, where `a(p, r)` is the tile's row
-    /// `r` of A at depth `p` (asked only for `p < k`, `r < R`): two vector accumulators per row (twelve for
-    /// `R = 6`), one B row (two vector loads) and `R` broadcasts per depth step.
+    /// `r` of A at depth `p` (asked only for `p < k`, `r < R`): `NV` vector accumulators
+    /// per row (twelve for `R = 6`, `NV = 2`), one B row (`NV` vector loads) and `R`
+    /// broadcasts per depth step. Only C's columns past `cols` are left unwritten.
     #[inline(always)]
-    fn multiply<V: F32Vector, const R: usize>(self, a: impl Fn(usize, usize) -> f32) {
+    fn multiply<V: F32Vector, const R: usize, const NV: usize>(self, a: impl Fn(usize, usize) -> f32) {
         let Tile { k, b, ldb, cols, c, ldc } = self;
         let lanes = V::LANES;
-        let mut acc = [[V::splat(0.0); 2]; R];
-        if cols == 2 * lanes {
-            for p in 0..k {
-                let b_row = &b[p * ldb..][..2 * lanes];
-                let (b0, b1) = (V::load(b_row), V::load(&b_row[lanes..]));
-                for r in 0..R {
-                    let x = V::splat(a(p, r));
-                    acc[r][0] = x.mul_add(b0, acc[r][0]);
-                    acc[r][1] = x.mul_add(b1, acc[r][1]);
-                }
-            }
-            for (r, acc_row) in acc.iter().enumerate() {
-                let c_row = &mut c[r * ldc..][..2 * lanes];
-                acc_row[0].store(c_row);
-                acc_row[1].store(&mut c_row[lanes..]);
-            }
-            return;
-        }
-        // The right edge: fewer than two vectors of columns, loaded and stored partially.
-        let low = cols.min(lanes);
+        let mut acc = [[V::splat(0.0); NV]; R];
         for p in 0..k {
-            let b_row = &b[p * ldb..][..cols];
-            let b0 = V::load_partial(&b_row[..low], 0.0);
-            let b1 = V::load_partial(&b_row[low..], 0.0);
-            for r in 0..R {
+            let b_row = &b[p * ldb..][..NV * lanes];
+            let b_vectors: [V; NV] = std::array::from_fn(|v| V::load(&b_row[v * lanes..]));
+            for (r, acc_row) in acc.iter_mut().enumerate() {
                 let x = V::splat(a(p, r));
-                acc[r][0] = x.mul_add(b0, acc[r][0]);
-                acc[r][1] = x.mul_add(b1, acc[r][1]);
+                for (acc, &b) in acc_row.iter_mut().zip(&b_vectors) {
+                    *acc = x.mul_add(b, *acc);
+                }
             }
         }
         for (r, acc_row) in acc.iter().enumerate() {
             let c_row = &mut c[r * ldc..][..cols];
-            acc_row[0].store_partial(&mut c_row[..low]);
-            if cols > lanes {
-                acc_row[1].store_partial(&mut c_row[low..]);
+            for (v, acc) in acc_row.iter().enumerate() {
+                let start = v * lanes;
+                if start + lanes <= cols {
+                    acc.store(&mut c_row[start..]);
+                } else if start < cols {
+                    // The right edge of C.
+                    acc.store_partial(&mut c_row[start..]);
+                }
             }
         }
     }
