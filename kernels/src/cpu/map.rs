@@ -125,6 +125,17 @@ pub fn map<S: Element, D: Element>(src: &[S], layout: &Layout, f: impl Fn(S) -> 
         }
         return out;
     }
+    let out_strides = crate::layout::contiguous_strides(layout.shape());
+    let walk = RunWalk::new(layout.shape(), [layout.strides(), &out_strides]);
+    let len = walk.run_len();
+    if len > 0 && walk.run_strides() == [1, 1] {
+        // Runs of the source are contiguous (a permuted view whose last dim stays last,
+        // as when attention heads are merged): each run is a slice, which vectorises.
+        walk.for_each_run([layout.offset(), 0], |[o, d]| {
+            out[d..d + len].iter_mut().zip(&src[o..o + len]).for_each(|(d, &v)| *d = f(v));
+        });
+        return out;
+    }
     let mut dst = out.iter_mut();
     for_each_offsets(layout.shape(), [layout.strides()], [layout.offset()], |[o]| {
         *dst.next().expect("one output per element") = f(src[o])
@@ -152,6 +163,17 @@ pub fn zip_map<A: Element, B: Element, D: Element>(
         } else {
             out.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| *o = f(x, y));
         }
+        return out;
+    }
+    let out_strides = crate::layout::contiguous_strides(la.shape());
+    let walk = RunWalk::new(la.shape(), [la.strides(), lb.strides(), &out_strides]);
+    let len = walk.run_len();
+    if len > 0 && walk.run_strides() == [1, 1, 1] {
+        // Both sources contiguous along each run: slices, as in `map`.
+        walk.for_each_run([la.offset(), lb.offset(), 0], |[oa, ob, d]| {
+            let (a, b) = (&a[oa..oa + len], &b[ob..ob + len]);
+            out[d..d + len].iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| *o = f(x, y));
+        });
         return out;
     }
     let mut dst = out.iter_mut();
@@ -249,5 +271,52 @@ pub(crate) mod testing {
         let mut out = Vec::new();
         crate::layout::for_each_offset(layout, |o| out.push(buf[o]));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{data, elements, view};
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// `map` and `zip_map` on every kind of view (contiguous, rows with gaps, transposed,
+        /// broadcast) equal the function applied to the views' elements in row-major order.
+        #[test]
+        fn map_and_zip_map_visit_every_view_in_row_major_order(
+            m in 0usize..9, n in 0usize..9, va in view(), vb in view(), seed in any::<u64>(),
+        ) {
+            let (la, lb) = (va.layout(m, n), vb.layout(m, n));
+            let (a, b) = (data(&la, seed, false), data(&lb, seed ^ 1, false));
+            let (ea, eb) = (elements(&a, &la), elements(&b, &lb));
+            let want: Vec<f32> = ea.iter().map(|x| x * 2.0).collect();
+            prop_assert_eq!(map(&a, &la, |x| x * 2.0), want);
+            let want: Vec<f32> = ea.iter().zip(&eb).map(|(x, y)| x - y).collect();
+            prop_assert_eq!(zip_map(&a, &la, &b, &lb, |x, y| x - y), want);
+        }
+    }
+
+    /// A permuted rank-4 view whose last dim stays last (merging attention heads,
+    /// `[B, H, T, D] -> [B, T, H, D]`) is copied run by run, in row-major order.
+    #[test]
+    fn permuted_view_with_contiguous_runs_is_copied_in_order() {
+        let shape = [2, 3, 4, 5];
+        let src: Vec<f32> = (0..120).map(|i| i as f32).collect();
+        let layout = Layout::contiguous(&shape).permute(&[0, 2, 1, 3]);
+        let got = map(&src, &layout, |x| x);
+        let mut want = Vec::new();
+        for b in 0..2 {
+            for t in 0..4 {
+                for h in 0..3 {
+                    for d in 0..5 {
+                        want.push(src[((b * 3 + h) * 4 + t) * 5 + d]);
+                    }
+                }
+            }
+        }
+        assert_eq!(got, want);
     }
 }
