@@ -114,6 +114,9 @@ impl<const N: usize> SimdRuns<N> {
 /// `out[i] = f(src[i])` over a strided view, written row-major.
 pub fn map<S: Element, D: Element>(src: &[S], layout: &Layout, f: impl Fn(S) -> D + Sync) -> Vec<D> {
     let mut out = buffers::for_overwrite(layout.numel());
+    if out.is_empty() {
+        return out; // an empty view reads nothing, wherever its offset points
+    }
     if let Some(range) = layout.contiguous_range() {
         let s = &src[range];
         if s.len() >= PARALLEL_THRESHOLD {
@@ -153,6 +156,9 @@ pub fn zip_map<A: Element, B: Element, D: Element>(
 ) -> Vec<D> {
     debug_assert_eq!(la.shape(), lb.shape());
     let mut out = buffers::for_overwrite(la.numel());
+    if out.is_empty() {
+        return out;
+    }
     if let (Some(ra), Some(rb)) = (la.contiguous_range(), lb.contiguous_range()) {
         let (a, b) = (&a[ra], &b[rb]);
         if a.len() >= PARALLEL_THRESHOLD {
