@@ -983,8 +983,10 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
 
+        /// f16 and bf16 operands on the best path this CPU has (widened to f32 while
+        /// packing, or bf16 pairs on `vdpbf16ps`) against the f64 product of their values.
         #[test]
-        fn half_precision_inputs_are_widened_exactly_and_accumulate_in_f32(
+        fn half_precision_inputs_accumulate_in_f32_on_the_best_path(
             m in 0usize..=40, n in 0usize..=40, k in 0usize..=300,
             a_t in any::<bool>(), b_t in any::<bool>(), use_f16 in any::<bool>(), seed in any::<u64>(),
         ) {
