@@ -983,23 +983,38 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
 
-        /// f16 and bf16 operands on the best path this CPU has (widened to f32 while
-        /// packing, or bf16 pairs on `vdpbf16ps`) against the f64 product of their values.
+        /// f16 and bf16 operands on every ISA this CPU has (widened to f32 while packing;
+        /// bf16 on AVX-512 with AVX512_BF16 as pairs on `vdpbf16ps`) against the f64
+        /// product of their values.
         #[test]
-        fn half_precision_inputs_accumulate_in_f32_on_the_best_path(
+        fn half_precision_inputs_accumulate_in_f32_on_every_isa(
             m in 0usize..=40, n in 0usize..=40, k in 0usize..=300,
             a_t in any::<bool>(), b_t in any::<bool>(), use_f16 in any::<bool>(), seed in any::<u64>(),
         ) {
-            let mut a = Operand::new(m, k, a_t, 1, 1, seed);
-            let mut b = Operand::new(k, n, b_t, 2, 0, seed ^ 0x51);
-            let mut c = vec![f32::NAN; m * n];
+            let a = Operand::new(m, k, a_t, 1, 1, seed);
+            let b = Operand::new(k, n, b_t, 2, 0, seed ^ 0x51);
             if use_f16 {
-                let (ah, bh) = (a.round_to_half(f16::from_f32), b.round_to_half(f16::from_f32));
-                gemm(m, n, k, a.view_of(&ah), b.view_of(&bh), &mut c, Epilogue::NONE);
+                check_half_on_every_isa(f16::from_f32, m, n, k, a, b);
             } else {
-                let (ah, bh) = (a.round_to_half(bf16::from_f32), b.round_to_half(bf16::from_f32));
-                gemm(m, n, k, a.view_of(&ah), b.view_of(&bh), &mut c, Epilogue::NONE);
+                check_half_on_every_isa(bf16::from_f32, m, n, k, a, b);
             }
+        }
+    }
+
+    /// The product of `a` and `b` rounded to a half type, on every available ISA, against
+    /// the f64 product of the rounded values.
+    fn check_half_on_every_isa<H: GemmInput>(
+        from_f32: fn(f32) -> H,
+        m: usize,
+        n: usize,
+        k: usize,
+        mut a: Operand,
+        mut b: Operand,
+    ) {
+        let (ah, bh) = (a.round_to_half(from_f32), b.round_to_half(from_f32));
+        for isa in available_isas() {
+            let mut c = vec![f32::NAN; m * n];
+            gemm_with_isa(isa, m, n, k, a.view_of(&ah), b.view_of(&bh), &mut c, Epilogue::NONE);
             assert_matches_naive(&c, m, n, k, &a, &b);
         }
     }
