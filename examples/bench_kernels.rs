@@ -14,7 +14,8 @@
 //!   against candle, in milliseconds;
 //! - softmax and LayerNorm on (4096, 1024), GELU (erf and tanh forms) on 16M floats,
 //!   `add` on 64 floats, against candle, in milliseconds, with `copy_ms`, a plain copy of
-//!   the same bytes into an existing buffer (the memory-bound floor) for the large ones.
+//!   the same bytes into an existing buffer (the memory-bound floor) for the large ones,
+//!   timed in the same interleaved rounds as the op.
 //!
 //! Run: `cargo run --release --example bench_kernels` (add `-- quick` for fewer repeats, and
 //! group names, `rows conv sgemm gpt small bf16 fused`, to run only those).
@@ -35,19 +36,24 @@ mod gemm_peer;
 use gemm_peer::{gemm_crate_sgemm, gemm_crate_sgemm_strided};
 
 /// Median seconds of `f` and `g` over `reps` interleaved calls each (after a warm-up).
-fn race(reps: usize, mut f: impl FnMut(), mut g: impl FnMut()) -> (f64, f64) {
-    f();
-    g();
-    let (mut a, mut b) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+fn race(reps: usize, f: impl FnMut(), g: impl FnMut()) -> (f64, f64) {
+    let [a, b] = race_all(reps, [&mut { f }, &mut { g }]);
+    (a, b)
+}
+
+/// Median seconds of each of `fs` over `reps` rounds that call every one in turn (after a
+/// warm-up), so that the VM's slow and fast phases fall on all of them alike.
+fn race_all<const N: usize>(reps: usize, mut fs: [&mut dyn FnMut(); N]) -> [f64; N] {
+    fs.iter_mut().for_each(|f| f());
+    let mut times: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(reps));
     for _ in 0..reps {
-        let t = Instant::now();
-        f();
-        a.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        g();
-        b.push(t.elapsed().as_secs_f64());
+        for (f, t) in fs.iter_mut().zip(&mut times) {
+            let start = Instant::now();
+            f();
+            t.push(start.elapsed().as_secs_f64());
+        }
     }
-    (median(a), median(b))
+    times.map(median)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -76,43 +82,51 @@ fn line(op: &str, shape: &[usize], threads: usize, ms: f64, peer_ms: f64, copy_m
     );
 }
 
-/// Median seconds of copying `values` into a buffer that already exists (so the figure
-/// is the memory traffic alone, not the allocator's page faults), split over the pool's
-/// threads like the kernels it is the floor of.
-fn copy_seconds(values: &[f32], reps: usize) -> f64 {
+/// Copies `values` into a buffer that already exists (so that it measures the memory
+/// traffic alone, not the allocator's page faults), split over the pool's threads like
+/// the kernels it is the floor of.
+fn copier(values: &[f32]) -> impl FnMut() + '_ {
     use rayon::prelude::*;
     let mut dst = vec![1.0f32; values.len()];
     let chunk = values.len().div_ceil(rayon::current_num_threads());
-    let copy = |dst: &mut [f32]| {
-        dst.par_chunks_mut(chunk).zip(black_box(values).par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s))
-    };
-    race(reps, || copy(&mut dst), || ()).0
+    move || dst.par_chunks_mut(chunk).zip(black_box(values).par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s))
 }
 
 /// The memory-bound ops: ours and candle's, and a plain copy of the input.
 fn elementwise_and_rows(threads: usize, reps: usize) {
     let ms = 1e3;
+    // Each op, candle's and the copy take turns in one race, so the ratio to the copy is
+    // measured under the same conditions as the op (the copy's own speed moves 2-4x with
+    // the VM's phases).
     let (x, cx, values) = pair(&[4096, 1024], 1);
-    let copy = |reps| copy_seconds(&values, reps) * ms;
-    let (ours, peer) =
-        race(reps, || drop(x.softmax(-1).unwrap()), || drop(candle_nn::ops::softmax_last_dim(&cx).unwrap()));
-    line("softmax", &[4096, 1024], threads, ours * ms, peer * ms, Some(copy(reps)));
+    let mut copy = copier(&values);
+    let [ours, peer, copied] = race_all(
+        reps,
+        [&mut || drop(x.softmax(-1).unwrap()), &mut || drop(candle_nn::ops::softmax_last_dim(&cx).unwrap()), &mut copy],
+    );
+    line("softmax", &[4096, 1024], threads, ours * ms, peer * ms, Some(copied * ms));
     let (w, cw, _) = pair(&[1024], 2);
     let (b, cb, _) = pair(&[1024], 3);
-    let (ours, peer) = race(
+    let [ours, peer, copied] = race_all(
         reps,
-        || drop(x.layer_norm(1, Some(&w), Some(&b), 1e-5).unwrap()),
-        || drop(candle_nn::ops::layer_norm(&cx, &cw, &cb, 1e-5).unwrap()),
+        [
+            &mut || drop(x.layer_norm(1, Some(&w), Some(&b), 1e-5).unwrap()),
+            &mut || drop(candle_nn::ops::layer_norm(&cx, &cw, &cb, 1e-5).unwrap()),
+            &mut copy,
+        ],
     );
-    line("layer_norm", &[4096, 1024], threads, ours * ms, peer * ms, Some(copy(reps)));
+    line("layer_norm", &[4096, 1024], threads, ours * ms, peer * ms, Some(copied * ms));
 
     let n = 16 << 20;
     let (x, cx, values) = pair(&[n], 4);
-    let copy = copy_seconds(&values, reps.div_ceil(3)) * ms;
-    let (ours, peer) = race(reps.div_ceil(3), || drop(x.gelu().unwrap()), || drop(cx.gelu_erf().unwrap()));
-    line("gelu_erf", &[n], threads, ours * ms, peer * ms, Some(copy));
-    let (ours, peer) = race(reps.div_ceil(3), || drop(x.gelu_tanh().unwrap()), || drop(cx.gelu().unwrap()));
-    line("gelu_tanh", &[n], threads, ours * ms, peer * ms, Some(copy));
+    let mut copy = copier(&values);
+    let reps3 = reps.div_ceil(3);
+    let [ours, peer, copied] =
+        race_all(reps3, [&mut || drop(x.gelu().unwrap()), &mut || drop(cx.gelu_erf().unwrap()), &mut copy]);
+    line("gelu_erf", &[n], threads, ours * ms, peer * ms, Some(copied * ms));
+    let [ours, peer, copied] =
+        race_all(reps3, [&mut || drop(x.gelu_tanh().unwrap()), &mut || drop(cx.gelu().unwrap()), &mut copy]);
+    line("gelu_tanh", &[n], threads, ours * ms, peer * ms, Some(copied * ms));
 
     let inner = 1000;
     let (a, ca, _) = pair(&[64], 5);

@@ -31,11 +31,12 @@
 //! and layouts take the generic kernel.
 
 use super::map::PARALLEL_THRESHOLD;
-use super::simd::{F32Vector, Isa, Operand, kernel, map, prefetch, sums, update};
+use super::simd::{F32Vector, Isa, Operand, kernel, map, sums, update};
 use super::softmax::{Rows, UnitRows, for_row_blocks};
 use crate::layout::Layout;
 use crate::parallel;
 use crate::{Element, FloatElem, Real};
+use std::sync::Mutex;
 
 /// Which normalisation, and over which elements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,7 +213,8 @@ pub fn normalize_backward<T: FloatElem>(
 ) -> NormGrads<T> {
     let param_len = norm.param_len(x_layout);
     let center = norm.center();
-    let mut dx = crate::buffers::filled(x_layout.numel(), T::zero());
+    // Both paths below write every element of dx.
+    let mut dx = crate::buffers::for_overwrite(x_layout.numel());
     if let (Some(x), Some(g)) = (T::as_f32(x), T::as_f32(g))
         && let (Some(x_rows), Some(g_rows)) = (unit_rows(x_layout, norm), unit_rows(g_layout, norm))
     {
@@ -289,28 +291,37 @@ fn blocks_with_sums<T: Send, A: Real>(
     param_len: usize,
     f: impl Fn(usize, &mut [T], &mut [A], &mut [A]) + Sync,
 ) -> (Vec<A>, Vec<A>) {
-    let zeros = || (vec![A::zero(); param_len], vec![A::zero(); param_len]);
+    let mut sums = (vec![A::zero(); param_len], vec![A::zero(); param_len]);
     if out.is_empty() || n == 0 {
-        return zeros();
+        return sums;
     }
-    let block = |(b, rows): (usize, &mut [T]), rows_per_block: usize| {
-        let (mut dw, mut db) = zeros();
-        f(b * rows_per_block, rows, &mut dw, &mut db);
-        (dw, db)
-    };
     if out.len() <= PARALLEL_THRESHOLD {
-        return block((0, out), 0);
+        f(0, out, &mut sums.0, &mut sums.1);
+        return sums;
     }
-    // Blocks of a fixed size (a quarter of the threshold: enough blocks to balance the
-    // threads), never one that depends on the thread count, so the sums do not either.
-    let rows_per_block = (PARALLEL_THRESHOLD / 4 / n).max(1);
-    let partials = parallel::map_chunks_mut(out, rows_per_block * n, |b, rows| block((b, rows), rows_per_block));
-    let (mut dw, mut db) = zeros();
-    for (pw, pb) in partials {
-        dw.iter_mut().zip(pw).for_each(|(a, v)| *a += v);
-        db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
+    // Blocks of a size that depends on the shape alone, never on the thread count (so
+    // the sums do not either): at least a quarter of the threshold, enough of them to
+    // balance the threads, and at most `MAX_BLOCKS`, so that their accumulators stay
+    // small next to the rows.
+    const MAX_BLOCKS: usize = 64;
+    let rows = out.len() / n;
+    let rows_per_block = (PARALLEL_THRESHOLD / 4 / n).max(rows.div_ceil(MAX_BLOCKS)).max(1);
+    let blocks: Vec<Mutex<&mut [T]>> = out.chunks_mut(rows_per_block * n).map(Mutex::new).collect();
+    // Every block's two accumulators side by side in one buffer from the cache (a fresh
+    // allocation per block, freed at once, made the heap fault its pages in every call).
+    let mut partials = crate::buffers::filled(blocks.len() * 2 * param_len, A::zero());
+    parallel::for_each_chunk_mut(&mut partials, 2 * param_len, |b, accumulators| {
+        let (dweight, dbias) = accumulators.split_at_mut(param_len);
+        let mut rows = blocks[b].lock().unwrap_or_else(|e| e.into_inner());
+        f(b * rows_per_block, &mut rows, dweight, dbias);
+    });
+    for block in partials.chunks_exact(2 * param_len) {
+        let (dweight, dbias) = block.split_at(param_len);
+        sums.0.iter_mut().zip(dweight).for_each(|(a, &v)| *a += v);
+        sums.1.iter_mut().zip(dbias).for_each(|(a, &v)| *a += v);
     }
-    (dw, db)
+    crate::buffers::recycle(partials);
+    sums
 }
 
 /// The rows of an f32 LayerNorm or RMSNorm as [`UnitRows`] (the normalised dims merged
@@ -339,21 +350,31 @@ fn f32_operand<T: FloatElem>(param: Option<&[T]>, absent: f32) -> Operand<'_> {
     }
 }
 
-/// The mean (0 when not centring) and `1 / sqrt(var + eps)` of one f32 row, with SIMD,
-/// computed as `row_stats` does (the mean of the values shifted by the first one).
+/// The mean of one f32 row (0 when not centring), with SIMD, computed as `row_stats`
+/// does (the mean of the values shifted by the first one).
 #[inline(always)]
-fn row_stats_f32<V: F32Vector>(x: &[f32], center: Center, eps: f32) -> (V, V) {
-    let n = x.len();
-    let mean = match (center, x.first()) {
+fn row_mean_f32<V: F32Vector>(x: &[f32], center: Center) -> V {
+    V::splat(match (center, x.first()) {
         (Center::Mean, Some(&shift)) => {
             let s = V::splat(shift);
-            shift + sums::<V, 1, 1>([Operand::Slice(x)], n, |[v]| [v - s])[0] / n as f32
+            shift + sums::<V, 1, 1>([Operand::Slice(x)], x.len(), |[v]| [v - s])[0] / x.len() as f32
         }
         _ => 0.0,
-    };
-    let mean = V::splat(mean);
-    let [square_sum] = sums::<V, 1, 1>([Operand::Slice(x)], n, |[v]| [(v - mean) * (v - mean)]);
-    (mean, V::splat(1.0 / (square_sum / n as f32 + eps).sqrt()))
+    })
+}
+
+/// `1 / sqrt(var + eps)` from the sum of squared deviations of a row of `n` values.
+#[inline(always)]
+fn rstd_f32<V: F32Vector>(square_sum: f32, n: usize, eps: f32) -> V {
+    V::splat(1.0 / (square_sum / n as f32 + eps).sqrt())
+}
+
+/// The mean (0 when not centring) and `1 / sqrt(var + eps)` of one f32 row, with SIMD.
+#[inline(always)]
+fn row_stats_f32<V: F32Vector>(x: &[f32], center: Center, eps: f32) -> (V, V) {
+    let mean = row_mean_f32::<V>(x, center);
+    let [square_sum] = sums::<V, 1, 1>([Operand::Slice(x)], x.len(), |[v]| [(v - mean) * (v - mean)]);
+    (mean, rstd_f32(square_sum, x.len(), eps))
 }
 
 kernel! {
@@ -370,12 +391,7 @@ kernel! {
         bias: Operand,
     ) {
         let n = rows.n;
-        let count = out.len() / n;
         for (i, y) in out.chunks_exact_mut(n).enumerate() {
-            if i + 1 < count {
-                // The next row loads while this one is computed.
-                prefetch(rows.row(x, first + i + 1));
-            }
             let x = rows.row(x, first + i);
             let (mean, rstd) = row_stats_f32::<V>(x, center, eps);
             map::<V, 3>([Operand::Slice(x), weight, bias], y, |[v, w, b]| ((v - mean) * rstd).mul_add(w, b));
@@ -385,7 +401,10 @@ kernel! {
 
 kernel! {
     /// The backward of `norm_f32` for whole rows `first..`: writes `dx` and accumulates
-    /// the rows' parameter gradients into `dweight` and `dbias`.
+    /// the rows' parameter gradients into `dweight` and `dbias`. Three passes over each
+    /// row: its mean; its squared deviations together with the sums of `gw` and
+    /// `gw (x - mean)` (so `sum(gw xhat) = rstd sum(gw (x - mean))`); then `dx` and the
+    /// parameter gradients together.
     fn norm_backward_f32(
         x: (&[f32], &UnitRows),
         g: (&[f32], &UnitRows),
@@ -399,27 +418,24 @@ kernel! {
     ) {
         let n = x.1.n;
         let inv_n = 1.0 / n as f32;
-        let count = dx.len() / n;
         for (i, dx) in dx.chunks_exact_mut(n).enumerate() {
-            let row = first + i;
-            if i + 1 < count {
-                // The next rows load while this one is computed.
-                prefetch(x.1.row(x.0, row + 1));
-                prefetch(g.1.row(g.0, row + 1));
-            }
-            let (x, g) = (x.1.row(x.0, row), g.1.row(g.0, row));
-            let (mean, rstd) = row_stats_f32::<V>(x, center, eps);
-            let xhat = |x: V| (x - mean) * rstd;
+            let (x, g) = (x.1.row(x.0, first + i), g.1.row(g.0, first + i));
             let inputs = [Operand::Slice(x), Operand::Slice(g), weight];
-            let [sum_gw, sum_gw_xhat] = sums::<V, 3, 2>(inputs, n, |[x, g, w]| [g * w, g * w * xhat(x)]);
+            let mean = row_mean_f32::<V>(x, center);
+            let [square_sum, sum_gw, sum_gw_deviation] = sums::<V, 3, 3>(inputs, n, |[x, g, w]| {
+                let (deviation, gw) = (x - mean, g * w);
+                [deviation * deviation, gw, gw * deviation]
+            });
+            let rstd = rstd_f32::<V>(square_sum, n, eps);
             let mean_gw = V::splat(match center {
                 Center::Mean => sum_gw * inv_n,
                 Center::Zero => 0.0,
             });
-            let mean_gw_xhat = V::splat(sum_gw_xhat * inv_n);
-            map::<V, 3>(inputs, dx, |[x, g, w]| rstd * (g * w - mean_gw - xhat(x) * mean_gw_xhat));
-            let accumulators = [&mut *dweight, &mut *dbias];
-            update::<V, 2, 2>(accumulators, [inputs[0], inputs[1]], |[dw, db], [x, g]| [g.mul_add(xhat(x), dw), db + g]);
+            let mean_gw_xhat = rstd * V::splat(sum_gw_deviation * inv_n);
+            update::<V, 3, 3>([dx, &mut *dweight, &mut *dbias], inputs, |[_, dw, db], [x, g, w]| {
+                let xhat = (x - mean) * rstd;
+                [rstd * (g * w - mean_gw - xhat * mean_gw_xhat), g.mul_add(xhat, dw), db + g]
+            });
         }
     }
 }

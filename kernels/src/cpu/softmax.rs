@@ -24,12 +24,14 @@
 //! For f32 along the last dim, when each row is contiguous in memory, both directions
 //! run a fused SIMD kernel per row ([`UnitRows`]): softmax reads the row for the max,
 //! writes `exp(x - max)` while summing (with [`math::exp_nonpositive`]), and scales in
-//! place, so the input is read from memory once and the output written once, and the
-//! next row is prefetched while this one is computed; the other dims, dtypes and layouts take the
-//! generic kernel, which reads each line into a scratch buffer through [`Rows`].
+//! place, so the input is read from memory once and the output written once (the rows
+//! follow each other in memory, which the hardware prefetcher streams on its own: asking
+//! for the whole next row up front, 64 lines at once, stalled the kernels by 10-30%);
+//! the other dims, dtypes and layouts take the generic kernel, which reads each line into
+//! a scratch buffer through [`Rows`].
 
 use super::map::PARALLEL_THRESHOLD;
-use super::simd::{F32Vector, Isa, Operand, kernel, map, map1_sum, math, max_of, prefetch, sums, update};
+use super::simd::{F32Vector, Isa, Operand, kernel, map, map1_sum, math, max_of, sums, update};
 use crate::layout::{Layout, for_each_offsets};
 use crate::parallel;
 use crate::{Element, FloatElem, Real};
@@ -207,11 +209,7 @@ kernel! {
     /// Softmax or log-softmax of whole rows `first..` of `x` into `out`, with SIMD.
     fn softmax_f32(x: &[f32], rows: &UnitRows, first: usize, out: &mut [f32], kind: SoftmaxKind) {
         let n = rows.n;
-        let count = out.len() / n;
         for (i, y) in out.chunks_exact_mut(n).enumerate() {
-            if i + 1 < count {
-                prefetch(rows.row(x, first + i + 1));
-            }
             let x = rows.row(x, first + i);
             let max = V::splat(max_of::<V>(x));
             match kind {
@@ -241,12 +239,7 @@ kernel! {
         kind: SoftmaxKind,
     ) {
         let n = y.1.n;
-        let count = out.len() / n;
         for (i, dx) in out.chunks_exact_mut(n).enumerate() {
-            if i + 1 < count {
-                prefetch(y.1.row(y.0, first + i + 1));
-                prefetch(g.1.row(g.0, first + i + 1));
-            }
             let y = Operand::Slice(y.1.row(y.0, first + i));
             let g = Operand::Slice(g.1.row(g.0, first + i));
             match kind {

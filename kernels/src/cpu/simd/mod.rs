@@ -113,6 +113,17 @@ pub trait F32Vector:
     /// `m` in `[0.5, 1)` (C's `frexp`). Other lanes give unspecified values.
     fn frexp(self) -> (Self, Self);
 
+    /// `self * 2^n` (C's `ldexp`) for lanes of `n` holding integers in `[-252, 254]`,
+    /// rounded once wherever `self * 2^(n/2)` is a normal float (as it is for the
+    /// reduced arguments of `exp`): results under the normal range come out subnormal or
+    /// 0, results over it inf. AVX-512 has this as one instruction (`vscalefps`); the
+    /// other ISAs multiply by the two normal powers of two `2^(n/2)` and `2^(n - n/2)`.
+    #[inline(always)]
+    fn ldexp(self, n: Self) -> Self {
+        let half = (n * Self::splat(0.5)).round();
+        self * half.pow2i() * (n - half).pow2i()
+    }
+
     /// Loads `src` (at most `LANES` values) and fills the remaining lanes with `fill`.
     #[inline(always)]
     fn load_partial(src: &[f32], fill: f32) -> Self {
@@ -426,22 +437,6 @@ pub fn max_of<V: F32Vector>(x: &[f32]) -> f32 {
     acc[0].max(acc[1]).max(acc[2].max(acc[3])).reduce_max()
 }
 
-/// Asks the CPU to start loading `slice` into L1 (one prefetch per 64-byte line), so that
-/// a row kernel computing on one row overlaps the next row's memory traffic with its
-/// arithmetic instead of waiting for it afterwards. Only a hint: it changes no value, and
-/// does nothing on targets without a prefetch instruction here.
-#[inline(always)]
-pub fn prefetch(slice: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in slice.chunks(16) {
-        // SAFETY: SSE is part of the x86-64 baseline, and a prefetch never faults; the
-        // address is inside `slice` anyway.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = slice;
-}
-
 /// Every ISA this CPU can run, for tests (on x86-64 `Isa::Scalar` runs [`Scalar`]).
 #[cfg(test)]
 pub(crate) fn test_isas() -> Vec<Isa> {
@@ -487,6 +482,11 @@ mod tests {
             check(V::select(x.ge(V::splat(-0.5)), one, zero), &|l| (l >= -0.5) as u8 as f32, "ge");
             check(V::select((x / zero).is_nan(), one, zero), &|l| (l / 0.0).is_nan() as u8 as f32, "is_nan");
             check(x.round().pow2i(), &|l| 2f32.powi(l.round_ties_even() as i32), "pow2i");
+            // Results across the whole range: normal, subnormal (rounded once), 0 and inf.
+            for n in [-252, -160, -149, -140, -127, -126, -1, 0, 1, 127, 128, 200, 254] {
+                let scale = |l: f32| ((l + 0.1) as f64 * 2f64.powi(n)) as f32;
+                check((x + V::splat(0.1)).ldexp(V::splat(n as f32)), &scale, "ldexp");
+            }
             let positive = x.abs() + V::splat(0.75);
             let (m, e) = positive.frexp();
             check(m, &|l| {

@@ -84,9 +84,10 @@ pub(super) mod avx512 {
         _mm512_cmp_ps_mask as cmp, _mm512_cvtepi32_ps as from_i, _mm512_cvtps_epi32 as to_i, _mm512_div_ps as div,
         _mm512_fmadd_ps as fma, _mm512_loadu_ps as load, _mm512_max_ps as max, _mm512_min_ps as min,
         _mm512_mul_ps as mul, _mm512_or_si512 as or_i, _mm512_reduce_add_ps as reduce_add,
-        _mm512_reduce_max_ps as reduce_max, _mm512_roundscale_ps as round, _mm512_set1_epi32 as splat_i,
-        _mm512_set1_ps as splat, _mm512_slli_epi32 as shl, _mm512_sqrt_ps as sqrt, _mm512_srli_epi32 as shr,
-        _mm512_storeu_ps as store, _mm512_sub_epi32 as sub_i, _mm512_sub_ps as sub, _mm512_xor_si512 as xor_i,
+        _mm512_reduce_max_ps as reduce_max, _mm512_roundscale_ps as round, _mm512_scalef_ps as scalef,
+        _mm512_set1_epi32 as splat_i, _mm512_set1_ps as splat, _mm512_slli_epi32 as shl, _mm512_sqrt_ps as sqrt,
+        _mm512_srli_epi32 as shr, _mm512_storeu_ps as store, _mm512_sub_epi32 as sub_i, _mm512_sub_ps as sub,
+        _mm512_xor_si512 as xor_i,
     };
 
     /// A comparison sets one bit per lane.
@@ -101,8 +102,9 @@ pub(super) mod avx512 {
 }
 
 /// Defines an x86 vector type over the names exported by the module `$isa`.
+/// `ldexp = $isa::scalef` overrides [`F32Vector::ldexp`] with the ISA's instruction.
 macro_rules! x86_vector {
-    ($(#[$doc:meta])* $name:ident, $isa:ident, $lanes:literal) => {
+    ($(#[$doc:meta])* $name:ident, $isa:ident, $lanes:literal $(, ldexp = $ldexp:path)?) => {
         $(#[$doc])*
         #[derive(Clone, Copy)]
         pub struct $name($isa::Reg);
@@ -194,6 +196,12 @@ macro_rules! x86_vector {
                 // The biased exponent n + 127 shifted into place, with a zero mantissa.
                 Self(arch!($isa::from_bits($isa::shl::<23>($isa::add_i($isa::to_i(self.0), $isa::splat_i(127))))))
             }
+            $(
+                #[inline(always)]
+                fn ldexp(self, n: Self) -> Self {
+                    Self(arch!($ldexp(self.0, n.0)))
+                }
+            )?
             #[inline(always)]
             fn frexp(self) -> (Self, Self) {
                 arch!({
@@ -255,5 +263,6 @@ x86_vector!(
     /// Sixteen f32 lanes in a zmm register (AVX-512F).
     Avx512,
     avx512,
-    16
+    16,
+    ldexp = avx512::scalef
 );
