@@ -16,7 +16,7 @@ mod gemm_peer;
 use gemm_peer::gemm_crate_sgemm;
 
 const SHAPES: &[(usize, usize, usize)] =
-    &[(128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (4096, 384, 1536)];
+    &[(128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048), (4096, 384, 1536)];
 
 fn sgemm(c: &mut Criterion) {
     let dev = Device::Cpu;

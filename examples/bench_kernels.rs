@@ -195,7 +195,9 @@ fn row_major(data: &[f32], cols: usize) -> MatRef<'_> {
 
 /// SGEMM `C = A B` for row-major `m x k` and `k x n` operands: ours against `gemm`.
 fn sgemm_lines(threads: usize, reps: usize) {
-    for (m, k, n) in [(128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (4096, 384, 1536)] {
+    for (m, k, n) in
+        [(128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048), (4096, 384, 1536)]
+    {
         let a = Tensor::randn([m, k], &Device::Cpu, 1).unwrap().to_vec::<f32>().unwrap();
         let b = Tensor::randn([k, n], &Device::Cpu, 2).unwrap().to_vec::<f32>().unwrap();
         let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
