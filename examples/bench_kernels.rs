@@ -15,7 +15,7 @@
 //! - softmax and LayerNorm on (4096, 1024), GELU (erf and tanh forms) on 16M floats,
 //!   `add` on 64 floats, against candle, in milliseconds, with `copy_ms`, a plain copy of
 //!   the same bytes into an existing buffer (the memory-bound floor) for the large ones,
-//!   timed in the same interleaved rounds as the op.
+//!   raced against the op separately (`ms_beside_copy` is the op in that race).
 //!
 //! Run: `cargo run --release --example bench_kernels` (add `-- quick` for fewer repeats, and
 //! group names, `rows conv sgemm gpt small bf16 fused`, to run only those).
@@ -36,24 +36,19 @@ mod gemm_peer;
 use gemm_peer::{gemm_crate_sgemm, gemm_crate_sgemm_strided};
 
 /// Median seconds of `f` and `g` over `reps` interleaved calls each (after a warm-up).
-fn race(reps: usize, f: impl FnMut(), g: impl FnMut()) -> (f64, f64) {
-    let [a, b] = race_all(reps, [&mut { f }, &mut { g }]);
-    (a, b)
-}
-
-/// Median seconds of each of `fs` over `reps` rounds that call every one in turn (after a
-/// warm-up), so that the VM's slow and fast phases fall on all of them alike.
-fn race_all<const N: usize>(reps: usize, mut fs: [&mut dyn FnMut(); N]) -> [f64; N] {
-    fs.iter_mut().for_each(|f| f());
-    let mut times: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(reps));
+fn race(reps: usize, mut f: impl FnMut(), mut g: impl FnMut()) -> (f64, f64) {
+    f();
+    g();
+    let (mut a, mut b) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
     for _ in 0..reps {
-        for (f, t) in fs.iter_mut().zip(&mut times) {
-            let start = Instant::now();
-            f();
-            t.push(start.elapsed().as_secs_f64());
-        }
+        let t = Instant::now();
+        f();
+        a.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        g();
+        b.push(t.elapsed().as_secs_f64());
     }
-    times.map(median)
+    (median(a), median(b))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -75,10 +70,9 @@ fn pair(shape: &[usize], seed: u64) -> (Tensor, candle_core::Tensor, Vec<f32>) {
 }
 
 /// Prints one measurement of an op against candle, in milliseconds.
-fn line(op: &str, shape: &[usize], threads: usize, ms: f64, peer_ms: f64, copy_ms: Option<f64>) {
-    let copy = copy_ms.map(|c| format!(",\"copy_ms\":{c:.4}")).unwrap_or_default();
+fn line(op: &str, shape: &[usize], threads: usize, ms: f64, peer_ms: f64) {
     println!(
-        "{{\"op\":\"{op}\",\"shape\":{shape:?},\"threads\":{threads},\"ms\":{ms:.4},\"peer\":\"candle\",\"peer_ms\":{peer_ms:.4}{copy}}}"
+        "{{\"op\":\"{op}\",\"shape\":{shape:?},\"threads\":{threads},\"ms\":{ms:.4},\"peer\":\"candle\",\"peer_ms\":{peer_ms:.4}}}"
     );
 }
 
@@ -92,43 +86,60 @@ fn copier(values: &[f32]) -> impl FnMut() + '_ {
     move || dst.par_chunks_mut(chunk).zip(black_box(values).par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s))
 }
 
+/// One memory-bound op: ours raced against candle's (`ms`, `peer_ms`), then against a
+/// plain copy of its input (`ms_beside_copy`, `copy_ms`). Two races, because candle's op
+/// allocates and faults in a fresh output each call, which slows whatever runs next:
+/// the ratio to the copy is taken between two runs that see the same conditions.
+fn memory_bound_line(
+    op: &str,
+    shape: &[usize],
+    threads: usize,
+    reps: usize,
+    mut ours: impl FnMut(),
+    peer: impl FnMut(),
+    copy: &mut impl FnMut(),
+) {
+    let (ms, peer_ms) = race(reps, &mut ours, peer);
+    let (beside_copy, copy_ms) = race(reps, &mut ours, copy);
+    println!(
+        "{{\"op\":\"{op}\",\"shape\":{shape:?},\"threads\":{threads},\"ms\":{:.4},\"peer\":\"candle\",\"peer_ms\":{:.4},\"ms_beside_copy\":{:.4},\"copy_ms\":{:.4}}}",
+        ms * 1e3,
+        peer_ms * 1e3,
+        beside_copy * 1e3,
+        copy_ms * 1e3
+    );
+}
+
 /// The memory-bound ops: ours and candle's, and a plain copy of the input.
 fn elementwise_and_rows(threads: usize, reps: usize) {
-    let ms = 1e3;
-    // Each op, candle's and the copy take turns in one race, so the ratio to the copy is
-    // measured under the same conditions as the op (the copy's own speed moves 2-4x with
-    // the VM's phases).
     let (x, cx, values) = pair(&[4096, 1024], 1);
     let mut copy = copier(&values);
-    let [ours, peer, copied] = race_all(
+    let softmax = || drop(x.softmax(-1).unwrap());
+    memory_bound_line(
+        "softmax",
+        &[4096, 1024],
+        threads,
         reps,
-        [&mut || drop(x.softmax(-1).unwrap()), &mut || drop(candle_nn::ops::softmax_last_dim(&cx).unwrap()), &mut copy],
+        softmax,
+        || drop(candle_nn::ops::softmax_last_dim(&cx).unwrap()),
+        &mut copy,
     );
-    line("softmax", &[4096, 1024], threads, ours * ms, peer * ms, Some(copied * ms));
     let (w, cw, _) = pair(&[1024], 2);
     let (b, cb, _) = pair(&[1024], 3);
-    let [ours, peer, copied] = race_all(
-        reps,
-        [
-            &mut || drop(x.layer_norm(1, Some(&w), Some(&b), 1e-5).unwrap()),
-            &mut || drop(candle_nn::ops::layer_norm(&cx, &cw, &cb, 1e-5).unwrap()),
-            &mut copy,
-        ],
-    );
-    line("layer_norm", &[4096, 1024], threads, ours * ms, peer * ms, Some(copied * ms));
+    let layer_norm = || drop(x.layer_norm(1, Some(&w), Some(&b), 1e-5).unwrap());
+    let candle_layer_norm = || drop(candle_nn::ops::layer_norm(&cx, &cw, &cb, 1e-5).unwrap());
+    memory_bound_line("layer_norm", &[4096, 1024], threads, reps, layer_norm, candle_layer_norm, &mut copy);
 
     let n = 16 << 20;
     let (x, cx, values) = pair(&[n], 4);
     let mut copy = copier(&values);
     let reps3 = reps.div_ceil(3);
-    let [ours, peer, copied] =
-        race_all(reps3, [&mut || drop(x.gelu().unwrap()), &mut || drop(cx.gelu_erf().unwrap()), &mut copy]);
-    line("gelu_erf", &[n], threads, ours * ms, peer * ms, Some(copied * ms));
-    let [ours, peer, copied] =
-        race_all(reps3, [&mut || drop(x.gelu_tanh().unwrap()), &mut || drop(cx.gelu().unwrap()), &mut copy]);
-    line("gelu_tanh", &[n], threads, ours * ms, peer * ms, Some(copied * ms));
+    let (gelu, candle_gelu) = (|| drop(x.gelu().unwrap()), || drop(cx.gelu_erf().unwrap()));
+    memory_bound_line("gelu_erf", &[n], threads, reps3, gelu, candle_gelu, &mut copy);
+    let (gelu, candle_gelu) = (|| drop(x.gelu_tanh().unwrap()), || drop(cx.gelu().unwrap()));
+    memory_bound_line("gelu_tanh", &[n], threads, reps3, gelu, candle_gelu, &mut copy);
 
-    let inner = 1000;
+    let (ms, inner) = (1e3, 1000);
     let (a, ca, _) = pair(&[64], 5);
     let (b, cb, _) = pair(&[64], 6);
     let per_call = ms / inner as f64;
@@ -137,14 +148,14 @@ fn elementwise_and_rows(threads: usize, reps: usize) {
         batched(inner, || drop(black_box(a.add(&b).unwrap()))),
         batched(inner, || drop(black_box(ca.add(&cb).unwrap()))),
     );
-    line("add", &[64], threads, ours * per_call, peer * per_call, None);
+    line("add", &[64], threads, ours * per_call, peer * per_call);
     let (va, vb) = (Var::leaf(a.clone()), Var::leaf(b.clone()));
     let (ours, peer) = race(
         reps,
         batched(inner, || drop(black_box(va.add(&vb).unwrap()))),
         batched(inner, || drop(black_box(ca.add(&cb).unwrap()))),
     );
-    line("add_var", &[64], threads, ours * per_call, peer * per_call, None);
+    line("add_var", &[64], threads, ours * per_call, peer * per_call);
 }
 
 /// The convolutions of the issue, forward and forward+backward (the gradient of the sum
@@ -177,7 +188,7 @@ fn conv_line(
     let (w, cw, _) = pair(&w_shape, 8);
     let (xc, wc) = (Var::constant(x.clone()), Var::constant(w.clone()));
     let (t_ours, t_peer) = race(reps, || drop(ours(&xc, &wc).unwrap()), || drop(theirs(&cx, &cw).unwrap()));
-    line(name, &x_shape, threads, t_ours * ms, t_peer * ms, None);
+    line(name, &x_shape, threads, t_ours * ms, t_peer * ms);
     let (xv, wv) = (Var::leaf(x), Var::leaf(w));
     let (cxv, cwv) = (candle_core::Var::from_tensor(&cx).unwrap(), candle_core::Var::from_tensor(&cw).unwrap());
     let (t_ours, t_peer) = race(
@@ -185,7 +196,7 @@ fn conv_line(
         || ours(&xv, &wv).unwrap().sum_all().unwrap().backward().unwrap(),
         || drop(theirs(&cxv, &cwv).unwrap().sum_all().unwrap().backward().unwrap()),
     );
-    line(&format!("{name}_fwd_bwd"), &x_shape, threads, t_ours * ms, t_peer * ms, None);
+    line(&format!("{name}_fwd_bwd"), &x_shape, threads, t_ours * ms, t_peer * ms);
 }
 
 /// A row-major `rows x cols` matrix.

@@ -28,7 +28,7 @@
 //! output is rounded once.
 
 use super::map::map;
-use super::matmul::{cast, gemm_acc};
+use super::matmul::{cast, cast_mut, gemm_acc};
 use crate::parallel;
 use crate::{Element, FloatElem, Layout, Real, buffers};
 use std::borrow::Cow;
@@ -88,6 +88,14 @@ fn valid_outputs(offset: usize, padding: usize, stride: usize, image_len: usize,
     first.min(end)..end
 }
 
+/// The feature rows and columns (`oy` and `ox` ranges) at which tap `(ky, kx)` lands
+/// inside the image; at every other feature position it lands in the padding.
+fn tap_window(g: &ConvGeometry, ky: usize, kx: usize) -> (Range<usize>, Range<usize>) {
+    let rows = valid_outputs(ky * g.dilation[0], g.padding[0], g.stride[0], g.in_size[0], g.out_size[0]);
+    let cols = valid_outputs(kx * g.dilation[1], g.padding[1], g.stride[1], g.in_size[1], g.out_size[1]);
+    (rows, cols)
+}
+
 /// Calls `f(tap, feature_pos, image_pos, len)` for every kernel tap (row-major index into
 /// one filter) and every run of `len` feature positions along a row whose tap lands
 /// inside the image: feature positions `feature_pos..feature_pos + len` meet image
@@ -95,24 +103,34 @@ fn valid_outputs(offset: usize, padding: usize, stride: usize, image_len: usize,
 /// indices within one plane.
 fn for_each_tap(g: &ConvGeometry, mut f: impl FnMut(usize, usize, usize, usize)) {
     let [kh, kw] = g.kernel;
-    let [ih, iw] = g.in_size;
-    let [oh, ow] = g.out_size;
-    let [sy, sx] = g.stride;
-    let [py, px] = g.padding;
-    let [dy, dx] = g.dilation;
+    let [iw, ow] = [g.in_size[1], g.out_size[1]];
     for ky in 0..kh {
-        let rows = valid_outputs(ky * dy, py, sy, ih, oh);
         for kx in 0..kw {
-            let cols = valid_outputs(kx * dx, px, sx, iw, ow);
+            let (rows, cols) = tap_window(g, ky, kx);
             if cols.is_empty() {
                 continue;
             }
             let tap = ky * kw + kx;
-            for oy in rows.clone() {
-                let iy = oy * sy + ky * dy - py;
-                let ix = cols.start * sx + kx * dx - px;
+            for oy in rows {
+                let iy = oy * g.stride[0] + ky * g.dilation[0] - g.padding[0];
+                let ix = cols.start * g.stride[1] + kx * g.dilation[1] - g.padding[1];
                 f(tap, oy * ow + cols.start, iy * iw + ix, cols.len());
             }
+        }
+    }
+}
+
+/// Sets to zero the feature positions of one im2col row (one tap, `feature_plane`
+/// values) at which the tap lands in the padding: the rows outside its window, and the
+/// left and right margins of the rows inside it.
+fn zero_padding_taps<A: Element>(g: &ConvGeometry, ky: usize, kx: usize, row: &mut [A]) {
+    let (rows, cols) = tap_window(g, ky, kx);
+    for (oy, feature_row) in row.chunks_mut(g.out_size[1].max(1)).enumerate() {
+        if rows.contains(&oy) && !cols.is_empty() {
+            feature_row[..cols.start].fill(A::zero());
+            feature_row[cols.end..].fill(A::zero());
+        } else {
+            feature_row.fill(A::zero());
         }
     }
 }
@@ -124,13 +142,16 @@ fn bias_of<R: Real>(bias: Option<&[R]>, c: usize) -> R {
 
 /// im2col for batch entry `n` and one group: row `ci * taps + tap` of `columns` (the
 /// group's `cin_g * taps` rows of `feature_plane` values) holds the image values that tap
-/// meets. Every group writes the same positions; the others (taps in the padding) keep
-/// what the buffer held, zeros when the caller filled it so.
-fn im2col<A: Copy>(g: &ConvGeometry, image: &[A], n: usize, group: usize, columns: &mut [A]) {
+/// meets, and zeros where it lands in the padding. Every element is written, so the
+/// buffer may hold anything before.
+fn im2col<A: Element>(g: &ConvGeometry, image: &[A], n: usize, group: usize, columns: &mut [A]) {
     let (cin_g, taps, fp) = (g.in_channels_per_group(), g.taps(), g.feature_plane());
     for ci_in_group in 0..cin_g {
         let plane = &image[(n * g.in_channels + group * cin_g + ci_in_group) * g.image_plane()..];
         let rows = &mut columns[ci_in_group * taps * fp..(ci_in_group + 1) * taps * fp];
+        for (tap, row) in rows.chunks_mut(fp.max(1)).enumerate() {
+            zero_padding_taps(g, tap / g.kernel[1], tap % g.kernel[1], row);
+        }
         let sx = g.stride[1];
         for_each_tap(g, |tap, o, i, len| {
             let dst = &mut rows[tap * fp + o..][..len];
@@ -185,25 +206,36 @@ pub fn conv2d<T: FloatElem>(
         return out;
     }
     parallel::for_each_entry(&mut out, g.out_channels * fp, |n, out_n| {
-        let zero = T::Acc::zero();
         // Scratch from the buffer cache and back to it: a fresh megabyte per batch
         // entry would fault its pages in every time (serialised in the kernel, so the
-        // threads queue up there).
-        let (mut columns, mut features) = (buffers::filled(depth * fp, zero), buffers::filled(cout_g * fp, zero));
+        // threads queue up there). im2col writes every element of it.
+        let mut columns = buffers::for_overwrite(depth * fp);
+        // The product of a group, where the output's type is not the accumulator's.
+        let mut features = None;
         for group in 0..g.groups {
             im2col(g, &image, n, group, &mut columns);
             let filters = &weight[group * cout_g * depth..(group + 1) * cout_g * depth];
-            gemm_acc(cout_g, fp, depth, (filters, depth, 1), (&columns, fp, 1), &mut features);
-            for (co_in_group, plane) in features.chunks(fp.max(1)).enumerate() {
-                let co = group * cout_g + co_in_group;
-                let b = bias_of(bias.as_deref(), co);
-                for (o, &v) in out_n[co * fp..(co + 1) * fp].iter_mut().zip(plane) {
-                    *o = T::from_acc(v + b);
+            let out_group = &mut out_n[group * cout_g * fp..(group + 1) * cout_g * fp];
+            let product = |c: &mut [T::Acc]| gemm_acc(cout_g, fp, depth, (filters, depth, 1), (&columns, fp, 1), c);
+            let biases = (group * cout_g..(group + 1) * cout_g).map(|co| bias_of(bias.as_deref(), co));
+            if let Some(out_group) = cast_mut::<T, T::Acc>(out_group) {
+                // f32 and f64: the GEMM writes the output planes themselves.
+                product(&mut *out_group);
+                for (plane, b) in out_group.chunks_mut(fp.max(1)).zip(biases) {
+                    plane.iter_mut().for_each(|v| *v += b);
+                }
+            } else {
+                let features = features.get_or_insert_with(|| buffers::for_overwrite(cout_g * fp));
+                product(features);
+                for ((dst, plane), b) in out_group.chunks_mut(fp.max(1)).zip(features.chunks(fp.max(1))).zip(biases) {
+                    dst.iter_mut().zip(plane).for_each(|(o, &v)| *o = T::from_acc(v + b));
                 }
             }
         }
         buffers::recycle(columns);
-        buffers::recycle(features);
+        if let Some(features) = features {
+            buffers::recycle(features);
+        }
     });
     release(image);
     release(weight);
@@ -239,8 +271,9 @@ pub fn conv_transpose2d<T: FloatElem>(
         return out;
     }
     parallel::for_each_entry(&mut out, g.in_channels * ip, |n, out_n| {
-        let zero = T::Acc::zero();
-        let (mut columns, mut image) = (buffers::filled(depth * fp, zero), buffers::filled(g.in_channels * ip, zero));
+        // The GEMM writes all of `columns`; the image is a sum, from zero.
+        let (mut columns, mut image) =
+            (buffers::for_overwrite(depth * fp), buffers::filled(g.in_channels * ip, T::Acc::zero()));
         for group in 0..g.groups {
             // columns = W_g^T x_g: row `ci * taps + tap` is what that tap sends back.
             let filters = &weight[group * cout_g * depth..(group + 1) * cout_g * depth];
@@ -308,7 +341,8 @@ pub fn conv2d_weight_grad<T: FloatElem>(
     let zero = T::Acc::zero();
     let partials: Vec<Vec<T::Acc>> = parallel::map(g.batch.div_ceil(WEIGHT_GRAD_ENTRIES), |chunk| {
         let mut dw = vec![zero; g.out_channels * depth];
-        let (mut columns, mut product) = (buffers::filled(depth * fp, zero), buffers::filled(cout_g * depth, zero));
+        // im2col and the GEMM write every element of these.
+        let (mut columns, mut product) = (buffers::for_overwrite(depth * fp), buffers::for_overwrite(cout_g * depth));
         let entries = chunk * WEIGHT_GRAD_ENTRIES..((chunk + 1) * WEIGHT_GRAD_ENTRIES).min(g.batch);
         for n in entries {
             for group in 0..g.groups {
@@ -456,5 +490,55 @@ mod tests {
                 proptest::prop_assert!((*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()), "{} vs {}", a, b);
             }
         }
+
+        /// im2col against its definition on a buffer poisoned with NaN: every element is
+        /// written, with the image value a tap meets or zero where it lands in the padding.
+        #[test]
+        fn im2col_writes_every_element_zero_where_a_tap_lands_in_the_padding(
+            groups in 1usize..3, cin in 1usize..3, size in (1usize..7, 1usize..7), kernel in (1usize..4, 1usize..4),
+            stride in (1usize..3, 1usize..3), padding in (0usize..3, 0usize..3), dilation in (1usize..3, 1usize..3),
+        ) {
+            let out = |len: usize, k: usize, s: usize, p: usize, d: usize| (len + 2 * p).checked_sub(d * (k - 1) + 1).map(|v| v / s + 1);
+            let (Some(oh), Some(ow)) = (out(size.0, kernel.0, stride.0, padding.0, dilation.0), out(size.1, kernel.1, stride.1, padding.1, dilation.1)) else {
+                return Ok(());
+            };
+            let g = ConvGeometry {
+                batch: 2, in_channels: cin * groups, in_size: [size.0, size.1], out_channels: groups, out_size: [oh, ow],
+                kernel: [kernel.0, kernel.1], stride: [stride.0, stride.1], padding: [padding.0, padding.1],
+                dilation: [dilation.0, dilation.1], groups,
+            };
+            let image: Vec<f64> = (0..2 * g.in_channels * g.image_plane()).map(|i| i as f64 + 1.0).collect();
+            let (taps, fp) = (g.taps(), g.feature_plane());
+            for (n, group) in [(0, 0), (1, groups - 1)] {
+                let mut columns = vec![f64::NAN; cin * taps * fp];
+                im2col(&g, &image, n, group, &mut columns);
+                for ci in 0..cin {
+                    for (ky, kx, oy, ox) in every_tap_and_position(kernel, (oh, ow)) {
+                        let iy = (oy * stride.0 + ky * dilation.0) as isize - padding.0 as isize;
+                        let ix = (ox * stride.1 + kx * dilation.1) as isize - padding.1 as isize;
+                        let inside = (0..size.0 as isize).contains(&iy) && (0..size.1 as isize).contains(&ix);
+                        let channel = n * g.in_channels + group * cin + ci;
+                        let want = if inside { image[(channel * size.0 + iy as usize) * size.1 + ix as usize] } else { 0.0 };
+                        let got = columns[(ci * taps + ky * kernel.1 + kx) * fp + oy * ow + ox];
+                        proptest::prop_assert_eq!(got, want, "tap ({}, {}) at ({}, {})", ky, kx, oy, ox);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every `(ky, kx, oy, ox)` for kernel `(kh, kw)` and output `(oh, ow)`.
+    fn every_tap_and_position(kernel: (usize, usize), out: (usize, usize)) -> Vec<(usize, usize, usize, usize)> {
+        let mut all = Vec::new();
+        for ky in 0..kernel.0 {
+            for kx in 0..kernel.1 {
+                for oy in 0..out.0 {
+                    for ox in 0..out.1 {
+                        all.push((ky, kx, oy, ox));
+                    }
+                }
+            }
+        }
+        all
     }
 }
