@@ -22,8 +22,9 @@
 //!   and `xhat = x * rstd`);
 //! - `dw = sum(g * xhat)`, `db = sum(g)` over every row (and position) sharing the parameter.
 //!
-//! The statistics are recomputed from `x` (two cheap passes over a row that is in cache
-//! anyway) rather than saved by the forward. The parameter sums are accumulated per block
+//! The statistics are recomputed from `x` (a pass for the mean, then the squared
+//! deviations in the same pass as the gradient sums, over a row that is in cache anyway)
+//! rather than saved by the forward. The parameter sums are accumulated per block
 //! of rows and added in block order, so the result does not depend on the thread count.
 //!
 //! For f32 LayerNorm and RMSNorm whose normalised elements are contiguous in memory, both
@@ -306,6 +307,8 @@ fn blocks_with_sums<T: Send, A: Real>(
     const MAX_BLOCKS: usize = 64;
     let rows = out.len() / n;
     let rows_per_block = (PARALLEL_THRESHOLD / 4 / n).max(rows.div_ceil(MAX_BLOCKS)).max(1);
+    // Each task takes its block of rows through an (uncontended) lock, and its
+    // accumulators as its chunk of `partials`: two disjoint borrows per task, no unsafe.
     let blocks: Vec<Mutex<&mut [T]>> = out.chunks_mut(rows_per_block * n).map(Mutex::new).collect();
     // Every block's two accumulators side by side in one buffer from the cache (a fresh
     // allocation per block, freed at once, made the heap fault its pages in every call).

@@ -26,7 +26,8 @@
 //! writes `exp(x - max)` while summing (with [`math::exp_nonpositive`]), and scales in
 //! place, so the input is read from memory once and the output written once (the rows
 //! follow each other in memory, which the hardware prefetcher streams on its own: asking
-//! for the whole next row up front, 64 lines at once, stalled the kernels by 10-30%);
+//! for the whole next row up front, 64 lines at once, made LayerNorm 6-30% and softmax
+//! up to 23% slower in interleaved A/B runs on (4096, 1024));
 //! the other dims, dtypes and layouts take the generic kernel, which reads each line into
 //! a scratch buffer through [`Rows`].
 
