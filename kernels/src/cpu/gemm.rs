@@ -7,7 +7,7 @@
 //! for jc in 0..n step NC            // columns of C and B: a panel of B lives in L3
 //!   for pc in 0..k step KC          // depth: pack B[pc.., jc..] into NR-wide slivers
 //!     for ic in 0..m step MC        // rows: pack A[ic.., pc..] into MR-tall slivers (L2)
-//!       for jr in 0..nc step NR     // one B sliver (L1) ...
+//!       for jr in 0..nc step NR     // one B sliver (L1/L2) ...
 //!         for ir in 0..mc step MR   // ... against every A sliver
 //!           microkernel: an MR x NR tile of C, in registers, += over KC with FMA
 //! ```
