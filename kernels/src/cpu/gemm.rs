@@ -59,6 +59,11 @@ const MC: usize = 240;
 const NC: usize = 4096;
 /// Below this many multiply-adds (`m * n * k`) the product runs on the calling thread.
 pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 18;
+/// From this many multiply-adds on, bf16 products that the unpacked path would take run
+/// packed on `vdpbf16ps` instead, where the CPU has it. Measured through `Tensor::matmul`
+/// at 2 threads: 128^3 (2^21) 80 GFLOP/s packed, 104 widened and unpacked; 256^3 (2^24)
+/// 172 packed, 145 widened; 512^3 327-338 packed. The threshold sits between the first two.
+const BF16_DOT_MIN_WORK: usize = 1 << 22;
 /// Below this many values a B panel is packed on the calling thread.
 const PARALLEL_PACK_MIN: usize = 1 << 16;
 
@@ -258,13 +263,50 @@ pub fn gemm_with_isa<T: GemmInput>(
         }
         return;
     }
-    if let (Some(a32), Some(b32)) = (a.as_f32(), b.as_f32())
-        && gemm_small::is_faster_unpacked(m, n, k, parallel::threads())
-    {
-        gemm_small::small_sgemm(isa, m, n, k, a32, b32, c, epilogue);
-        return;
+    if gemm_small::is_faster_unpacked(m, n, k, parallel::threads()) {
+        if let (Some(a32), Some(b32)) = (a.as_f32(), b.as_f32()) {
+            gemm_small::small_sgemm(isa, m, n, k, a32, b32, c, epilogue);
+            return;
+        }
+        // f16/bf16: the unpacked path reads f32, so the operands are widened first when
+        // their views are compact (a copy of `m k + k n` values, small next to the
+        // `m n k` multiply-adds; the packed path's packing costs more at these sizes),
+        // unless the packed path multiplies bf16 pairs at twice the f32 rate.
+        let dot_product_pays = has_bf16_dot_product() && a.cast::<bf16>().is_some() && m * n * k >= BF16_DOT_MIN_WORK;
+        if !dot_product_pays && let (Some(a_wide), Some(b_wide)) = (widened_span(a, m, k), widened_span(b, k, n)) {
+            let (a32, b32) = (a_wide.view(a), b_wide.view(b));
+            gemm_small::small_sgemm(isa, m, n, k, a32, b32, c, epilogue);
+            crate::buffers::recycle(a_wide.0);
+            crate::buffers::recycle(b_wide.0);
+            return;
+        }
     }
     packed_gemm(isa, m, n, k, a, b, c, epilogue);
+}
+
+/// The values a half-precision view spans in its buffer, widened to f32 (from the
+/// buffer cache, given back after the product).
+struct WidenedSpan(Vec<f32>);
+
+/// The values a `rows x cols` view spans in its buffer, widened to f32: the copy the
+/// unpacked path reads instead of a half-precision view. `None` when the span holds more
+/// than twice the view's values (a narrow window of a large buffer: widening it all
+/// would cost more than the product).
+fn widened_span<T: GemmInput>(x: MatRef<T>, rows: usize, cols: usize) -> Option<WidenedSpan> {
+    let span = (rows - 1) * x.row_stride + (cols - 1) * x.col_stride + 1;
+    if span > 2 * rows * cols {
+        return None;
+    }
+    let mut wide = crate::buffers::for_overwrite(span);
+    T::widen(&x.data[x.offset..x.offset + span], &mut wide);
+    Some(WidenedSpan(wide))
+}
+
+impl WidenedSpan {
+    /// The view `x` over the widened values (same strides, offset 0).
+    fn view<T>(&self, x: MatRef<T>) -> MatRef<'_, f32> {
+        MatRef { data: &self.0, offset: 0, row_stride: x.row_stride, col_stride: x.col_stride }
+    }
 }
 
 /// The packed path of [`gemm_with_isa`] for a product with `m`, `n` and `k` nonzero (the
