@@ -71,8 +71,13 @@ fn pair(shape: &[usize], seed: u64) -> (Tensor, candle_core::Tensor, Vec<f32>) {
 
 /// Prints one measurement of an op against candle, in milliseconds.
 fn line(op: &str, shape: &[usize], threads: usize, ms: f64, peer_ms: f64) {
+    line_with(op, shape, threads, ms, peer_ms, "");
+}
+
+/// [`line`] with more JSON fields (`,"name":value...`) at the end.
+fn line_with(op: &str, shape: &[usize], threads: usize, ms: f64, peer_ms: f64, more: &str) {
     println!(
-        "{{\"op\":\"{op}\",\"shape\":{shape:?},\"threads\":{threads},\"ms\":{ms:.4},\"peer\":\"candle\",\"peer_ms\":{peer_ms:.4}}}"
+        "{{\"op\":\"{op}\",\"shape\":{shape:?},\"threads\":{threads},\"ms\":{ms:.4},\"peer\":\"candle\",\"peer_ms\":{peer_ms:.4}{more}}}"
     );
 }
 
@@ -101,29 +106,17 @@ fn memory_bound_line(
 ) {
     let (ms, peer_ms) = race(reps, &mut ours, peer);
     let (beside_copy, copy_ms) = race(reps, &mut ours, copy);
-    println!(
-        "{{\"op\":\"{op}\",\"shape\":{shape:?},\"threads\":{threads},\"ms\":{:.4},\"peer\":\"candle\",\"peer_ms\":{:.4},\"ms_beside_copy\":{:.4},\"copy_ms\":{:.4}}}",
-        ms * 1e3,
-        peer_ms * 1e3,
-        beside_copy * 1e3,
-        copy_ms * 1e3
-    );
+    let copy_fields = format!(",\"ms_beside_copy\":{:.4},\"copy_ms\":{:.4}", beside_copy * 1e3, copy_ms * 1e3);
+    line_with(op, shape, threads, ms * 1e3, peer_ms * 1e3, &copy_fields);
 }
 
 /// The memory-bound ops: ours and candle's, and a plain copy of the input.
 fn elementwise_and_rows(threads: usize, reps: usize) {
     let (x, cx, values) = pair(&[4096, 1024], 1);
     let mut copy = copier(&values);
-    let softmax = || drop(x.softmax(-1).unwrap());
-    memory_bound_line(
-        "softmax",
-        &[4096, 1024],
-        threads,
-        reps,
-        softmax,
-        || drop(candle_nn::ops::softmax_last_dim(&cx).unwrap()),
-        &mut copy,
-    );
+    let (softmax, candle_softmax) =
+        (|| drop(x.softmax(-1).unwrap()), || drop(candle_nn::ops::softmax_last_dim(&cx).unwrap()));
+    memory_bound_line("softmax", &[4096, 1024], threads, reps, softmax, candle_softmax, &mut copy);
     let (w, cw, _) = pair(&[1024], 2);
     let (b, cb, _) = pair(&[1024], 3);
     let layer_norm = || drop(x.layer_norm(1, Some(&w), Some(&b), 1e-5).unwrap());

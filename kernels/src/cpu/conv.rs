@@ -460,15 +460,10 @@ mod tests {
             size in (1usize..7, 1usize..7), kernel in (1usize..4, 1usize..4), stride in (1usize..3, 1usize..3),
             padding in (0usize..3, 0usize..3), dilation in (1usize..3, 1usize..3), seed in 0u64..1000,
         ) {
-            let out = |len: usize, k: usize, s: usize, p: usize, d: usize| (len + 2 * p).checked_sub(d * (k - 1) + 1).map(|v| v / s + 1);
-            let (Some(oh), Some(ow)) = (out(size.0, kernel.0, stride.0, padding.0, dilation.0), out(size.1, kernel.1, stride.1, padding.1, dilation.1)) else {
+            let Some(g) = geometry(batch, groups, (cin, cout), size, kernel, stride, padding, dilation) else {
                 return Ok(());
             };
-            let g = ConvGeometry {
-                batch, in_channels: cin * groups, in_size: [size.0, size.1], out_channels: cout * groups, out_size: [oh, ow],
-                kernel: [kernel.0, kernel.1], stride: [stride.0, stride.1], padding: [padding.0, padding.1],
-                dilation: [dilation.0, dilation.1], groups,
-            };
+            let [oh, ow] = g.out_size;
             let values = |len: usize, salt: u64| -> Vec<f64> {
                 (0..len as u64).map(|i| (((i + salt) * 2654435761 % 1000) as f64) / 500.0 - 1.0).collect()
             };
@@ -498,15 +493,10 @@ mod tests {
             groups in 1usize..3, cin in 1usize..3, size in (1usize..7, 1usize..7), kernel in (1usize..4, 1usize..4),
             stride in (1usize..3, 1usize..3), padding in (0usize..3, 0usize..3), dilation in (1usize..3, 1usize..3),
         ) {
-            let out = |len: usize, k: usize, s: usize, p: usize, d: usize| (len + 2 * p).checked_sub(d * (k - 1) + 1).map(|v| v / s + 1);
-            let (Some(oh), Some(ow)) = (out(size.0, kernel.0, stride.0, padding.0, dilation.0), out(size.1, kernel.1, stride.1, padding.1, dilation.1)) else {
+            let Some(g) = geometry(2, groups, (cin, 1), size, kernel, stride, padding, dilation) else {
                 return Ok(());
             };
-            let g = ConvGeometry {
-                batch: 2, in_channels: cin * groups, in_size: [size.0, size.1], out_channels: groups, out_size: [oh, ow],
-                kernel: [kernel.0, kernel.1], stride: [stride.0, stride.1], padding: [padding.0, padding.1],
-                dilation: [dilation.0, dilation.1], groups,
-            };
+            let [oh, ow] = g.out_size;
             let image: Vec<f64> = (0..2 * g.in_channels * g.image_plane()).map(|i| i as f64 + 1.0).collect();
             let (taps, fp) = (g.taps(), g.feature_plane());
             for (n, group) in [(0, 0), (1, groups - 1)] {
@@ -525,6 +515,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The geometry of a convolution with `channels = (in, out)` per group, or `None` when
+    /// the kernel does not fit the padded image.
+    #[allow(clippy::too_many_arguments)] // the proptests' parameters, as they come
+    fn geometry(
+        batch: usize,
+        groups: usize,
+        channels: (usize, usize),
+        size: (usize, usize),
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+        dilation: (usize, usize),
+    ) -> Option<ConvGeometry> {
+        let out = |len: usize, k: usize, s: usize, p: usize, d: usize| {
+            (len + 2 * p).checked_sub(d * (k - 1) + 1).map(|v| v / s + 1)
+        };
+        Some(ConvGeometry {
+            batch,
+            in_channels: channels.0 * groups,
+            in_size: [size.0, size.1],
+            out_channels: channels.1 * groups,
+            out_size: [
+                out(size.0, kernel.0, stride.0, padding.0, dilation.0)?,
+                out(size.1, kernel.1, stride.1, padding.1, dilation.1)?,
+            ],
+            kernel: [kernel.0, kernel.1],
+            stride: [stride.0, stride.1],
+            padding: [padding.0, padding.1],
+            dilation: [dilation.0, dilation.1],
+            groups,
+        })
     }
 
     /// Every `(ky, kx, oy, ox)` for kernel `(kh, kw)` and output `(oh, ow)`.

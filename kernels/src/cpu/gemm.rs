@@ -274,39 +274,29 @@ pub fn gemm_with_isa<T: GemmInput>(
         // unless the packed path multiplies bf16 pairs at twice the f32 rate.
         let dot_product_pays = has_bf16_dot_product() && a.cast::<bf16>().is_some() && m * n * k >= BF16_DOT_MIN_WORK;
         if !dot_product_pays && let (Some(a_wide), Some(b_wide)) = (widened_span(a, m, k), widened_span(b, k, n)) {
-            let (a32, b32) = (a_wide.view(a), b_wide.view(b));
+            let a32 = MatRef { data: &a_wide, offset: 0, row_stride: a.row_stride, col_stride: a.col_stride };
+            let b32 = MatRef { data: &b_wide, offset: 0, row_stride: b.row_stride, col_stride: b.col_stride };
             gemm_small::small_sgemm(isa, m, n, k, a32, b32, c, epilogue);
-            crate::buffers::recycle(a_wide.0);
-            crate::buffers::recycle(b_wide.0);
+            crate::buffers::recycle(a_wide);
+            crate::buffers::recycle(b_wide);
             return;
         }
     }
     packed_gemm(isa, m, n, k, a, b, c, epilogue);
 }
 
-/// The values a half-precision view spans in its buffer, widened to f32 (from the
-/// buffer cache, given back after the product).
-struct WidenedSpan(Vec<f32>);
-
-/// The values a `rows x cols` view spans in its buffer, widened to f32: the copy the
-/// unpacked path reads instead of a half-precision view. `None` when the span holds more
-/// than twice the view's values (a narrow window of a large buffer: widening it all
-/// would cost more than the product).
-fn widened_span<T: GemmInput>(x: MatRef<T>, rows: usize, cols: usize) -> Option<WidenedSpan> {
+/// The values a `rows x cols` view spans in its buffer, widened to f32 (a buffer from the
+/// cache): what the unpacked path reads, with the view's strides from offset 0, instead
+/// of a half-precision view. `None` when the span holds more than twice the view's values
+/// (a narrow window of a large buffer: widening it all would cost more than the product).
+fn widened_span<T: GemmInput>(x: MatRef<T>, rows: usize, cols: usize) -> Option<Vec<f32>> {
     let span = (rows - 1) * x.row_stride + (cols - 1) * x.col_stride + 1;
     if span > 2 * rows * cols {
         return None;
     }
     let mut wide = crate::buffers::for_overwrite(span);
     T::widen(&x.data[x.offset..x.offset + span], &mut wide);
-    Some(WidenedSpan(wide))
-}
-
-impl WidenedSpan {
-    /// The view `x` over the widened values (same strides, offset 0).
-    fn view<T>(&self, x: MatRef<T>) -> MatRef<'_, f32> {
-        MatRef { data: &self.0, offset: 0, row_stride: x.row_stride, col_stride: x.col_stride }
-    }
+    Some(wide)
 }
 
 /// The packed path of [`gemm_with_isa`] for a product with `m`, `n` and `k` nonzero (the
