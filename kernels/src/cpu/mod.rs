@@ -9,6 +9,7 @@ pub mod attention;
 pub mod attention_backward;
 pub mod binary;
 pub mod conv;
+mod conv_shifted;
 pub mod copy;
 pub mod gemm;
 #[cfg(target_arch = "x86_64")]

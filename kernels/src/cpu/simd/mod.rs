@@ -35,10 +35,12 @@
 //! **Safety.** Values of the AVX2 and AVX-512 vector types (and so the intrinsics called
 //! on them) exist only inside kernel bodies that [`kernel!`] enters after asserting that
 //! the CPU has the ISA: the types are `pub(crate)` only so that the macro can name them,
-//! and no other code does. Each ISA file has a single `unsafe` site, in a macro that
-//! wraps every intrinsic call with that argument; pointer loads and stores go through
-//! slices whose length is checked first. The macro's two `unsafe` calls (one per x86 ISA)
-//! are justified by its assertion.
+//! and no other code does. Each ISA file wraps every intrinsic call in one macro with
+//! that argument; pointer loads and stores go through slices whose length is checked
+//! first. The one exception is [`F32Vector::load_masked`], an `unsafe fn` whose caller
+//! vouches for the lanes it reads (the convolution's shifted reads, which may start
+//! before or end after the image for the lanes they leave out). The macro's two `unsafe`
+//! calls (one per x86 ISA) are justified by its assertion.
 
 pub mod math;
 mod scalar;
@@ -123,6 +125,20 @@ pub trait F32Vector:
         let half = (n * Self::splat(0.5)).round();
         self * half.pow2i() * (n - half).pow2i()
     }
+
+    /// The mask with lane `l` set where bit `l` of `bits` is (bits from `LANES` on are
+    /// ignored).
+    fn mask_from_bits(bits: u32) -> Self::Mask;
+
+    /// Loads lane `l` from `src.wrapping_add(l)` for the lanes set in `mask` and gives 0
+    /// in the others, which are not read (so they may lie outside any allocation): the
+    /// shifted, zero-padded reads of a convolution's implicit GEMM. One instruction on
+    /// AVX-512 (`vmovups` with a zeroing mask) and AVX2 (`vmaskmovps`).
+    ///
+    /// # Safety
+    /// For every lane `l` set in `mask`, `src.wrapping_add(l)` must be valid for reading
+    /// an f32.
+    unsafe fn load_masked(src: *const f32, mask: Self::Mask) -> Self;
 
     /// Loads `src` (at most `LANES` values) and fills the remaining lanes with `fill`.
     #[inline(always)]
@@ -482,6 +498,18 @@ mod tests {
             check(V::select(x.ge(V::splat(-0.5)), one, zero), &|l| (l >= -0.5) as u8 as f32, "ge");
             check(V::select((x / zero).is_nan(), one, zero), &|l| (l / 0.0).is_nan() as u8 as f32, "is_nan");
             check(x.round().pow2i(), &|l| 2f32.powi(l.round_ties_even() as i32), "pow2i");
+            for bits in [0u32, 1, 0b1011_0110_0101_1001, u32::MAX, 1 << (V::LANES - 1)] {
+                let mask = V::mask_from_bits(bits);
+                check(V::select(mask, one, zero), &|l| (bits >> (l + 2.5) as u32 & 1) as f32, "mask_from_bits");
+                // SAFETY: every lane of `lanes` is readable.
+                let loaded = unsafe { V::load_masked(lanes.as_ptr(), mask) };
+                check(loaded, &|l| if bits >> (l + 2.5) as u32 & 1 == 1 { l } else { 0.0 }, "load_masked");
+            }
+            // Lanes outside the mask are not read: one value at the end of its allocation.
+            let last = Box::new(7.0f32);
+            // SAFETY: lane 0, the only one set, is `*last`.
+            let loaded = unsafe { V::load_masked(&*last, V::mask_from_bits(1)) };
+            check(loaded, &|l| if l == -2.5 { 7.0 } else { 0.0 }, "load_masked at the end");
             // Results across the whole range: normal, subnormal (rounded once), 0 and inf.
             for n in [-252, -160, -149, -140, -127, -126, -1, 0, 1, 127, 128, 200, 254] {
                 let scale = |l: f32| ((l + 0.1) as f64 * 2f64.powi(n)) as f32;

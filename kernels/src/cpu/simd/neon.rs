@@ -94,6 +94,25 @@ impl F32Vector for Neon {
         arch!(vmvnq_u32(vceqq_f32(self.0, self.0)))
     }
     #[inline(always)]
+    fn mask_from_bits(bits: u32) -> Self::Mask {
+        let lane_bits: [u32; 4] = [1, 2, 4, 8];
+        arch!(vtstq_u32(vdupq_n_u32(bits), vld1q_u32(lane_bits.as_ptr())))
+    }
+    #[inline(always)]
+    unsafe fn load_masked(src: *const f32, mask: Self::Mask) -> Self {
+        // NEON has no masked load: the set lanes one at a time.
+        let mut set = [0u32; 4];
+        arch!(vst1q_u32(set.as_mut_ptr(), mask));
+        let mut lanes = [0.0f32; 4];
+        for (l, value) in lanes.iter_mut().enumerate() {
+            if set[l] != 0 {
+                // SAFETY: the caller guarantees that lane `l` of `src` is readable when set.
+                *value = unsafe { src.wrapping_add(l).read_unaligned() };
+            }
+        }
+        Self::load(&lanes)
+    }
+    #[inline(always)]
     fn select(mask: Self::Mask, if_true: Self, if_false: Self) -> Self {
         Self(arch!(vbslq_f32(mask, if_true.0, if_false.0)))
     }

@@ -94,6 +94,15 @@ impl F32Vector for Scalar {
         self.0.is_nan()
     }
     #[inline(always)]
+    fn mask_from_bits(bits: u32) -> bool {
+        bits & 1 != 0
+    }
+    #[inline(always)]
+    unsafe fn load_masked(src: *const f32, mask: bool) -> Self {
+        // SAFETY: the caller guarantees that `src` is readable when the lane is set.
+        Scalar(if mask { unsafe { src.read_unaligned() } } else { 0.0 })
+    }
+    #[inline(always)]
     fn select(mask: bool, if_true: Self, if_false: Self) -> Self {
         if mask { if_true } else { if_false }
     }

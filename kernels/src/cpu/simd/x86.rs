@@ -56,6 +56,27 @@ pub(super) mod avx2 {
         _mm256_blendv_ps(f, t, mask)
     }
 
+    /// Lane `l` set where bit `l` of `bits` is.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub fn mask_from_bits(bits: u32) -> Mask {
+        let lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        let set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits as i32), lane_bits), lane_bits);
+        _mm256_castsi256_ps(set)
+    }
+
+    /// The lanes of `mask` read from `src`, zero in the others (not read).
+    ///
+    /// # Safety
+    /// Every lane set in `mask` must be readable at `src.wrapping_add(lane)`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub unsafe fn load_masked(src: *const f32, mask: Mask) -> Reg {
+        // SAFETY: `vmaskmovps` reads only the lanes set in the mask (the caller's
+        // guarantee) and suppresses faults on the others.
+        unsafe { _mm256_maskload_ps(src, _mm256_castps_si256(mask)) }
+    }
+
     /// The sum of the eight lanes: the two 128-bit halves, then pairs, then the last two.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -92,6 +113,25 @@ pub(super) mod avx512 {
 
     /// A comparison sets one bit per lane.
     pub type Mask = __mmask16;
+
+    /// Lane `l` set where bit `l` of `bits` is.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub fn mask_from_bits(bits: u32) -> Mask {
+        bits as Mask
+    }
+
+    /// The lanes of `mask` read from `src`, zero in the others (not read).
+    ///
+    /// # Safety
+    /// Every lane set in `mask` must be readable at `src.wrapping_add(lane)`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn load_masked(src: *const f32, mask: Mask) -> Reg {
+        // SAFETY: a masked `vmovups` reads only the lanes set in the mask (the caller's
+        // guarantee) and suppresses faults on the others.
+        unsafe { _mm512_maskz_loadu_ps(mask, src) }
+    }
 
     /// `t` where the mask bit is set, else `f`.
     #[target_feature(enable = "avx512f")]
@@ -182,6 +222,16 @@ macro_rules! x86_vector {
             #[inline(always)]
             fn select(mask: Self::Mask, if_true: Self, if_false: Self) -> Self {
                 Self(arch!($isa::select(mask, if_true.0, if_false.0)))
+            }
+            #[inline(always)]
+            fn mask_from_bits(bits: u32) -> Self::Mask {
+                arch!($isa::mask_from_bits(bits))
+            }
+            #[inline(always)]
+            unsafe fn load_masked(src: *const f32, mask: Self::Mask) -> Self {
+                // SAFETY: the vector type exists only where the CPU has the ISA (see
+                // `arch!`); the caller guarantees that the lanes set in `mask` are readable.
+                Self(unsafe { $isa::load_masked(src, mask) })
             }
             #[inline(always)]
             fn reduce_add(self) -> f32 {
