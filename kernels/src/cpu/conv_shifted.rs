@@ -21,10 +21,11 @@
 //!
 //! The product is `features (cout x fp) = filters (cout x cin * taps) @ columns`, in the
 //! register tiles of the unpacked GEMM (`gemm_small.rs`): for each block of two vectors
-//! of positions, every tile of output channels, the filters read in place and the bias
-//! as the sums' starting value. The depth runs tap-major (`tap * cin + ci`, the filters
-//! reordered to match), so a tap's masks stay in mask registers while its channels go
-//! by. A block's image lines (the rows around its positions, in every input channel) are
+//! of positions, every tile of output channels, with the bias as the sums' starting
+//! value. The depth runs tap-major (`tap * cin + ci`), so a tap's masks stay in mask
+//! registers while its channels go by; the filters are packed once per call to match,
+//! each depth step's values for a tile side by side (one cache line for the tile's
+//! broadcasts instead of one per channel: 2-3% faster). A block's image lines (the rows around its positions, in every input channel) are
 //! read by each tile of output channels in turn from L1, where the im2col method wrote
 //! nine copies of the image and read them back.
 //!
@@ -119,18 +120,28 @@ fn tap_bits(g: &ConvGeometry, ky: usize, kx: usize, j0: usize, lanes: usize) -> 
         .fold(0, |bits, l| bits | 1 << l)
 }
 
-/// The group's filters `[cout_g, cin_g, taps]` reordered tap-major, `[cout_g, taps,
-/// cin_g]`, the depth order of [`ShiftedImage`].
-fn tap_major(filters: &[f32], cin_g: usize, taps: usize) -> Vec<f32> {
-    let mut reordered = crate::buffers::for_overwrite(filters.len());
-    for (dst, src) in reordered.chunks_exact_mut(cin_g * taps).zip(filters.chunks_exact(cin_g * taps)) {
-        for (ci, channel) in src.chunks_exact(taps).enumerate() {
-            for (tap, &value) in channel.iter().enumerate() {
-                dst[tap * cin_g + ci] = value;
+/// The group's filters `[cout_g, cin_g, taps]` packed for the register tiles: the
+/// depth tap-major (step `tap * cin_g + ci`, the order of [`ShiftedImage`]), and the rows
+/// of each tile (`tile_rows` channels from `i0`, the last tile fewer) side by side, so
+/// that a depth step's values for the tile are consecutive: the tile at `i0` is
+/// `depth * rows` values from `i0 * depth`, value `p * rows + r` the filter of channel
+/// `i0 + r` at step `p`.
+fn pack_filters(filters: &[f32], cin_g: usize, taps: usize, tile_rows: usize) -> Vec<f32> {
+    let depth = cin_g * taps;
+    let cout_g = filters.len() / depth;
+    let mut packed = crate::buffers::for_overwrite(filters.len());
+    for i0 in (0..cout_g).step_by(tile_rows) {
+        let rows = tile_rows.min(cout_g - i0);
+        let tile = &mut packed[i0 * depth..][..rows * depth];
+        for (r, channel) in filters[i0 * depth..][..rows * depth].chunks_exact(depth).enumerate() {
+            for (ci, taps_of_ci) in channel.chunks_exact(taps).enumerate() {
+                for (tap, &value) in taps_of_ci.iter().enumerate() {
+                    tile[(tap * cin_g + ci) * rows + r] = value;
+                }
             }
         }
     }
-    reordered
+    packed
 }
 
 /// B for the register tiles of one block of positions, in tap-major depth order (depth
@@ -221,12 +232,11 @@ kernel! {
         let shifts = tap_shifts(g);
         let step_rows = balanced_tile_rows(cout_g, tile_rows(lanes));
         let filters: Vec<Vec<f32>> =
-            (0..g.groups).map(|group| tap_major(&weight[group * cout_g * depth..][..cout_g * depth], cin_g, taps)).collect();
+            (0..g.groups).map(|group| pack_filters(&weight[group * cout_g * depth..][..cout_g * depth], cin_g, taps, step_rows)).collect();
         parallel::for_each_entry(out, g.out_channels * positions, |n, out_n| {
             for (group, filters) in filters.iter().enumerate() {
                 let first_plane = n * g.in_channels + group * cin_g;
                 let planes = &image[first_plane * plane..(first_plane + cin_g) * plane];
-                let filters = MatRef { data: filters, offset: 0, row_stride: depth, col_stride: 1 };
                 let out_g = &mut out_n[group * cout_g * positions..][..cout_g * positions];
                 for (b, j0) in (0..positions).step_by(block).enumerate() {
                     let cols = block.min(positions - j0);
@@ -241,10 +251,11 @@ kernel! {
                         let row_init = bias.map(|bias| &bias[group * cout_g + i0..][..rows]);
                         let c = &mut out_g[i0 * positions + j0..];
                         let tile = Tile { k: depth, b: columns, cols, c, ldc: positions, row_init };
+                        let filters = MatRef { data: &filters[i0 * depth..][..rows * depth], offset: 0, row_stride: 1, col_stride: rows };
                         if cols <= lanes {
-                            row_tile::<V, 1, _>(filters, i0, rows, tile);
+                            row_tile::<V, 1, _>(filters, 0, rows, tile);
                         } else {
-                            row_tile::<V, 2, _>(filters, i0, rows, tile);
+                            row_tile::<V, 2, _>(filters, 0, rows, tile);
                         }
                     }
                 }
