@@ -38,7 +38,7 @@
 
 use super::conv::{ConvGeometry, tap_window};
 use super::gemm::MatRef;
-use super::gemm_small::{Tile, TileColumns, balanced_tile_rows, row_tile, tile_rows};
+use super::gemm_small::{Tile, TileColumns, TileStart, balanced_tile_rows, row_tile, tile_rows};
 use super::simd::{F32Vector, kernel};
 use crate::parallel;
 
@@ -248,9 +248,9 @@ kernel! {
                             prefetch(&out_g[r * positions + j0]);
                             prefetch(&out_g[r * positions + j0 + cols - 1]);
                         }
-                        let row_init = bias.map(|bias| &bias[group * cout_g + i0..][..rows]);
+                        let start = bias.map_or(TileStart::Zero, |bias| TileStart::RowValues(&bias[group * cout_g + i0..][..rows]));
                         let c = &mut out_g[i0 * positions + j0..];
-                        let tile = Tile { k: depth, b: columns, cols, c, ldc: positions, row_init };
+                        let tile = Tile { k: depth, b: columns, cols, c, ldc: positions, start };
                         let filters = MatRef { data: &filters[i0 * depth..][..rows * depth], offset: 0, row_stride: 1, col_stride: rows };
                         if cols <= lanes {
                             row_tile::<V, 1, _>(filters, 0, rows, tile);

@@ -216,7 +216,7 @@ kernel! {
             let (b_block, ldb) = b.block(j0, cols, 2 * lanes);
             let b = BlockRows { b: b_block, ldb };
             for i0 in (0..m).step_by(step) {
-                let tile = Tile { k, b, cols, c: &mut c[i0 * n + j0..], ldc: n, row_init: None };
+                let tile = Tile { k, b, cols, c: &mut c[i0 * n + j0..], ldc: n, start: TileStart::Zero };
                 let rows = step.min(m - i0);
                 // A block of at most one vector's columns takes one accumulator per row.
                 if cols <= lanes {
@@ -308,34 +308,61 @@ impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for BlockRows<'_> {
     }
 }
 
-/// One register tile's B (its columns, `cols` of them used) and C (from the tile's
-/// corner, rows `ldc` apart), and what the sum starts from: zero, or `row_init[r]` in
-/// every column of row `r` (a convolution's bias).
+/// One register tile's B (its columns, `cols` of them used), C (from the tile's corner,
+/// rows `ldc` apart) and what its sums start from.
 pub(super) struct Tile<'c, B> {
     pub k: usize,
     pub b: B,
     pub cols: usize,
     pub c: &'c mut [f32],
     pub ldc: usize,
-    pub row_init: Option<&'c [f32]>,
+    pub start: TileStart<'c>,
+}
+
+/// What a register tile's sums start from.
+#[derive(Clone, Copy)]
+pub(super) enum TileStart<'a> {
+    /// Zero: `C = A @ B`.
+    Zero,
+    /// `values[r]` in every column of row `r` (a convolution's bias).
+    RowValues(&'a [f32]),
+    /// C's own values: `C += A @ B` (a sum over several products).
+    Output,
 }
 
 impl<B> Tile<'_, B> {
-    /// `C = init + sum over p of A[.., p] (outer) B[p, ..]`, where `a(p, r)` is the tile's
-    /// row `r` of A at depth `p` (asked only for `p < k`, `r < R`): `NV` vector
+    /// `C = start + sum over p of A[.., p] (outer) B[p, ..]`, where `a(p, r)` is the
+    /// tile's row `r` of A at depth `p` (asked only for `p < k`, `r < R`): `NV` vector
     /// accumulators per row (twelve for `R = 6`, `NV = 2`), one B row (`NV` vectors) and
-    /// `R` broadcasts per depth step. Only C's columns past `cols` are left unwritten.
+    /// `R` broadcasts per depth step. Only C's columns past `cols` are left unwritten
+    /// (and unread).
     #[inline(always)]
     fn multiply<V: F32Vector, const R: usize, const NV: usize>(self, a: impl Fn(usize, usize) -> f32)
     where
         B: TileColumns<V, NV>,
     {
-        let Tile { k, b, cols, c, ldc, row_init } = self;
+        let Tile { k, b, cols, c, ldc, start } = self;
         let lanes = V::LANES;
         let mut acc = [[V::splat(0.0); NV]; R];
-        if let Some(init) = row_init {
-            for (acc_row, &value) in acc.iter_mut().zip(&init[..R]) {
-                *acc_row = [V::splat(value); NV];
+        match start {
+            TileStart::Zero => {}
+            TileStart::RowValues(values) => {
+                for (acc_row, &value) in acc.iter_mut().zip(&values[..R]) {
+                    *acc_row = [V::splat(value); NV];
+                }
+            }
+            TileStart::Output => {
+                for (r, acc_row) in acc.iter_mut().enumerate() {
+                    let c_row = &c[r * ldc..][..cols];
+                    for (v, acc) in acc_row.iter_mut().enumerate() {
+                        let first = v * lanes;
+                        if first + lanes <= cols {
+                            *acc = V::load(&c_row[first..]);
+                        } else if first < cols {
+                            *acc = V::load_partial(&c_row[first..], 0.0);
+                        }
+                    }
+                }
             }
         }
         b.for_each_row(k, |p, b_vectors| {

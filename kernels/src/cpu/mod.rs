@@ -10,6 +10,7 @@ pub mod attention_backward;
 pub mod binary;
 pub mod conv;
 mod conv_shifted;
+mod conv_weight_grad;
 pub mod copy;
 pub mod gemm;
 #[cfg(target_arch = "x86_64")]
