@@ -30,14 +30,14 @@
 //! Which method runs where: a stride-1 convolution whose feature rows are as wide as the
 //! image's (a "same" 3x3 with padding 1, any 1x1), accumulated in f32, skips the columns
 //! matrix: `conv_shifted.rs` reads each tap's row of it straight from the image, shifted
-//! and masked, inside the GEMM's register tiles (15% faster at the layer). So
+//! and masked, inside the GEMM's register tiles (1.16x as fast at the layer). So
 //! does a stride-1 transposed convolution that is such a convolution with its filters
 //! flipped (the input gradient of one). Everything else (strides, narrower outputs, f64,
 //! filters too large to stream from L2) takes im2col + GEMM. The weight gradient of a
 //! convolution with at least 16 input channels per group, accumulated in f32, reads a
 //! zero-padded channels-last copy of each image instead of the columns
-//! (`conv_weight_grad.rs`: 12-45% faster, any stride); with fewer (an RGB input layer)
-//! it takes im2col.
+//! (`conv_weight_grad.rs`: 1.14-1.44x as fast on the layers measured there, any
+//! stride); with fewer (an RGB input layer) it takes im2col.
 
 use super::conv_shifted;
 use super::conv_weight_grad;
@@ -368,10 +368,12 @@ const WEIGHT_GRAD_ENTRIES: usize = 4;
 /// convolution the roles swap: its output gradient is the image and its input the
 /// features.
 ///
-/// Method: the columns of [`conv2d`] again, per batch entry and group, and one GEMM
+/// Method: with 16 or more input channels per group in f32 (or f16/bf16, accumulated
+/// in f32), `conv_weight_grad.rs`, from a padded channels-last copy of each image.
+/// Otherwise the columns of [`conv2d`] again, per batch entry and group, and one GEMM
 /// `columns (cin_g * taps x fp) @ features_n^T (fp x cout_g)`, the transpose of the
-/// group's rows of `dw`, added into them. Batch entries are summed in fixed chunks of [`WEIGHT_GRAD_ENTRIES`] in
-/// parallel, then the chunks' partial sums in order.
+/// group's rows of `dw`, added into them. Either way batch entries are summed in fixed
+/// chunks of [`WEIGHT_GRAD_ENTRIES`] in parallel, then the chunks' partial sums in order.
 pub fn conv2d_weight_grad<T: FloatElem>(
     g: &ConvGeometry,
     image: &[T],
