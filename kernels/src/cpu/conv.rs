@@ -274,9 +274,15 @@ fn shifted_conv2d<T: FloatElem>(g: &ConvGeometry, image: &[f32], weight: &[f32],
     }
     let mut features = buffers::for_overwrite(out.len());
     conv_shifted::conv2d_shifted(Isa::best(), g, image, weight, bias, &mut features);
-    let features_acc = cast::<f32, T::Acc>(&features).expect("f16 and bf16 accumulate in f32");
-    out.iter_mut().zip(features_acc).for_each(|(o, &v)| *o = T::from_acc(v));
+    round_into(&features, out);
     buffers::recycle(features);
+}
+
+/// `dst[i] = src[i]` rounded once to `T`, for a `T` that accumulates in f32 (the f32
+/// results of the f32-only kernels, for f16 and bf16 tensors).
+fn round_into<T: FloatElem>(src: &[f32], dst: &mut [T]) {
+    let src = cast::<f32, T::Acc>(src).expect("the f32 kernels serve types that accumulate in f32");
+    dst.iter_mut().zip(src).for_each(|(d, &v)| *d = T::from_acc(v));
 }
 
 /// Transposed convolution, the adjoint of [`conv2d`] for the same geometry and weight:
@@ -392,10 +398,10 @@ pub fn conv2d_weight_grad<T: FloatElem>(
         let dw = conv_weight_grad::weight_grad_channels_last(Isa::best(), g, image32, features32, WEIGHT_GRAD_ENTRIES);
         release(image);
         release(features);
-        let dw_acc = cast::<f32, T::Acc>(&dw).expect("the accumulator is f32");
-        let dw_t = dw_acc.iter().map(|&v| T::from_acc(v)).collect();
+        let mut rounded = buffers::for_overwrite(dw.len());
+        round_into(&dw, &mut rounded);
         buffers::recycle(dw);
-        return dw_t;
+        return rounded;
     }
     let zero = T::Acc::zero();
     let partials: Vec<Vec<T::Acc>> = parallel::map(g.batch.div_ceil(WEIGHT_GRAD_ENTRIES), |chunk| {
@@ -433,7 +439,7 @@ pub fn conv2d_weight_grad<T: FloatElem>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -487,32 +493,37 @@ mod tests {
         assert_eq!(back, vec![1.0, 0.0, 3.0, 0.0, 0.0, 0.0, 7.0, 0.0, 9.0]);
     }
 
-    /// The weight gradient by its definition, in f64.
-    fn naive_weight_grad(g: &ConvGeometry, image: &[f64], features: &[f64]) -> Vec<f64> {
+    /// Calls `f(feature index, image index, weight index)` for every multiply-add of the
+    /// convolution's definition: each feature position, output channel, input channel of
+    /// its group and tap that lands inside the image (flat indices into the row-major
+    /// features, image and weight).
+    pub(in crate::cpu) fn for_each_term(g: &ConvGeometry, mut f: impl FnMut(usize, usize, usize)) {
         let (cin_g, cout_g) = (g.in_channels / g.groups, g.out_channels / g.groups);
-        let [kh, kw] = g.kernel;
-        let mut dw = vec![0.0; g.out_channels * cin_g * kh * kw];
-        for n in 0..g.batch {
-            for co in 0..g.out_channels {
-                let group = co / cout_g;
+        let ([ih, iw], [oh, ow], [kh, kw]) = (g.in_size, g.out_size, g.kernel);
+        for (n, co) in (0..g.batch).flat_map(|n| (0..g.out_channels).map(move |co| (n, co))) {
+            for (oy, ox) in (0..oh).flat_map(|oy| (0..ow).map(move |ox| (oy, ox))) {
                 for ci in 0..cin_g {
                     for (ky, kx) in (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky, kx))) {
-                        let mut acc = 0.0;
-                        for (oy, ox) in (0..g.out_size[0]).flat_map(|oy| (0..g.out_size[1]).map(move |ox| (oy, ox))) {
-                            let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.padding[0] as isize;
-                            let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.padding[1] as isize;
-                            if iy < 0 || ix < 0 || iy >= g.in_size[0] as isize || ix >= g.in_size[1] as isize {
-                                continue;
-                            }
-                            let channel = n * g.in_channels + group * cin_g + ci;
-                            let x = image[(channel * g.in_size[0] + iy as usize) * g.in_size[1] + ix as usize];
-                            acc += features[((n * g.out_channels + co) * g.out_size[0] + oy) * g.out_size[1] + ox] * x;
+                        let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.padding[0] as isize;
+                        let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.padding[1] as isize;
+                        if (0..ih as isize).contains(&iy) && (0..iw as isize).contains(&ix) {
+                            let channel = n * g.in_channels + co / cout_g * cin_g + ci;
+                            f(
+                                ((n * g.out_channels + co) * oh + oy) * ow + ox,
+                                (channel * ih + iy as usize) * iw + ix as usize,
+                                ((co * cin_g + ci) * kh + ky) * kw + kx,
+                            );
                         }
-                        dw[((co * cin_g + ci) * kh + ky) * kw + kx] += acc;
                     }
                 }
             }
         }
+    }
+
+    /// The weight gradient by its definition, in f64.
+    fn naive_weight_grad(g: &ConvGeometry, image: &[f64], features: &[f64]) -> Vec<f64> {
+        let mut dw = vec![0.0; g.out_channels * g.in_channels_per_group() * g.taps()];
+        for_each_term(g, |o, i, w| dw[w] += features[o] * image[i]);
         dw
     }
 

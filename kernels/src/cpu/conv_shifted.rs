@@ -25,16 +25,18 @@
 //! value. The depth runs tap-major (`tap * cin + ci`), so a tap's masks stay in mask
 //! registers while its channels go by; the filters are packed once per call to match,
 //! each depth step's values for a tile side by side (one cache line for the tile's
-//! broadcasts instead of one per channel: 2-3% faster). A block's image lines (the rows around its positions, in every input channel) are
-//! read by each tile of output channels in turn from L1, where the im2col method wrote
-//! nine copies of the image and read them back.
+//! broadcasts instead of one per channel: 2-3% faster). A block's image lines (the rows
+//! around its positions, in every input channel) are read by each tile of output
+//! channels in turn from L1, where the im2col method wrote nine copies of the image and
+//! read them back.
 //!
 //! Measured on the layer (batch 64, 32 -> 64 channels, 28 x 28, 3 x 3, padding
 //! 1), interleaved in one process at one thread: 18.6-18.9 ms here against 21.6-22.0 ms
 //! by im2col (99 against 85 GFLOP/s, the FMA peak 115). Masking the loads costs about
 //! 2%, reading the image from L3 rather than L1 about 2.5% (both measured by removing
-//! them); prefetching each tile's output lines before its sums gained 5% (the first
-//! store to an output line otherwise waits for it).
+//! them); prefetching each tile's output lines before its sums gained 5% (measured on
+//! the first version, a depth-major kernel: the first store to an output line otherwise
+//! waits for it).
 
 use super::conv::{ConvGeometry, tap_window};
 use super::gemm::MatRef;
@@ -268,35 +270,9 @@ kernel! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::conv::tests::for_each_term;
     use crate::cpu::simd::Isa;
     use proptest::prelude::*;
-
-    /// Calls `f(feature index, image index, weight index)` for every multiply-add of the
-    /// convolution's definition: each feature position, output channel, input channel of
-    /// its group and tap that lands inside the image (flat indices into the row-major
-    /// features, image and weight).
-    fn for_each_term(g: &ConvGeometry, mut f: impl FnMut(usize, usize, usize)) {
-        let (cin_g, cout_g) = (g.in_channels / g.groups, g.out_channels / g.groups);
-        let ([ih, iw], [oh, ow], [kh, kw]) = (g.in_size, g.out_size, g.kernel);
-        for (n, co) in (0..g.batch).flat_map(|n| (0..g.out_channels).map(move |co| (n, co))) {
-            for (oy, ox) in (0..oh).flat_map(|oy| (0..ow).map(move |ox| (oy, ox))) {
-                for ci in 0..cin_g {
-                    for (ky, kx) in (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky, kx))) {
-                        let iy = (oy + ky * g.dilation[0]) as isize - g.padding[0] as isize;
-                        let ix = (ox + kx * g.dilation[1]) as isize - g.padding[1] as isize;
-                        if (0..ih as isize).contains(&iy) && (0..iw as isize).contains(&ix) {
-                            let channel = n * g.in_channels + co / cout_g * cin_g + ci;
-                            f(
-                                ((n * g.out_channels + co) * oh + oy) * ow + ox,
-                                (channel * ih + iy as usize) * iw + ix as usize,
-                                ((co * cin_g + ci) * kh + ky) * kw + kx,
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
 
     /// `planes` planes of `plane` values each, every value of plane `c` the bias of
     /// channel `c % channels` (or 0), in f64: where the definitions' sums start.
