@@ -27,19 +27,20 @@
 //! first read row-major into the accumulator type (f32 for f32/f16/bf16, f64 for f64);
 //! each output is rounded once.
 //!
-//! Which method runs where: a stride-1 convolution whose feature rows are as wide as the
-//! image's (a "same" 3x3 with padding 1, any 1x1), accumulated in f32, skips the columns
-//! matrix: `conv_shifted.rs` reads each tap's row of it straight from the image, shifted
-//! and masked, inside the GEMM's register tiles (1.16x as fast at the layer). So
-//! does a stride-1 transposed convolution that is such a convolution with its filters
-//! flipped (the input gradient of one). Everything else (strides, narrower outputs, f64,
-//! filters too large to stream from L2) takes im2col + GEMM. The weight gradient of a
-//! convolution with at least 16 input channels per group, accumulated in f32, reads a
-//! zero-padded channels-last copy of each image instead of the columns
-//! (`conv_weight_grad.rs`: 1.14-1.44x as fast on the layers measured there, any
-//! stride); with fewer (an RGB input layer) it takes im2col.
+//! Which method runs where: in f32 (and f16/bf16, accumulated in f32), a convolution
+//! or transposed convolution whose image phases fit in the feature rows (every "same"
+//! layer at stride 1, the 3 x 3 and 4 x 4 layers with padding 1 at stride 2, 1 x 1
+//! downsampling) skips the columns matrix: `conv_phases.rs` splits the strided side into
+//! phases and computes each as a shifted product (`conv_shifted.rs`), which reads each
+//! tap's row of the columns straight from the planes, shifted and masked, inside the
+//! GEMM's register tiles (1.16x as fast at the layer). Everything else (narrower
+//! "valid" features, f64, filters too large to stream from L2) takes im2col + GEMM. The
+//! weight gradient of a convolution with at least 16 input channels per group,
+//! accumulated in f32, reads a zero-padded channels-last copy of each image instead of
+//! the columns (`conv_weight_grad.rs`: 1.14-1.44x as fast on the layers measured there,
+//! any stride); with fewer (an RGB input layer) it takes im2col.
 
-use super::conv_shifted;
+use super::conv_phases;
 use super::conv_weight_grad;
 use super::gemm::Isa;
 use super::map::map;
@@ -220,10 +221,11 @@ pub fn conv2d<T: FloatElem>(
     if out.is_empty() {
         return out;
     }
-    if conv_shifted::applies(g)
+    if conv_phases::applies(g)
         && let (Some(image32), Some(weight32)) = (cast::<T::Acc, f32>(&image), cast::<T::Acc, f32>(&weight))
     {
-        shifted_conv2d(g, image32, weight32, bias.as_deref().and_then(cast::<T::Acc, f32>), &mut out);
+        let bias32 = bias.as_deref().and_then(cast::<T::Acc, f32>);
+        in_f32(&mut out, |out| conv_phases::conv2d(Isa::best(), g, image32, weight32, bias32, out));
         release(image);
         release(weight);
         return out;
@@ -265,17 +267,17 @@ pub fn conv2d<T: FloatElem>(
     out
 }
 
-/// [`conv_shifted::conv2d_shifted`] on f32 operands into `out`: written in place for
-/// f32, through an f32 buffer rounded once for f16 and bf16.
-fn shifted_conv2d<T: FloatElem>(g: &ConvGeometry, image: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [T]) {
+/// Runs `compute`, an f32 kernel, into `out`: in place for f32, through an f32 buffer
+/// rounded once for f16 and bf16.
+fn in_f32<T: FloatElem>(out: &mut [T], compute: impl FnOnce(&mut [f32])) {
     if let Some(out32) = cast_mut::<T, f32>(out) {
-        conv_shifted::conv2d_shifted(Isa::best(), g, image, weight, bias, out32);
+        compute(out32);
         return;
     }
-    let mut features = buffers::for_overwrite(out.len());
-    conv_shifted::conv2d_shifted(Isa::best(), g, image, weight, bias, &mut features);
-    round_into(&features, out);
-    buffers::recycle(features);
+    let mut values = buffers::for_overwrite(out.len());
+    compute(&mut values);
+    round_into(&values, out);
+    buffers::recycle(values);
 }
 
 /// `dst[i] = src[i]` rounded once to `T`, for a `T` that accumulates in f32 (the f32
@@ -313,11 +315,11 @@ pub fn conv_transpose2d<T: FloatElem>(
     if out.is_empty() {
         return out;
     }
-    if let (Some(features32), Some(weight32)) = (cast::<T::Acc, f32>(&features), cast::<T::Acc, f32>(&weight))
-        && let Some((forward, flipped)) = conv_shifted::as_convolution(g, weight32)
+    if conv_phases::applies_transposed(g)
+        && let (Some(features32), Some(weight32)) = (cast::<T::Acc, f32>(&features), cast::<T::Acc, f32>(&weight))
     {
-        shifted_conv2d(&forward, features32, &flipped, bias.as_deref().and_then(cast::<T::Acc, f32>), &mut out);
-        buffers::recycle(flipped);
+        let bias32 = bias.as_deref().and_then(cast::<T::Acc, f32>);
+        in_f32(&mut out, |out| conv_phases::conv_transpose2d(Isa::best(), g, features32, weight32, bias32, out));
         release(features);
         release(weight);
         return out;

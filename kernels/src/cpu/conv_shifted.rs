@@ -1,34 +1,39 @@
-//! The implicit GEMM of a stride-1 convolution whose feature rows are as wide as the
-//! image's (x padding `dilation * (kernel - 1) / 2`: the "same" 3x3 with padding 1 of
-//! most CNN, U-Net and VAE blocks, and every 1x1): the product of the im2col method
-//! without the im2col matrix.
+//! The shifted product: the implicit GEMM of a convolution whose im2col rows are the
+//! input planes themselves, read from a shifted start and masked where the tap meets
+//! padding. `conv_phases.rs` maps every convolution and transposed convolution it
+//! takes onto these products.
 //!
-//! With stride 1 and feature width = image width `w`, feature position `j = oy * w + ox`
-//! and the image position tap `(ky, kx)` meets there,
-//! `(oy + ky * dy - py) * w + (ox + kx * dx - px)`, differ by a constant,
+//! The product is
 //!
 //! ```text
-//! shift(ky, kx) = (ky * dy - py) * w + kx * dx - px,
+//! out[co, j] = start[co] + sum over taps t, channels c of
+//!              filters(co, t, c) * planes[c * channel_stride + offset(t) + j]
 //! ```
 //!
-//! so im2col's row for (input channel `ci`, tap) is image plane `ci` read from `shift`
-//! on, except where the tap lands in the padding: above or below the image (the flat
-//! index leaves the plane) or left or right of it (it wraps onto the neighbouring row).
-//! Whether it does depends only on the tap and the position, so each block of feature
-//! positions gets one lane mask per tap and vector (built once per call from
-//! `tap_window`), and the GEMM's B vectors are masked loads straight from the image
-//! ([`F32Vector::load_masked`]): the lanes in the padding read nothing and give zero.
+//! over the positions `j = y * width + x` of an output plane, where each tap's term is
+//! present only inside its window of rows and columns (elsewhere it meets padding). For a
+//! stride-1 convolution whose feature rows are as wide as the image's, the tap `(ky, kx)`
+//! reads the image itself at `offset = (ky * dy - py) * w + kx * dx - px`: feature
+//! position `j` and the image position the tap meets there differ by that constant, so
+//! im2col's row for (input channel, tap) is the image plane read from `offset` on. Other
+//! strides and widths come here through phase planes (`conv_phases.rs`).
 //!
-//! The product is `features (cout x fp) = filters (cout x cin * taps) @ columns`, in the
-//! register tiles of the unpacked GEMM (`gemm_small.rs`): for each block of two vectors
-//! of positions, every tile of output channels, with the bias as the sums' starting
-//! value. The depth runs tap-major (`tap * cin + ci`), so a tap's masks stay in mask
-//! registers while its channels go by; the filters are packed once per call to match,
+//! Whether a tap reads at a position depends only on the tap and the position, so the
+//! lane masks of every tap and block of positions come from bits built once per product
+//! ([`ShiftedProduct::new`]), and the GEMM's B vectors are masked loads straight from the
+//! planes ([`F32Vector::load_masked`]): the lanes in the padding read nothing and give
+//! zero. The masks bound every read: `new` checks that each set lane reads inside the
+//! planes' `extent`, and the kernel that the planes it is given are that long.
+//!
+//! The sums run in the register tiles of the unpacked GEMM (`gemm_small.rs`): for each
+//! block of two vectors of positions, every tile of output channels, starting from a bias
+//! or zero. The depth runs tap-major (`t * channels + c`), so a tap's masks stay in mask
+//! registers while its channels go by; the filters are packed once per product to match,
 //! each depth step's values for a tile side by side (one cache line for the tile's
-//! broadcasts instead of one per channel: 2-3% faster). A block's image lines (the rows
-//! around its positions, in every input channel) are read by each tile of output
-//! channels in turn from L1, where the im2col method wrote nine copies of the image and
-//! read them back.
+//! broadcasts instead of one per channel: 2-3% faster). A block's plane lines (the rows
+//! around its positions, in every channel) are read by each tile of output channels in
+//! turn from L1, where the im2col method wrote one copy of the image per tap and read them
+//! back.
 //!
 //! Measured on the issue's layer (batch 64, 32 -> 64 channels, 28 x 28, 3 x 3, padding
 //! 1), interleaved in one process at one thread: 18.6-18.9 ms here against 21.6-22.0 ms
@@ -38,144 +43,158 @@
 //! the first version, a depth-major kernel: the first store to an output line otherwise
 //! waits for it).
 
-use super::conv::{ConvGeometry, tap_window};
-use super::gemm::MatRef;
+use super::gemm::{Isa, MatRef};
 use super::gemm_small::{Tile, TileColumns, TileStart, balanced_tile_rows, row_tile, tile_rows};
 use super::simd::{F32Vector, kernel};
-use crate::parallel;
+use std::ops::Range;
 
-/// The most filter values (`out_channels / groups` times the depth) this path takes:
-/// each block of positions streams all of them, which pays while they stay in L2, as
-/// for the unpacked GEMM (`gemm_small::UNPACKED_MAX_A`). Larger layers take im2col and
-/// the packed GEMM.
-const MAX_FILTER_VALUES: usize = 1 << 19;
+/// Positions per word of [`ShiftedProduct`]'s mask bits: a block of two vectors of
+/// positions (32 with AVX-512, fewer with narrower vectors) lies inside one word.
+const WORD: usize = 32;
 
-/// Whether [`conv2d_shifted`] computes this convolution: stride 1, feature rows as wide
-/// as the image's, and filters small enough (see [`MAX_FILTER_VALUES`]).
-pub(super) fn applies(g: &ConvGeometry) -> bool {
-    let depth = g.in_channels / g.groups * g.kernel[0] * g.kernel[1];
-    let filters = g.out_channels / g.groups * depth;
-    g.stride == [1, 1]
-        && g.out_size[1] == g.in_size[1]
-        && depth > 0
-        && filters <= MAX_FILTER_VALUES
-        && g.in_size[0] * g.in_size[1] < isize::MAX as usize / 4
+/// One tap of a [`ShiftedProduct`]: at output position `j` its channel `c` reads
+/// `planes[c * channel_stride + offset + j]`, but only where the position's row is in
+/// `rows` and its column in `cols` (elsewhere the tap meets padding and adds nothing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Tap {
+    pub offset: isize,
+    pub rows: Range<usize>,
+    pub cols: Range<usize>,
 }
 
-/// The transposed convolution of geometry `g` as a convolution [`conv2d_shifted`]
-/// computes, when it is one: with stride 1, image position `iy` receives from feature
-/// position `oy = iy - ky * dy + py`, which is tap `kh - 1 - ky` of a convolution of the
-/// features with padding `dy * (kh - 1) - py` (and likewise along x). Returns that
-/// forward geometry (features in, image out) and its weight: the filters flipped and the
-/// channels of each group swapped, `[in_channels, out_channels / groups, kh, kw]` from
-/// `g`'s `[out_channels, in_channels / groups, kh, kw]`. `None` when the stride is not 1,
-/// the padding exceeds the kernel's reach, or the result is not a shifted convolution.
-pub(super) fn as_convolution(g: &ConvGeometry, weight: &[f32]) -> Option<(ConvGeometry, Vec<f32>)> {
-    let reach = |axis: usize| g.dilation[axis] * (g.kernel[axis] - 1);
-    let padding = [reach(0).checked_sub(g.padding[0])?, reach(1).checked_sub(g.padding[1])?];
-    let forward = ConvGeometry {
-        in_channels: g.out_channels,
-        in_size: g.out_size,
-        out_channels: g.in_channels,
-        out_size: g.in_size,
-        padding,
-        ..*g
-    };
-    if g.stride != [1, 1] || !applies(&forward) {
-        return None;
-    }
-    let (cin_g, cout_g, taps) = (g.in_channels / g.groups, g.out_channels / g.groups, g.kernel[0] * g.kernel[1]);
-    let mut flipped = crate::buffers::for_overwrite(weight.len());
-    for group in 0..g.groups {
-        for co in 0..cout_g {
-            for ci in 0..cin_g {
-                let src = &weight[((group * cout_g + co) * cin_g + ci) * taps..][..taps];
-                let dst = &mut flipped[((group * cin_g + ci) * cout_g + co) * taps..][..taps];
-                dst.iter_mut().zip(src.iter().rev()).for_each(|(d, &s)| *d = s);
+/// A product of the form in the module doc, prepared for one ISA: the taps' offsets and
+/// mask bits, and the filters packed for its register tiles.
+#[derive(Debug)]
+pub(super) struct ShiftedProduct {
+    out_channels: usize,
+    channels: usize,
+    channel_stride: usize,
+    positions: usize,
+    offsets: Vec<isize>,
+    /// `[word of positions][tap]`: bit `l` of word `w` is set where the tap reads at
+    /// position `w * WORD + l`.
+    bits: Vec<u32>,
+    /// The filters, tap-major, each register tile's rows side by side: the tile at
+    /// output channel `i0` (`tile_rows` rows, the last fewer) is `depth * rows` values
+    /// from `i0 * depth`, value `p * rows + r` the filter of channel `i0 + r` at depth
+    /// step `p = t * channels + c`.
+    filters: Vec<f32>,
+    tile_rows: usize,
+    lanes: usize,
+    /// One past the last plane value a set lane reads.
+    extent: usize,
+}
+
+impl ShiftedProduct {
+    /// The product of `out_channels` rows over the `size = [rows, width]` output plane,
+    /// reading `channels` planes `channel_stride` apart through `taps`, with
+    /// `filter(co, t, c)` the filter of output channel `co`, tap `t` and channel `c`; its
+    /// register tiles are `isa`'s.
+    ///
+    /// Panics if a tap reads before the planes' start inside its window.
+    pub(super) fn new(
+        isa: Isa,
+        out_channels: usize,
+        (channels, channel_stride): (usize, usize),
+        size: [usize; 2],
+        taps: &[Tap],
+        filter: impl Fn(usize, usize, usize) -> f32,
+    ) -> ShiftedProduct {
+        let [rows, width] = size;
+        let positions = rows * width;
+        let lanes = vector_lanes(isa);
+        assert!(WORD.is_multiple_of(2 * lanes), "shifted product: {lanes} lanes");
+        let mut bits = vec![0u32; positions.div_ceil(WORD) * taps.len()];
+        let mut extent = 0;
+        for (t, tap) in taps.iter().enumerate() {
+            let inside = |j: &usize| tap.rows.contains(&(j / width)) && tap.cols.contains(&(j % width));
+            let (Some(first), Some(last)) = ((0..positions).find(inside), (0..positions).rev().find(inside)) else {
+                continue;
+            };
+            let first_read = tap.offset + first as isize;
+            assert!(first_read >= 0, "shifted product: tap {t} reads {} values before its planes", -first_read);
+            let last_read = (tap.offset + last as isize) as usize + channels.saturating_sub(1) * channel_stride;
+            extent = extent.max(last_read + 1);
+            for j in (first..=last).filter(inside) {
+                bits[j / WORD * taps.len() + t] |= 1 << (j % WORD);
             }
         }
-    }
-    Some((forward, flipped))
-}
-
-/// How far tap `(ky, kx)` reads from the position it serves, in the flat plane:
-/// `shift = (ky * dy - py) * w + kx * dx - px`.
-fn tap_shifts(g: &ConvGeometry) -> Vec<isize> {
-    let [kh, kw] = g.kernel;
-    let w = g.in_size[1] as isize;
-    let along = |k: usize, dilation: usize, padding: usize| (k * dilation) as isize - padding as isize;
-    (0..kh * kw)
-        .map(|tap| along(tap / kw, g.dilation[0], g.padding[0]) * w + along(tap % kw, g.dilation[1], g.padding[1]))
-        .collect()
-}
-
-/// The bits of the positions `j0..j0 + lanes` (`lanes <= 32`) at which tap `(ky, kx)`
-/// lands inside the image: bit `l` for position `j0 + l`, none past the last position.
-fn tap_bits(g: &ConvGeometry, ky: usize, kx: usize, j0: usize, lanes: usize) -> u32 {
-    let (rows, cols) = tap_window(g, ky, kx);
-    let (w, positions) = (g.out_size[1], g.out_size[0] * g.out_size[1]);
-    (0..lanes)
-        .filter(|l| {
-            let j = j0 + l;
-            j < positions && rows.contains(&(j / w)) && cols.contains(&(j % w))
-        })
-        .fold(0, |bits, l| bits | 1 << l)
-}
-
-/// The group's filters `[cout_g, cin_g, taps]` packed for the register tiles: the
-/// depth tap-major (step `tap * cin_g + ci`, the order of [`ShiftedImage`]), and the rows
-/// of each tile (`tile_rows` channels from `i0`, the last tile fewer) side by side, so
-/// that a depth step's values for the tile are consecutive: the tile at `i0` is
-/// `depth * rows` values from `i0 * depth`, value `p * rows + r` the filter of channel
-/// `i0 + r` at step `p`.
-fn pack_filters(filters: &[f32], cin_g: usize, taps: usize, tile_rows: usize) -> Vec<f32> {
-    let depth = cin_g * taps;
-    let cout_g = filters.len() / depth;
-    let mut packed = crate::buffers::for_overwrite(filters.len());
-    for i0 in (0..cout_g).step_by(tile_rows) {
-        let rows = tile_rows.min(cout_g - i0);
-        let tile = &mut packed[i0 * depth..][..rows * depth];
-        for (r, channel) in filters[i0 * depth..][..rows * depth].chunks_exact(depth).enumerate() {
-            for (ci, taps_of_ci) in channel.chunks_exact(taps).enumerate() {
-                for (tap, &value) in taps_of_ci.iter().enumerate() {
-                    tile[(tap * cin_g + ci) * rows + r] = value;
-                }
+        let depth = taps.len() * channels;
+        let tile_rows = balanced_tile_rows(out_channels, tile_rows(lanes));
+        let mut filters = vec![0.0; out_channels * depth];
+        for i0 in (0..out_channels).step_by(tile_rows) {
+            let tile_height = tile_rows.min(out_channels - i0);
+            let tile = &mut filters[i0 * depth..][..tile_height * depth];
+            for (p, step) in tile.chunks_exact_mut(tile_height).enumerate() {
+                let (t, c) = (p / channels, p % channels);
+                step.iter_mut().enumerate().for_each(|(r, value)| *value = filter(i0 + r, t, c));
             }
         }
+        let offsets = taps.iter().map(|tap| tap.offset).collect();
+        ShiftedProduct {
+            out_channels,
+            channels,
+            channel_stride,
+            positions,
+            offsets,
+            bits,
+            filters,
+            tile_rows,
+            lanes,
+            extent,
+        }
     }
-    packed
+
+    /// The bits of the `block` positions from `j0` (a multiple of `block`) at which tap
+    /// `t` reads.
+    fn bits_at(&self, t: usize, j0: usize, block: usize) -> u32 {
+        let word = self.bits[j0 / WORD * self.offsets.len() + t] >> (j0 % WORD);
+        if block < WORD { word & ((1 << block) - 1) } else { word }
+    }
+
+    /// How many values the planes given to [`shifted_product`] must hold at least.
+    #[cfg(test)]
+    pub(super) fn extent(&self) -> usize {
+        self.extent
+    }
+}
+
+kernel! {
+    /// The vector width of the ISA, in f32 lanes.
+    fn vector_lanes() -> usize {
+        V::LANES
+    }
 }
 
 /// B for the register tiles of one block of positions, in tap-major depth order (depth
-/// step `tap * cin_g + ci`): the group's `cin_g` planes (`plane` values apart), the
-/// taps' shifts, and the block's masks (`[tap][vector]`), from position `j0`. Each tap's
-/// masks stay in registers while its channels go by.
+/// step `t * channels + c`): the planes, the taps' offsets, and the block's masks (two
+/// vectors per tap) from position `j0`. Each tap's masks stay in registers while its
+/// channels go by.
 #[derive(Clone, Copy)]
-struct ShiftedImage<'a, M> {
+struct ShiftedPlanes<'a, M> {
     planes: &'a [f32],
-    plane: usize,
     channels: usize,
+    channel_stride: usize,
     j0: usize,
-    shifts: &'a [isize],
+    offsets: &'a [isize],
     masks: &'a [[M; 2]],
 }
 
-impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for ShiftedImage<'_, V::Mask> {
+impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for ShiftedPlanes<'_, V::Mask> {
     #[inline(always)]
     fn for_each_row(&self, depth: usize, mut f: impl FnMut(usize, [V; NV])) {
-        assert_eq!(depth, self.shifts.len() * self.channels, "conv2d_shifted: depth");
-        assert!(self.planes.len() >= self.channels * self.plane, "conv2d_shifted: planes");
+        assert_eq!(depth, self.offsets.len() * self.channels, "shifted product: depth");
         let mut p = 0;
-        for (&shift, masks) in self.shifts.iter().zip(self.masks) {
-            let mut start = self.planes.as_ptr().wrapping_offset(shift + self.j0 as isize);
+        for (&offset, masks) in self.offsets.iter().zip(self.masks) {
+            let mut start = self.planes.as_ptr().wrapping_offset(offset + self.j0 as isize);
             for _ in 0..self.channels {
-                // SAFETY: a lane of vector `v` is set in the tap's mask only when its
-                // position `j = j0 + v * LANES + l` is a feature position at which the tap
-                // lands inside the image (`tap_bits`), i.e. `0 <= j + shift < plane`; the
-                // lane then reads `planes[ci * plane + j + shift]`, inside plane `ci` of
-                // the `channels` that `planes` holds (asserted above).
+                // SAFETY: a lane of vector `v` is set in the tap's mask only when the tap
+                // reads at its position `j = j0 + v * LANES + l` (the product's bits), and
+                // `ShiftedProduct::new` checked that every such read,
+                // `c * channel_stride + offset + j` for `c < channels`, lies in
+                // `0..extent`; `shifted_product` asserted `planes.len() >= extent`.
                 f(p, std::array::from_fn(|v| unsafe { V::load_masked(start.wrapping_add(v * V::LANES), masks[v]) }));
-                start = start.wrapping_add(self.plane);
+                start = start.wrapping_add(self.channel_stride);
                 p += 1;
             }
         }
@@ -198,206 +217,146 @@ fn prefetch(value: &f32) {
 }
 
 kernel! {
-    /// The convolution `out[n, co, j] = bias[co] + sum over ci, tap of
-    /// weight[co, ci, tap] * image[n, ci, j + shift(tap)]` (where the tap lands inside
-    /// the image) for a geometry [`applies`] accepts, batch entries in parallel.
-    /// `image` is `[batch, in_channels, plane]`, `weight` `[out_channels, depth]`,
-    /// `bias` `[out_channels]` and `out` `[batch, out_channels, plane]`, all row-major
-    /// f32; every element of `out` is written.
-    pub(super) fn conv2d_shifted(
-        g: &ConvGeometry,
-        image: &[f32],
-        weight: &[f32],
-        bias: Option<&[f32]>,
-        out: &mut [f32],
-    ) {
-        assert!(applies(g), "conv2d_shifted: the geometry needs stride 1 and same-width rows");
-        let (cin_g, cout_g) = (g.in_channels / g.groups, g.out_channels / g.groups);
-        let (taps, plane) = (g.kernel[0] * g.kernel[1], g.in_size[0] * g.in_size[1]);
-        let (depth, positions) = (cin_g * taps, g.out_size[0] * g.out_size[1]);
-        assert_eq!(image.len(), g.batch * g.in_channels * plane, "conv2d_shifted: image size");
-        assert_eq!(weight.len(), g.out_channels * depth, "conv2d_shifted: weight size");
-        assert_eq!(out.len(), g.batch * g.out_channels * positions, "conv2d_shifted: output size");
-        if let Some(bias) = bias {
-            assert_eq!(bias.len(), g.out_channels, "conv2d_shifted: bias size");
+    /// The product `p` (prepared for this ISA) of `planes` (at least `p.extent()`
+    /// values) into `out` (`[out_channels, positions]` row-major), each row starting from
+    /// `start[co]` (or zero). Every element of `out` is written.
+    pub(super) fn shifted_product(p: &ShiftedProduct, planes: &[f32], start: Option<&[f32]>, out: &mut [f32]) {
+        assert_eq!(p.lanes, V::LANES, "shifted product: prepared for another ISA");
+        assert!(planes.len() >= p.extent, "shifted product: {} plane values, the taps read {}", planes.len(), p.extent);
+        let (rows, positions) = (p.out_channels, p.positions);
+        assert_eq!(out.len(), rows * positions, "shifted product: output size");
+        if let Some(start) = start {
+            assert_eq!(start.len(), rows, "shifted product: one start value per output channel");
+        }
+        let depth = p.offsets.len() * p.channels;
+        if depth == 0 {
+            for (co, row) in out.chunks_exact_mut(positions.max(1)).enumerate() {
+                row.fill(start.map_or(0.0, |start| start[co]));
+            }
+            return;
         }
         let lanes = V::LANES;
         let block = 2 * lanes;
-        // Per block of positions, per tap: the masks of its two vectors.
-        let masks: Vec<[<V as F32Vector>::Mask; 2]> = (0..positions.div_ceil(block))
-            .flat_map(|b| (0..taps).map(move |tap| (b * block, tap)))
-            .map(|(j0, tap)| {
-                let bits = tap_bits(g, tap / g.kernel[1], tap % g.kernel[1], j0, block);
-                [V::mask_from_bits(bits), V::mask_from_bits(bits >> lanes)]
-            })
-            .collect();
-        let shifts = tap_shifts(g);
-        let step_rows = balanced_tile_rows(cout_g, tile_rows(lanes));
-        let filters: Vec<Vec<f32>> =
-            (0..g.groups).map(|group| pack_filters(&weight[group * cout_g * depth..][..cout_g * depth], cin_g, taps, step_rows)).collect();
-        parallel::for_each_entry(out, g.out_channels * positions, |n, out_n| {
-            for (group, filters) in filters.iter().enumerate() {
-                let first_plane = n * g.in_channels + group * cin_g;
-                let planes = &image[first_plane * plane..(first_plane + cin_g) * plane];
-                let out_g = &mut out_n[group * cout_g * positions..][..cout_g * positions];
-                for (b, j0) in (0..positions).step_by(block).enumerate() {
-                    let cols = block.min(positions - j0);
-                    let masks = &masks[b * taps..][..taps];
-                    let columns = ShiftedImage { planes, plane, channels: cin_g, j0, shifts: &shifts, masks };
-                    for i0 in (0..cout_g).step_by(step_rows) {
-                        let rows = step_rows.min(cout_g - i0);
-                        for r in i0..i0 + rows {
-                            prefetch(&out_g[r * positions + j0]);
-                            prefetch(&out_g[r * positions + j0 + cols - 1]);
-                        }
-                        let start = bias.map_or(TileStart::Zero, |bias| TileStart::RowValues(&bias[group * cout_g + i0..][..rows]));
-                        let c = &mut out_g[i0 * positions + j0..];
-                        let tile = Tile { k: depth, b: columns, cols, c, ldc: positions, start };
-                        let filters = MatRef { data: &filters[i0 * depth..][..rows * depth], offset: 0, row_stride: 1, col_stride: rows };
-                        if cols <= lanes {
-                            row_tile::<V, 1, _>(filters, 0, rows, tile);
-                        } else {
-                            row_tile::<V, 2, _>(filters, 0, rows, tile);
-                        }
-                    }
+        let mut masks = vec![[V::mask_from_bits(0); 2]; p.offsets.len()];
+        for j0 in (0..positions).step_by(block) {
+            let cols = block.min(positions - j0);
+            for (t, masks) in masks.iter_mut().enumerate() {
+                let bits = p.bits_at(t, j0, block);
+                *masks = [V::mask_from_bits(bits), V::mask_from_bits(bits >> lanes)];
+            }
+            let columns = ShiftedPlanes {
+                planes,
+                channels: p.channels,
+                channel_stride: p.channel_stride,
+                j0,
+                offsets: &p.offsets,
+                masks: &masks,
+            };
+            for i0 in (0..rows).step_by(p.tile_rows) {
+                let tile_height = p.tile_rows.min(rows - i0);
+                for r in i0..i0 + tile_height {
+                    prefetch(&out[r * positions + j0]);
+                    prefetch(&out[r * positions + j0 + cols - 1]);
+                }
+                let start = start.map_or(TileStart::Zero, |start| TileStart::RowValues(&start[i0..][..tile_height]));
+                let c = &mut out[i0 * positions + j0..];
+                let tile = Tile { k: depth, b: columns, cols, c, ldc: positions, start };
+                let filters =
+                    MatRef { data: &p.filters[i0 * depth..][..tile_height * depth], offset: 0, row_stride: 1, col_stride: tile_height };
+                if cols <= lanes {
+                    row_tile::<V, 1, _>(filters, 0, tile_height, tile);
+                } else {
+                    row_tile::<V, 2, _>(filters, 0, tile_height, tile);
                 }
             }
-        });
-        filters.into_iter().for_each(crate::buffers::recycle);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::conv::tests::for_each_term;
-    use crate::cpu::simd::Isa;
     use proptest::prelude::*;
 
-    /// `planes` planes of `plane` values each, every value of plane `c` the bias of
-    /// channel `c % channels` (or 0), in f64: where the definitions' sums start.
-    fn from_bias(bias: Option<&[f32]>, planes: usize, channels: usize, plane: usize) -> Vec<f64> {
-        (0..planes * plane).map(|i| bias.map_or(0.0, |b| b[i / plane % channels] as f64)).collect()
-    }
-
-    /// The convolution by its definition, in f64.
-    fn naive(g: &ConvGeometry, image: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f64> {
-        let plane = g.out_size[0] * g.out_size[1];
-        let mut out = from_bias(bias, g.batch * g.out_channels, g.out_channels, plane);
-        for_each_term(g, |o, i, w| out[o] += weight[w] as f64 * image[i] as f64);
-        out
-    }
-
-    /// The transposed convolution by its definition (each feature value scattered through
-    /// the filters onto the image), in f64.
-    fn naive_transposed(g: &ConvGeometry, features: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f64> {
-        let plane = g.in_size[0] * g.in_size[1];
-        let mut image = from_bias(bias, g.batch * g.in_channels, g.in_channels, plane);
-        for_each_term(g, |o, i, w| image[i] += weight[w] as f64 * features[o] as f64);
-        image
-    }
-
-    /// Runs [`conv2d_shifted`] with every available ISA into a NaN-filled output and
-    /// compares it with `want`.
-    fn check_every_isa(
-        g: &ConvGeometry,
-        input: &[f32],
-        weight: &[f32],
-        bias: Option<&[f32]>,
-        want: &[f64],
-    ) -> Result<(), TestCaseError> {
-        for isa in Isa::ALL.into_iter().filter(|isa| isa.is_available()) {
-            let mut out = vec![f32::NAN; want.len()];
-            conv2d_shifted(isa, g, input, weight, bias, &mut out);
-            for (i, (&got, &want)) in out.iter().zip(want).enumerate() {
-                prop_assert!(
-                    (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                    "{:?} [{}]: {} vs {}",
-                    isa,
-                    i,
-                    got,
-                    want
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// A stride-1 geometry with feature rows as wide as the image's: x padding
-    /// `dilation * (kernel - 1) / 2` (`None` when that is not whole), any y padding.
-    #[allow(clippy::too_many_arguments)] // the proptest's parameters, as they come
-    fn same_width(
-        batch: usize,
-        groups: usize,
-        (cin, cout): (usize, usize),
-        (h, w): (usize, usize),
-        (kh, kw): (usize, usize),
-        (dy, dx): (usize, usize),
-        py: usize,
-    ) -> Option<ConvGeometry> {
-        let reach_x = dx * (kw - 1);
-        let oh = (h + 2 * py).checked_sub(dy * (kh - 1))?;
-        (reach_x % 2 == 0 && oh > 0).then_some(ConvGeometry {
-            batch,
-            in_channels: cin * groups,
-            in_size: [h, w],
-            out_channels: cout * groups,
-            out_size: [oh, w],
-            kernel: [kh, kw],
-            stride: [1, 1],
-            padding: [py, reach_x / 2],
-            dilation: [dy, dx],
-            groups,
+    /// A tap of an output plane `[rows, width]`: any window, and an offset that puts its
+    /// first read `slack` values after the planes' start.
+    fn tap_in(size: [usize; 2]) -> impl Strategy<Value = Tap> {
+        let [rows, width] = size;
+        (0..=rows, 0..=rows, 0..=width, 0..=width, 0usize..40).prop_map(move |(r0, r1, c0, c1, slack)| {
+            let (rows, cols) = (r0.min(r1)..r0.max(r1), c0.min(c1)..c0.max(c1));
+            Tap { offset: slack as isize - (rows.start * width + cols.start) as isize, rows, cols }
         })
     }
 
-    fn values(len: usize, salt: usize) -> Vec<f32> {
-        (0..len).map(|i| ((i * 7919 + salt * 104729) % 2001) as f32 / 1000.0 - 1.0).collect()
+    fn filter_value(co: usize, t: usize, c: usize) -> f32 {
+        ((co * 31 + t * 7 + c * 13) % 17) as f32 / 8.0 - 1.0
+    }
+
+    /// The product by its definition, in f64.
+    fn naive(
+        out_channels: usize,
+        (channels, channel_stride): (usize, usize),
+        size: [usize; 2],
+        taps: &[Tap],
+        planes: &[f32],
+        start: Option<&[f32]>,
+    ) -> Vec<f64> {
+        let positions = size[0] * size[1];
+        let mut out = vec![0.0; out_channels * positions];
+        for (co, row) in out.chunks_exact_mut(positions).enumerate() {
+            for (j, value) in row.iter_mut().enumerate() {
+                *value = start.map_or(0.0, |start| start[co] as f64);
+                for (t, tap) in taps.iter().enumerate() {
+                    if tap.rows.contains(&(j / size[1])) && tap.cols.contains(&(j % size[1])) {
+                        for c in 0..channels {
+                            let read = (c * channel_stride) as isize + tap.offset + j as isize;
+                            *value += filter_value(co, t, c) as f64 * planes[read as usize] as f64;
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(48))]
-        /// Every ISA against the definitions, on geometries that span several blocks of
-        /// positions and tiles of output channels (the right edge, partial tiles, taps in
-        /// the padding on every side), writing every output value (the buffers start as
-        /// NaN): the convolution, and the transposed convolution through
-        /// [`as_convolution`] (y padding up to the kernel's reach, and beyond it, where it
-        /// is refused).
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Every ISA against the definition: random windows and offsets (reads from the
+        /// planes' first value to their last: `planes` is exactly `extent` long), zero to
+        /// five taps, output channels over several register tiles, into a NaN-filled
+        /// output.
         #[test]
-        fn shifted_convolutions_match_their_definitions_on_every_isa(
-            batch in 1usize..3, groups in 1usize..3, channels in (1usize..6, 1usize..30),
-            size in (1usize..12, 1usize..40), kernel in (1usize..6, 1usize..6), dilation in (1usize..3, 1usize..3),
-            py in 0usize..4, with_bias: bool, salt in 0usize..100,
+        fn shifted_products_match_their_definition_on_every_isa(
+            (size, taps) in ((1usize..6, 1usize..40).prop_map(|(r, w)| [r, w]))
+                .prop_flat_map(|size| (Just(size), prop::collection::vec(tap_in(size), 0..5))),
+            out_channels in 1usize..30, channels in 0usize..4, channel_stride in 0usize..60, with_start: bool,
         ) {
-            let Some(g) = same_width(batch, groups, channels, size, kernel, dilation, py) else { return Ok(()) };
-            prop_assert!(applies(&g));
-            let weight = values(g.out_channels * channels.0 * kernel.0 * kernel.1, salt);
-            let image = values(batch * g.in_channels * size.0 * size.1, salt + 1);
-            let bias = with_bias.then(|| values(g.out_channels, salt + 2));
-            let want = naive(&g, &image, &weight, bias.as_deref());
-            check_every_isa(&g, &image, &weight, bias.as_deref(), &want)?;
-
-            let features = values(batch * g.out_channels * g.out_size[0] * g.out_size[1], salt + 3);
-            let bias = with_bias.then(|| values(g.in_channels, salt + 4));
-            let Some((forward, flipped)) = as_convolution(&g, &weight) else {
-                prop_assert!(py > dilation.0 * (kernel.0 - 1), "refused with y padding {}", py);
-                return Ok(());
-            };
-            let want = naive_transposed(&g, &features, &weight, bias.as_deref());
-            check_every_isa(&forward, &features, &flipped, bias.as_deref(), &want)?;
+            for isa in Isa::ALL.into_iter().filter(|isa| isa.is_available()) {
+                let product = ShiftedProduct::new(isa, out_channels, (channels, channel_stride), size, &taps, filter_value);
+                let planes: Vec<f32> = (0..product.extent()).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+                let start: Option<Vec<f32>> = with_start.then(|| (0..out_channels).map(|co| co as f32 - 3.0).collect());
+                let want = naive(out_channels, (channels, channel_stride), size, &taps, &planes, start.as_deref());
+                let mut out = vec![f32::NAN; want.len()];
+                shifted_product(isa, &product, &planes, start.as_deref(), &mut out);
+                for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                    prop_assert!((got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "{:?} [{}]: {} vs {}", isa, i, got, want);
+                }
+            }
         }
     }
 
     #[test]
-    fn applies_only_to_stride_one_with_rows_as_wide_as_the_image() {
-        let g = same_width(2, 1, (3, 4), (8, 8), (3, 3), (1, 1), 1).expect("a 3x3 same convolution");
-        assert!(applies(&g));
-        assert!(!applies(&ConvGeometry { stride: [1, 2], out_size: [8, 4], ..g }));
-        assert!(!applies(&ConvGeometry { stride: [2, 1], out_size: [4, 8], ..g }));
-        assert!(!applies(&ConvGeometry { padding: [1, 0], out_size: [8, 6], ..g }));
-        // Taller or shorter outputs are fine: only the rows' width matters.
-        assert!(applies(&ConvGeometry { padding: [0, 1], out_size: [6, 8], ..g }));
-        // Filters too large to stream from L2 take im2col and the packed GEMM.
-        assert!(!applies(&ConvGeometry { in_channels: 512, out_channels: 512, ..g }));
+    #[should_panic(expected = "reads 1 values before its planes")]
+    fn a_tap_reading_before_the_planes_is_refused() {
+        let tap = Tap { offset: -3, rows: 0..2, cols: 2..4 };
+        ShiftedProduct::new(Isa::Scalar, 1, (1, 0), [2, 4], &[tap], filter_value);
+    }
+
+    #[test]
+    #[should_panic(expected = "the taps read 8")]
+    fn planes_shorter_than_the_reads_are_refused() {
+        let tap = Tap { offset: 0, rows: 0..2, cols: 0..4 };
+        let product = ShiftedProduct::new(Isa::Scalar, 1, (1, 0), [2, 4], &[tap], filter_value);
+        shifted_product(Isa::Scalar, &product, &[0.0; 7], None, &mut [0.0; 8]);
     }
 }

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod attention_backward;
 pub mod binary;
 pub mod conv;
+mod conv_phases;
 mod conv_shifted;
 mod conv_weight_grad;
 pub mod copy;

@@ -1,0 +1,406 @@
+//! Convolutions and transposed convolutions of any stride as shifted products
+//! (`conv_shifted.rs`): the strided side is split into phases.
+//!
+//! Along an axis of stride `s`, tap `k` (dilation `d`, padding `p`) of a convolution
+//! meets image position
+//!
+//! ```text
+//! i = o * s + k * d - p = s * (o + q) + r,   q = floor((k * d - p) / s),  r = (k * d - p) mod s,
+//! ```
+//!
+//! so it reads phase `r` of the image (the positions `r, r + s, r + 2s, ..`) at index
+//! `o + q`: a stride-1 read shifted by `q`. In two dimensions, with phase planes as wide
+//! as the feature rows (`wo`), that is the shifted product's read at offset
+//! `q_y * wo + q_x` in phase `(r_y, r_x)`.
+//!
+//! - **Convolution**: the image is copied into its `s_y * s_x` phase planes (zero where a
+//!   phase is shorter than the others), and the features are one shifted product over
+//!   all taps, each reading its own phase. A stride-1 convolution whose feature rows are
+//!   as wide as the image's ("same" padding: the 3 x 3 with padding 1 of most CNN, U-Net
+//!   and VAE blocks, every 1 x 1) reads the image itself.
+//! - **Transposed convolution**: image phase `r` receives only from the taps of
+//!   remainder `r`, feature `o` landing at phase index `o + q`, so each phase plane is a
+//!   shifted product of the features over those taps at offset `-(q_y * wf + q_x)`,
+//!   computed in rows as wide as the feature rows (`wf`) and then interleaved into the
+//!   image (written in place at stride 1 with equal widths). This is the sub-pixel view of
+//!   a strided transposed convolution: a 4 x 4, stride-2 one is four 2 x 2 stride-1
+//!   convolutions, with no multiplications by the zeros that im2col's col2im would
+//!   scatter and no columns matrix.
+//!
+//! Both need every phase's columns to fit in the feature rows: `ceil(w / s_x) <= wf`
+//! ([`applies`], [`applies_transposed`]), true for "same" and "half" layers (3 x 3 or
+//! 4 x 4 with padding 1 at stride 2, 1 x 1 downsampling); narrower features (a "valid"
+//! convolution) take im2col.
+
+use super::conv::{ConvGeometry, tap_window};
+use super::conv_shifted::{ShiftedProduct, Tap, shifted_product};
+use super::gemm::Isa;
+use crate::{buffers, parallel};
+use std::ops::Range;
+
+/// The most filter values (`out_channels / groups` times the depth) this path takes:
+/// each block of positions streams all of them, which pays while they stay in L2, as
+/// for the unpacked GEMM (`gemm_small::UNPACKED_MAX_A`). Larger layers take im2col and
+/// the packed GEMM.
+const MAX_FILTER_VALUES: usize = 1 << 19;
+
+/// How many of the positions `0..len` lie in phase `r` of stride `s`: `r, r + s, ..`.
+fn phase_len(len: usize, s: usize, r: usize) -> usize {
+    (len + s - 1 - r) / s
+}
+
+/// `(q, r)` with `k * d - p = s * q + r`, `0 <= r < s`: the phase a tap reads along one
+/// axis and its shift within it.
+fn tap_phase(k: usize, d: usize, p: usize, s: usize) -> (isize, usize) {
+    let at = (k * d) as isize - p as isize;
+    (at.div_euclid(s as isize), at.rem_euclid(s as isize) as usize)
+}
+
+/// Whether the phase planes of an image `len` long fit in rows `features` long, and the
+/// sizes are sane for the products' signed offsets.
+fn phases_fit(g: &ConvGeometry) -> bool {
+    let depth = g.in_channels / g.groups * g.kernel[0] * g.kernel[1];
+    g.in_size[1].div_ceil(g.stride[1]) <= g.out_size[1]
+        && depth > 0
+        && g.out_channels > 0
+        && g.out_channels / g.groups * depth <= MAX_FILTER_VALUES
+        && g.batch
+            * g.in_channels.max(g.out_channels)
+            * g.in_size[0].max(g.out_size[0])
+            * g.out_size[1].max(g.in_size[1])
+            < isize::MAX as usize / 4
+}
+
+/// Whether [`conv2d`] computes this convolution (see the module doc).
+pub(super) fn applies(g: &ConvGeometry) -> bool {
+    phases_fit(g) && g.out_size[0] * g.out_size[1] > 0
+}
+
+/// Whether [`conv_transpose2d`] computes this transposed convolution (see the module
+/// doc).
+pub(super) fn applies_transposed(g: &ConvGeometry) -> bool {
+    phases_fit(g) && g.in_size[0] * g.in_size[1] > 0
+}
+
+/// Whether the convolution reads the image itself: stride 1 and feature rows as wide.
+fn reads_in_place(g: &ConvGeometry) -> bool {
+    g.stride == [1, 1] && g.out_size[1] == g.in_size[1]
+}
+
+/// The phase planes' rows and the values of one (`rows * out_size[1]`).
+fn phase_plane(g: &ConvGeometry) -> (usize, usize) {
+    let rows = g.in_size[0].div_ceil(g.stride[0]);
+    (rows, rows * g.out_size[1])
+}
+
+/// Copies the `cin_g` planes of one group of an image into its phase planes,
+/// `[phase (r_y * s_x + r_x)][channel][phase_plane]` with rows `out_size[1]` long, zero
+/// past each phase's end. Writes every value of its first `s_y * s_x * cin_g * plane`.
+fn split_phases(g: &ConvGeometry, planes: &[f32], phases: &mut [f32]) {
+    let ([h, w], [sy, sx]) = (g.in_size, g.stride);
+    let (rows, plane) = phase_plane(g);
+    let width = g.out_size[1];
+    let cin_g = g.in_channels / g.groups;
+    let mut dst = phases.chunks_exact_mut(plane);
+    for (ry, rx) in (0..sy).flat_map(|ry| (0..sx).map(move |rx| (ry, rx))) {
+        let (phase_rows, phase_cols) = (phase_len(h, sy, ry), phase_len(w, sx, rx));
+        for source in planes.chunks_exact(h * w).take(cin_g) {
+            let dst = dst.next().expect("split_phases: room for every phase plane");
+            for (m, row) in dst.chunks_exact_mut(width).enumerate().take(rows) {
+                if m >= phase_rows || phase_cols == 0 {
+                    row.fill(0.0);
+                    continue;
+                }
+                let source_row = &source[(sy * m + ry) * w + rx..];
+                row.iter_mut().zip(source_row.iter().step_by(sx)).take(phase_cols).for_each(|(d, &s)| *d = s);
+                row[phase_cols..].fill(0.0);
+            }
+        }
+    }
+}
+
+/// The features `out = conv(image, weight) + bias` for a geometry [`applies`] accepts:
+/// `image` `[batch, in_channels, in_size..]`, `weight` `[out_channels, in_channels /
+/// groups, kernel..]`, `bias` `[out_channels]` and `out` `[batch, out_channels,
+/// out_size..]`, all row-major f32. Every element of `out` is written.
+pub(super) fn conv2d(isa: Isa, g: &ConvGeometry, image: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    assert!(applies(g), "conv_phases::conv2d: the phase planes are wider than the feature rows");
+    let (cin_g, cout_g) = (g.in_channels / g.groups, g.out_channels / g.groups);
+    let ([kh, kw], taps) = (g.kernel, g.kernel[0] * g.kernel[1]);
+    let (in_plane, positions) = (g.in_size[0] * g.in_size[1], g.out_size[0] * g.out_size[1]);
+    assert_eq!(image.len(), g.batch * g.in_channels * in_plane, "conv2d: image size");
+    assert_eq!(weight.len(), g.out_channels * cin_g * taps, "conv2d: weight size");
+    assert_eq!(out.len(), g.batch * g.out_channels * positions, "conv2d: output size");
+    let in_place = reads_in_place(g);
+    let (channel_stride, phase_stride) = if in_place {
+        (in_plane, 0)
+    } else {
+        let plane = phase_plane(g).1;
+        (plane, cin_g * plane)
+    };
+    let width = g.out_size[1] as isize;
+    let taps_of: Vec<Tap> = (0..taps)
+        .map(|t| {
+            let (ky, kx) = (t / kw, t % kw);
+            let (qy, ry) = tap_phase(ky, g.dilation[0], g.padding[0], g.stride[0]);
+            let (qx, rx) = tap_phase(kx, g.dilation[1], g.padding[1], g.stride[1]);
+            let (rows, cols) = tap_window(g, ky, kx);
+            let offset = ((ry * g.stride[1] + rx) * phase_stride) as isize + qy * width + qx;
+            Tap { offset, rows, cols }
+        })
+        .collect();
+    debug_assert_eq!(kh * kw, taps_of.len());
+    let products: Vec<ShiftedProduct> = (0..g.groups)
+        .map(|group| {
+            let filters = &weight[group * cout_g * cin_g * taps..][..cout_g * cin_g * taps];
+            let filter = |co: usize, t: usize, c: usize| filters[(co * cin_g + c) * taps + t];
+            ShiftedProduct::new(isa, cout_g, (cin_g, channel_stride), g.out_size, &taps_of, filter)
+        })
+        .collect();
+    parallel::for_each_entry(out, g.out_channels * positions, |n, out_n| {
+        let mut phases =
+            (!in_place).then(|| buffers::for_overwrite(g.stride[0] * g.stride[1] * cin_g * channel_stride));
+        for (group, product) in products.iter().enumerate() {
+            let image_g = &image[(n * g.in_channels + group * cin_g) * in_plane..][..cin_g * in_plane];
+            let planes = match &mut phases {
+                Some(phases) => {
+                    split_phases(g, image_g, phases);
+                    &phases[..]
+                }
+                None => image_g,
+            };
+            let bias = bias.map(|bias| &bias[group * cout_g..][..cout_g]);
+            shifted_product(isa, product, planes, bias, &mut out_n[group * cout_g * positions..][..cout_g * positions]);
+        }
+        if let Some(phases) = phases {
+            buffers::recycle(phases);
+        }
+    });
+}
+
+/// The rows of phase index `m` (or columns) at which a tap of shift `q` receives from
+/// features `0..features`: `0 <= m - q < features`, within the phase's `len`.
+fn receiving(q: isize, features: usize, len: usize) -> Range<usize> {
+    let start = q.max(0) as usize;
+    let end = (q + features as isize).clamp(0, len as isize) as usize;
+    start.min(end)..end
+}
+
+/// The transposed convolution of [`conv2d`]'s geometry `g`: `out = conv^T(features,
+/// weight) + bias` for a geometry [`applies_transposed`] accepts: `features`
+/// `[batch, out_channels, out_size..]`, `weight` `[out_channels, in_channels / groups,
+/// kernel..]`, `bias` `[in_channels]` and `out` `[batch, in_channels, in_size..]`, all
+/// row-major f32. Every element of `out` is written.
+pub(super) fn conv_transpose2d(
+    isa: Isa,
+    g: &ConvGeometry,
+    features: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    assert!(applies_transposed(g), "conv_phases::conv_transpose2d: the phase planes are wider than the feature rows");
+    let (cin_g, cout_g) = (g.in_channels / g.groups, g.out_channels / g.groups);
+    let ([h, w], [hf, wf], [sy, sx]) = (g.in_size, g.out_size, g.stride);
+    let (kw, taps) = (g.kernel[1], g.kernel[0] * g.kernel[1]);
+    let (image_plane, feature_plane) = (h * w, hf * wf);
+    assert_eq!(features.len(), g.batch * g.out_channels * feature_plane, "conv_transpose2d: features size");
+    assert_eq!(weight.len(), g.out_channels * cin_g * taps, "conv_transpose2d: weight size");
+    assert_eq!(out.len(), g.batch * g.in_channels * image_plane, "conv_transpose2d: output size");
+    // Per phase `(r_y, r_x)` that holds image positions: its columns, and per group its
+    // product.
+    let phases: Vec<(usize, usize, usize, Vec<ShiftedProduct>)> = (0..sy)
+        .flat_map(|ry| (0..sx).map(move |rx| (ry, rx)))
+        .filter(|&(ry, rx)| phase_len(h, sy, ry) > 0 && phase_len(w, sx, rx) > 0)
+        .map(|(ry, rx)| {
+            let (rows, cols) = (phase_len(h, sy, ry), phase_len(w, sx, rx));
+            let mut kernel_taps = Vec::new();
+            let mut phase_taps = Vec::new();
+            for t in 0..taps {
+                let (qy, ty) = tap_phase(t / kw, g.dilation[0], g.padding[0], sy);
+                let (qx, tx) = tap_phase(t % kw, g.dilation[1], g.padding[1], sx);
+                if (ty, tx) == (ry, rx) {
+                    kernel_taps.push(t);
+                    let offset = -(qy * wf as isize + qx);
+                    phase_taps.push(Tap { offset, rows: receiving(qy, hf, rows), cols: receiving(qx, wf, wf) });
+                }
+            }
+            let products = (0..g.groups)
+                .map(|group| {
+                    let filters = &weight[group * cout_g * cin_g * taps..][..cout_g * cin_g * taps];
+                    let filter = |ci: usize, t: usize, co: usize| filters[(co * cin_g + ci) * taps + kernel_taps[t]];
+                    ShiftedProduct::new(isa, cin_g, (cout_g, feature_plane), [rows, wf], &phase_taps, filter)
+                })
+                .collect();
+            (ry, rx, cols, products)
+        })
+        .collect();
+    let in_place = g.stride == [1, 1] && w == wf;
+    parallel::for_each_entry(out, g.in_channels * image_plane, |n, out_n| {
+        let mut scratch = (!in_place).then(|| buffers::for_overwrite(cin_g * h.div_ceil(sy) * wf));
+        for (ry, rx, cols, products) in &phases {
+            for (group, product) in products.iter().enumerate() {
+                let features_g =
+                    &features[(n * g.out_channels + group * cout_g) * feature_plane..][..cout_g * feature_plane];
+                let bias = bias.map(|bias| &bias[group * cin_g..][..cin_g]);
+                let out_g = &mut out_n[group * cin_g * image_plane..][..cin_g * image_plane];
+                let Some(scratch) = &mut scratch else {
+                    shifted_product(isa, product, features_g, bias, out_g);
+                    continue;
+                };
+                let rows = phase_len(h, sy, *ry);
+                let phase = &mut scratch[..cin_g * rows * wf];
+                shifted_product(isa, product, features_g, bias, phase);
+                for (image, plane) in out_g.chunks_exact_mut(image_plane).zip(phase.chunks_exact(rows * wf)) {
+                    for (m, row) in plane.chunks_exact(wf).enumerate() {
+                        let image_row = &mut image[(sy * m + ry) * w + rx..];
+                        image_row.iter_mut().step_by(sx).zip(&row[..*cols]).for_each(|(d, &s)| *d = s);
+                    }
+                }
+            }
+        }
+        if let Some(scratch) = scratch {
+            buffers::recycle(scratch);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::conv::tests::for_each_term;
+    use proptest::prelude::*;
+
+    /// `planes` planes of `plane` values each, every value of plane `c` the bias of
+    /// channel `c % channels` (or 0), in f64: where the definitions' sums start.
+    fn from_bias(bias: Option<&[f32]>, planes: usize, channels: usize, plane: usize) -> Vec<f64> {
+        (0..planes * plane).map(|i| bias.map_or(0.0, |b| b[i / plane % channels] as f64)).collect()
+    }
+
+    /// The convolution by its definition, in f64.
+    fn naive(g: &ConvGeometry, image: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f64> {
+        let plane = g.out_size[0] * g.out_size[1];
+        let mut out = from_bias(bias, g.batch * g.out_channels, g.out_channels, plane);
+        for_each_term(g, |o, i, w| out[o] += weight[w] as f64 * image[i] as f64);
+        out
+    }
+
+    /// The transposed convolution by its definition (each feature value scattered through
+    /// the filters onto the image), in f64.
+    fn naive_transposed(g: &ConvGeometry, features: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f64> {
+        let plane = g.in_size[0] * g.in_size[1];
+        let mut image = from_bias(bias, g.batch * g.in_channels, g.in_channels, plane);
+        for_each_term(g, |o, i, w| image[i] += weight[w] as f64 * features[o] as f64);
+        image
+    }
+
+    /// Runs `compute` with every available ISA into a NaN-filled output and compares it
+    /// with `want`.
+    fn check_every_isa(want: &[f64], compute: impl Fn(Isa, &mut [f32])) -> Result<(), TestCaseError> {
+        for isa in Isa::ALL.into_iter().filter(|isa| isa.is_available()) {
+            let mut out = vec![f32::NAN; want.len()];
+            compute(isa, &mut out);
+            for (i, (&got, &want)) in out.iter().zip(want).enumerate() {
+                prop_assert!(
+                    (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{:?} [{}]: {} vs {}",
+                    isa,
+                    i,
+                    got,
+                    want
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The geometry of a convolution, or `None` where the kernel does not fit the padded
+    /// image.
+    fn geometry(
+        (batch, groups): (usize, usize),
+        (cin, cout): (usize, usize),
+        size: [usize; 2],
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        dilation: [usize; 2],
+        padding: [usize; 2],
+    ) -> Option<ConvGeometry> {
+        let out = |axis: usize| {
+            let reach = dilation[axis] * (kernel[axis] - 1) + 1;
+            (size[axis] + 2 * padding[axis]).checked_sub(reach).map(|room| room / stride[axis] + 1)
+        };
+        Some(ConvGeometry {
+            batch,
+            in_channels: cin * groups,
+            in_size: size,
+            out_channels: cout * groups,
+            out_size: [out(0)?, out(1)?],
+            kernel,
+            stride,
+            padding,
+            dilation,
+            groups,
+        })
+    }
+
+    fn values(len: usize, salt: usize) -> Vec<f32> {
+        (0..len).map(|i| ((i * 7919 + salt * 104729) % 2001) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Every ISA against the definitions, both directions, on geometries with strides
+        /// 1-5 (some beyond the image), dilations, asymmetric kernels and paddings around "same" (x padding half
+        /// the kernel's reach plus 0-1: some fit the phase planes, some do not), spanning
+        /// several blocks of positions and tiles of output channels, writing every output
+        /// value (the buffers start as NaN).
+        #[test]
+        fn phase_convolutions_match_their_definitions_on_every_isa(
+            batch_groups in (1usize..3, 1usize..3), channels in (1usize..6, 1usize..30),
+            size in (1usize..12, 1usize..40), kernel in (1usize..6, 1usize..6), dilation in (1usize..3, 1usize..3),
+            stride in (1usize..6, 1usize..6), py in 0usize..4, px_extra in 0usize..2, with_bias: bool, salt in 0usize..100,
+        ) {
+            let px = dilation.1 * (kernel.1 - 1) / 2 + px_extra;
+            let geometry = geometry(
+                batch_groups, channels, [size.0, size.1], [kernel.0, kernel.1],
+                [stride.0, stride.1], [dilation.0, dilation.1], [py, px],
+            );
+            let Some(g) = geometry else { return Ok(()) };
+            let fits = size.1.div_ceil(stride.1) <= g.out_size[1];
+            prop_assert_eq!(applies(&g), fits);
+            prop_assert_eq!(applies_transposed(&g), fits);
+            if !fits {
+                return Ok(());
+            }
+            let weight = values(g.out_channels * channels.0 * kernel.0 * kernel.1, salt);
+            let image = values(g.batch * g.in_channels * size.0 * size.1, salt + 1);
+            let bias = with_bias.then(|| values(g.out_channels, salt + 2));
+            let want = naive(&g, &image, &weight, bias.as_deref());
+            check_every_isa(&want, |isa, out| conv2d(isa, &g, &image, &weight, bias.as_deref(), out))?;
+
+            let features = values(g.batch * g.out_channels * g.out_size[0] * g.out_size[1], salt + 3);
+            let bias = with_bias.then(|| values(g.in_channels, salt + 4));
+            let want = naive_transposed(&g, &features, &weight, bias.as_deref());
+            check_every_isa(&want, |isa, out| conv_transpose2d(isa, &g, &features, &weight, bias.as_deref(), out))?;
+        }
+    }
+
+    #[test]
+    fn applies_where_the_phase_planes_fit_the_feature_rows() {
+        let layer = |size: usize, kernel: usize, stride: usize, padding: usize| {
+            geometry((2, 1), (32, 64), [size, size], [kernel; 2], [stride; 2], [1, 1], [padding; 2]).expect("a layer")
+        };
+        // "Same" and "half" layers: 3 x 3 padding 1 at stride 1 and 2, 4 x 4 padding 1 at
+        // stride 2 (even sizes), 1 x 1 at stride 1 and 2.
+        for g in [layer(28, 3, 1, 1), layer(28, 3, 2, 1), layer(27, 3, 2, 1), layer(28, 4, 2, 1), layer(28, 1, 2, 0)] {
+            assert!(applies(&g) && applies_transposed(&g), "{g:?}");
+        }
+        // Narrower features take im2col: "valid" 3 x 3, a 4 x 4 stride-2 layer on an odd size.
+        for g in [layer(28, 3, 1, 0), layer(27, 4, 2, 1)] {
+            assert!(!applies(&g) && !applies_transposed(&g), "{g:?}");
+        }
+        // Filters too large to stream from L2 take im2col and the packed GEMM.
+        let wide = ConvGeometry { in_channels: 512, out_channels: 512, ..layer(14, 3, 1, 1) };
+        assert!(!applies(&wide) && !applies_transposed(&wide));
+    }
+}
