@@ -106,7 +106,9 @@ impl Recorded {
     fn backward(&self, g: &Var, operands: &[Var]) -> Result<Vec<Option<Var>>> {
         let lift = |v: &Var| if self.one_d { v.unsqueeze(2) } else { Ok(v.clone()) };
         let lower = |v: Var| if self.one_d { v.squeeze(2) } else { Ok(v) };
-        let (g, x, w) = (lift(g)?, lift(&operands[0])?, lift(&operands[1])?);
+        // Both gradients' kernels read `g` row-major: one copy of a strided or broadcast
+        // gradient (that of a `sum`) instead of one in each.
+        let (g, x, w) = (lift(g)?.contiguous()?, lift(&operands[0])?, lift(&operands[1])?);
         let (image, features) = match self.direction {
             Direction::Forward => (&x, &g),
             Direction::Transposed => (&g, &x),

@@ -12,6 +12,16 @@ impl Var {
         let value = self.value().reshape(shape)?;
         self.unary_op("reshape", value, |_, g, x| g.reshape(x.dims()))
     }
+    /// The same values stored row-major: itself when they already are, else a copy (the
+    /// gradient passes through unchanged). For a value read by several kernels that need
+    /// row-major operands, one copy instead of one per kernel.
+    pub fn contiguous(&self) -> Result<Var> {
+        if self.value().is_contiguous() {
+            return Ok(self.clone());
+        }
+        let value = self.value().contiguous()?;
+        self.unary_op("contiguous", value, |_, g, _| Ok(g.clone()))
+    }
     /// Merges dims `start..` into one.
     pub fn flatten_from(&self, start: isize) -> Result<Var> {
         let shape = self.value().flatten_from(start)?.shape();
