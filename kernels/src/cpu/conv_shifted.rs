@@ -45,7 +45,7 @@
 
 use super::gemm::{Isa, MatRef};
 use super::gemm_small::{Tile, TileColumns, TileStart, balanced_tile_rows, row_tile, tile_rows};
-use super::simd::{F32Vector, kernel};
+use super::simd::{F32Vector, kernel, vector_lanes};
 use std::ops::Range;
 
 /// Positions per word of [`ShiftedProduct`]'s mask bits: a block of two vectors of
@@ -156,13 +156,6 @@ impl ShiftedProduct {
     #[cfg(test)]
     pub(super) fn extent(&self) -> usize {
         self.extent
-    }
-}
-
-kernel! {
-    /// The vector width of the ISA, in f32 lanes.
-    fn vector_lanes() -> usize {
-        V::LANES
     }
 }
 

@@ -263,7 +263,7 @@ pub fn gemm_with_isa<T: GemmInput>(
         }
         return;
     }
-    if gemm_small::is_faster_unpacked(m, n, k, parallel::threads()) {
+    if gemm_small::is_faster_unpacked(isa, m, n, k, parallel::threads()) {
         if let (Some(a32), Some(b32)) = (a.as_f32(), b.as_f32()) {
             gemm_small::small_sgemm(isa, m, n, k, a32, b32, c, epilogue);
             return;

@@ -42,7 +42,7 @@
 //! loads them from the image, shifted and masked.
 
 use super::gemm::{Epilogue, MatRef, PARALLEL_MIN_WORK, Widened, pack_b};
-use super::simd::{Baseline, F32Vector, Isa, kernel};
+use super::simd::{Baseline, F32Vector, Isa, kernel, vector_lanes};
 use crate::parallel;
 
 /// Rows of C per register tile with 16 vector registers (AVX2: twelve accumulators).
@@ -57,25 +57,38 @@ pub(super) const fn tile_rows(lanes: usize) -> usize {
     if lanes >= 16 { WIDE_ROWS } else { ROWS }
 }
 
-/// Whether this path is the faster one for an `m x n x k` product on `threads` threads.
+/// Whether this path is the faster one for an `m x n x k` product on `threads` threads
+/// with `isa`'s register tiles.
 ///
 /// Below the work at which the packed path goes parallel, packing costs as much as it
 /// saves. Above it, A is streamed from cache once per column block of B instead of being
-/// packed once, which pays while each thread's rows of A stay in its L2 (under 2 MB)
-/// and the depth is moderate: measured at one thread on Zen 4 (AVX-512), the products of a
-/// GPT baby layer (`768 x 384 x 128` and its gradients, A up to 1.5 MB) ran 0-29% faster
-/// unpacked, `512^3` 3% faster, while `1024^3` (A 4 MB) ran 24% slower and
-/// `4096 x 1536 x 384` (A 6 MB) 41% slower.
-pub(super) fn is_faster_unpacked(m: usize, n: usize, k: usize, threads: usize) -> bool {
+/// packed once, which pays while each thread's rows of A stay close:
+///
+/// - with AVX-512 tiles (32 columns per pass over A), up to 2 MB of A per thread:
+///   measured at one thread on Zen 4 (1 MB L2), the products of a GPT baby layer
+///   (`768 x 384 x 128` and its gradients, A up to 1.5 MB) ran 0-29% faster unpacked,
+///   `512^3` 3% faster, while `1024^3` (A 4 MB) ran 24% slower and `4096 x 1536 x 384`
+///   (A 6 MB) 41% slower;
+/// - with narrower tiles (AVX2: 16 columns per pass, twice the passes), up to 128 KB:
+///   measured on Zen 3 (512 KB L2) at 1 and 2 threads, taking the AVX-512 limit there ran
+///   `512^3` at 65 GFLOP/s against 91 packed, `256^3` and `384^3` 12-15% slower, the GPT
+///   baby's weight gradients (A column-major, 128-512 x 768) 25-45% slower; with 128 KB
+///   only `768 x 64 x 128` and `768 x 128 x 512` with B column-major lost (4-6%, 1 and 2
+///   threads), and the products below the limit (`128^3`) kept their 10-20% gain.
+pub(super) fn is_faster_unpacked(isa: Isa, m: usize, n: usize, k: usize, threads: usize) -> bool {
     if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_WORK {
         return true;
     }
+    let max_a = if tile_rows(vector_lanes(isa)) == WIDE_ROWS { UNPACKED_MAX_A } else { UNPACKED_MAX_A_NARROW };
     // Rows split evenly across the threads need enough of them for whole tiles.
-    m >= threads * 4 * ROWS && m.div_ceil(threads) * k < UNPACKED_MAX_A && k <= UNPACKED_MAX_DEPTH
+    m >= threads * 4 * ROWS && m.div_ceil(threads) * k < max_a && k <= UNPACKED_MAX_DEPTH
 }
 
-/// The most values of A a thread streams through unpacked (2 MB of f32).
+/// The most values of A a thread streams through unpacked with AVX-512 tiles (2 MB of
+/// f32).
 const UNPACKED_MAX_A: usize = 1 << 19;
+/// The most values of A a thread streams through unpacked with narrower tiles (128 KB).
+const UNPACKED_MAX_A_NARROW: usize = 1 << 15;
 /// The deepest product taken unpacked once the work is parallel.
 const UNPACKED_MAX_DEPTH: usize = 1024;
 

@@ -222,6 +222,13 @@ macro_rules! kernel {
 }
 pub(crate) use kernel;
 
+kernel! {
+    /// The ISA's vector width, in f32 lanes.
+    pub fn vector_lanes() -> usize {
+        V::LANES
+    }
+}
+
 /// One input of the loops below: a slice as long as the output, or one value for every
 /// element.
 #[derive(Clone, Copy, Debug)]
