@@ -45,7 +45,7 @@
 
 use super::gemm::{Isa, MatRef};
 use super::gemm_small::{Tile, TileColumns, TileStart, balanced_tile_rows, row_tile, tile_rows};
-use super::simd::{F32Vector, kernel, vector_lanes};
+use super::simd::{F32Vector, kernel, prefetch, vector_lanes};
 use std::ops::Range;
 
 /// Positions per word of [`ShiftedProduct`]'s mask bits: a block of two vectors of
@@ -192,21 +192,6 @@ impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for ShiftedPlanes<'_, V::
             }
         }
     }
-}
-
-/// Asks for the cache line of `value` ahead of a store to it: the first write of an
-/// output line that is not in cache otherwise stalls the tile's last step. (A prefetch
-/// never faults; nothing is done off x86-64.)
-#[inline(always)]
-fn prefetch(value: &f32) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is only a hint: it never faults and changes no memory.
-    unsafe {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        _mm_prefetch::<_MM_HINT_T0>((value as *const f32).cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = value;
 }
 
 kernel! {

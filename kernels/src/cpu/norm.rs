@@ -32,7 +32,7 @@
 //! and layouts take the generic kernel.
 
 use super::map::PARALLEL_THRESHOLD;
-use super::simd::{F32Vector, Isa, Operand, kernel, map, sums, update};
+use super::simd::{F32Vector, Isa, Operand, kernel, map, prefetch_lines, sums, update};
 use super::softmax::{Rows, UnitRows, for_row_blocks};
 use crate::layout::Layout;
 use crate::parallel;
@@ -394,7 +394,13 @@ kernel! {
         bias: Operand,
     ) {
         let n = rows.n;
+        let count = out.len() / n.max(1);
         for (i, y) in out.chunks_exact_mut(n).enumerate() {
+            // With vectors narrower than AVX-512's, the next row on its way from memory
+            // while this one's passes run from L1 (see the softmax module doc).
+            if V::LANES < 16 && i + 1 < count {
+                prefetch_lines(rows.row(x, first + i + 1));
+            }
             let x = rows.row(x, first + i);
             let (mean, rstd) = row_stats_f32::<V>(x, center, eps);
             map::<V, 3>([Operand::Slice(x), weight, bias], y, |[v, w, b]| ((v - mean) * rstd).mul_add(w, b));

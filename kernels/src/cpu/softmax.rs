@@ -24,15 +24,18 @@
 //! For f32 along the last dim, when each row is contiguous in memory, both directions
 //! run a fused SIMD kernel per row ([`UnitRows`]): softmax reads the row for the max,
 //! writes `exp(x - max)` while summing (with [`math::exp_nonpositive`]), and scales in
-//! place, so the input is read from memory once and the output written once (the rows
-//! follow each other in memory, which the hardware prefetcher streams on its own: asking
-//! for the whole next row up front, 64 lines at once, made LayerNorm 6-30% and softmax
-//! up to 23% slower in interleaved A/B runs on (4096, 1024));
+//! place, so the input is read from memory once and the output written once. Whether to
+//! ask for the whole next row up front (64 lines at once for 1024 values) depends on the
+//! machine: with AVX-512 on Zen 4 it made LayerNorm 6-30% and softmax up to 23% slower
+//! (interleaved A/B runs on (4096, 1024); the hardware prefetcher streams the rows on its
+//! own), with AVX2 on Zen 3 (whose passes over a row from L1 take longer) LayerNorm ran
+//! 11-20% and softmax 1-16% faster at 1 and 2 threads. So the kernels (softmax here,
+//! LayerNorm and RMSNorm in `norm.rs`) prefetch with vectors narrower than AVX-512's;
 //! the other dims, dtypes and layouts take the generic kernel, which reads each line into
 //! a scratch buffer through [`Rows`].
 
 use super::map::PARALLEL_THRESHOLD;
-use super::simd::{F32Vector, Isa, Operand, kernel, map, map1_sum, math, max_of, sums, update};
+use super::simd::{F32Vector, Isa, Operand, kernel, map, map1_sum, math, max_of, prefetch_lines, sums, update};
 use crate::layout::{Layout, for_each_offsets};
 use crate::parallel;
 use crate::{Element, FloatElem, Real};
@@ -210,7 +213,13 @@ kernel! {
     /// Softmax or log-softmax of whole rows `first..` of `x` into `out`, with SIMD.
     fn softmax_f32(x: &[f32], rows: &UnitRows, first: usize, out: &mut [f32], kind: SoftmaxKind) {
         let n = rows.n;
+        let count = out.len() / n.max(1);
         for (i, y) in out.chunks_exact_mut(n).enumerate() {
+            // With vectors narrower than AVX-512's, the next row on its way from memory
+            // while this one's passes run from L1 (see the softmax module doc).
+            if V::LANES < 16 && i + 1 < count {
+                prefetch_lines(rows.row(x, first + i + 1));
+            }
             let x = rows.row(x, first + i);
             let max = V::splat(max_of::<V>(x));
             match kind {

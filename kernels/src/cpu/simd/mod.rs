@@ -222,6 +222,27 @@ macro_rules! kernel {
 }
 pub(crate) use kernel;
 
+/// Asks for the cache line of `value` ahead of a read or write of it (the first store to
+/// an output line that is not in cache otherwise stalls on it). A prefetch never faults;
+/// nothing is done off x86-64.
+#[inline(always)]
+pub fn prefetch(value: &f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint: it never faults and changes no memory.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>((value as *const f32).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
+/// [`prefetch`] of every cache line (64 bytes) of `values`.
+#[inline(always)]
+pub fn prefetch_lines(values: &[f32]) {
+    values.iter().step_by(16).for_each(prefetch);
+}
+
 kernel! {
     /// The ISA's vector width, in f32 lanes.
     pub fn vector_lanes() -> usize {
