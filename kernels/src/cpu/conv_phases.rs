@@ -56,19 +56,19 @@ fn tap_phase(k: usize, d: usize, p: usize, s: usize) -> (isize, usize) {
     (at.div_euclid(s as isize), at.rem_euclid(s as isize) as usize)
 }
 
-/// Whether the phase planes of an image `len` long fit in rows `features` long, and the
+/// Whether the image's phase planes fit in rows as long as the feature rows, there is a
+/// product to compute with filters small enough (see [`MAX_FILTER_VALUES`]), and the
 /// sizes are sane for the products' signed offsets.
 fn phases_fit(g: &ConvGeometry) -> bool {
     let depth = g.in_channels / g.groups * g.kernel[0] * g.kernel[1];
+    let values = [g.in_channels.max(g.out_channels), g.in_size[0].max(g.out_size[0]), g.in_size[1].max(g.out_size[1])]
+        .into_iter()
+        .fold(g.batch, usize::saturating_mul);
     g.in_size[1].div_ceil(g.stride[1]) <= g.out_size[1]
         && depth > 0
         && g.out_channels > 0
         && g.out_channels / g.groups * depth <= MAX_FILTER_VALUES
-        && g.batch
-            * g.in_channels.max(g.out_channels)
-            * g.in_size[0].max(g.out_size[0])
-            * g.out_size[1].max(g.in_size[1])
-            < isize::MAX as usize / 4
+        && values < isize::MAX as usize / 4
 }
 
 /// Whether [`conv2d`] computes this convolution (see the module doc).
