@@ -30,7 +30,7 @@
 //! padded rows from poisoning the rest of a batch.
 
 use super::matmul::{StridedMat, cast, cast_mut, gemm_acc};
-use super::simd::{self, F32Vector, Isa, kernel, math};
+use super::simd::{self, F32Vector, Isa, Wide, kernel, math};
 use super::softmax::start_offsets;
 use crate::buffers::{for_overwrite, recycle};
 use crate::layout::Layout;
@@ -392,17 +392,18 @@ kernel! {
     /// row's running max), so every exponent is `<= 0`. The tail is padded with `-inf`,
     /// whose exponential adds nothing to the sum.
     fn exp_shifted_f32(row: &mut [f32], max: f32) -> f32 {
-        let max = V::splat(max);
-        let mut sum = V::splat(0.0);
-        let mut vectors = row.chunks_exact_mut(V::LANES);
+        type W = Wide<V>;
+        let max = W::splat(max);
+        let mut sum = W::splat(0.0);
+        let mut vectors = row.chunks_exact_mut(W::LANES);
         for x in &mut vectors {
-            let e = math::exp_nonpositive(V::load(x) - max);
+            let e = math::exp_nonpositive(W::load(x) - max);
             e.store(x);
             sum = sum + e;
         }
         let tail = vectors.into_remainder();
         if !tail.is_empty() {
-            let e = math::exp_nonpositive(V::load_partial(tail, f32::NEG_INFINITY) - max);
+            let e = math::exp_nonpositive(W::load_partial(tail, f32::NEG_INFINITY) - max);
             e.store_partial(tail);
             sum = sum + e;
         }

@@ -12,7 +12,7 @@
 //! of these ([`SimdRuns`]). Other layouts, ops and dtypes take the generic kernel.
 
 use super::map::{SimdRuns, zip_map};
-use super::simd::{F32Vector, Isa, Operand, kernel, map, math};
+use super::simd::{F32Vector, Isa, Operand, Wide, kernel, map, math};
 use crate::{Element, FloatElem, Layout, Real};
 
 macro_rules! binary_ops {
@@ -133,9 +133,9 @@ kernel! {
             BinaryOp::Div => map::<V, 2>([a, b], dst, |[x, y]| x / y),
             BinaryOp::Maximum => map::<V, 2>([a, b], dst, |[x, y]| nan_or(x, y, x.max(y))),
             BinaryOp::Minimum => map::<V, 2>([a, b], dst, |[x, y]| nan_or(x, y, x.min(y))),
-            BinaryOp::GeluGrad => map::<V, 2>([a, b], dst, |[x, g]| g * math::gelu_erf_grad(x)),
-            BinaryOp::GeluTanhGrad => map::<V, 2>([a, b], dst, |[x, g]| g * math::gelu_tanh_grad(x)),
-            BinaryOp::SiluGrad => map::<V, 2>([a, b], dst, |[x, g]| g * math::silu_grad(x)),
+            BinaryOp::GeluGrad => map::<Wide<V>, 2>([a, b], dst, |[x, g]| g * math::gelu_erf_grad(x)),
+            BinaryOp::GeluTanhGrad => map::<Wide<V>, 2>([a, b], dst, |[x, g]| g * math::gelu_tanh_grad(x)),
+            BinaryOp::SiluGrad => map::<Wide<V>, 2>([a, b], dst, |[x, g]| g * math::silu_grad(x)),
             BinaryOp::Pow => unreachable!("binary_f32: pow has no f32 kernel"),
         }
     }

@@ -23,7 +23,8 @@
 //!
 //! For f32 along the last dim, when each row is contiguous in memory, both directions
 //! run a fused SIMD kernel per row ([`UnitRows`]): softmax reads the row for the max,
-//! writes `exp(x - max)` while summing (with [`math::exp_nonpositive`]), and scales in
+//! writes `exp(x - max)` while summing (with [`math::exp_nonpositive`] on
+//! [`F32Vector::Wide`] vectors: 7-9% faster with AVX2 on Zen 3), and scales in
 //! place, so the input is read from memory once and the output written once. Whether to
 //! ask for the whole next row up front (64 lines at once for 1024 values) depends on the
 //! machine: with AVX-512 on Zen 4 it made LayerNorm 6-30% and softmax up to 23% slower
@@ -35,7 +36,7 @@
 //! a scratch buffer through [`Rows`].
 
 use super::map::PARALLEL_THRESHOLD;
-use super::simd::{F32Vector, Isa, Operand, kernel, map, map1_sum, math, max_of, prefetch_lines, sums, update};
+use super::simd::{F32Vector, Isa, Operand, Wide, kernel, map, map1_sum, math, max_of, prefetch_lines, sums, update};
 use crate::layout::{Layout, for_each_offsets};
 use crate::parallel;
 use crate::{Element, FloatElem, Real};
@@ -221,16 +222,18 @@ kernel! {
                 prefetch_lines(rows.row(x, first + i + 1));
             }
             let x = rows.row(x, first + i);
-            let max = V::splat(max_of::<V>(x));
+            let max = max_of::<V>(x);
+            // The exponentials on `Wide<V>`, the rest on `V`.
+            let wide_max = Wide::<V>::splat(max);
             match kind {
                 SoftmaxKind::Softmax => {
-                    let sum = map1_sum::<V>(x, y, |v| math::exp_nonpositive(v - max));
+                    let sum = map1_sum::<Wide<V>>(x, y, |v| math::exp_nonpositive(v - wide_max));
                     let scale = V::splat(1.0 / sum);
                     update::<V, 1, 0>([y], [], |[e], []| [e * scale]);
                 }
                 SoftmaxKind::LogSoftmax => {
-                    let [sum] = sums::<V, 1, 1>([Operand::Slice(x)], n, |[v]| [math::exp_nonpositive(v - max)]);
-                    let log_sum = V::splat(sum.ln());
+                    let [sum] = sums::<Wide<V>, 1, 1>([Operand::Slice(x)], n, |[v]| [math::exp_nonpositive(v - wide_max)]);
+                    let (max, log_sum) = (V::splat(max), V::splat(sum.ln()));
                     map::<V, 1>([Operand::Slice(x)], y, |[v]| (v - max) - log_sum);
                 }
             }
@@ -260,8 +263,8 @@ kernel! {
                 }
                 SoftmaxKind::LogSoftmax => {
                     let [sum] = sums::<V, 1, 1>([g], n, |[g]| [g]);
-                    let sum = V::splat(sum);
-                    map::<V, 2>([y, g], dx, |[y, g]| g - math::exp(y) * sum);
+                    let sum = Wide::<V>::splat(sum);
+                    map::<Wide<V>, 2>([y, g], dx, |[y, g]| g - math::exp(y) * sum);
                 }
             }
         }

@@ -11,7 +11,7 @@
 //! stated there); the other ops, dtypes and layouts take the generic scalar kernel.
 
 use super::map::{SimdRuns, map};
-use super::simd::{F32Vector, Isa, Operand, kernel, map1, math, update};
+use super::simd::{F32Vector, Isa, Operand, Wide, kernel, map1, math, update};
 use crate::{Element, FloatElem, Layout, Real};
 
 macro_rules! unary_ops {
@@ -221,94 +221,96 @@ impl UnaryOp {
 }
 
 /// Expands `$body` with `$f` bound to the vector form of `$op` (one of the ops in
-/// [`UnaryOp::has_f32_kernel`]), a closure `Fn(V) -> V`: the one table of vector
-/// expressions that [`unary_f32`] and [`bias_activation_f32`] share. Each op is one vector
-/// expression; the scalar definitions in `unary_ops!` are the reference they are tested
-/// against. It must expand inside a [`kernel!`] body (`V` in scope).
+/// [`UnaryOp::has_f32_kernel`]), a closure `Fn(W) -> W` on the vector type `$Vector`
+/// (the kernel's `Wide<V>`): the one table of vector expressions that [`unary_f32`] and
+/// [`bias_activation_f32`] share. Each op is one vector expression; the scalar
+/// definitions in `unary_ops!` are the reference they are tested against. It must expand
+/// inside a [`kernel!`] body.
 ///
 /// Every function is written as a closure, never as a function item (`math::exp`): a
 /// closure inherits the kernel's target features, while a function item is called
 /// through a shim compiled without them, where every intrinsic becomes an out-of-line
 /// call (measured: GELU 3x slower).
 macro_rules! with_vector_op {
-    ($op:expr, |$f:ident| $body:expr) => {{
-        let zero = V::splat(0.0);
-        let one = V::splat(1.0);
+    ($Vector:ty, $op:expr, |$f:ident| $body:expr) => {{
+        type W = $Vector;
+        let zero = W::splat(0.0);
+        let one = W::splat(1.0);
         match $op {
             UnaryOp::Neg => {
-                let $f = |x: V| -x;
+                let $f = |x: W| -x;
                 $body
             }
             UnaryOp::Abs => {
-                let $f = |x: V| V::abs(x);
+                let $f = |x: W| W::abs(x);
                 $body
             }
             UnaryOp::Exp => {
-                let $f = |x: V| math::exp(x);
+                let $f = |x: W| math::exp(x);
                 $body
             }
             UnaryOp::Log => {
-                let $f = |x: V| math::ln(x);
+                let $f = |x: W| math::ln(x);
                 $body
             }
             UnaryOp::Sqrt => {
-                let $f = |x: V| V::sqrt(x);
+                let $f = |x: W| W::sqrt(x);
                 $body
             }
             UnaryOp::Rsqrt => {
-                let $f = |x: V| one / x.sqrt();
+                let $f = |x: W| one / x.sqrt();
                 $body
             }
             UnaryOp::Square => {
-                let $f = |x: V| x * x;
+                let $f = |x: W| x * x;
                 $body
             }
             UnaryOp::Recip => {
-                let $f = |x: V| one / x;
+                let $f = |x: W| one / x;
                 $body
             }
             UnaryOp::Tanh => {
-                let $f = |x: V| math::tanh(x);
+                let $f = |x: W| math::tanh(x);
                 $body
             }
             UnaryOp::Sigmoid => {
-                let $f = |x: V| math::sigmoid(x);
+                let $f = |x: W| math::sigmoid(x);
                 $body
             }
             // `x <= 0` is false for NaN, which passes through as in the scalar `relu`.
             UnaryOp::Relu => {
-                let $f = |x: V| V::select(x.le(zero), zero, x);
+                let $f = |x: W| W::select(x.le(zero), zero, x);
                 $body
             }
             UnaryOp::Gelu => {
-                let $f = |x: V| math::gelu_erf(x);
+                let $f = |x: W| math::gelu_erf(x);
                 $body
             }
             UnaryOp::GeluTanh => {
-                let $f = |x: V| math::gelu_tanh(x);
+                let $f = |x: W| math::gelu_tanh(x);
                 $body
             }
             UnaryOp::Silu => {
-                let $f = |x: V| math::silu(x);
+                let $f = |x: W| math::silu(x);
                 $body
             }
             UnaryOp::Erf => {
-                let $f = |x: V| math::erf(x);
+                let $f = |x: W| math::erf(x);
                 $body
             }
             UnaryOp::Affine { mul, add } => {
-                let (mul, add) = (V::splat(mul as f32), V::splat(add as f32));
-                let $f = |x: V| x.mul_add(mul, add);
+                let (mul, add) = (W::splat(mul as f32), W::splat(add as f32));
+                let $f = |x: W| x.mul_add(mul, add);
                 $body
             }
             UnaryOp::Clamp { min, max } => {
-                let (min, max) = (V::splat(min as f32), V::splat(max as f32));
-                let $f = |x: V| V::select(x.lt(min), min, V::select(x.gt(max), max, x));
+                let (min, max) = (W::splat(min as f32), W::splat(max as f32));
+                let $f = |x: W| W::select(x.lt(min), min, W::select(x.gt(max), max, x));
                 $body
             }
             UnaryOp::LeakyRelu { slope } => {
-                let slope = V::splat(slope as f32);
-                let $f = |x: V| V::select(x.ge(zero), x, x * slope);
+                let slope = W::splat(slope as f32);
+                let $f = |x: W| W::select(x.ge(zero), x, x * slope);
                 $body
             }
             op => unreachable!("{} has no f32 kernel", op.name()),
@@ -320,7 +322,7 @@ kernel! {
     /// The f32 SIMD kernel of the ops in [`UnaryOp::has_f32_kernel`]: `dst = op(src)` on
     /// one contiguous run.
     fn unary_f32(op: UnaryOp, src: &[f32], dst: &mut [f32]) {
-        with_vector_op!(op, |f| map1::<V>(src, dst, f))
+        with_vector_op!(Wide<V>, op, |f| map1::<Wide<V>>(src, dst, f))
     }
 }
 
@@ -336,8 +338,8 @@ kernel! {
         let row_starts = (0..rows).map(|r| r * ld);
         match op {
             None => row_starts.for_each(|start| update::<V, 1, 1>([&mut c[start..start + cols]], [bias], |[c], [b]| [c + b])),
-            Some(op) => with_vector_op!(op, |f| row_starts
-                .for_each(|start| update::<V, 1, 1>([&mut c[start..start + cols]], [bias], |[c], [b]| [f(c + b)]))),
+            Some(op) => with_vector_op!(Wide<V>, op, |f| row_starts
+                .for_each(|start| update::<Wide<V>, 1, 1>([&mut c[start..start + cols]], [bias], |[c], [b]| [f(c + b)]))),
         }
     }
 }

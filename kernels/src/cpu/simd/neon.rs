@@ -30,6 +30,7 @@ const HALF_BITS: i32 = 0x3f00_0000;
 impl F32Vector for Neon {
     const LANES: usize = 4;
     type Mask = uint32x4_t;
+    type Wide = Self;
 
     #[inline(always)]
     fn splat(value: f32) -> Self {

@@ -32,6 +32,7 @@ impl Neg for Scalar {
 impl F32Vector for Scalar {
     const LANES: usize = 1;
     type Mask = bool;
+    type Wide = Self;
 
     #[inline(always)]
     fn splat(value: f32) -> Self {

@@ -9,7 +9,7 @@
 //! Bit manipulation goes through the integer registers (`and_si256` / `and_si512`),
 //! since AVX-512F has no float `and` (that is AVX-512DQ).
 
-use super::F32Vector;
+use super::{F32Vector, Pair};
 use std::arch::x86_64::{_CMP_GE_OQ, _CMP_GT_OQ, _CMP_LE_OQ, _CMP_LT_OQ, _CMP_UNORD_Q};
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
@@ -142,9 +142,10 @@ pub(super) mod avx512 {
 }
 
 /// Defines an x86 vector type over the names exported by the module `$isa`.
-/// `ldexp = $isa::scalef` overrides [`F32Vector::ldexp`] with the ISA's instruction.
+/// `wide = ..` is its [`F32Vector::Wide`]; `ldexp = $isa::scalef` overrides
+/// [`F32Vector::ldexp`] with the ISA's instruction.
 macro_rules! x86_vector {
-    ($(#[$doc:meta])* $name:ident, $isa:ident, $lanes:literal $(, ldexp = $ldexp:path)?) => {
+    ($(#[$doc:meta])* $name:ident, $isa:ident, $lanes:literal, wide = $wide:ty $(, ldexp = $ldexp:path)?) => {
         $(#[$doc])*
         #[derive(Clone, Copy)]
         pub struct $name($isa::Reg);
@@ -152,6 +153,7 @@ macro_rules! x86_vector {
         impl F32Vector for $name {
             const LANES: usize = $lanes;
             type Mask = $isa::Mask;
+            type Wide = $wide;
 
             #[inline(always)]
             fn splat(value: f32) -> Self {
@@ -306,7 +308,8 @@ x86_vector!(
     /// Eight f32 lanes in a ymm register (AVX2 + FMA).
     Avx2,
     avx2,
-    8
+    8,
+    wide = Pair<Avx2>
 );
 
 x86_vector!(
@@ -314,5 +317,6 @@ x86_vector!(
     Avx512,
     avx512,
     16,
+    wide = Avx512,
     ldexp = avx512::scalef
 );

@@ -1,0 +1,135 @@
+//! [`Pair`]: two vectors used as one twice as wide, so that a long dependent chain (a
+//! polynomial, the steps of `exp`) is issued for two independent vectors side by side.
+//!
+//! Every operation of `Pair<V>` is the operation of `V` on both halves, one after the
+//! other, so the instruction stream interleaves the two chains. An out-of-order core
+//! could in principle find that parallelism itself across loop iterations, but only as
+//! far as its scheduler holds waiting instructions: `exp` is a chain of ~20 dependent
+//! steps (~50 cycles of latency), so a core whose floating-point scheduler holds a few
+//! dozen instructions (Zen 3) spends most of its time waiting on the chain when the
+//! chains come one after the other. Interleaved, each waiting step of one chain has a
+//! ready step of the other beside it.
+
+use super::F32Vector;
+use std::ops::{Add, Div, Mul, Neg, Sub};
+
+/// Two `V`s as one vector of `2 * V::LANES` lanes: the first half in `.0`.
+#[derive(Clone, Copy)]
+pub struct Pair<V>(pub V, pub V);
+
+macro_rules! pair_operator {
+    ($($trait:ident $method:ident),*) => {$(
+        impl<V: F32Vector> $trait for Pair<V> {
+            type Output = Self;
+            #[inline(always)]
+            fn $method(self, rhs: Self) -> Self {
+                Pair(self.0.$method(rhs.0), self.1.$method(rhs.1))
+            }
+        }
+    )*};
+}
+pair_operator!(Add add, Sub sub, Mul mul, Div div);
+
+impl<V: F32Vector> Neg for Pair<V> {
+    type Output = Self;
+    #[inline(always)]
+    fn neg(self) -> Self {
+        Pair(-self.0, -self.1)
+    }
+}
+
+/// Trait methods that apply `V`'s method to both halves: `name(args) -> Pair` for those
+/// that give a vector, `name(args) -> Mask` for those that give a mask.
+macro_rules! halves {
+    ($($method:ident($($arg:ident),*) -> $out:ident),* $(,)?) => {$(
+        #[inline(always)]
+        fn $method(self $(, $arg: Self)*) -> halves!(@type $out) {
+            halves!(@make $out, self.0.$method($($arg.0),*), self.1.$method($($arg.1),*))
+        }
+    )*};
+    (@type Pair) => { Self };
+    (@type Mask) => { Self::Mask };
+    (@make Pair, $lo:expr, $hi:expr) => { Pair($lo, $hi) };
+    (@make Mask, $lo:expr, $hi:expr) => { ($lo, $hi) };
+}
+
+impl<V: F32Vector> F32Vector for Pair<V> {
+    const LANES: usize = 2 * V::LANES;
+    type Mask = (V::Mask, V::Mask);
+    type Wide = Self;
+
+    halves! {
+        mul_add(b, c) -> Pair,
+        min(other) -> Pair,
+        max(other) -> Pair,
+        sqrt() -> Pair,
+        abs() -> Pair,
+        copysign(sign) -> Pair,
+        round() -> Pair,
+        pow2i() -> Pair,
+        ldexp(n) -> Pair,
+        lt(other) -> Mask,
+        le(other) -> Mask,
+        gt(other) -> Mask,
+        ge(other) -> Mask,
+        is_nan() -> Mask,
+    }
+
+    #[inline(always)]
+    fn splat(value: f32) -> Self {
+        Pair(V::splat(value), V::splat(value))
+    }
+    #[inline(always)]
+    fn load(src: &[f32]) -> Self {
+        Pair(V::load(src), V::load(&src[V::LANES..]))
+    }
+    #[inline(always)]
+    fn store(self, dst: &mut [f32]) {
+        self.0.store(dst);
+        self.1.store(&mut dst[V::LANES..]);
+    }
+    #[inline(always)]
+    fn select(mask: Self::Mask, if_true: Self, if_false: Self) -> Self {
+        Pair(V::select(mask.0, if_true.0, if_false.0), V::select(mask.1, if_true.1, if_false.1))
+    }
+    #[inline(always)]
+    fn reduce_add(self) -> f32 {
+        (self.0 + self.1).reduce_add()
+    }
+    #[inline(always)]
+    fn reduce_max(self) -> f32 {
+        self.0.max(self.1).reduce_max()
+    }
+    #[inline(always)]
+    fn frexp(self) -> (Self, Self) {
+        let ((m0, e0), (m1, e1)) = (self.0.frexp(), self.1.frexp());
+        (Pair(m0, m1), Pair(e0, e1))
+    }
+    #[inline(always)]
+    fn mask_from_bits(bits: u32) -> Self::Mask {
+        (V::mask_from_bits(bits), V::mask_from_bits(bits.checked_shr(V::LANES as u32).unwrap_or(0)))
+    }
+    #[inline(always)]
+    unsafe fn load_masked(src: *const f32, mask: Self::Mask) -> Self {
+        // SAFETY: the caller vouches for every lane set in `mask`: the first half's lanes
+        // are `src + l`, the second half's `src + V::LANES + l`.
+        unsafe { Pair(V::load_masked(src, mask.0), V::load_masked(src.wrapping_add(V::LANES), mask.1)) }
+    }
+    #[inline(always)]
+    fn load_partial(src: &[f32], fill: f32) -> Self {
+        if src.len() <= V::LANES {
+            Pair(V::load_partial(src, fill), V::splat(fill))
+        } else {
+            Pair(V::load(src), V::load_partial(&src[V::LANES..], fill))
+        }
+    }
+    #[inline(always)]
+    fn store_partial(self, dst: &mut [f32]) {
+        if dst.len() <= V::LANES {
+            self.0.store_partial(dst);
+        } else {
+            self.0.store(dst);
+            self.1.store_partial(&mut dst[V::LANES..]);
+        }
+    }
+}
