@@ -20,7 +20,8 @@
 //! Run: `cargo run --release --example bench_kernels` (add `-- quick` for fewer repeats, and
 //! group names, `rows conv sgemm gpt small bf16 fused`, to run only those).
 //! Each figure is the median of interleaved repeats (ours, peer, ours, ...), so slow
-//! drifts of a shared machine hit both sides alike.
+//! drifts of a shared machine hit both sides alike. PyTorch and OpenBLAS figures for the
+//! same shapes come from `benches/reference/torch_kernels.py` and `openblas_sgemm.py`.
 
 use aigc::autograd::Var;
 use aigc::kernels::bf16;
