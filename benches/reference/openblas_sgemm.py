@@ -1,6 +1,6 @@
 """OpenBLAS reference for aigc's SGEMM targets (issue 3): numpy's float32 matmul (numpy links
 OpenBLAS) on the shapes of `cargo run --release --example bench_kernels sgemm`, at 1 and 2
-threads, best of repeats after a warm-up. Prints one JSON line per measurement, with
+threads, the median of repeats after a warm-up (as bench_kernels). Prints one JSON line per measurement, with
 "peer":"openblas".
 
 Usage: python3 benches/reference/openblas_sgemm.py
@@ -26,14 +26,15 @@ def measure(threads):
         flops = 2.0 * m * n * k
         inner = max(1, int(2e9 / flops))
         a @ b
-        best = float("inf")
+        times = []
         for _ in range(15):
             t = time.perf_counter()
             for _ in range(inner):
                 a @ b
-            best = min(best, (time.perf_counter() - t) / inner)
+            times.append((time.perf_counter() - t) / inner)
+        median = sorted(times)[len(times) // 2]
         print(json.dumps({"op": "sgemm", "shape": [m, k, n], "threads": threads, "peer": "openblas",
-                          "peer_gflops": round(flops / best / 1e9, 1)}), flush=True)
+                          "peer_gflops": round(flops / median / 1e9, 1)}), flush=True)
 
 
 def main():
