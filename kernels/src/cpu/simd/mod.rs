@@ -325,6 +325,7 @@ fn check_lens<const N: usize>(inputs: &[Operand; N], len: usize) {
 /// the same `f` on a partial vector (padded with 1.0, a harmless input for every function
 /// here), so there is no scalar remainder loop and every element is computed by the
 /// same instructions.
+///
 /// Like [`sums`] and [`update`], it compiles its loop twice: for any operands, and for
 /// slices only (see [`all_slices`]).
 #[inline(always)]
@@ -667,8 +668,18 @@ mod tests {
         }
     }
 
-    /// What [`loops`] computes.
-    type LoopResults = ([f32; 2], f32, Vec<f32>, Vec<f32>, Vec<f32>);
+    /// What [`loops`] computes: each loop with a splat operand (its general copy) and with
+    /// slices only (its copy for slices, see `all_slices`).
+    struct LoopResults {
+        sums_with_splat: [f32; 2],
+        sums_of_slices: [f32; 2],
+        max: f32,
+        doubled: Vec<f32>,
+        map_with_splat: Vec<f32>,
+        map_of_slices: Vec<f32>,
+        update_from_splat: Vec<f32>,
+        update_from_slice: Vec<f32>,
+    }
 
     kernel! {
         /// [`loops_of`] on the ISA's vector, or on a [`Pair`] of them.
@@ -679,15 +690,32 @@ mod tests {
 
     /// Sums, maxima and maps of `x` (lengths around every multiple of the lane count).
     fn loops_of<V: F32Vector>(x: &[f32]) -> LoopResults {
-        let sums = sums::<V, 2, 2>([Operand::Slice(x), Operand::Splat(2.0)], x.len(), |[v, two]| [v * v, v * two]);
-        let max = max_of::<V>(x);
-        let mut doubled = vec![0.0; x.len()];
+        let (len, two) = (x.len(), Operand::Splat(2.0));
+        // A second slice, so that swapped operands show.
+        let y: Vec<f32> = x.iter().map(|v| v + 1.0).collect();
+        let (x_slice, y_slice) = (Operand::Slice(x), Operand::Slice(&y));
+        let sums_with_splat = sums::<V, 2, 2>([Operand::Slice(x), two], len, |[v, two]| [v * v, v * two]);
+        let sums_of_slices = sums::<V, 2, 2>([x_slice, y_slice], len, |[a, b]| [a * b, a - b]);
+        let mut doubled = vec![0.0; len];
         map1::<V>(x, &mut doubled, |v| v + v);
-        let mut scaled = vec![0.0; x.len()];
-        map::<V, 2>([Operand::Slice(x), Operand::Splat(3.0)], &mut scaled, |[a, b]| a * b);
-        let mut halved = x.to_vec();
-        update::<V, 1, 0>([&mut halved], [], |[v], []| [v * V::splat(0.5)]);
-        (sums, max, doubled, scaled, halved)
+        let mut map_with_splat = vec![0.0; len];
+        map::<V, 2>([Operand::Slice(x), Operand::Splat(3.0)], &mut map_with_splat, |[a, b]| a * b);
+        let mut map_of_slices = vec![0.0; len];
+        map::<V, 2>([x_slice, y_slice], &mut map_of_slices, |[a, b]| a * a - b);
+        let mut update_from_splat = x.to_vec();
+        update::<V, 1, 1>([&mut update_from_splat], [Operand::Splat(0.5)], |[v], [h]| [v * h]);
+        let mut update_from_slice = x.to_vec();
+        update::<V, 1, 1>([&mut update_from_slice], [y_slice], |[v], [w]| [v - w]);
+        LoopResults {
+            sums_with_splat,
+            sums_of_slices,
+            max: max_of::<V>(x),
+            doubled,
+            map_with_splat,
+            map_of_slices,
+            update_from_splat,
+            update_from_slice,
+        }
     }
 
     #[test]
@@ -695,13 +723,18 @@ mod tests {
         for (isa, paired) in test_isas().into_iter().flat_map(|isa| [(isa, false), (isa, true)]) {
             for n in 0..70 {
                 let x: Vec<f32> = (0..n).map(|i| ((i * 7) % 11) as f32 - 4.0).collect();
-                let ([squares, twice], max, doubled, scaled, halved) = loops(isa, &x, paired);
-                assert_eq!(squares, x.iter().map(|v| v * v).sum::<f32>(), "{isa:?} n={n}");
-                assert_eq!(twice, x.iter().map(|v| v * 2.0).sum::<f32>(), "{isa:?} n={n}");
-                assert_eq!(max, x.iter().copied().fold(f32::NEG_INFINITY, f32::max), "{isa:?} n={n}");
-                assert_eq!(doubled, x.iter().map(|v| v + v).collect::<Vec<_>>());
-                assert_eq!(scaled, x.iter().map(|v| v * 3.0).collect::<Vec<_>>());
-                assert_eq!(halved, x.iter().map(|v| v * 0.5).collect::<Vec<_>>());
+                let got = loops(isa, &x, paired);
+                let sum = |f: &dyn Fn(f32) -> f32| x.iter().map(|&v| f(v)).sum::<f32>();
+                let each = |f: &dyn Fn(f32) -> f32| x.iter().map(|&v| f(v)).collect::<Vec<_>>();
+                let at = format!("{isa:?} paired={paired} n={n}");
+                assert_eq!(got.sums_with_splat, [sum(&|v| v * v), sum(&|v| v * 2.0)], "{at}");
+                assert_eq!(got.sums_of_slices, [sum(&|v| v * (v + 1.0)), sum(&|v| v - (v + 1.0))], "{at}");
+                assert_eq!(got.max, x.iter().copied().fold(f32::NEG_INFINITY, f32::max), "{at}");
+                assert_eq!(got.doubled, each(&|v| v + v), "{at}");
+                assert_eq!(got.map_with_splat, each(&|v| v * 3.0), "{at}");
+                assert_eq!(got.map_of_slices, each(&|v| v * v - (v + 1.0)), "{at}");
+                assert_eq!(got.update_from_splat, each(&|v| v * 0.5), "{at}");
+                assert_eq!(got.update_from_slice, each(&|v| v - (v + 1.0)), "{at}");
             }
         }
     }
