@@ -13,7 +13,7 @@
 //!   descheduled (another process holds its core), the others take its share instead of
 //!   waiting for it, which is what made spinning OpenMP pools collapse 10x under
 //!   contention;
-//! - a worker polls for the next loop for [`SPIN`] after its last one, yielding its core
+//! - a worker polls for the next loop for `SPIN` after its last one, yielding its core
 //!   to any other runnable thread between polls (`sched_yield`), then sleeps on a condvar;
 //!   it never busy-waits for longer than that.
 //!
@@ -224,7 +224,7 @@ fn pool() -> &'static Pool {
     })
 }
 
-/// A worker: wait for the next loop (polling for [`SPIN`], then asleep), join it if the
+/// A worker: wait for the next loop (polling for `SPIN`, then asleep), join it if the
 /// loop's thread budget includes this worker, repeat.
 fn worker(pool: &'static Pool, index: usize) {
     IN_TASK.set(true);

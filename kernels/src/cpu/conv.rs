@@ -10,10 +10,10 @@
 //! ```
 //!
 //! whenever that lands inside the image (padding is zero, so outside taps add nothing).
-//! [`for_each_tap`] enumerates these pairs as runs along feature rows (`(tap, feature
+//! `for_each_tap` enumerates these pairs as runs along feature rows (`(tap, feature
 //! position, image position, length)`), which are slice copies at stride 1.
 //! The `columns` matrix has one row per (input channel, tap) and one column per feature
-//! position, and both directions are one GEMM and one pass of [`for_each_tap`]:
+//! position, and both directions are one GEMM and one pass of `for_each_tap`:
 //!
 //! - convolution: im2col (`columns[ci, tap][o] = image[ci][i]`), then
 //!   `features = W columns` with `W` the `[out, in * taps]` filter matrix;
@@ -381,7 +381,7 @@ const WEIGHT_GRAD_ENTRIES: usize = 4;
 /// Otherwise the columns of [`conv2d`] again, per batch entry and group, and one GEMM
 /// `columns (cin_g * taps x fp) @ features_n^T (fp x cout_g)`, the transpose of the
 /// group's rows of `dw`, added into them. Either way batch entries are summed in fixed
-/// chunks of [`WEIGHT_GRAD_ENTRIES`] in parallel, then the chunks' partial sums in order.
+/// chunks of `WEIGHT_GRAD_ENTRIES` in parallel, then the chunks' partial sums in order.
 pub fn conv2d_weight_grad<T: FloatElem>(
     g: &ConvGeometry,
     image: &[T],

@@ -29,7 +29,7 @@
 //! of rows and added in block order, so the result does not depend on the thread count.
 //!
 //! For f32 LayerNorm and RMSNorm whose normalised elements are contiguous in memory, both
-//! directions run a fused SIMD kernel per row ([`UnitRows`]); GroupNorm, the other dtypes
+//! directions run a fused SIMD kernel per row (`UnitRows`); GroupNorm, the other dtypes
 //! and layouts take the generic kernel.
 
 use super::map::PARALLEL_THRESHOLD;
@@ -328,7 +328,7 @@ fn blocks_with_sums<T: Send, A: Real>(
     sums
 }
 
-/// The rows of an f32 LayerNorm or RMSNorm as [`UnitRows`] (the normalised dims merged
+/// The rows of an f32 LayerNorm or RMSNorm as `UnitRows` (the normalised dims merged
 /// into one), when the normalised elements of each row are contiguous in memory.
 fn unit_rows(layout: &Layout, norm: Norm) -> Option<UnitRows> {
     let dims = match norm {

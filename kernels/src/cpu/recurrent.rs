@@ -32,7 +32,7 @@
 //! `batch * steps` as its inner dimension instead of `steps` products of depth `batch`;
 //! `d_b_hh` is the column sum of `d_h_gates`.
 //!
-//! The cell equations are written once ([`step`], [`step_backward`]) over a number type
+//! The cell equations are written once (`step`, `step_backward`) over a number type
 //! and its activations: f32 runs them on SIMD vectors along each row (the activations
 //! of [`math`], with the error bounds stated there), the other dtypes on scalars in their
 //! accumulator type with the definitions of [`UnaryOp`]. The gate arithmetic of a step is
@@ -478,7 +478,7 @@ where
     }
 }
 
-/// The backward of [`step`] on one lane, given the gradient `d` of the next state's
+/// The backward of `step` on one lane, given the gradient `d` of the next state's
 /// parts: the gradients of the two projections' pre-activations and of the previous
 /// state's parts (the latter without what flows through the hidden projection).
 #[inline(always)]

@@ -1,4 +1,4 @@
-//! Softmax and log-softmax along one dimension of a strided tensor, and [`Rows`], the
+//! Softmax and log-softmax along one dimension of a strided tensor, and `Rows`, the
 //! strided row reader that the norm kernels share.
 //!
 //! For one line `x` along the dimension, with `m = max_j x_j`:
@@ -22,7 +22,7 @@
 //! - log-softmax: `dx = g - exp(y) * sum_j g_j`.
 //!
 //! For f32 along the last dim, when each row is contiguous in memory, both directions
-//! run a fused SIMD kernel per row ([`UnitRows`]): softmax reads the row for the max,
+//! run a fused SIMD kernel per row (`UnitRows`): softmax reads the row for the max,
 //! writes `exp(x - max)` while summing (with [`math::exp_nonpositive`] on
 //! [`F32Vector::Wide`] vectors: 5-6% faster with AVX2 on Zen 3), and scales in
 //! place, so the input is read from memory once and the output written once. Whether to
@@ -33,7 +33,7 @@
 //! 11-20% and softmax 1-16% faster at 1 and 2 threads. So the kernels (softmax here,
 //! LayerNorm and RMSNorm in `norm.rs`) prefetch with vectors narrower than AVX-512's;
 //! the other dims, dtypes and layouts take the generic kernel, which reads each line into
-//! a scratch buffer through [`Rows`].
+//! a scratch buffer through `Rows`.
 
 use super::map::PARALLEL_THRESHOLD;
 use super::simd::{F32Vector, Isa, Operand, Wide, kernel, map, map1_sum, math, max_of, prefetch_lines, sums, update};

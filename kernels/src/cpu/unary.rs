@@ -1,4 +1,4 @@
-//! Elementwise functions of one value, declared once in [`unary_ops!`]: the enum, the
+//! Elementwise functions of one value, declared once in `unary_ops!`: the enum, the
 //! scalar definition (`UnaryOp::apply`, also the reference the tests and the SIMD
 //! kernels are checked against) and the buffer kernel all come from that one list.
 //!
@@ -7,7 +7,7 @@
 //!
 //! f32 views whose elements lie in unit-stride runs (contiguous tensors, and slices of
 //! whole rows) take the SIMD kernel `unary_f32`, written once over
-//! [`F32Vector`] with the functions of [`simd::math`] (whose error bounds are
+//! [`F32Vector`] with the functions of [`super::simd::math`] (whose error bounds are
 //! stated there); the other ops, dtypes and layouts take the generic scalar kernel.
 
 use super::map::{SimdRuns, map};

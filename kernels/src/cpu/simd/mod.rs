@@ -17,7 +17,7 @@
 //! `x86.rs`), so the code that cannot be exercised on an AVX2-only machine is the same
 //! text as the code that is.
 //!
-//! **The kernels.** A kernel is a function defined with [`kernel!`], whose body is
+//! **The kernels.** A kernel is a function defined with `kernel!`, whose body is
 //! written once against a vector type `V`. The macro compiles that body once per
 //! instruction set, each copy inside a `#[target_feature]` function with `V` set to the
 //! ISA's vector type, and gives the function a leading `isa: Isa` argument that picks
@@ -33,7 +33,7 @@
 //! whenever no x86 extension applies.
 //!
 //! **Safety.** Values of the AVX2 and AVX-512 vector types (and so the intrinsics called
-//! on them) exist only inside kernel bodies that [`kernel!`] enters after asserting that
+//! on them) exist only inside kernel bodies that `kernel!` enters after asserting that
 //! the CPU has the ISA: the types are `pub(crate)` only so that the macro can name them,
 //! and no other code does. Each ISA file wraps every intrinsic call in one macro with
 //! that argument; pointer loads and stores go through slices whose length is checked
@@ -327,7 +327,7 @@ fn check_lens<const N: usize>(inputs: &[Operand; N], len: usize) {
 /// same instructions.
 ///
 /// Like [`sums`] and [`update`], it compiles its loop twice: for any operands, and for
-/// slices only (see [`all_slices`]).
+/// slices only (see `all_slices`).
 #[inline(always)]
 pub fn map<V: F32Vector, const N: usize>(inputs: [Operand; N], dst: &mut [f32], f: impl Fn([V; N]) -> V) {
     check_lens(&inputs, dst.len());

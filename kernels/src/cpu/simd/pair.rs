@@ -4,11 +4,14 @@
 //! Every operation of `Pair<V>` is the operation of `V` on both halves, one after the
 //! other, so the instruction stream interleaves the two chains. An out-of-order core
 //! could in principle find that parallelism itself across loop iterations, but only as
-//! far as its scheduler holds waiting instructions: `exp` is a chain of ~20 dependent
-//! steps (~50 cycles of latency), so a core whose floating-point scheduler holds a few
-//! dozen instructions (Zen 3) spends most of its time waiting on the chain when the
-//! chains come one after the other. Interleaved, each waiting step of one chain has a
-//! ready step of the other beside it.
+//! far as its scheduler holds waiting instructions: `exp` is a chain of about 20
+//! dependent steps, and our reading of the measurements (see [`F32Vector::Wide`]) is that
+//! Zen 3's floating-point scheduler fills with one chain's waiting steps before the next
+//! chain's ready ones reach it. Interleaved, each waiting step of one chain has a ready
+//! step of the other beside it.
+//!
+//! `V` is one of the ISAs' vectors (at most [`super::MAX_LANES`] lanes): the loops' lane
+//! masks cover a `Pair` of those, not deeper nestings.
 
 use super::F32Vector;
 use std::ops::{Add, Div, Mul, Neg, Sub};
