@@ -315,9 +315,10 @@ fn packed_gemm<T: GemmInput>(
 ) {
     if few_rows_for_the_threads(isa, m, n, k) {
         // C^T = B^T A^T has n rows, which split evenly across the threads; C is its
-        // transpose (m * n values, few next to the product's work).
+        // transpose (m * n values, few next to the product's work). The transposed product
+        // takes the whole dispatch: with one column block it streams B^T unpacked.
         let mut transposed = crate::buffers::for_overwrite(m * n);
-        packed_gemm(isa, n, m, k, b.transposed(), a.transposed(), &mut transposed, Epilogue::NONE);
+        gemm_with_isa(isa, n, m, k, b.transposed(), a.transposed(), &mut transposed, Epilogue::NONE);
         for (i, c_row) in c.chunks_exact_mut(n).enumerate() {
             c_row.iter_mut().zip(transposed[i..].iter().step_by(m)).for_each(|(c, &t)| *c = t);
         }
@@ -1074,14 +1075,15 @@ mod tests {
             UnaryOp::Affine { mul: 2.0, add: -1.0 },
         ];
         // Edge tiles, one depth block, several depth blocks (the epilogue must wait for
-        // the last), several row blocks, and few rows on several threads (computed
+        // the last), several row blocks, one column block of B with work enough for the
+        // threads (streamed unpacked), and few rows on several threads (computed
         // transposed: a recurrent step, a decoding step).
         let few_rows = [(16, 300, 200), (1, 400, 700), (5, 257, 300)];
         if parallel::threads() > 1 {
             assert!(few_rows.iter().all(|&(m, n, k)| few_rows_for_the_threads(Isa::best(), m, n, k)));
         }
-        for (m, n, k) in [(1, 1, 1), (7, 17, 5), (29, 65, 31), (13, 40, 600), (500, 33, 70)].into_iter().chain(few_rows)
-        {
+        let shapes = [(1, 1, 1), (7, 17, 5), (29, 65, 31), (13, 40, 600), (500, 33, 70), (600, 16, 300), (700, 9, 64)];
+        for (m, n, k) in shapes.into_iter().chain(few_rows) {
             let a = Operand::new(m, k, false, 1, 0, 21);
             let b = Operand::new(k, n, true, 0, 2, 22);
             let bias: Vec<f32> = (0..n).map(|j| (j as f32 * 0.37).sin()).collect();

@@ -74,14 +74,25 @@ pub(super) const fn tile_rows(lanes: usize) -> usize {
 ///   `512^3` at 65 GFLOP/s against 91 packed, `256^3` and `384^3` 12-15% slower, the GPT
 ///   baby's weight gradients (A column-major, 128-512 x 768) 25-45% slower; with 128 KB
 ///   only `768 x 64 x 128` and `768 x 128 x 512` with B column-major lost (4-6%, 1 and 2
-///   threads), and the products below the limit (`128^3`) kept their 10-20% gain.
+///   threads), and the products below the limit (`128^3`) kept their 10-20% gain;
+/// - whatever A's size, when B is a single column block (`n` at most two vectors): A is
+///   then streamed exactly once, so packing it cannot pay. Measured on Zen 3 (AVX2),
+///   GFLOP/s packed -> unpacked: `4096 x 16 x 512` 64 -> 93 at one thread and 130 -> 194
+///   at two, `4096 x 8 x 512` (B column-major) 32 -> 65 and 64 -> 125, `2048 x 16 x 1024`
+///   60 -> 95 and 122 -> 191. This is also the transposed product that a product with
+///   few rows becomes (see `gemm::few_rows_for_the_threads`): at two threads a recurrent
+///   step's `16 x 2048 x 512` (`h W^T`, `W` row-major) ran 106-113 -> 160-168, a
+///   `1 x 4096 x 1024` decoding step 7.2-7.5 -> 15.1-15.4, and a 512-hidden LSTM's training
+///   7% faster (23.7 -> 25.3-25.6 it/s, the same losses).
 pub(super) fn is_faster_unpacked(isa: Isa, m: usize, n: usize, k: usize, threads: usize) -> bool {
     if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_WORK {
         return true;
     }
-    let max_a = if tile_rows(vector_lanes(isa)) == WIDE_ROWS { UNPACKED_MAX_A } else { UNPACKED_MAX_A_NARROW };
+    let lanes = vector_lanes(isa);
+    let max_a = if tile_rows(lanes) == WIDE_ROWS { UNPACKED_MAX_A } else { UNPACKED_MAX_A_NARROW };
+    let one_pass_over_a = n <= 2 * lanes;
     // Rows split evenly across the threads need enough of them for whole tiles.
-    m >= threads * 4 * ROWS && m.div_ceil(threads) * k < max_a && k <= UNPACKED_MAX_DEPTH
+    m >= threads * 4 * ROWS && (one_pass_over_a || m.div_ceil(threads) * k < max_a) && k <= UNPACKED_MAX_DEPTH
 }
 
 /// The most values of A a thread streams through unpacked with AVX-512 tiles (2 MB of
