@@ -80,7 +80,7 @@ pub(super) const fn tile_rows(lanes: usize) -> usize {
 ///   GFLOP/s packed -> unpacked: `4096 x 16 x 512` 64 -> 93 at one thread and 130 -> 194
 ///   at two, `4096 x 8 x 512` (B column-major) 32 -> 65 and 64 -> 125, `2048 x 16 x 1024`
 ///   60 -> 95 and 122 -> 191. This is also the transposed product that a product with
-///   few rows becomes (see `gemm::few_rows_for_the_threads`): at two threads a recurrent
+///   few rows becomes (see `gemm::computed_transposed`): at two threads a recurrent
 ///   step's `16 x 2048 x 512` (`h W^T`, `W` row-major) ran 106-113 -> 160-168, a
 ///   `1 x 4096 x 1024` decoding step 7.2-7.5 -> 15.1-15.4, and a 512-hidden LSTM's training
 ///   7% faster (23.7 -> 25.3-25.6 it/s, the same losses).
