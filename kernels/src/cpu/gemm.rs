@@ -364,7 +364,7 @@ fn packed_gemm<T: GemmInput>(
 ///   `gemm_small::is_faster_unpacked`). Measured at one thread on Zen 3 (AVX2), GFLOP/s:
 ///   `16 x 2048 x 512` (`h W^T`, `W` row-major) 56 -> 90, the same with a row-major B
 ///   50 -> 65, `8 x 1024 x 1024` 38 -> 69, `1 x 4096 x 1024` 5.0 -> 8.2; a 512-hidden
-///   RNN's training 54 -> 64 it/s, an LSTM's unchanged (14.0-14.7 against 14.5-14.9).
+///   RNN's training 54 -> 64 it/s, an LSTM's unchanged (13.7-14.8 against 14.5-14.9).
 fn computed_transposed(isa: Isa, m: usize, n: usize, k: usize) -> bool {
     let tile_rows = match isa {
         Isa::Scalar => SCALAR_MR,
