@@ -7,8 +7,8 @@
 //!   tape, the accumulation of gradients. Read it first.
 //! - `ops/`: every differentiable op with its backward rule, written with `Var` ops so
 //!   that gradients can be differentiated again ([`grad`] with `create_graph`).
-//! - [`gradcheck`]/[`gradgradcheck`]: finite-difference checks in f64.
-//! - [`no_grad`] and [`detect_anomaly`] (`mode.rs`); [`checkpoint`] trades memory for
+//! - [`gradcheck`](fn@gradcheck)/[`gradgradcheck`]: finite-difference checks in f64.
+//! - [`no_grad`] and [`detect_anomaly`] (`mode.rs`); [`checkpoint`](fn@checkpoint) trades memory for
 //!   recomputation; [`profile`] tables where a step's time goes, op by op.
 //!
 //! ```

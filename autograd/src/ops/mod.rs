@@ -1,4 +1,4 @@
-//! Differentiable ops on [`Var`](crate::Var): each computes its forward with the tensor
+//! Differentiable ops on [`Var`]: each computes its forward with the tensor
 //! op of the same name and records one backward rule, written with `Var` ops so that it
 //! can be differentiated again. One file per family, mirroring `aigc_tensor::ops`.
 

@@ -14,7 +14,7 @@
 //! The parameters get `dw = sum(g * xhat)` and `db = sum(g)` over every position they
 //! are shared by.
 //!
-//! One mechanism serves the three layers: a [`NormSpec`] says how to view `x` for the
+//! One mechanism serves the three layers: a `NormSpec` says how to view `x` for the
 //! statistics (GroupNorm views `[N, C, *]` as `[N, G, rest]`), which dims of that view
 //! are normalised, whether to centre, and how the parameters broadcast against `x`.
 //!

@@ -5,7 +5,7 @@
 //!
 //! Plain gradients (no `create_graph`, the training-step case) come from that fused
 //! backward. With `create_graph` the rule recomputes the sequence from differentiable
-//! ops ([`composed_sequence`], the same equations step by step) and differentiates that,
+//! ops (`composed_sequence`, the same equations step by step) and differentiates that,
 //! so that gradients of gradients flow; the recomputation is also the reference the
 //! fused op is tested against.
 
