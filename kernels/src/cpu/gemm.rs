@@ -359,12 +359,13 @@ fn packed_gemm<T: GemmInput>(
 ///   row blocks are whole tiles, so 16 rows on 2 threads would split 12 + 4 (one
 ///   recurrent step of a batch of 16; a decoding step has 1 row), while the transposed
 ///   product's rows split evenly;
-/// - or, on any number of threads, at most two vectors of them: the transposed product is
-///   then one column block, which streams `B^T` unpacked instead of packing `B` (see
-///   `gemm_small::is_faster_unpacked`). Measured at one thread on Zen 3 (AVX2), GFLOP/s:
+/// - or, on any number of threads, at most two vectors of them, when the transposed
+///   product, one column block, then streams `B^T` unpacked instead of packing `B` (see
+///   `gemm_small::is_faster_unpacked`: not past its depth limit, where a one-thread
+///   LSTM's `d_h W_hh`, `16 x 512 x 2048`, ran 12% slower transposed). Measured at one thread on Zen 3 (AVX2), GFLOP/s:
 ///   `16 x 2048 x 512` (`h W^T`, `W` row-major) 56 -> 90, the same with a row-major B
-///   50 -> 65, `8 x 1024 x 1024` 38 -> 69, `1 x 4096 x 1024` 5.0 -> 8.2; a 512-hidden
-///   RNN's training 54 -> 64 it/s, an LSTM's unchanged (13.7-14.8 against 14.5-14.9).
+///   50 -> 65, `8 x 1024 x 1024` 38 -> 69, `1 x 4096 x 1024` 5.0 -> 8.2; training at one
+///   thread (`rnn_shakespeare`, 512 hidden) RNN 54 -> 66 it/s, LSTM 14.5 -> 16.1-16.3.
 fn computed_transposed(isa: Isa, m: usize, n: usize, k: usize) -> bool {
     let tile_rows = match isa {
         Isa::Scalar => SCALAR_MR,
@@ -377,7 +378,8 @@ fn computed_transposed(isa: Isa, m: usize, n: usize, k: usize) -> bool {
     };
     let threads = parallel::threads();
     let split_needs_it = threads > 1 && m < 4 * threads * tile_rows;
-    m * n * k >= PARALLEL_MIN_WORK && n > m && (split_needs_it || m <= 2 * vector_lanes(isa))
+    let streams_unpacked = m <= 2 * vector_lanes(isa) && gemm_small::is_faster_unpacked(isa, n, m, k, threads);
+    m * n * k >= PARALLEL_MIN_WORK && n > m && (split_needs_it || streams_unpacked)
 }
 
 /// The problem size: `C (m x n) = A (m x k) @ B (k x n)`.
