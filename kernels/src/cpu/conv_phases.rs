@@ -350,10 +350,10 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         /// Every ISA against the definitions, both directions, on geometries with strides
-        /// 1-5 (some beyond the image), dilations, asymmetric kernels and paddings around "same" (x padding half
-        /// the kernel's reach plus 0-1: some fit the phase planes, some do not), spanning
-        /// several blocks of positions and tiles of output channels, writing every output
-        /// value (the buffers start as NaN).
+        /// 1-5 (some beyond the image), dilations, asymmetric kernels and paddings around
+        /// "same" (x padding half the kernel's reach plus 0-1: some fit the phase planes,
+        /// some do not), spanning several blocks of positions and tiles of output channels,
+        /// writing every output value (the buffers start as NaN).
         #[test]
         fn phase_convolutions_match_their_definitions_on_every_isa(
             batch_groups in (1usize..3, 1usize..3), channels in (1usize..6, 1usize..30),

@@ -361,11 +361,14 @@ fn packed_gemm<T: GemmInput>(
 ///   product's rows split evenly;
 /// - or, on any number of threads, at most two vectors of them, when the transposed
 ///   product, one column block, then streams `B^T` unpacked instead of packing `B` (see
-///   `gemm_small::is_faster_unpacked`: not past its depth limit, where a one-thread
-///   LSTM's `d_h W_hh`, `16 x 512 x 2048`, ran 12% slower transposed). Measured at one thread on Zen 3 (AVX2), GFLOP/s:
-///   `16 x 2048 x 512` (`h W^T`, `W` row-major) 56 -> 90, the same with a row-major B
-///   50 -> 65, `8 x 1024 x 1024` 38 -> 69, `1 x 4096 x 1024` 5.0 -> 8.2; training at one
-///   thread (`rnn_shakespeare`, 512 hidden) RNN 54 -> 66 it/s, LSTM 14.5 -> 16.1-16.3.
+///   `gemm_small::is_faster_unpacked`). Past the unpacked depth limit the transposed
+///   product would be packed again: transposing there too made a one-thread LSTM's
+///   backward (whose `d_h W_hh` is `16 x 512 x 2048`) 12% slower per call.
+///
+/// Measured at one thread on Zen 3 (AVX2), GFLOP/s before -> after the second rule:
+/// `16 x 2048 x 512` (`h W^T`, `W` row-major) 56 -> 90, the same with a row-major B
+/// 50 -> 65, `8 x 1024 x 1024` 38 -> 69, `1 x 4096 x 1024` 5.0 -> 8.2; training at one
+/// thread (`rnn_shakespeare`, 512 hidden) RNN 54 -> 66 it/s, LSTM 14.5 -> 16.1-16.3.
 fn computed_transposed(isa: Isa, m: usize, n: usize, k: usize) -> bool {
     let tile_rows = match isa {
         Isa::Scalar => SCALAR_MR,

@@ -75,9 +75,8 @@ pub trait F32Vector:
     /// The vector to compute long dependent chains on (the functions of [`math`]):
     /// [`Pair<Self>`] where interleaving two chains was measured faster, else `Self`.
     /// AVX2 on Zen 3: GELU 10-16%, tanh 14%, sigmoid 18%, exp 6% faster per value (from
-    /// L2, one thread, same-process A/B). AVX-512 (32 registers, and 512-bit operations
-    /// that already give each chain step twice the work on Zen 4) and NEON were not
-    /// measured and keep `Self`.
+    /// L2, one thread, same-process A/B). AVX-512 and NEON were not measured (no such
+    /// machine at hand) and keep `Self`.
     type Wide: F32Vector;
 
     /// Every lane equal to `value`.
@@ -341,8 +340,8 @@ pub fn map<V: F32Vector, const N: usize>(inputs: [Operand; N], dst: &mut [f32], 
 /// knows every operand's kind where it is compiled, so no load matches on it: with
 /// slices only (the common case) [`map`], [`sums`] and [`update`] run such a copy of
 /// their loop. LayerNorm's last pass (weight and bias each a slice or a splat, known only
-/// at run time) ran 8-12% faster per value (same-process A/B, AVX2 on Zen 3), an
-/// addition of two slices 0-5%.
+/// at run time) ran 8-12% faster per value (same-process A/B, AVX2 on Zen 3); an
+/// addition of two slices changed by -1% to +5%, within the runs' noise.
 #[inline(always)]
 fn all_slices<'a, const N: usize>(inputs: &[Operand<'a>; N]) -> Option<[Operand<'a>; N]> {
     let mut slices = [Operand::Splat(0.0); N];
