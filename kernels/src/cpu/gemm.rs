@@ -33,10 +33,13 @@
 //! ([`crate::parallel`]) when the product is large.
 //!
 //! f32 products small or moderate enough that packing A costs more than it saves take
-//! the unpacked path of `gemm_small.rs` instead (A read in place).
+//! the unpacked path of `gemm_small.rs` instead (A read in place). An A that many
+//! products share (a recurrent layer's weights over a sequence) can be packed once
+//! ([`PackedA`], `gemm_packed_a.rs`).
 
 #[cfg(target_arch = "x86_64")]
 use super::gemm_bf16::{self, Bf16Pairs};
+pub use super::gemm_packed_a::{PackedA, gemm_packed_a};
 use super::gemm_small;
 use super::simd::vector_lanes;
 use super::unary::{UnaryOp, bias_activation_f32};
@@ -247,21 +250,7 @@ pub fn gemm_with_isa<T: GemmInput>(
     epilogue: Epilogue,
 ) {
     assert!(isa.is_available(), "gemm: {isa:?} is not supported by this CPU");
-    assert_eq!(c.len(), m * n, "gemm: output holds {} values, expected m * n = {m} * {n}", c.len());
-    if let Some(bias) = epilogue.bias {
-        assert_eq!(bias.len(), n, "gemm: the bias holds {} values, expected one per column (n = {n})", bias.len());
-    }
-    if let Some(op) = epilogue.activation {
-        assert!(op.has_f32_kernel(), "gemm: the activation {} has no f32 kernel", op.name());
-    }
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        c.fill(0.0);
-        if !epilogue.is_none() {
-            epilogue.apply(isa, c, n, m, 0, n);
-        }
+    if without_products(isa, [m, n, k], c, epilogue) {
         return;
     }
     if gemm_small::is_faster_unpacked(isa, m, n, k, parallel::threads()) {
@@ -284,6 +273,31 @@ pub fn gemm_with_isa<T: GemmInput>(
         }
     }
     packed_gemm(isa, m, n, k, a, b, c, epilogue);
+}
+
+/// Checks the output's length and the epilogue for an `m x n x k` product, then does
+/// the whole product if it has no multiply-adds: nothing when C is empty, C set to the
+/// epilogue of zeros when `k` is 0. Returns whether it did (whether the caller is done).
+///
+/// # Panics
+/// If `c` does not hold `m * n` values, the bias `n`, or the activation has no f32 kernel.
+pub(super) fn without_products(isa: Isa, [m, n, k]: [usize; 3], c: &mut [f32], epilogue: Epilogue) -> bool {
+    assert_eq!(c.len(), m * n, "gemm: output holds {} values, expected m * n = {m} * {n}", c.len());
+    if let Some(bias) = epilogue.bias {
+        assert_eq!(bias.len(), n, "gemm: the bias holds {} values, expected one per column (n = {n})", bias.len());
+    }
+    if let Some(op) = epilogue.activation {
+        assert!(op.has_f32_kernel(), "gemm: the activation {} has no f32 kernel", op.name());
+    }
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        c.fill(0.0);
+        epilogue.apply(isa, c, n, m, 0, n);
+        return true;
+    }
+    false
 }
 
 /// The values a `rows x cols` view spans in its buffer, widened to f32 (a buffer from the
@@ -329,7 +343,22 @@ fn packed_gemm<T: GemmInput>(
         return;
     }
     let problem = Problem { dims: Dims { m, n, k }, isa, epilogue };
-    match isa {
+    #[cfg(target_arch = "x86_64")]
+    if let (Isa::Avx512, Some(a), Some(b)) = (isa, a.cast::<bf16>(), b.cast::<bf16>())
+        && gemm_bf16::has_dot_product()
+    {
+        let kernel = gemm_bf16::avx512_bf16_tile;
+        let left = Left::Strided(a);
+        blocked_gemm::<bf16, Bf16Pairs, { x86::AVX512_MR }, { x86::AVX512_NR }>(kernel, problem, left, b, c);
+        return;
+    }
+    widened_blocked_gemm(problem, Left::Strided(a), b, c);
+}
+
+/// [`blocked_gemm`] with the f32 microkernel of `problem.isa`, every operand widened to f32
+/// as it is packed (or already packed so, [`Left::Packed`]).
+pub(super) fn widened_blocked_gemm<T: GemmInput>(problem: Problem, a: Left<T, f32>, b: MatRef<T>, c: &mut [f32]) {
+    match problem.isa {
         Isa::Scalar => blocked_gemm::<T, Widened, SCALAR_MR, SCALAR_NR>(scalar_tile, problem, a, b, c),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => {
@@ -337,18 +366,24 @@ fn packed_gemm<T: GemmInput>(
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
-            if let (Some(a), Some(b)) = (a.cast::<bf16>(), b.cast::<bf16>())
-                && gemm_bf16::has_dot_product()
-            {
-                let kernel = gemm_bf16::avx512_bf16_tile;
-                blocked_gemm::<bf16, Bf16Pairs, { x86::AVX512_MR }, { x86::AVX512_NR }>(kernel, problem, a, b, c);
-            } else {
-                let kernel = x86::avx512_tile;
-                blocked_gemm::<T, Widened, { x86::AVX512_MR }, { x86::AVX512_NR }>(kernel, problem, a, b, c);
-            }
+            blocked_gemm::<T, Widened, { x86::AVX512_MR }, { x86::AVX512_NR }>(x86::avx512_tile, problem, a, b, c)
         }
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2Fma | Isa::Avx512 => unreachable!("checked by is_available"),
+    }
+}
+
+/// The f32 microkernel's tile for `isa`: `[rows, columns]`, the heights of its A
+/// slivers and the widths of its B slivers.
+pub(super) fn tile_shape(isa: Isa) -> [usize; 2] {
+    match isa {
+        Isa::Scalar => [SCALAR_MR, SCALAR_NR],
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => [x86::AVX2_MR, x86::AVX2_NR],
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => [x86::AVX512_MR, x86::AVX512_NR],
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx2Fma | Isa::Avx512 => [SCALAR_MR, SCALAR_NR],
     }
 }
 
@@ -370,36 +405,53 @@ fn packed_gemm<T: GemmInput>(
 /// 50 -> 65, `8 x 1024 x 1024` 38 -> 69, `1 x 4096 x 1024` 5.0 -> 8.2; training at one
 /// thread (`rnn_shakespeare`, 512 hidden) RNN 54 -> 66 it/s, LSTM 14.5 -> 16.1-16.3.
 fn computed_transposed(isa: Isa, m: usize, n: usize, k: usize) -> bool {
-    let tile_rows = match isa {
-        Isa::Scalar => SCALAR_MR,
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => x86::AVX2_MR,
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => x86::AVX512_MR,
-        #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2Fma | Isa::Avx512 => SCALAR_MR,
-    };
     let threads = parallel::threads();
-    let split_needs_it = threads > 1 && m < 4 * threads * tile_rows;
+    let split_needs_it = threads > 1 && m < 4 * threads * tile_shape(isa)[0];
     let streams_unpacked = m <= 2 * vector_lanes(isa) && gemm_small::is_faster_unpacked(isa, n, m, k, threads);
     m * n * k >= PARALLEL_MIN_WORK && n > m && (split_needs_it || streams_unpacked)
 }
 
+/// Whether [`gemm`] would pack an f32 `m x n x k` product's operands with `isa`'s tiles
+/// on this many threads (rather than stream A unpacked, `gemm_small.rs`), and if so
+/// whether it would compute the product transposed ([`computed_transposed`]): `None`,
+/// `Some(false)` or `Some(true)`.
+pub(super) fn packed_route(isa: Isa, m: usize, n: usize, k: usize) -> Option<bool> {
+    let threads = parallel::threads();
+    if m == 0 || n == 0 || k == 0 || gemm_small::is_faster_unpacked(isa, m, n, k, threads) {
+        None
+    } else if computed_transposed(isa, m, n, k) {
+        (!gemm_small::is_faster_unpacked(isa, n, m, k, threads)).then_some(true)
+    } else {
+        Some(false)
+    }
+}
+
 /// The problem size: `C (m x n) = A (m x k) @ B (k x n)`.
 #[derive(Clone, Copy)]
-struct Dims {
-    m: usize,
-    n: usize,
-    k: usize,
+pub(super) struct Dims {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
 }
 
 /// One product: its size, the ISA of its microkernel (also used by the epilogue) and the
 /// epilogue.
 #[derive(Clone, Copy)]
-struct Problem<'a> {
-    dims: Dims,
-    isa: Isa,
-    epilogue: Epilogue<'a>,
+pub(super) struct Problem<'a> {
+    pub dims: Dims,
+    pub isa: Isa,
+    pub epilogue: Epilogue<'a>,
+}
+
+/// Where [`blocked_gemm`] reads A.
+#[derive(Clone, Copy)]
+pub(super) enum Left<'a, T, W> {
+    /// A strided matrix, packed one block at a time as the product runs.
+    Strided(MatRef<'a, T>),
+    /// A packed ahead for the product's microkernel (`gemm_packed_a.rs`): for each depth
+    /// block in turn, the slivers of all `m` rows, laid out as [`pack_a`] lays out one
+    /// block's.
+    Packed(&'a [W]),
 }
 
 /// A microkernel: the MR x NR tile `T = sum over p of a[p] (outer) b[p]` (with
@@ -487,7 +539,7 @@ impl<T: GemmInput> Packing<T> for Widened {
 fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
     kernel: Microkernel<P::Word, MR, NR>,
     Problem { dims: Dims { m, n, k }, isa, epilogue }: Problem,
-    a: MatRef<T>,
+    a: Left<T, P::Word>,
     b: MatRef<T>,
     c: &mut [f32],
 ) {
@@ -512,7 +564,14 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
                 let ic = block_index * mc;
                 let rows = c_rows.len() / n;
                 let mut packed_a = packed_a_buffer.take();
-                let a_slivers = pack_a::<T, P, MR>(a, ic, rows, pc, kc, &mut packed_a);
+                let a_slivers = match a {
+                    Left::Strided(a) => pack_a::<T, P, MR>(a, ic, rows, pc, kc, &mut packed_a),
+                    Left::Packed(all) => {
+                        // Depth block `pc`, from sliver `ic / MR` (`mc` is whole slivers).
+                        let start = (m.div_ceil(MR) * pc / P::DEPTH_PER_WORD + ic / MR * words) * MR;
+                        all[start..][..rows.div_ceil(MR) * words * MR].as_chunks::<MR>().0
+                    }
+                };
                 let mut edge = [[0.0f32; NR]; MR];
                 for (jr, b_sliver) in b_slivers.chunks_exact(words).enumerate() {
                     for (ir, a_sliver) in a_slivers.chunks_exact(words).enumerate() {

@@ -16,6 +16,7 @@ pub mod copy;
 pub mod gemm;
 #[cfg(target_arch = "x86_64")]
 mod gemm_bf16;
+mod gemm_packed_a;
 mod gemm_small;
 pub mod index;
 pub mod map;
