@@ -253,7 +253,7 @@ pub fn gemm_with_isa<T: GemmInput>(
     if without_products(isa, [m, n, k], c, epilogue) {
         return;
     }
-    if gemm_small::is_faster_unpacked(isa, m, n, k, parallel::threads()) {
+    if gemm_small::is_faster_unpacked(isa, [m, n, k], parallel::threads(), a.col_stride == 1) {
         if let (Some(a32), Some(b32)) = (a.as_f32(), b.as_f32()) {
             gemm_small::small_sgemm(isa, m, n, k, a32, b32, c, epilogue);
             return;
@@ -328,7 +328,7 @@ fn packed_gemm<T: GemmInput>(
     c: &mut [f32],
     epilogue: Epilogue,
 ) {
-    if computed_transposed(isa, m, n, k) {
+    if computed_transposed(isa, [m, n, k], depth_contiguous(a, b)) {
         // C^T = B^T A^T has n rows, which split evenly across the threads; C is its
         // transpose (m * n values, few next to the product's work). The transposed product
         // takes the whole dispatch: with one column block it streams B^T unpacked.
@@ -404,23 +404,32 @@ pub(super) fn tile_shape(isa: Isa) -> [usize; 2] {
 /// `16 x 2048 x 512` (`h W^T`, `W` row-major) 56 -> 90, the same with a row-major B
 /// 50 -> 65, `8 x 1024 x 1024` 38 -> 69, `1 x 4096 x 1024` 5.0 -> 8.2; training at one
 /// thread (`rnn_shakespeare`, 512 hidden) RNN 54 -> 66 it/s, LSTM 14.5 -> 16.1-16.3.
-fn computed_transposed(isa: Isa, m: usize, n: usize, k: usize) -> bool {
+fn computed_transposed(isa: Isa, [m, n, k]: [usize; 3], [_, b_columns]: [bool; 2]) -> bool {
     let threads = parallel::threads();
     let split_needs_it = threads > 1 && m < 4 * threads * tile_shape(isa)[0];
-    let streams_unpacked = m <= 2 * vector_lanes(isa) && gemm_small::is_faster_unpacked(isa, n, m, k, threads);
+    let streams_unpacked =
+        m <= 2 * vector_lanes(isa) && gemm_small::is_faster_unpacked(isa, [n, m, k], threads, b_columns);
     m * n * k >= PARALLEL_MIN_WORK && n > m && (split_needs_it || streams_unpacked)
+}
+
+/// Whether A's rows and B's columns, the lines along the depth, are contiguous. (For the
+/// transposed product `B^T A^T` the same two, swapped.)
+fn depth_contiguous<T>(a: MatRef<T>, b: MatRef<T>) -> [bool; 2] {
+    [a.col_stride == 1, b.row_stride == 1]
 }
 
 /// Whether [`gemm`] would pack an f32 `m x n x k` product's operands with `isa`'s tiles
 /// on this many threads (rather than stream A unpacked, `gemm_small.rs`), and if so
 /// whether it would compute the product transposed ([`computed_transposed`]): `None`,
-/// `Some(false)` or `Some(true)`.
-pub(super) fn packed_route(isa: Isa, m: usize, n: usize, k: usize) -> Option<bool> {
+/// `Some(false)` or `Some(true)`. `depth_contiguous`: whether A's rows and B's columns
+/// are contiguous.
+pub(super) fn packed_route(isa: Isa, [m, n, k]: [usize; 3], depth_contiguous: [bool; 2]) -> Option<bool> {
     let threads = parallel::threads();
-    if m == 0 || n == 0 || k == 0 || gemm_small::is_faster_unpacked(isa, m, n, k, threads) {
+    let [a_rows, b_columns] = depth_contiguous;
+    if m == 0 || n == 0 || k == 0 || gemm_small::is_faster_unpacked(isa, [m, n, k], threads, a_rows) {
         None
-    } else if computed_transposed(isa, m, n, k) {
-        (!gemm_small::is_faster_unpacked(isa, n, m, k, threads)).then_some(true)
+    } else if computed_transposed(isa, [m, n, k], depth_contiguous) {
+        (!gemm_small::is_faster_unpacked(isa, [n, m, k], threads, b_columns)).then_some(true)
     } else {
         Some(false)
     }
@@ -1155,7 +1164,8 @@ mod tests {
         // transposed: a recurrent step, a decoding step).
         let few_rows = [(16, 300, 200), (1, 400, 700), (5, 257, 300)];
         if parallel::threads() > 1 {
-            assert!(few_rows.iter().all(|&(m, n, k)| computed_transposed(Isa::best(), m, n, k)));
+            let b_column_major = [true, true];
+            assert!(few_rows.iter().all(|&(m, n, k)| computed_transposed(Isa::best(), [m, n, k], b_column_major)));
         }
         let shapes = [(1, 1, 1), (7, 17, 5), (29, 65, 31), (13, 40, 600), (500, 33, 70), (600, 16, 300), (700, 9, 64)];
         for (m, n, k) in shapes.into_iter().chain(few_rows) {
@@ -1249,6 +1259,22 @@ mod tests {
             assert_matches_naive(&run(isa, m, n, k, &a, &b), m, n, k, &a, &b);
             for got in run_each_path(isa, m, n, k, &a, &b) {
                 assert_matches_naive(&got, m, n, k, &a, &b);
+            }
+        }
+    }
+
+    #[test]
+    fn unpacked_path_matches_naive_across_its_row_blocks() {
+        // Rows of A in blocks of about 2^15 values: several blocks, the last one partial
+        // and ending in a short tile; B row-major, column-major, and a single column block.
+        for (m, n, k, b_t) in [(131, 40, 600, false), (131, 40, 600, true), (250, 16, 257, false), (97, 33, 1024, true)]
+        {
+            let a = Operand::new(m, k, false, 1, 2, 31);
+            let b = Operand::new(k, n, b_t, 0, 1, 32);
+            for isa in available_isas() {
+                let mut c = vec![f32::NAN; m * n];
+                gemm_small::small_sgemm(isa, m, n, k, a.view(), b.view(), &mut c, Epilogue::NONE);
+                assert_matches_naive(&c, m, n, k, &a, &b);
             }
         }
     }

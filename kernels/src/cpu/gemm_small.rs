@@ -1,38 +1,43 @@
 //! f32 GEMM without packing A: `C = A @ B` with A read in place through its strides,
-//! for products small or moderate enough that packing A costs more than it saves.
+//! for products small or moderate enough that packing A costs more than it saves, and
+//! for A with contiguous rows at any size up to a moderate depth.
 //!
 //! Packing (`gemm.rs`) pays for itself when each packed value is used many times from
 //! L1: a KC-deep sliver of B against every A sliver of an MC-row block. A product of a
 //! few hundred thousand multiply-adds (an attention tile, `16 x 64 x 32`; a decoding
 //! step, `1 x 128 x 384`; a small layer on a small batch) uses each value only a few
 //! times, and the packed path spends about as long copying, zero-padding and dispatching
-//! as it does multiplying. Up to a few tens of millions (a GPT baby layer's
-//! `768 x 384 x 128` and its gradients) A still fits in a core's L2, and streaming it
-//! from there once per column block of B beats copying it ([`is_faster_unpacked`] has
-//! the measurements). Here A is never copied:
+//! as it does multiplying. Past that, A is still better read where it is when its rows
+//! are contiguous: a block of its rows stays in L2 while every column block of B goes by,
+//! and the broadcasts read it from there as cheaply as from a packed copy, so the copy
+//! (a transpose of every row of A, 6% of a `768 x 128 x 384` product) is saved
+//! ([`is_faster_unpacked`] has the measurements). Here A is never copied:
 //!
 //! ```text
-//! for j0 in (0..n).step_by(2 * LANES)   // a column block of B (k rows of 2 vectors)
-//!   for i0 in (0..m).step_by(ROWS)       // ... against every ROWS-row block of A
-//!     acc[ROWS][2] = 0
-//!     for p in 0..k                      // B row p: two vector loads
-//!       acc[r] += broadcast(A[i0 + r, p]) * B[p, j0..]   for each row r
-//!     C[i0.., j0..] = acc
+//! for r0 in (0..m).step_by(BLOCK)          // a block of A's rows (A_BLOCK_VALUES, L2)
+//!   for j0 in (0..n).step_by(2 * LANES)    // a column block of B (k rows of 2 vectors)
+//!     for i0 in (r0..).step_by(ROWS)       // ... against every ROWS-row tile of the block
+//!       acc[ROWS][2] = 0
+//!       for p in 0..k                      // B row p: two vector loads
+//!         acc[r] += broadcast(A[i0 + r, p]) * B[p, j0..]   for each row r
+//!       C[i0.., j0..] = acc
 //! ```
 //!
 //! the register tile of the packed AVX2 microkernel (6 rows x 2 vectors, twelve
 //! accumulators; 12 rows with AVX-512's 32 registers), with A's values broadcast straight
 //! from its rows, whatever its strides;
 //! a block of at most one vector's columns (the right edge) takes one accumulator per row.
-//! B's rows are loaded straight from memory when its columns are contiguous (`P V` in
-//! attention, `x W` for a row-major `W`), except a last block narrower than two vectors,
-//! which is copied out zero-padded so that every load is a whole vector. Otherwise
-//! (`x W^T` with a row-major `W`, `Q K^T`) B is packed into column blocks first, by the
+//! B is packed into column blocks first (`k` rows of two vectors each, contiguous), by the
 //! packed path's own B packing (transposed in registers where B's columns are
-//! contiguous): `k x n` values, a small share of the `m x n x k` multiply-adds unless `m`
-//! is tiny. When it is (fewer rows than a tile) and B's columns are contiguous, each value
-//! of C is instead a dot product of an A row and a B column, both read in place, so B is
-//! read once and never copied.
+//! contiguous, as with `x W^T`): `k x n` values, a small share of the `m x n x k`
+//! multiply-adds. Only below the work at which the GEMM goes parallel are B's rows read
+//! in place when its columns are contiguous (`P V` in attention), except a last block
+//! narrower than two vectors, which is copied out zero-padded so that every load is a
+//! whole vector; read in place at larger sizes, rows of B a power of two apart fall
+//! into a few of L1's sets (`512^3`: 65 GFLOP/s against 96 packed). When `m` is tiny
+//! (fewer rows than a tile) and B's columns are contiguous, each value of C is instead a
+//! dot product of an A row and a B column, both read in place, so B is read once and
+//! never copied.
 //!
 //! Products below the packed path's parallel threshold run on the calling thread; larger
 //! ones split C's rows evenly across the threads, B prepared once and shared.
@@ -58,23 +63,31 @@ pub(super) const fn tile_rows(lanes: usize) -> usize {
 }
 
 /// Whether this path is the faster one for an `m x n x k` product on `threads` threads
-/// with `isa`'s register tiles.
+/// with `isa`'s register tiles, `a_rows_contiguous` when A's rows are (`col_stride == 1`).
 ///
 /// Below the work at which the packed path goes parallel, packing costs as much as it
-/// saves. Above it, A is streamed from cache once per column block of B instead of being
-/// packed once, which pays while each thread's rows of A stay close:
+/// saves. Above it, A is streamed from L2 once per column block of B, one block of rows
+/// at a time ([`A_BLOCK_VALUES`]), instead of being packed once, and B is packed into
+/// column blocks. That pays up to a depth of [`UNPACKED_MAX_DEPTH`] (each B column block
+/// is then read from L1 or L2 by every tile of rows):
 ///
-/// - with AVX-512 tiles (32 columns per pass over A), up to 2 MB of A per thread:
-///   measured at one thread on Zen 4 (1 MB L2), the products of a GPT baby layer
+/// - with AVX2 tiles and A's rows contiguous, whatever A's size. Measured on Zen 3 (512 KB
+///   L2), GFLOP/s packed -> unpacked, one thread: `256^3` 90.7-91.4 -> 93.9-94.8,
+///   `512^3` 93.7-94.2 -> 95.8-96.0, `1024^3` 92.9 -> 94.8, `2048 x 1024 x 1024` 94.0 ->
+///   96.5, `300 x 1000 x 1000` 93.4 -> 96.0, a GPT baby's input gradient `768 x 128 x
+///   384` 91.4-91.9 -> 97.7 and forward `768 x 128 x 512` (B column-major) 91.5-92.5 ->
+///   97.7; two threads `512^3` 176 -> 183, `1024^3` 180 -> 186, `2048 x 2048 x 768` 181.5
+///   -> 190, `4096 x 1536 x 384` 189 -> 187 (the one loss, 1%). Without the row blocks and
+///   with a row-major B read in place, `512^3` had run at 65 (B's rows 2 KB apart fall
+///   into two of L1's 64 sets); with A column-major, broadcasting down its columns, the
+///   weight gradients `384 x 128 x 768` ran at 66 against 85-87 packed;
+/// - with AVX2 tiles and A column-major, up to 128 KB of A per thread (the GPT baby's
+///   products below it, `128^3`, kept a 10-20% gain);
+/// - with AVX-512 tiles, up to 2 MB of A per thread: measured at one thread on Zen 4 (1 MB
+///   L2), before the row blocks and with B read in place, the products of a GPT baby layer
 ///   (`768 x 384 x 128` and its gradients, A up to 1.5 MB) ran 0-29% faster unpacked,
 ///   `512^3` 3% faster, while `1024^3` (A 4 MB) ran 24% slower and `4096 x 1536 x 384`
-///   (A 6 MB) 41% slower;
-/// - with narrower tiles (AVX2: 16 columns per pass, twice the passes), up to 128 KB:
-///   measured on Zen 3 (512 KB L2) at 1 and 2 threads, taking the AVX-512 limit there ran
-///   `512^3` at 65 GFLOP/s against 91 packed, `256^3` and `384^3` 12-15% slower, the GPT
-///   baby's weight gradients (A column-major, 128-512 x 768) 25-45% slower; with 128 KB
-///   only `768 x 64 x 128` and `768 x 128 x 512` with B column-major lost (4-6%, 1 and 2
-///   threads), and the products below the limit (`128^3`) kept their 10-20% gain;
+///   (A 6 MB) 41% slower. (The row blocks and the packed B are not measured on AVX-512.)
 /// - whatever A's size, when B is a single column block (`n` at most two vectors): A is
 ///   then streamed exactly once, so packing it cannot pay. Measured on Zen 3 (AVX2),
 ///   GFLOP/s packed -> unpacked: `4096 x 16 x 512` 64 -> 93 at one thread and 130 -> 194
@@ -84,12 +97,16 @@ pub(super) const fn tile_rows(lanes: usize) -> usize {
 ///   step's `16 x 2048 x 512` (`h W^T`, `W` row-major) ran 106-113 -> 160-168, a
 ///   `1 x 4096 x 1024` decoding step 7.2-7.5 -> 15.1-15.4, and a 512-hidden LSTM's training
 ///   7% faster (23.7 -> 25.3-25.6 it/s, the same losses).
-pub(super) fn is_faster_unpacked(isa: Isa, m: usize, n: usize, k: usize, threads: usize) -> bool {
+pub(super) fn is_faster_unpacked(isa: Isa, [m, n, k]: [usize; 3], threads: usize, a_rows_contiguous: bool) -> bool {
     if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_WORK {
         return true;
     }
     let lanes = vector_lanes(isa);
-    let max_a = if tile_rows(lanes) == WIDE_ROWS { UNPACKED_MAX_A } else { UNPACKED_MAX_A_NARROW };
+    let max_a = match (tile_rows(lanes) == WIDE_ROWS, a_rows_contiguous) {
+        (true, _) => UNPACKED_MAX_A,
+        (false, true) => usize::MAX,
+        (false, false) => UNPACKED_MAX_A_NARROW,
+    };
     let one_pass_over_a = n <= 2 * lanes;
     // Rows split evenly across the threads need enough of them for whole tiles.
     m >= threads * 4 * ROWS && (one_pass_over_a || m.div_ceil(threads) * k < max_a) && k <= UNPACKED_MAX_DEPTH
@@ -98,8 +115,12 @@ pub(super) fn is_faster_unpacked(isa: Isa, m: usize, n: usize, k: usize, threads
 /// The most values of A a thread streams through unpacked with AVX-512 tiles (2 MB of
 /// f32).
 const UNPACKED_MAX_A: usize = 1 << 19;
-/// The most values of A a thread streams through unpacked with narrower tiles (128 KB).
+/// The most values of A a thread streams through unpacked with narrower tiles when its
+/// rows are not contiguous (128 KB).
 const UNPACKED_MAX_A_NARROW: usize = 1 << 15;
+/// The values of A in one block of rows streamed against every column block of B
+/// (128 KB of f32, a quarter of Zen 3's L2: 64, 128 and 256 KB measured the same).
+const A_BLOCK_VALUES: usize = 1 << 15;
 /// The deepest product taken unpacked once the work is parallel.
 const UNPACKED_MAX_DEPTH: usize = 1024;
 
@@ -138,10 +159,10 @@ pub(super) fn small_sgemm(
         epilogue.apply(isa, c, n, m, 0, n);
         return;
     }
-    let parallel = m * n * k >= PARALLEL_MIN_WORK && parallel::threads() > 1;
     let width = block_width(isa);
     let mut buffer = PACKED_B.take();
-    let blocks = if b.col_stride == 1 {
+    let parallel = m * n * k >= PARALLEL_MIN_WORK && parallel::threads() > 1;
+    let blocks = if b.col_stride == 1 && m * n * k < PARALLEL_MIN_WORK {
         // B as it is: the block at column `j0` starts `j0` values into B's first row. A
         // last block narrower than `width` is copied out, zero-padded, so that every
         // block can be read with whole vectors.
@@ -235,18 +256,23 @@ kernel! {
     fn tiles(m: usize, n: usize, k: usize, a: MatRef<'_>, b: ColumnBlocks<'_>, c: &mut [f32]) {
         let lanes = V::LANES;
         let step = balanced_tile_rows(m, tile_rows(lanes));
-        for j0 in (0..n).step_by(2 * lanes) {
-            let cols = (n - j0).min(2 * lanes);
-            let (b_block, ldb) = b.block(j0, cols, 2 * lanes);
-            let b = BlockRows { b: b_block, ldb };
-            for i0 in (0..m).step_by(step) {
-                let tile = Tile { k, b, cols, c: &mut c[i0 * n + j0..], ldc: n, start: TileStart::Zero };
-                let rows = step.min(m - i0);
-                // A block of at most one vector's columns takes one accumulator per row.
-                if cols <= lanes {
-                    row_tile::<V, 1, _>(a, i0, rows, tile);
-                } else {
-                    row_tile::<V, 2, _>(a, i0, rows, tile);
+        // Whole tiles of rows, as many as A_BLOCK_VALUES holds (at least one).
+        let block_rows = (A_BLOCK_VALUES / k).max(step) / step * step;
+        for r0 in (0..m).step_by(block_rows) {
+            let r_end = m.min(r0 + block_rows);
+            for j0 in (0..n).step_by(2 * lanes) {
+                let cols = (n - j0).min(2 * lanes);
+                let (b_block, ldb) = b.block(j0, cols, 2 * lanes);
+                let b = BlockRows { b: b_block, ldb };
+                for i0 in (r0..r_end).step_by(step) {
+                    let tile = Tile { k, b, cols, c: &mut c[i0 * n + j0..], ldc: n, start: TileStart::Zero };
+                    let rows = step.min(r_end - i0);
+                    // A block of at most one vector's columns takes one accumulator per row.
+                    if cols <= lanes {
+                        row_tile::<V, 1, _>(a, i0, rows, tile);
+                    } else {
+                        row_tile::<V, 2, _>(a, i0, rows, tile);
+                    }
                 }
             }
         }

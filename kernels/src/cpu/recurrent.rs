@@ -253,7 +253,8 @@ impl<'a, T: FloatElem> StepWeights<'a, T> {
         let (k, n) = (layout.shape()[0], layout.shape()[1]);
         let [row_stride, col_stride] = [layout.strides()[0], layout.strides()[1]];
         let isa = Isa::best();
-        let pays = match gemm::packed_route(isa, batch, n, k) {
+        // Both callers' `x` have contiguous rows.
+        let pays = match gemm::packed_route(isa, [batch, n, k], [true, row_stride == 1]) {
             None => false,
             Some(transposed) => transposed || 4 * batch >= gemm::tile_shape(isa)[1],
         };
