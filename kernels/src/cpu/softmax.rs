@@ -202,13 +202,22 @@ pub(crate) fn for_row_blocks(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [
     if out.len() <= PARALLEL_THRESHOLD {
         return f(0, out);
     }
-    // Blocks of about a quarter of the threshold, as many as a multiple of the thread
+    // Blocks of about ROW_BLOCK_VALUES, at least four per thread (so that a thread that
+    // starts late finds others' work to share), as many as a multiple of the thread
     // count, so that every thread gets the same number of rows.
     let (rows, threads) = (out.len() / n, parallel::threads());
-    let blocks = out.len().div_ceil(PARALLEL_THRESHOLD / 4).next_multiple_of(threads);
+    let blocks = out.len().div_ceil(ROW_BLOCK_VALUES).max(4 * threads).next_multiple_of(threads);
     let rows_per_block = rows.div_ceil(blocks).max(1);
     parallel::for_each_chunk_mut(out, rows_per_block * n, |b, block| f(b * rows_per_block, block));
 }
+
+/// The values of a block of rows that [`for_row_blocks`] hands one thread at a time (1 MB
+/// of f32). Each block boundary breaks the stream of rows a thread reads (the kernels
+/// prefetch the next row only within a block, and the hardware prefetcher starts over):
+/// against blocks of 2^14 values, same-process A/B on Zen 3 (AVX2), median ms, LayerNorm
+/// of (4096, 1024) 2.03 -> 1.88-1.94 at one thread and 0.96 -> 0.90 at two, softmax
+/// 1-3% faster, (4096, 256) 2-3% faster, (768, 128) and (768, 384) the same.
+const ROW_BLOCK_VALUES: usize = 1 << 18;
 
 kernel! {
     /// Softmax or log-softmax of whole rows `first..` of `x` into `out`, with SIMD.
@@ -409,6 +418,23 @@ mod tests {
             // The backward cancels: allow the rounding of a sum of n terms of size <= 6.
             let abs = 6.0 * n as f64 * 2f64.powi(-23);
             assert_close(&dx, &softmax_backward(&wide(&y), &ly, &wide(&g), &lg, 1, kind), abs, "backward");
+        }
+    }
+
+    #[test]
+    fn f32_rows_split_into_blocks_match_the_f64_kernel_on_every_thread_count() {
+        // 91K values, past the parallel threshold: several blocks of rows per thread.
+        let (m, n) = (700, 130);
+        let layout = Layout::contiguous(&[m, n]);
+        let x: Vec<f32> = (0..m * n).map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0).collect();
+        let wide: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        for kind in [SoftmaxKind::Softmax, SoftmaxKind::LogSoftmax] {
+            let want = softmax(&wide, &layout, 1, kind);
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let got = pool.install(|| softmax(&x, &layout, 1, kind));
+                assert_close(&got, &want, 1e-6, &format!("{kind:?} on {threads} threads"));
+            }
         }
     }
 
