@@ -49,15 +49,17 @@ use std::cell::Cell;
 use std::sync::OnceLock;
 use std::thread::LocalKey;
 
-/// Depth of one packed block of f32 words. Each tile of C is read and written back once
-/// per block, and each block costs a pack of B and a pass of the threads, so deeper is
-/// better as long as the slivers stream from L2 (an A sliver is 28 KB, a B sliver 64 KB):
-/// measured on Zen 4 at 1024^3, 2048^3 and 4096 x 384 x 1536, on 1 and 2 threads, 512 is
-/// 0-3% faster than 384 and 3-10% faster than 256, with the AVX-512 and the AVX2 kernels.
-/// (bf16 pairs take twice the depth in the same bytes, [`Packing::KC`].)
+/// Depth of one packed block of f32 words, for products up to twice as deep; deeper ones
+/// take blocks of up to twice this ([`depth_block`]). Each tile of C is read and written
+/// back once per block, and each block costs a pack of B and a pass of the threads, so
+/// deeper is better as long as the slivers stream from L2 (an A sliver is 28 KB, a B
+/// sliver 64 KB): measured on Zen 4 at 1024^3, 2048^3 and 4096 x 384 x 1536, on 1 and 2
+/// threads, 512 is 0-3% faster than 384 and 3-10% faster than 256, with the AVX-512 and
+/// the AVX2 kernels. (bf16 pairs take twice the depth in the same bytes, [`Packing::KC`].)
 pub(super) const KC: usize = 512;
-/// Rows of A packed at once (rounded to a multiple of MR): an MC x KC block (480 KB)
-/// stays in L2. (240 and 480 rows measured the same.)
+/// Rows of A packed at once for a block of KC words (rounded to a multiple of MR), fewer
+/// for deeper blocks: an MC x KC block (480 KB) stays in L2. (240 and 480 rows measured
+/// the same.)
 const MC: usize = 240;
 /// Columns of B packed at once: a KC x NC panel stays in L3.
 const NC: usize = 4096;
@@ -556,7 +558,10 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
     let threads = if parallel { parallel::threads() } else { 1 };
     // Split the rows evenly into blocks of at most MC rows, as many blocks as a multiple
     // of the threads (so that every thread gets the same number of rows), in whole A slivers.
-    let blocks = m.div_ceil(MC).next_multiple_of(threads);
+    let block_depth = depth_block(k, P::KC, P::DEPTH_PER_WORD);
+    // As many rows as keep the packed A block within MC x KC words.
+    let mc_max = (MC * KC / block_depth.div_ceil(P::DEPTH_PER_WORD)).max(MR);
+    let blocks = m.div_ceil(mc_max).next_multiple_of(threads);
     let mc = m.div_ceil(blocks).next_multiple_of(MR);
     // The packing buffers are reused from call to call (one per thread): a fresh
     // allocation would fault its pages in on every call, and its first writes miss.
@@ -564,8 +569,8 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
     let mut packed_b = packed_b_buffer.take();
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
-        for pc in (0..k).step_by(P::KC) {
-            let kc = P::KC.min(k - pc);
+        for pc in (0..k).step_by(block_depth) {
+            let kc = block_depth.min(k - pc);
             let words = kc.div_ceil(P::DEPTH_PER_WORD);
             let last_depth_block = pc + kc == k;
             let b_slivers = pack_b::<T, P, NR>(b, pc, kc, jc, nc, &mut packed_b, parallel);
@@ -625,6 +630,27 @@ fn sliver_buffer<D: PackedWord, const W: usize>(buffer: &mut Vec<D>, slivers: us
         buffer.resize(len, D::default());
     }
     buffer[..len].as_chunks_mut::<W>().0
+}
+
+/// The depth of the blocks of a product of depth `k`, given the packing's block depth
+/// `kc` ([`Packing::KC`]; a multiple of `per_word`, its depth steps per word): as few
+/// blocks as cover `k`, of equal depth (a multiple of `per_word`; the last one shorter
+/// where it must be), at most `kc` deep when `k <= 2 kc` and at most `2 kc` past it.
+///
+/// The deeper blocks halve the passes over C, the packs of B and the threads' meetings of
+/// a deep product; a shallower one keeps its B slivers within L1. Measured on Zen 3 (AVX2,
+/// alternating binaries, GFLOP/s) against blocks of at most `kc` (512): one thread
+/// `2048^3` 93.6-95.2 -> 95.7-96.0, the same with B column-major 93.9-94.8 -> 97.0-97.2,
+/// `4096 x 384 x 1536` 92.1-93.0 -> 94.0-94.2, `1024 x 1024 x 2048` 92.4-92.9 ->
+/// 94.5-95.4; two threads `2048^3` 182-183 -> 187, B column-major 184-185 -> 189-191,
+/// `1024 x 1024 x 2048` 181-182 -> 177-178 (the one loss). Blocks of up to 1024 for a
+/// product of depth 768 lost 2-5% at one thread (`128 x 128 x 768`, `512 x 128 x 768`:
+/// weight gradients); equal blocks of 384 there instead of 512 + 256 measured the same at
+/// one thread and 1.5-2.5% faster at two.
+pub(super) fn depth_block(k: usize, kc: usize, per_word: usize) -> usize {
+    let max = if k <= 2 * kc { kc } else { 2 * kc };
+    let blocks = k.div_ceil(max).max(1);
+    k.div_ceil(blocks).next_multiple_of(per_word).max(per_word)
 }
 
 /// Writes (first depth block) or accumulates (later blocks) one row of a tile into C.
@@ -1259,6 +1285,33 @@ mod tests {
             assert_matches_naive(&run(isa, m, n, k, &a, &b), m, n, k, &a, &b);
             for got in run_each_path(isa, m, n, k, &a, &b) {
                 assert_matches_naive(&got, m, n, k, &a, &b);
+            }
+        }
+    }
+
+    #[test]
+    fn depth_blocks_are_equal_whole_words_within_their_limit() {
+        for (kc, per_word) in [(512, 1), (1024, 2), (6, 2)] {
+            for k in 1..=5 * kc {
+                let depth = depth_block(k, kc, per_word);
+                let max = if k <= 2 * kc { kc } else { 2 * kc };
+                assert!(depth.is_multiple_of(per_word) && depth <= max, "k {k}, kc {kc}: {depth}");
+                assert_eq!(k.div_ceil(depth), k.div_ceil(max), "k {k}, kc {kc}: as few blocks as the limit allows");
+            }
+        }
+    }
+
+    #[test]
+    fn deep_products_take_deeper_blocks_and_match_naive() {
+        // Past twice KC: two blocks of (2 KC + 7) / 2 steps, on every ISA and both paths.
+        let (m, n, k) = (37, 45, 2 * KC + 7);
+        for (a_t, b_t) in [(false, false), (true, true)] {
+            let a = Operand::new(m, k, a_t, 1, 0, 41);
+            let b = Operand::new(k, n, b_t, 0, 1, 42);
+            for isa in available_isas() {
+                for got in run_each_path(isa, m, n, k, &a, &b) {
+                    assert_matches_naive(&got, m, n, k, &a, &b);
+                }
             }
         }
     }

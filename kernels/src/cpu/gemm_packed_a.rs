@@ -15,15 +15,16 @@
 //! widened as they are packed (so bf16 does not use AVX512_BF16's dot products here).
 
 use super::gemm::{
-    Dims, Epilogue, GemmInput, Isa, KC, Left, MatRef, Packing, Problem, Widened, tile_shape, widened_blocked_gemm,
-    without_products,
+    Dims, Epilogue, GemmInput, Isa, KC, Left, MatRef, Packing, Problem, Widened, depth_block, tile_shape,
+    widened_blocked_gemm, without_products,
 };
 use crate::parallel;
 use std::cell::Cell;
 
 /// An `m x k` matrix packed into the slivers of one ISA's f32 microkernel, for
-/// [`gemm_packed_a`]: for each depth block of `KC` steps in turn, `m.div_ceil(MR)` slivers
-/// of `MR` rows, each row-block of a depth step contiguous, zero past row `m`.
+/// [`gemm_packed_a`]: for each depth block in turn (the packed path's blocks for depth `k`,
+/// `gemm::depth_block`), `m.div_ceil(MR)` slivers of `MR` rows, each row-block of a depth
+/// step contiguous, zero past row `m`.
 pub struct PackedA {
     isa: Isa,
     m: usize,
@@ -95,8 +96,9 @@ fn pack_all<T: GemmInput, const MR: usize>(m: usize, k: usize, a: MatRef<T>) -> 
     words.resize(slivers * MR * k, 0.0);
     let parallel = words.len() >= PARALLEL_MIN_PACK;
     let mut rest = &mut words[..];
-    for pc in (0..k).step_by(KC) {
-        let kc = KC.min(k - pc);
+    let block_depth = depth_block(k, KC, 1);
+    for pc in (0..k).step_by(block_depth) {
+        let kc = block_depth.min(k - pc);
         let (block, after) = rest.split_at_mut(slivers * MR * kc);
         let block = block.as_chunks_mut::<MR>().0;
         let pack = |s: usize, sliver: &mut [[f32; MR]]| {
