@@ -460,9 +460,9 @@ pub(super) enum Left<'a, T, W> {
     /// A strided matrix, packed one block at a time as the product runs.
     Strided(MatRef<'a, T>),
     /// A packed ahead for the product's microkernel (`gemm_packed_a.rs`): for each depth
-    /// block in turn, the slivers of all `m` rows, laid out as [`pack_a`] lays out one
-    /// block's.
-    Packed(&'a [W]),
+    /// block of `block_depth` steps in turn (the last one shorter where it must be), the
+    /// slivers of all `m` rows, laid out as [`pack_a`] lays out one block's.
+    Packed { words: &'a [W], block_depth: usize },
 }
 
 /// A microkernel: the MR x NR tile `T = sum over p of a[p] (outer) b[p]` (with
@@ -558,7 +558,10 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
     let threads = if parallel { parallel::threads() } else { 1 };
     // Split the rows evenly into blocks of at most MC rows, as many blocks as a multiple
     // of the threads (so that every thread gets the same number of rows), in whole A slivers.
-    let block_depth = depth_block(k, P::KC, P::DEPTH_PER_WORD);
+    let block_depth = match a {
+        Left::Strided(_) => depth_block(k, P::KC, P::DEPTH_PER_WORD, threads > 1),
+        Left::Packed { block_depth, .. } => block_depth,
+    };
     // As many rows as keep the packed A block within MC x KC words.
     let mc_max = (MC * KC / block_depth.div_ceil(P::DEPTH_PER_WORD)).max(MR);
     let blocks = m.div_ceil(mc_max).next_multiple_of(threads);
@@ -580,7 +583,7 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
                 let mut packed_a = packed_a_buffer.take();
                 let a_slivers = match a {
                     Left::Strided(a) => pack_a::<T, P, MR>(a, ic, rows, pc, kc, &mut packed_a),
-                    Left::Packed(all) => {
+                    Left::Packed { words: all, .. } => {
                         // Depth block `pc`, from sliver `ic / MR` (`mc` is whole slivers).
                         let start = (m.div_ceil(MR) * pc / P::DEPTH_PER_WORD + ic / MR * words) * MR;
                         all[start..][..rows.div_ceil(MR) * words * MR].as_chunks::<MR>().0
@@ -635,20 +638,22 @@ fn sliver_buffer<D: PackedWord, const W: usize>(buffer: &mut Vec<D>, slivers: us
 /// The depth of the blocks of a product of depth `k`, given the packing's block depth
 /// `kc` ([`Packing::KC`]; a multiple of `per_word`, its depth steps per word): as few
 /// blocks as cover `k`, of equal depth (a multiple of `per_word`; the last one shorter
-/// where it must be), at most `kc` deep when `k <= 2 kc` and at most `2 kc` past it.
+/// where it must be), at most `kc` deep, or at most `2 kc` when `k > 2 kc` and the
+/// product runs on several threads (`shared`).
 ///
 /// The deeper blocks halve the passes over C, the packs of B and the threads' meetings of
 /// a deep product; a shallower one keeps its B slivers within L1. Measured on Zen 3 (AVX2,
-/// alternating binaries, GFLOP/s) against blocks of at most `kc` (512): one thread
-/// `2048^3` 93.6-95.2 -> 95.7-96.0, the same with B column-major 93.9-94.8 -> 97.0-97.2,
-/// `4096 x 384 x 1536` 92.1-93.0 -> 94.0-94.2, `1024 x 1024 x 2048` 92.4-92.9 ->
-/// 94.5-95.4; two threads `2048^3` 182-183 -> 187, B column-major 184-185 -> 189-191,
-/// `1024 x 1024 x 2048` 181-182 -> 177-178 (the one loss). Blocks of up to 1024 for a
-/// product of depth 768 lost 2-5% at one thread (`128 x 128 x 768`, `512 x 128 x 768`:
-/// weight gradients); equal blocks of 384 there instead of 512 + 256 measured the same at
-/// one thread and 1.5-2.5% faster at two.
-pub(super) fn depth_block(k: usize, kc: usize, per_word: usize) -> usize {
-    let max = if k <= 2 * kc { kc } else { 2 * kc };
+/// GFLOP/s) against blocks of at most `kc` (512): two threads, alternating binaries, best
+/// of 12: `2048^3` 182-183 -> 187, the same with B column-major 184-185 -> 189-191,
+/// `512 x 128 x 768` 159-160 -> 163.5-164.2 (the even split), `1024 x 1024 x 2048`
+/// 181-182 -> 177-178 (the one loss); `bench_kernels sgemm` (medians, raced against the
+/// `gemm` crate) `2048^3` 177-178 -> 182.5-185, `4096 x 384 x 1536` 169-178 -> 186-187.
+/// At one thread the same deeper blocks ran 1.5-2.8% faster in the best-of-12 loops but
+/// 2-2.5% slower in `bench_kernels` (`2048^3` 90.3-91.6 -> 88.1-89.0), so one thread keeps
+/// `kc`. Blocks of up to 1024 for a product of depth 768 lost 2-5% at one thread
+/// (`128 x 128 x 768`, `512 x 128 x 768`: weight gradients, B slivers past L1).
+pub(super) fn depth_block(k: usize, kc: usize, per_word: usize, shared: bool) -> usize {
+    let max = if shared && k > 2 * kc { 2 * kc } else { kc };
     let blocks = k.div_ceil(max).max(1);
     k.div_ceil(blocks).next_multiple_of(per_word).max(per_word)
 }
@@ -1291,10 +1296,10 @@ mod tests {
 
     #[test]
     fn depth_blocks_are_equal_whole_words_within_their_limit() {
-        for (kc, per_word) in [(512, 1), (1024, 2), (6, 2)] {
+        for ((kc, per_word), shared) in [(512, 1), (1024, 2), (6, 2)].into_iter().zip([true, false, true]) {
             for k in 1..=5 * kc {
-                let depth = depth_block(k, kc, per_word);
-                let max = if k <= 2 * kc { kc } else { 2 * kc };
+                let depth = depth_block(k, kc, per_word, shared);
+                let max = if shared && k > 2 * kc { 2 * kc } else { kc };
                 assert!(depth.is_multiple_of(per_word) && depth <= max, "k {k}, kc {kc}: {depth}");
                 assert_eq!(k.div_ceil(depth), k.div_ceil(max), "k {k}, kc {kc}: as few blocks as the limit allows");
             }
@@ -1302,15 +1307,19 @@ mod tests {
     }
 
     #[test]
-    fn deep_products_take_deeper_blocks_and_match_naive() {
-        // Past twice KC: two blocks of (2 KC + 7) / 2 steps, on every ISA and both paths.
+    fn deep_products_match_naive_on_every_thread_count() {
+        // Past twice KC: on several threads two blocks of (2 KC + 7) / 2 steps, on one
+        // three blocks; on every ISA and both paths.
         let (m, n, k) = (37, 45, 2 * KC + 7);
         for (a_t, b_t) in [(false, false), (true, true)] {
             let a = Operand::new(m, k, a_t, 1, 0, 41);
             let b = Operand::new(k, n, b_t, 0, 1, 42);
-            for isa in available_isas() {
-                for got in run_each_path(isa, m, n, k, &a, &b) {
-                    assert_matches_naive(&got, m, n, k, &a, &b);
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                for isa in available_isas() {
+                    for got in pool.install(|| run_each_path(isa, m, n, k, &a, &b)) {
+                        assert_matches_naive(&got, m, n, k, &a, &b);
+                    }
                 }
             }
         }

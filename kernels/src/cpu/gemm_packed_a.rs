@@ -29,6 +29,8 @@ pub struct PackedA {
     isa: Isa,
     m: usize,
     k: usize,
+    /// The depth of its blocks (`gemm::depth_block`, for the threads it was packed on).
+    block_depth: usize,
     words: Vec<f32>,
 }
 
@@ -51,13 +53,16 @@ impl PackedA {
             let last = a.offset + (m - 1) * a.row_stride + (k - 1) * a.col_stride;
             assert!(last < a.data.len(), "PackedA: A ({m} x {k}) reaches past its slice of {}", a.data.len());
         }
+        // The blocks the packed path would take for a product of this depth on as many
+        // threads as this one may use (any block depth gives the same product).
+        let block_depth = depth_block(k, KC, 1, parallel::threads() > 1);
         let words = match tile_shape(isa)[0] {
-            4 => pack_all::<T, 4>(m, k, a),
-            6 => pack_all::<T, 6>(m, k, a),
-            14 => pack_all::<T, 14>(m, k, a),
+            4 => pack_all::<T, 4>(m, k, a, block_depth),
+            6 => pack_all::<T, 6>(m, k, a, block_depth),
+            14 => pack_all::<T, 14>(m, k, a, block_depth),
             rows => unreachable!("no f32 microkernel has {rows} rows"),
         };
-        PackedA { isa, m, k, words }
+        PackedA { isa, m, k, block_depth, words }
     }
 
     /// Rows of A (`m`).
@@ -84,7 +89,7 @@ impl Drop for PackedA {
 
 /// The words of [`PackedA`] for a microkernel of `MR` rows, each sliver filled by the
 /// packed path's own packing (in parallel when there are many).
-fn pack_all<T: GemmInput, const MR: usize>(m: usize, k: usize, a: MatRef<T>) -> Vec<f32> {
+fn pack_all<T: GemmInput, const MR: usize>(m: usize, k: usize, a: MatRef<T>, block_depth: usize) -> Vec<f32> {
     let slivers = m.div_ceil(MR);
     // The buffer this thread last packed into: a sequence's weights are packed again for
     // every sequence, and fresh memory would fault its pages in each time. Not the shared
@@ -96,7 +101,6 @@ fn pack_all<T: GemmInput, const MR: usize>(m: usize, k: usize, a: MatRef<T>) -> 
     words.resize(slivers * MR * k, 0.0);
     let parallel = words.len() >= PARALLEL_MIN_PACK;
     let mut rest = &mut words[..];
-    let block_depth = depth_block(k, KC, 1);
     for pc in (0..k).step_by(block_depth) {
         let kc = block_depth.min(k - pc);
         let (block, after) = rest.split_at_mut(slivers * MR * kc);
@@ -133,7 +137,7 @@ pub fn gemm_packed_a<T: GemmInput>(a: &PackedA, n: usize, b: MatRef<T>, c: &mut 
     let last = b.offset + (k - 1) * b.row_stride + (n - 1) * b.col_stride;
     assert!(last < b.data.len(), "gemm_packed_a: B ({k} x {n}) reaches past its slice of {}", b.data.len());
     let problem = Problem { dims: Dims { m, n, k }, isa, epilogue };
-    widened_blocked_gemm(problem, Left::Packed(&a.words), b, c);
+    widened_blocked_gemm(problem, Left::Packed { words: &a.words, block_depth: a.block_depth }, b, c);
 }
 
 #[cfg(test)]
@@ -221,18 +225,23 @@ mod tests {
 
     #[test]
     fn packed_a_spans_several_depth_and_row_blocks_on_every_thread_count() {
-        // Past one depth block (KC) and the 240-row block, and enough work to go parallel.
-        let (m, n, k) = (250, 20, KC + 3);
+        // Past twice KC (deeper blocks when packed on several threads) and the 240-row
+        // block, with work enough to go parallel; packed on one thread count, multiplied on
+        // another.
+        let (m, n, k) = (250, 20, 2 * KC + 3);
         let a = matrix(m, k, true, 1, 3);
         let b = matrix(k, n, false, 0, 4);
         let want = naive([m, n, k], view(&a), view(&b), None, None);
+        let pools: Vec<_> =
+            [1, 2, 3].map(|threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()).into();
         for isa in available_isas() {
-            let packed = PackedA::with_isa(isa, m, k, view(&a));
-            for threads in [1, 2, 3] {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                let mut c = vec![f32::NAN; m * n];
-                pool.install(|| gemm_packed_a(&packed, n, view(&b), &mut c, Epilogue::NONE));
-                assert_close(&c, &want, k, &format!("{isa:?} on {threads} threads"));
+            for (p, packing_pool) in pools.iter().enumerate() {
+                let packed = packing_pool.install(|| PackedA::with_isa(isa, m, k, view(&a)));
+                for (t, pool) in pools.iter().enumerate() {
+                    let mut c = vec![f32::NAN; m * n];
+                    pool.install(|| gemm_packed_a(&packed, n, view(&b), &mut c, Epilogue::NONE));
+                    assert_close(&c, &want, k, &format!("{isa:?} packed on {} threads, run on {}", p + 1, t + 1));
+                }
             }
         }
     }
