@@ -165,6 +165,14 @@ pub struct MatRef<'a, T = f32> {
     pub col_stride: usize,
 }
 
+impl<T> MatRef<'_, T> {
+    /// One past the index of the last value that a `rows x cols` view (both nonzero)
+    /// reads in `data`.
+    pub(super) fn end(&self, rows: usize, cols: usize) -> usize {
+        self.offset + (rows - 1) * self.row_stride + (cols - 1) * self.col_stride + 1
+    }
+}
+
 impl<T: GemmInput> MatRef<'_, T> {
     fn at(&self, i: usize, j: usize) -> f32 {
         self.data[self.offset + i * self.row_stride + j * self.col_stride].to_f32()
@@ -307,7 +315,7 @@ pub(super) fn without_products(isa: Isa, [m, n, k]: [usize; 3], c: &mut [f32], e
 /// of a half-precision view. `None` when the span holds more than twice the view's values
 /// (a narrow window of a large buffer: widening it all would cost more than the product).
 fn widened_span<T: GemmInput>(x: MatRef<T>, rows: usize, cols: usize) -> Option<Vec<f32>> {
-    let span = (rows - 1) * x.row_stride + (cols - 1) * x.col_stride + 1;
+    let span = x.end(rows, cols) - x.offset;
     if span > 2 * rows * cols {
         return None;
     }
@@ -683,13 +691,7 @@ pub(super) fn pack_b<'buf, T: GemmInput, P: Packing<T>, const NR: usize>(
     let words = kc.div_ceil(P::DEPTH_PER_WORD);
     let packed = sliver_buffer::<P::Word, NR>(buffer, nc.div_ceil(NR), words);
     // A B sliver is a sliver of B^T: lanes are B's columns, depth runs down B's rows.
-    let b_t = b.transposed();
-    let pack = |(s, sliver): (usize, &mut [[P::Word; NR]])| P::pack_sliver(b_t, jc + s * NR, jc + nc, pc, kc, sliver);
-    if parallel && packed.len() * NR >= PARALLEL_PACK_MIN {
-        parallel::for_each_chunk_mut(packed, words, |index, sliver| pack((index, sliver)));
-    } else {
-        packed.chunks_mut(words).enumerate().for_each(pack);
-    }
+    pack_slivers::<T, P, NR>(b.transposed(), jc..jc + nc, pc, kc, packed, parallel);
     packed
 }
 
@@ -706,10 +708,30 @@ fn pack_a<'buf, T: GemmInput, P: Packing<T>, const MR: usize>(
 ) -> &'buf [[P::Word; MR]] {
     let words = kc.div_ceil(P::DEPTH_PER_WORD);
     let packed = sliver_buffer::<P::Word, MR>(buffer, mc.div_ceil(MR), words);
-    for (s, sliver) in packed.chunks_exact_mut(words).enumerate() {
-        P::pack_sliver(a, ic + s * MR, ic + mc, pc, kc, sliver);
-    }
+    pack_slivers::<T, P, MR>(a, ic..ic + mc, pc, kc, packed, false);
     packed
+}
+
+/// Fills `slivers` (whole slivers of `kc.div_ceil(DEPTH_PER_WORD)` words each) with the
+/// rows `lanes` of `x` (the slivers' lanes, `W` per sliver, zero past the range) at the
+/// depth steps `pc..pc + kc` (`x`'s columns), on every thread when `parallel` and the
+/// slivers are large enough.
+pub(super) fn pack_slivers<T: GemmInput, P: Packing<T>, const W: usize>(
+    x: MatRef<T>,
+    lanes: std::ops::Range<usize>,
+    pc: usize,
+    kc: usize,
+    slivers: &mut [[P::Word; W]],
+    parallel: bool,
+) {
+    let words = kc.div_ceil(P::DEPTH_PER_WORD);
+    let pack =
+        |s: usize, sliver: &mut [[P::Word; W]]| P::pack_sliver(x, lanes.start + s * W, lanes.end, pc, kc, sliver);
+    if parallel && slivers.len() * W >= PARALLEL_PACK_MIN {
+        parallel::for_each_chunk_mut(slivers, words, pack);
+    } else {
+        slivers.chunks_mut(words).enumerate().for_each(|(s, sliver)| pack(s, sliver));
+    }
 }
 
 /// Fills `sliver[p][w] = x[lane0 + w, pc + p]` for the lanes below `lane_end` and zeros

@@ -15,7 +15,7 @@
 //! widened as they are packed (so bf16 does not use AVX512_BF16's dot products here).
 
 use super::gemm::{
-    Dims, Epilogue, GemmInput, Isa, KC, Left, MatRef, Packing, Problem, Widened, depth_block, tile_shape,
+    Dims, Epilogue, GemmInput, Isa, KC, Left, MatRef, Problem, Widened, depth_block, pack_slivers, tile_shape,
     widened_blocked_gemm, without_products,
 };
 use crate::parallel;
@@ -50,8 +50,7 @@ impl PackedA {
     pub fn with_isa<T: GemmInput>(isa: Isa, m: usize, k: usize, a: MatRef<T>) -> Self {
         assert!(isa.is_available(), "PackedA: {isa:?} is not supported by this CPU");
         if m > 0 && k > 0 {
-            let last = a.offset + (m - 1) * a.row_stride + (k - 1) * a.col_stride;
-            assert!(last < a.data.len(), "PackedA: A ({m} x {k}) reaches past its slice of {}", a.data.len());
+            assert!(a.end(m, k) <= a.data.len(), "PackedA: A ({m} x {k}) reaches past its slice of {}", a.data.len());
         }
         // The blocks the packed path would take for a product of this depth on as many
         // threads as this one may use (any block depth gives the same product).
@@ -87,8 +86,8 @@ impl Drop for PackedA {
     }
 }
 
-/// The words of [`PackedA`] for a microkernel of `MR` rows, each sliver filled by the
-/// packed path's own packing (in parallel when there are many).
+/// The words of [`PackedA`] for a microkernel of `MR` rows, each block filled by the
+/// packed path's own packing (in parallel when there are many slivers).
 fn pack_all<T: GemmInput, const MR: usize>(m: usize, k: usize, a: MatRef<T>, block_depth: usize) -> Vec<f32> {
     let slivers = m.div_ceil(MR);
     // The buffer this thread last packed into: a sequence's weights are packed again for
@@ -99,27 +98,15 @@ fn pack_all<T: GemmInput, const MR: usize>(m: usize, k: usize, a: MatRef<T>, blo
     // in 150 training steps against 22K. (Packing writes every word, padding included.)
     let mut words = LAST_BUFFER.take();
     words.resize(slivers * MR * k, 0.0);
-    let parallel = words.len() >= PARALLEL_MIN_PACK;
     let mut rest = &mut words[..];
     for pc in (0..k).step_by(block_depth) {
         let kc = block_depth.min(k - pc);
         let (block, after) = rest.split_at_mut(slivers * MR * kc);
-        let block = block.as_chunks_mut::<MR>().0;
-        let pack = |s: usize, sliver: &mut [[f32; MR]]| {
-            <Widened as Packing<T>>::pack_sliver(a, s * MR, m, pc, kc, sliver);
-        };
-        if parallel {
-            parallel::for_each_chunk_mut(block, kc, pack);
-        } else {
-            block.chunks_mut(kc).enumerate().for_each(|(s, sliver)| pack(s, sliver));
-        }
+        pack_slivers::<T, Widened, MR>(a, 0..m, pc, kc, block.as_chunks_mut::<MR>().0, true);
         rest = after;
     }
     words
 }
-
-/// From this many values on, [`PackedA`] packs its slivers on every thread.
-const PARALLEL_MIN_PACK: usize = 1 << 16;
 
 /// `C = epilogue(A @ B)` for a packed A (`m x k`) and `B` (`k x n`, any strides, any
 /// [`GemmInput`]), `c` row-major `m x n`, overwritten: the packed path of
@@ -134,8 +121,7 @@ pub fn gemm_packed_a<T: GemmInput>(a: &PackedA, n: usize, b: MatRef<T>, c: &mut 
     if without_products(isa, [m, n, k], c, epilogue) {
         return;
     }
-    let last = b.offset + (k - 1) * b.row_stride + (n - 1) * b.col_stride;
-    assert!(last < b.data.len(), "gemm_packed_a: B ({k} x {n}) reaches past its slice of {}", b.data.len());
+    assert!(b.end(k, n) <= b.data.len(), "gemm_packed_a: B ({k} x {n}) reaches past its slice of {}", b.data.len());
     let problem = Problem { dims: Dims { m, n, k }, isa, epilogue };
     widened_blocked_gemm(problem, Left::Packed { words: &a.words, block_depth: a.block_depth }, b, c);
 }

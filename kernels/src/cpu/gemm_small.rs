@@ -149,9 +149,8 @@ pub(super) fn small_sgemm(
     epilogue: Epilogue,
 ) {
     assert_eq!(c.len(), m * n, "small_sgemm: output holds {} values, expected {m} * {n}", c.len());
-    let last = |x: &MatRef, rows: usize, cols: usize| x.offset + (rows - 1) * x.row_stride + (cols - 1) * x.col_stride;
-    assert!(last(&a, m, k) < a.data.len(), "small_sgemm: A ({m} x {k}) reaches past its slice");
-    assert!(last(&b, k, n) < b.data.len(), "small_sgemm: B ({k} x {n}) reaches past its slice");
+    assert!(a.end(m, k) <= a.data.len(), "small_sgemm: A ({m} x {k}) reaches past its slice");
+    assert!(b.end(k, n) <= b.data.len(), "small_sgemm: B ({k} x {n}) reaches past its slice");
     if m < ROWS && b.row_stride == 1 && b.col_stride != 1 && a.col_stride == 1 {
         // Fewer rows than a tile, B's columns contiguous (a decoding step's `x W^T`): each
         // value of C is a dot product of two contiguous vectors, and B is read once.
