@@ -61,6 +61,13 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 /// for partial loads and stores.
 pub const MAX_LANES: usize = 16;
 
+/// `1.5 * 2^23`: the float nearest `v + ROUNDING_SHIFTER`, for `|v| < 2^22`, holds
+/// `round(v)` (to nearest, ties to even) in its low mantissa bits, as the integer
+/// `SHIFTER_BITS + round(v)`.
+pub(crate) const ROUNDING_SHIFTER: f32 = 12_582_912.0;
+/// The bits of [`ROUNDING_SHIFTER`].
+pub(crate) const SHIFTER_BITS: i32 = ROUNDING_SHIFTER.to_bits() as i32;
+
 /// A vector of `LANES` f32 values and the operations the kernels are written with.
 ///
 /// Arithmetic uses the operators (`a * b + c`); the rest are methods. Lanes are
@@ -74,7 +81,7 @@ pub trait F32Vector:
     type Mask: Copy;
     /// The vector to compute long dependent chains on (the functions of [`math`]):
     /// [`Pair<Self>`] where interleaving two chains was measured faster, else `Self`.
-    /// AVX2 on Zen 3: GELU 10-16%, tanh 14%, sigmoid 18%, exp 6% faster per value (from
+    /// AVX2 on Zen 3: GELU 10-16%, tanh 14%, sigmoid 18%, exp 3% faster per value (from
     /// L2, one thread, same-process A/B). AVX-512 and NEON were not measured (no such
     /// machine at hand) and keep `Self`.
     type Wide: F32Vector;
@@ -88,10 +95,12 @@ pub trait F32Vector:
     /// `self * b + c`, rounded once where the ISA has fused multiply-add (all but
     /// [`Scalar`], which rounds twice rather than call a slow software `fmaf`).
     fn mul_add(self, b: Self, c: Self) -> Self;
-    /// Lane-wise minimum. A lane where either input is NaN gets one of the two inputs
-    /// (which one depends on the ISA): kernels that must propagate NaN use `select`.
+    /// Lane-wise minimum. A lane where either input is NaN gets `other` or NaN (which
+    /// depends on the ISA), so NaN wherever `other` is NaN: `V::splat(c).min(x)` clamps
+    /// `x` from above and keeps its NaNs; `x.min(V::splat(c))` may not.
     fn min(self, other: Self) -> Self;
-    /// Lane-wise maximum, with the same NaN caveat as [`F32Vector::min`].
+    /// Lane-wise maximum, with the same NaN rule as [`F32Vector::min`]: NaN wherever
+    /// `other` is NaN.
     fn max(self, other: Self) -> Self;
     /// Correctly rounded square root.
     fn sqrt(self) -> Self;
@@ -123,6 +132,11 @@ pub trait F32Vector:
     /// Splits a positive normal float into `(m, e)` with `self = m * 2^e` and
     /// `m` in `[0.5, 1)` (C's `frexp`). Other lanes give unspecified values.
     fn frexp(self) -> (Self, Self);
+    /// `2^(m - 127)` for lanes holding `ROUNDING_SHIFTER + m` with an integer `m <= 254`
+    /// (the sum that rounds `m`, see `ROUNDING_SHIFTER`), made from the bits directly:
+    /// `m` is already where the exponent field goes once shifted by 23 bits. Lanes with
+    /// `m <= 0` (and NaN lanes) give `0`.
+    fn pow2_shifted(self) -> Self;
 
     /// `self * 2^n` (C's `ldexp`) for lanes of `n` holding integers in `[-252, 254]`,
     /// rounded once wherever `self * 2^(n/2)` is a normal float (as it is for the
@@ -615,6 +629,20 @@ mod tests {
         check(V::select(x.ge(V::splat(-0.5)), one, zero), &|l| (l >= -0.5) as u8 as f32, "ge");
         check(V::select((x / zero).is_nan(), one, zero), &|l| (l / 0.0).is_nan() as u8 as f32, "is_nan");
         check(x.round().pow2i(), &|l| 2f32.powi(l.round_ties_even() as i32), "pow2i");
+        // NaN in `other` gives NaN, on every ISA: `splat(c).max(x)` clamps and keeps NaNs.
+        let nan_where_negative = V::select(x.lt(zero), V::splat(f32::NAN), x);
+        check(zero.max(nan_where_negative), &|l| if l < 0.0 { f32::NAN } else { l }, "max keeping NaN");
+        check(zero.min(nan_where_negative), &|l| if l < 0.0 { f32::NAN } else { 0.0 }, "min keeping NaN");
+        // m = first + lane: 2^(m - 127), or 0 for m <= 0.
+        for first in [-40, -8, -1, 0, 1, 100, 127, 238] {
+            let shifted = (x + V::splat(2.5)) + V::splat(ROUNDING_SHIFTER + first as f32);
+            let want = |l: f32| {
+                let m = first + (l + 2.5) as i32;
+                if m <= 0 { 0.0 } else { (2f64.powi(m - 127)) as f32 }
+            };
+            check(shifted.pow2_shifted(), &want, "pow2_shifted");
+        }
+        check(V::splat(f32::NAN).pow2_shifted(), &|_| 0.0, "pow2_shifted of NaN");
         for bits in [0u32, 1, 0b1011_0110_0101_1001, u32::MAX, 1 << (V::LANES - 1)] {
             let mask = V::mask_from_bits(bits);
             check(V::select(mask, one, zero), &|l| (bits >> (l + 2.5) as u32 & 1) as f32, "mask_from_bits");

@@ -130,6 +130,13 @@ impl F32Vector for Neon {
         Self(arch!(vreinterpretq_f32_s32(vshlq_n_s32::<23>(vaddq_s32(vcvtnq_s32_f32(self.0), vdupq_n_s32(127))))))
     }
     #[inline(always)]
+    fn pow2_shifted(self) -> Self {
+        Self(arch!(vreinterpretq_f32_s32(vshlq_n_s32::<23>(vmaxq_s32(
+            vreinterpretq_s32_f32(self.0),
+            vdupq_n_s32(super::SHIFTER_BITS)
+        )))))
+    }
+    #[inline(always)]
     fn frexp(self) -> (Self, Self) {
         arch!({
             let bits = vreinterpretq_s32_f32(self.0);

@@ -70,6 +70,7 @@ impl<V: F32Vector> F32Vector for Pair<V> {
         copysign(sign) -> Pair,
         round() -> Pair,
         pow2i() -> Pair,
+        pow2_shifted() -> Pair,
         ldexp(n) -> Pair,
         lt(other) -> Mask,
         le(other) -> Mask,

@@ -52,11 +52,13 @@ impl F32Vector for Scalar {
     }
     #[inline(always)]
     fn min(self, other: Self) -> Self {
-        Scalar(self.0.min(other.0))
+        // As x86's `minps` (not `f32::min`, which drops a NaN): `other` unless `self` is smaller.
+        if self.0 < other.0 { self } else { other }
     }
     #[inline(always)]
     fn max(self, other: Self) -> Self {
-        Scalar(self.0.max(other.0))
+        // As x86's `maxps`: `other` unless `self` is larger.
+        if self.0 > other.0 { self } else { other }
     }
     #[inline(always)]
     fn sqrt(self) -> Self {
@@ -118,6 +120,10 @@ impl F32Vector for Scalar {
     #[inline(always)]
     fn pow2i(self) -> Self {
         Scalar(f32::from_bits(((self.0 as i32 + 127) as u32) << 23))
+    }
+    #[inline(always)]
+    fn pow2_shifted(self) -> Self {
+        Scalar(f32::from_bits(((self.0.to_bits() as i32).max(super::SHIFTER_BITS) as u32) << 23))
     }
     #[inline(always)]
     fn frexp(self) -> (Self, Self) {

@@ -40,10 +40,11 @@ pub(super) mod avx2 {
         __m256 as Reg, _mm256_add_epi32 as add_i, _mm256_add_ps as add, _mm256_and_si256 as and_i,
         _mm256_andnot_si256 as andnot_i, _mm256_castps_si256 as to_bits, _mm256_castsi256_ps as from_bits,
         _mm256_cmp_ps as cmp, _mm256_cvtepi32_ps as from_i, _mm256_cvtps_epi32 as to_i, _mm256_div_ps as div,
-        _mm256_fmadd_ps as fma, _mm256_loadu_ps as load, _mm256_max_ps as max, _mm256_min_ps as min,
-        _mm256_mul_ps as mul, _mm256_or_si256 as or_i, _mm256_round_ps as round, _mm256_set1_epi32 as splat_i,
-        _mm256_set1_ps as splat, _mm256_slli_epi32 as shl, _mm256_sqrt_ps as sqrt, _mm256_srli_epi32 as shr,
-        _mm256_storeu_ps as store, _mm256_sub_epi32 as sub_i, _mm256_sub_ps as sub, _mm256_xor_si256 as xor_i,
+        _mm256_fmadd_ps as fma, _mm256_loadu_ps as load, _mm256_max_epi32 as max_i, _mm256_max_ps as max,
+        _mm256_min_ps as min, _mm256_mul_ps as mul, _mm256_or_si256 as or_i, _mm256_round_ps as round,
+        _mm256_set1_epi32 as splat_i, _mm256_set1_ps as splat, _mm256_slli_epi32 as shl, _mm256_sqrt_ps as sqrt,
+        _mm256_srli_epi32 as shr, _mm256_storeu_ps as store, _mm256_sub_epi32 as sub_i, _mm256_sub_ps as sub,
+        _mm256_xor_si256 as xor_i,
     };
 
     /// A comparison sets all bits of a lane.
@@ -103,8 +104,8 @@ pub(super) mod avx512 {
         __m512 as Reg, _mm512_add_epi32 as add_i, _mm512_add_ps as add, _mm512_and_si512 as and_i,
         _mm512_andnot_si512 as andnot_i, _mm512_castps_si512 as to_bits, _mm512_castsi512_ps as from_bits,
         _mm512_cmp_ps_mask as cmp, _mm512_cvtepi32_ps as from_i, _mm512_cvtps_epi32 as to_i, _mm512_div_ps as div,
-        _mm512_fmadd_ps as fma, _mm512_loadu_ps as load, _mm512_max_ps as max, _mm512_min_ps as min,
-        _mm512_mul_ps as mul, _mm512_or_si512 as or_i, _mm512_reduce_add_ps as reduce_add,
+        _mm512_fmadd_ps as fma, _mm512_loadu_ps as load, _mm512_max_epi32 as max_i, _mm512_max_ps as max,
+        _mm512_min_ps as min, _mm512_mul_ps as mul, _mm512_or_si512 as or_i, _mm512_reduce_add_ps as reduce_add,
         _mm512_reduce_max_ps as reduce_max, _mm512_roundscale_ps as round, _mm512_scalef_ps as scalef,
         _mm512_set1_epi32 as splat_i, _mm512_set1_ps as splat, _mm512_slli_epi32 as shl, _mm512_sqrt_ps as sqrt,
         _mm512_srli_epi32 as shr, _mm512_storeu_ps as store, _mm512_sub_epi32 as sub_i, _mm512_sub_ps as sub,
@@ -247,6 +248,13 @@ macro_rules! x86_vector {
             fn pow2i(self) -> Self {
                 // The biased exponent n + 127 shifted into place, with a zero mantissa.
                 Self(arch!($isa::from_bits($isa::shl::<23>($isa::add_i($isa::to_i(self.0), $isa::splat_i(127))))))
+            }
+            #[inline(always)]
+            fn pow2_shifted(self) -> Self {
+                arch!({
+                    let floor = $isa::splat_i(super::SHIFTER_BITS);
+                    Self($isa::from_bits($isa::shl::<23>($isa::max_i($isa::to_bits(self.0), floor))))
+                })
             }
             $(
                 #[inline(always)]
