@@ -333,7 +333,8 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 /// density. Max error (measured over [-10, 10]): `6.2e-8 (1 + |result|)`.
 #[inline(always)]
 pub fn gelu_erf_grad<V: F32Vector>(x: V) -> V {
-    let pdf = exp(x * x * V::splat(-0.5)) * V::splat(INV_SQRT_2PI);
+    // As in `sigmoid_and_slope` (|x| > 14.4: 1.27 -> 0.69 ms per (768, 512)).
+    let pdf = exp_nonpositive(x * x * V::splat(-0.5)) * V::splat(INV_SQRT_2PI);
     x.mul_add(pdf, one_plus_erf_scaled(x) * V::splat(0.5))
 }
 
@@ -354,7 +355,10 @@ pub fn gelu_tanh_grad<V: F32Vector>(x: V) -> V {
 /// `e = exp(-|x|)`, `s (1 - s) = e / (1 + e)^2` on either side of 0.
 #[inline(always)]
 fn sigmoid_and_slope<V: F32Vector>(x: V) -> (V, V) {
-    let e = exp(-x.abs());
+    // `exp_nonpositive`: values under 2^-127 are 0, well inside the derivatives' absolute
+    // error, and no subnormal arithmetic for |x| > 87 (slow: SiLU's derivative at x ~ -200
+    // 0.72 -> 0.22 ms per (768, 512), GELU-tanh's for |x| > 10.5 0.85 -> 0.31).
+    let e = exp_nonpositive(-x.abs());
     let one = V::splat(1.0);
     let r = one / (one + e);
     let s = V::select(x.lt(V::splat(0.0)), e * r, r);
@@ -400,7 +404,7 @@ mod tests {
             let s = 1.0 / (1.0 + (-x).exp());
             s * (1.0 + x * (1.0 - s))
         };
-        let xs = sweep(-10.0, 10.0, 1001);
+        let xs = sweep(-120.0, 120.0, 1001);
         for isa in test_isas() {
             let got = apply_grads(isa, &xs);
             for (name, f, got) in [
@@ -408,11 +412,14 @@ mod tests {
                 ("gelu_tanh", &gelu_tanh, &got[1]),
                 ("silu", &silu, &got[2]),
             ] {
+                let mut worst = 0.0f64;
                 for (&x, &y) in xs.iter().zip(got) {
                     let want = f(x as f64);
                     let err = (y as f64 - want).abs();
+                    worst = worst.max(err / (1.0 + want.abs()));
                     assert!(err <= 1.5e-7 * (1.0 + want.abs()), "{name}'({x}) = {y}, want {want} ({isa:?})");
                 }
+                println!("TMP {name} {isa:?} {worst:e}");
             }
         }
     }
