@@ -273,7 +273,9 @@ kernel! {
                 SoftmaxKind::LogSoftmax => {
                     let [sum] = sums::<V, 1, 1>([g], n, |[g]| [g]);
                     let sum = Wide::<V>::splat(sum);
-                    map::<Wide<V>, 2>([y, g], dx, |[y, g]| g - math::exp(y) * sum);
+                    // `y <= 0` (a log-probability): `exp_nonpositive` computes no subnormals
+                    // (slow) for the very unlikely entries, whose `e^y` is 0 below 2^-127.
+                    map::<Wide<V>, 2>([y, g], dx, |[y, g]| g - math::exp_nonpositive(y) * sum);
                 }
             }
         }
