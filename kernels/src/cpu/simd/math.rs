@@ -404,6 +404,7 @@ mod tests {
             let s = 1.0 / (1.0 + (-x).exp());
             s * (1.0 + x * (1.0 - s))
         };
+        // Beyond |x| = 104 the exponentials underflow (to 0, see `sigmoid_and_slope`).
         let xs = sweep(-120.0, 120.0, 1001);
         for isa in test_isas() {
             let got = apply_grads(isa, &xs);
@@ -412,14 +413,11 @@ mod tests {
                 ("gelu_tanh", &gelu_tanh, &got[1]),
                 ("silu", &silu, &got[2]),
             ] {
-                let mut worst = 0.0f64;
                 for (&x, &y) in xs.iter().zip(got) {
                     let want = f(x as f64);
                     let err = (y as f64 - want).abs();
-                    worst = worst.max(err / (1.0 + want.abs()));
                     assert!(err <= 1.5e-7 * (1.0 + want.abs()), "{name}'({x}) = {y}, want {want} ({isa:?})");
                 }
-                println!("TMP {name} {isa:?} {worst:e}");
             }
         }
     }
