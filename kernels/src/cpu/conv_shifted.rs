@@ -186,7 +186,13 @@ impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for ShiftedPlanes<'_, V::
                 // `ShiftedProduct::new` checked that every such read,
                 // `c * channel_stride + offset + j` for `c < channels`, lies in
                 // `0..extent`; `shifted_product` asserted `planes.len() >= extent`.
-                f(p, std::array::from_fn(|v| unsafe { V::load_masked(start.wrapping_add(v * V::LANES), masks[v]) }));
+                f(
+                    p,
+                    std::array::from_fn(
+                        #[inline(always)]
+                        |v| unsafe { V::load_masked(start.wrapping_add(v * V::LANES), masks[v]) },
+                    ),
+                );
                 start = start.wrapping_add(self.channel_stride);
                 p += 1;
             }

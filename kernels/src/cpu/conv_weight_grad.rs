@@ -110,9 +110,10 @@ impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for ChannelsLast<'_> {
             // being increasing), so each vector's `LANES` values are inside `padded`.
             f(
                 p,
-                std::array::from_fn(|v| {
-                    V::load(unsafe { std::slice::from_raw_parts(padded.add(row + v * V::LANES), V::LANES) })
-                }),
+                std::array::from_fn(
+                    #[inline(always)]
+                    |v| V::load(unsafe { std::slice::from_raw_parts(padded.add(row + v * V::LANES), V::LANES) }),
+                ),
             );
         }
     }

@@ -323,13 +323,16 @@ fn a_rows<V: F32Vector, const R: usize, const NV: usize, B: TileColumns<V, NV>>(
     let (first, k) = (a.offset + i0 * a.row_stride, tile.k);
     let last = first + (R - 1) * a.row_stride + (k - 1) * a.col_stride;
     assert!(last < a.data.len(), "small_sgemm: A's tile reaches past its slice");
-    tile.multiply::<V, R, NV>(|p, r| {
-        debug_assert!(p < k && r < R);
-        // SAFETY: `multiply` asks only for `p < k` and `r < R`, so the index is at most
-        // `last`, which is inside `a.data` (asserted above). (Checked indexing here, in the
-        // innermost loop, cost a third of the speed.)
-        unsafe { *a.data.get_unchecked(first + r * a.row_stride + p * a.col_stride) }
-    });
+    tile.multiply::<V, R, NV>(
+        #[inline(always)]
+        |p, r| {
+            debug_assert!(p < k && r < R);
+            // SAFETY: `multiply` asks only for `p < k` and `r < R`, so the index is at most
+            // `last`, which is inside `a.data` (asserted above). (Checked indexing here, in the
+            // innermost loop, cost a third of the speed.)
+            unsafe { *a.data.get_unchecked(first + r * a.row_stride + p * a.col_stride) }
+        },
+    );
 }
 
 /// Where a register tile reads B: the `NV` vectors of each of B's rows at the tile's
@@ -352,7 +355,13 @@ impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for BlockRows<'_> {
     fn for_each_row(&self, depth: usize, mut f: impl FnMut(usize, [V; NV])) {
         for p in 0..depth {
             let b_row = &self.b[p * self.ldb..][..NV * V::LANES];
-            f(p, std::array::from_fn(|v| V::load(&b_row[v * V::LANES..])));
+            f(
+                p,
+                std::array::from_fn(
+                    #[inline(always)]
+                    |v| V::load(&b_row[v * V::LANES..]),
+                ),
+            );
         }
     }
 }
@@ -414,14 +423,18 @@ impl<B> Tile<'_, B> {
                 }
             }
         }
-        b.for_each_row(k, |p, b_vectors| {
-            for (r, acc_row) in acc.iter_mut().enumerate() {
-                let x = V::splat(a(p, r));
-                for (acc, &b) in acc_row.iter_mut().zip(&b_vectors) {
-                    *acc = x.mul_add(b, *acc);
+        b.for_each_row(
+            k,
+            #[inline(always)]
+            |p, b_vectors| {
+                for (r, acc_row) in acc.iter_mut().enumerate() {
+                    let x = V::splat(a(p, r));
+                    for (acc, &b) in acc_row.iter_mut().zip(&b_vectors) {
+                        *acc = x.mul_add(b, *acc);
+                    }
                 }
-            }
-        });
+            },
+        );
         for (r, acc_row) in acc.iter().enumerate() {
             let c_row = &mut c[r * ldc..][..cols];
             for (v, acc) in acc_row.iter().enumerate() {
