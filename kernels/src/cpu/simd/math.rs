@@ -166,19 +166,22 @@ const TANH_P: [f32; 5] = [-5.704_988_7e-3, 2.063_909e-2, -5.373_971_6e-2, 1.333_
 
 /// The hyperbolic tangent.
 ///
-/// Max error: 1.3 ulp (measured). Saturates to exactly `±1` for `|x| > 9.01`; `tanh(±inf) = ±1`,
+/// Max error: 1.34 ulp (measured). Saturates to exactly `±1` for `|x| > 9.01`; `tanh(±inf) = ±1`,
 /// `tanh(-0) = -0`, NaN for NaN.
 ///
 /// Method (Cephes `tanhf`): for `|x| < 0.625` an odd polynomial; otherwise
-/// `tanh|x| = 1 - 2 / (e^(2|x|) + 1)`, which has no cancellation there (the result is
-/// above 0.55); the sign of `x` is copied onto the result.
+/// `tanh|x| = 1 - 2e / (1 + e)` with `e = e^(-2|x|)`, which has no cancellation there (the
+/// result is above 0.55); the sign of `x` is copied onto the result. (`e` from
+/// [`exp_nonpositive`] rather than `e^(2|x|)` from [`exp`]: 10% faster, 1.34 ulp against
+/// 1.28.)
 #[inline(always)]
 pub fn tanh<V: F32Vector>(x: V) -> V {
     let a = x.abs();
     let a2 = a * a;
     let small = (horner(a2, TANH_P) * a2).mul_add(a, a);
     let one = V::splat(1.0);
-    let large = one - V::splat(2.0) / (exp(a + a) + one);
+    let e = exp_nonpositive(-(a + a));
+    let large = one - (e + e) / (one + e);
     V::select(a.lt(V::splat(TANH_SMALL)), small, large).copysign(x)
 }
 
@@ -206,7 +209,9 @@ const ERFC_LN_Q: [f32; 9] = [
 #[inline(always)]
 fn erf_pieces<V: F32Vector>(x: V, t: V) -> (V, V, V::Mask) {
     let small = horner(x * x, ERF_P).mul_add(x, x);
-    let erfc = exp(horner(t.min(V::splat(ERF_ONE)), ERFC_LN_Q));
+    // `Q <= 3.1e-4` (its value at 0, a lane that takes the other piece) and `>= -17`:
+    // `exp_nonpositive` is exact there (its `2^n` is normal) and cheaper than `exp`.
+    let erfc = exp_nonpositive(horner(t.min(V::splat(ERF_ONE)), ERFC_LN_Q));
     (small, erfc, t.lt(V::splat(ERF_SMALL)))
 }
 
