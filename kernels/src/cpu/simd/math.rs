@@ -210,7 +210,7 @@ const ERFC_LN_Q: [f32; 9] = [
 fn erf_pieces<V: F32Vector>(x: V, t: V) -> (V, V, V::Mask) {
     let small = horner(x * x, ERF_P).mul_add(x, x);
     // `Q <= 3.1e-4` (its value at 0, a lane that takes the other piece) and `>= -17`:
-    // `exp_nonpositive` is exact there (its `2^n` is normal) and cheaper than `exp`.
+    // `exp_nonpositive` is as accurate as `exp` there (its `2^n` is normal), and cheaper.
     let erfc = exp_nonpositive(horner(t.min(V::splat(ERF_ONE)), ERFC_LN_Q));
     (small, erfc, t.lt(V::splat(ERF_SMALL)))
 }
