@@ -806,7 +806,7 @@ fn pack_sliver<T: GemmInput, const W: usize>(
 }
 
 /// Tile height of the portable kernel.
-const SCALAR_MR: usize = 4;
+pub(super) const SCALAR_MR: usize = 4;
 /// Tile width of the portable kernel.
 const SCALAR_NR: usize = 8;
 

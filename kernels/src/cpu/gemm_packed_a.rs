@@ -14,8 +14,10 @@
 //! The packing is for the f32 microkernel of one instruction set, f16 and bf16 operands
 //! widened as they are packed (so bf16 does not use AVX512_BF16's dot products here).
 
+#[cfg(target_arch = "x86_64")]
+use super::gemm::x86;
 use super::gemm::{
-    Dims, Epilogue, GemmInput, Isa, KC, Left, MatRef, Problem, Widened, depth_block, pack_slivers, tile_shape,
+    Dims, Epilogue, GemmInput, Isa, KC, Left, MatRef, Problem, SCALAR_MR, Widened, depth_block, pack_slivers,
     widened_blocked_gemm, without_products,
 };
 use crate::parallel;
@@ -55,11 +57,15 @@ impl PackedA {
         // The blocks the packed path would take for a product of this depth on as many
         // threads as this one may use (any block depth gives the same product).
         let block_depth = depth_block(k, KC, 1, parallel::threads() > 1);
-        let words = match tile_shape(isa)[0] {
-            4 => pack_all::<T, 4>(m, k, a, block_depth),
-            6 => pack_all::<T, 6>(m, k, a, block_depth),
-            14 => pack_all::<T, 14>(m, k, a, block_depth),
-            rows => unreachable!("no f32 microkernel has {rows} rows"),
+        // The slivers as tall as the rows of the microkernel `widened_blocked_gemm` runs.
+        let words = match isa {
+            Isa::Scalar => pack_all::<T, SCALAR_MR>(m, k, a, block_depth),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => pack_all::<T, { x86::AVX2_MR }>(m, k, a, block_depth),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => pack_all::<T, { x86::AVX512_MR }>(m, k, a, block_depth),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2Fma | Isa::Avx512 => unreachable!("checked by is_available"),
         };
         PackedA { isa, m, k, block_depth, words }
     }

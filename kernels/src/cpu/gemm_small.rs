@@ -160,8 +160,11 @@ pub(super) fn small_sgemm(
     }
     let width = block_width(isa);
     let mut buffer = PACKED_B.take();
-    let parallel = m * n * k >= PARALLEL_MIN_WORK && parallel::threads() > 1;
-    let blocks = if b.col_stride == 1 && m * n * k < PARALLEL_MIN_WORK {
+    // Large enough for the packed path to go parallel: then B is packed (see the module
+    // docs), and split across the threads when there are several.
+    let large = m * n * k >= PARALLEL_MIN_WORK;
+    let parallel = large && parallel::threads() > 1;
+    let blocks = if b.col_stride == 1 && !large {
         // B as it is: the block at column `j0` starts `j0` values into B's first row. A
         // last block narrower than `width` is copied out, zero-padded, so that every
         // block can be read with whole vectors.

@@ -146,9 +146,7 @@ pub fn sequence_forward<T: FloatElem>(
         let (done, rest) = states.split_at_mut(t * state_len);
         let prev = if t == 0 { state0 } else { &done[(t - 1) * state_len..] };
         let h_gates = &mut hidden_gates[t * gate_len..(t + 1) * gate_len];
-        let projection = w_hh_t.times(prev, &h, bias_hh);
-        h_gates.copy_from_slice(&projection);
-        crate::buffers::recycle(projection);
+        w_hh_t.times(prev, &h, bias_hh, h_gates);
         let x = &x_gates[t * gate_len..(t + 1) * gate_len];
         rows_forward(cell, dims.hidden, x, h_gates, &prev[..state_len], &mut rest[..state_len]);
     }
@@ -183,6 +181,7 @@ pub fn sequence_backward<T: FloatElem>(
     let mut carried = vec![T::from_f64(0.0); state_len];
     let mut d_state = vec![T::from_f64(0.0); state_len];
     let w_hh = StepWeights::new(weight_hh, Layout::contiguous(&[gh, hidden]), dims.batch);
+    let mut through_gemm = crate::buffers::for_overwrite(dims.batch * hidden);
     for t in (0..dims.steps).rev() {
         for ((d, &out), &back) in d_state.iter_mut().zip(&d_states[t * state_len..]).zip(&carried) {
             *d = T::from_acc(out.to_acc() + back.to_acc());
@@ -192,13 +191,14 @@ pub fn sequence_backward<T: FloatElem>(
         let grads = RowGrads { x: &mut d_x[block.clone()], h: &mut d_h_gates[block.clone()], prev: &mut carried };
         rows_backward(cell, hidden, &x_gates[block.clone()], &hidden_gates[block.clone()], prev, &d_state, grads);
         // h_{t-1} also fed the hidden projection: add d_h_gates[t] W_hh to its part.
-        let through_gemm = w_hh.times(&d_h_gates[block], &Layout::contiguous(&[dims.batch, gh]), None);
+        w_hh.times(&d_h_gates[block], &Layout::contiguous(&[dims.batch, gh]), None, &mut through_gemm);
         for (row, extra) in carried.chunks_exact_mut(sh).zip(through_gemm.chunks_exact(hidden)) {
             for (d, &e) in row[..hidden].iter_mut().zip(extra) {
                 *d = T::from_acc(d.to_acc() + e.to_acc());
             }
         }
     }
+    crate::buffers::recycle(through_gemm);
     // Every step's h_{t-1} as the rows of one matrix [steps * batch, hidden].
     let mut prev_h = Vec::with_capacity(dims.steps * dims.batch * hidden);
     let earlier = &states[..dims.steps.saturating_sub(1) * state_len];
@@ -267,11 +267,15 @@ impl<'a, T: FloatElem> StepWeights<'a, T> {
         }
     }
 
-    /// `x W + bias` (`bias`: `n` values), `[batch, n]` row-major, for `x` (`batch x k`)
-    /// read through its layout.
-    fn times(&self, x: &[T], x_layout: &Layout, bias: Option<&[T]>) -> Vec<T> {
+    /// `out = x W + bias` (`bias`: `n` values; `out`: `[batch, n]` row-major) for `x`
+    /// (`batch x k`) read through its layout.
+    fn times(&self, x: &[T], x_layout: &Layout, bias: Option<&[T]>, out: &mut [T]) {
         let w_t = match self {
-            StepWeights::InPlace(data, layout) => return matmul_fused(x, x_layout, data, layout, bias, None),
+            StepWeights::InPlace(data, layout) => {
+                let product = matmul_fused(x, x_layout, data, layout, bias, None);
+                out.copy_from_slice(&product);
+                return crate::buffers::recycle(product);
+            }
             StepWeights::Packed(w_t) => w_t,
         };
         let x = T::as_f32(x).expect("packed weights are f32, and so is x");
@@ -281,15 +285,13 @@ impl<'a, T: FloatElem> StepWeights<'a, T> {
         let x_t = MatRef { data: x, offset: x_layout.offset(), row_stride: col_stride, col_stride: row_stride };
         let mut product_t = crate::buffers::for_overwrite(n * batch);
         gemm_packed_a(w_t, batch, x_t, &mut product_t, Epilogue::NONE);
-        let mut out: Vec<T> = crate::buffers::for_overwrite(batch * n);
-        let rows = T::as_f32_mut(&mut out).expect("T is f32").chunks_exact_mut(n);
+        let rows = T::as_f32_mut(out).expect("T is f32").chunks_exact_mut(n);
         for (b, row) in rows.enumerate() {
             for (j, (o, &v)) in row.iter_mut().zip(product_t[b..].iter().step_by(batch)).enumerate() {
                 *o = v + bias.map_or(0.0, |bias| bias[j]);
             }
         }
         crate::buffers::recycle(product_t);
-        out
     }
 }
 
