@@ -61,15 +61,48 @@ pub fn for_each_chunk_mut<T: Send>(data: &mut [T], chunk_len: usize, task: impl 
         return;
     }
     assert!(chunk_len > 0, "for_each_chunk_mut: chunk length 0");
+    let len = data.len();
+    split_mut(data, len.div_ceil(chunk_len), |index| len.min(index * chunk_len), task);
+}
+
+/// Cuts `data` into `parts` parts of whole `unit`s of values (the last unit may be
+/// shorter), as even as whole units allow, and runs `task(offset, part)` on each (`offset`:
+/// where the part starts in `data`), in parallel as [`for_each`]. With more parts than
+/// threads, a thread that finishes early takes over the parts of one that was
+/// descheduled or woke late, instead of waiting for it.
+///
+/// # Panics
+/// If `unit` or `parts` is 0 and `data` is not empty.
+pub fn for_each_part_mut<T: Send>(data: &mut [T], unit: usize, parts: usize, task: impl Fn(usize, &mut [T]) + Sync) {
+    if data.is_empty() {
+        return;
+    }
+    assert!(unit > 0 && parts > 0, "for_each_part_mut: {parts} parts of units of {unit}");
+    let (len, units) = (data.len(), data.len().div_ceil(unit));
+    let start = |index: usize| len.min(index * units / parts * unit);
+    split_mut(data, parts, start, |index, part| task(start(index), part));
+}
+
+/// Runs `task(index, &mut data[start(index)..start(index + 1)])` for every `index` in
+/// `0..parts` (`start(parts)` is `data.len()`), in parallel as [`for_each`]. `start` must
+/// be non-decreasing and at most `data.len()`, so that the parts are disjoint.
+fn split_mut<T: Send>(
+    data: &mut [T],
+    parts: usize,
+    start: impl Fn(usize) -> usize + Sync,
+    task: impl Fn(usize, &mut [T]) + Sync,
+) {
     let (len, base) = (data.len(), SendPtr(data.as_mut_ptr()));
-    run(len.div_ceil(chunk_len), &|index| {
-        let start = index * chunk_len;
-        let end = len.min(start + chunk_len);
-        // SAFETY: each index is claimed by exactly one task, so the chunks
-        // `start..end` handed out are disjoint and inside `data`, which the caller
-        // borrows mutably until every task has finished (`run` waits for them).
-        let chunk = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
-        task(index, chunk)
+    run(parts, &|index| {
+        let (begin, end) = (start(index), if index + 1 == parts { len } else { start(index + 1) });
+        assert!(begin <= end && end <= len, "split_mut: part {index} is {begin}..{end} of {len}");
+        // SAFETY: each index is claimed by exactly one task and the parts are consecutive
+        // (`start` is a pure function of the index, non-decreasing, checked against the
+        // next part's start here), so the slices
+        // handed out are disjoint and inside `data`, which the caller borrows mutably until
+        // every task has finished (`run` waits for them).
+        let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(begin), end - begin) };
+        task(index, part)
     });
 }
 
@@ -134,7 +167,7 @@ pub fn map_chunks_mut<T: Send, R: Send>(
         .collect()
 }
 
-/// A raw pointer that may cross threads: [`for_each_chunk_mut`] hands out disjoint chunks.
+/// A raw pointer that may cross threads: [`split_mut`] hands out disjoint parts.
 struct SendPtr<T>(*mut T);
 // SAFETY: only used to rebuild disjoint `&mut [T]` chunks with `T: Send`.
 unsafe impl<T: Send> Sync for SendPtr<T> {}
@@ -342,6 +375,31 @@ mod tests {
                 }
             });
             assert_eq!(data, (1..=len).collect::<Vec<_>>(), "len {len} chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn parts_cover_the_slice_once_in_whole_units_as_even_as_they_allow() {
+        for (len, unit, parts) in [(0, 3, 2), (1, 3, 2), (10, 3, 2), (43 * 6 - 2, 6, 8), (100, 1, 7), (12, 4, 5)] {
+            let mut data = vec![0usize; len];
+            let seen = Mutex::new(Vec::new());
+            for_each_part_mut(&mut data, unit, parts, |offset, part| {
+                for (j, v) in part.iter_mut().enumerate() {
+                    *v += offset + j + 1;
+                }
+                seen.lock().unwrap().push((offset, part.len()));
+            });
+            assert_eq!(data, (1..=len).collect::<Vec<_>>(), "len {len} unit {unit} parts {parts}");
+            if len == 0 {
+                continue;
+            }
+            let mut got = seen.into_inner().unwrap();
+            got.sort();
+            assert_eq!(got.len(), parts);
+            // Whole units but at the very end, and no part more than one unit longer than another.
+            assert!(got.iter().all(|&(offset, part)| offset % unit == 0 && (part % unit == 0 || offset + part == len)));
+            let units: Vec<usize> = got.iter().map(|&(_, part)| part.div_ceil(unit)).collect();
+            assert!(units.iter().max().unwrap() - units.iter().min().unwrap() <= 1, "{units:?}");
         }
     }
 

@@ -1350,15 +1350,25 @@ mod tests {
     #[test]
     fn unpacked_path_matches_naive_across_its_row_blocks() {
         // Rows of A in blocks of about 2^15 values: several blocks, the last one partial
-        // and ending in a short tile; B row-major, column-major, and a single column block.
-        for (m, n, k, b_t) in [(131, 40, 600, false), (131, 40, 600, true), (250, 16, 257, false), (97, 33, 1024, true)]
-        {
+        // and ending in a short tile; B row-major, column-major, and a single column block;
+        // on two threads, C's rows cut into 2 to 8 parts (the last one ragged).
+        let shapes = [
+            (131, 40, 600, false),
+            (131, 40, 600, true),
+            (250, 16, 257, false),
+            (97, 33, 1024, true),
+            (293, 40, 300, false),
+        ];
+        for (m, n, k, b_t) in shapes {
             let a = Operand::new(m, k, false, 1, 2, 31);
             let b = Operand::new(k, n, b_t, 0, 1, 32);
-            for isa in available_isas() {
-                let mut c = vec![f32::NAN; m * n];
-                gemm_small::small_sgemm(isa, m, n, k, a.view(), b.view(), &mut c, Epilogue::NONE);
-                assert_matches_naive(&c, m, n, k, &a, &b);
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                for isa in available_isas() {
+                    let mut c = vec![f32::NAN; m * n];
+                    pool.install(|| gemm_small::small_sgemm(isa, m, n, k, a.view(), b.view(), &mut c, Epilogue::NONE));
+                    assert_matches_naive(&c, m, n, k, &a, &b);
+                }
             }
         }
     }
