@@ -12,11 +12,19 @@
 //! The cache keeps freed buffers of at least [`MIN_CACHED_BYTES`] by capacity, and
 //! serves a request from the smallest buffer that holds it with at most half again to
 //! spare (a loop asks for exactly the sizes it freed). It stays near the working set of
-//! the loop: a request it cannot serve frees as many cached bytes (the largest buffers
-//! first) as the new buffer takes, so that switching to other sizes (evaluation with
-//! another batch size, generation) replaces the old set instead of adding to it. It
-//! never holds more than [`limit`] bytes (1 GiB unless [`set_limit`] says otherwise);
-//! when a buffer would not fit, the cache empties itself first.
+//! the loop by evicting the buffers that have gone stale: each cache keeps a clock that
+//! ticks once per request and per returned buffer, and notes how long the buffers it
+//! handed out again had waited (their age, the longest of them decaying slowly). A
+//! request it cannot serve frees as many bytes as the new buffer takes from the buffers
+//! that have waited more than twice that longest reuse age (the oldest first), so that
+//! switching to other sizes (evaluation with another batch size, generation) replaces the
+//! old set instead of adding to it. Within a training step no buffer waits longer than a
+//! step, so none is evicted, whatever the order in which the step asks for its sizes: an
+//! earlier rule, which freed the largest buffers on every miss, evicted the buffers a
+//! GPT's backward pass was about to ask for whenever its forward pass asked for others
+//! (16 misses and 10 MB of fresh memory per step, in steady state). It never holds more
+//! than [`limit`] bytes (1 GiB unless [`set_limit`] says otherwise); when a buffer would
+//! not fit, the cache empties itself first.
 //! Buffers are handed out either filled ([`filled`], the drop-in for `vec![v; len]`) or
 //! with whatever values they held ([`for_overwrite`]) for kernels that write every
 //! element; both are plain initialised `Vec`s, so no unsafe code is involved.
@@ -35,59 +43,95 @@ pub const MIN_CACHED_BYTES: usize = 64 * 1024;
 static CACHED_BYTES: AtomicUsize = AtomicUsize::new(0);
 static LIMIT_BYTES: AtomicUsize = AtomicUsize::new(1 << 30);
 
-/// The freed buffers of one element type, by capacity.
+/// The freed buffers of one element type, by capacity, and the clock that ages them.
 pub struct BufferCache<T> {
-    free: Mutex<BTreeMap<usize, Vec<Vec<T>>>>,
+    state: Mutex<CacheState<T>>,
 }
+
+/// A [`BufferCache`]'s contents.
+struct CacheState<T> {
+    /// The buffers of each capacity, each with the tick at which it was returned, oldest
+    /// first.
+    free: BTreeMap<usize, Vec<(u64, Vec<T>)>>,
+    /// Ticks once per request and once per returned buffer.
+    clock: u64,
+    /// How long the buffers handed out again had waited, the longest of them, decaying by
+    /// 1/1024 per reuse (so that one long wait, a training loop resumed after an
+    /// evaluation, does not keep stale buffers for ever).
+    reuse_age: u64,
+}
+
+/// A buffer older than this many ticks may be evicted however short the reuse age.
+const MIN_STALE_AGE: u64 = 16;
 
 impl<T: Element> BufferCache<T> {
     /// An empty cache (for the one static per element type).
     pub const fn new() -> Self {
-        BufferCache { free: Mutex::new(BTreeMap::new()) }
+        BufferCache { state: Mutex::new(CacheState { free: BTreeMap::new(), clock: 0, reuse_age: 0 }) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheState<T>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The smallest cached buffer that holds `len` elements without wasting more than
-    /// half of that again, resized to `len` (elements past the old length are zeros).
-    fn take(&self, len: usize) -> Option<Vec<T>> {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let (&capacity, buffers) = free.range_mut(len..=len.saturating_add(len / 2)).next()?;
-        let mut buffer = buffers.pop()?;
+    /// half of that again, resized to `len` (elements past the old length are zeros). On
+    /// a miss, frees stale buffers ([`CacheState::evict_stale`]) of as many bytes as the
+    /// new buffer will take; returns them with the miss.
+    fn take(&self, len: usize) -> Result<Vec<T>, usize> {
+        let mut state = self.lock();
+        state.clock += 1;
+        let now = state.clock;
+        let Some((&capacity, buffers)) = state.free.range_mut(len..=len.saturating_add(len / 2)).next() else {
+            return Err(state.evict_stale(len.saturating_mul(size_of::<T>())));
+        };
+        let (returned, mut buffer) = buffers.pop().expect("no empty lists are kept");
         if buffers.is_empty() {
-            free.remove(&capacity);
+            state.free.remove(&capacity);
         }
-        drop(free);
+        let age = now - returned;
+        state.reuse_age = age.max(state.reuse_age - state.reuse_age / 1024);
+        drop(state);
         CACHED_BYTES.fetch_sub(bytes_of(&buffer), Ordering::Relaxed);
         buffer.resize(len, T::zero());
-        Some(buffer)
+        Ok(buffer)
     }
 
     /// Keeps `buffer` for reuse.
     fn put(&self, buffer: Vec<T>) {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.entry(buffer.capacity()).or_default().push(buffer);
-    }
-
-    /// Frees cached buffers, the largest first, until at least `bytes` are released or
-    /// none is left; returns the bytes released.
-    fn evict(&self, bytes: usize) -> usize {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let mut released = 0;
-        while released < bytes {
-            let Some(mut largest) = free.last_entry() else { break };
-            let buffer = largest.get_mut().pop().expect("no empty lists are kept");
-            if largest.get().is_empty() {
-                largest.remove();
-            }
-            released += bytes_of(&buffer);
-        }
-        released
+        let mut state = self.lock();
+        state.clock += 1;
+        let now = state.clock;
+        state.free.entry(buffer.capacity()).or_default().push((now, buffer));
     }
 
     /// Frees every buffer of this cache; returns the bytes released.
     fn clear(&self) -> usize {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let released = free.values().flatten().map(bytes_of).sum();
-        free.clear();
+        let mut state = self.lock();
+        let released = state.free.values().flatten().map(|(_, buffer)| bytes_of(buffer)).sum();
+        state.free.clear();
+        released
+    }
+}
+
+impl<T> CacheState<T> {
+    /// Frees the buffers that have waited longer than twice the reuse age (and at least
+    /// [`MIN_STALE_AGE`] ticks), the oldest first, until at least `bytes` are released or
+    /// none is left; returns the bytes released.
+    fn evict_stale(&mut self, bytes: usize) -> usize {
+        let oldest_kept = self.clock.saturating_sub(MIN_STALE_AGE.max(self.reuse_age.saturating_mul(2)));
+        let mut released = 0;
+        while released < bytes {
+            // The oldest buffer: the first of some capacity's list.
+            let oldest = self.free.iter().map(|(&capacity, buffers)| (buffers[0].0, capacity)).min();
+            let Some((_, capacity)) = oldest.filter(|&(returned, _)| returned < oldest_kept) else { break };
+            let buffers = self.free.get_mut(&capacity).expect("found above");
+            let (_, buffer) = buffers.remove(0);
+            if buffers.is_empty() {
+                self.free.remove(&capacity);
+            }
+            released += bytes_of(&buffer);
+        }
         released
     }
 }
@@ -109,19 +153,20 @@ fn is_cached_size<T>(len: usize) -> bool {
 }
 
 /// A cached buffer of `len` elements, if the cache has one; on a miss, the cache frees
-/// as many bytes as the new buffer will take, so that a process whose sizes change
-/// (training, then evaluation with another batch) does not hold both sets at once.
+/// as many bytes of stale buffers as the new buffer will take, so that a process whose
+/// sizes change (training, then evaluation with another batch) does not hold both sets
+/// at once.
 fn take_cached<T: Element>(len: usize) -> Option<Vec<T>> {
     if !is_cached_size::<T>(len) {
         return None;
     }
-    let cache = T::buffer_cache();
-    let hit = cache.take(len);
-    if hit.is_none() {
-        let released = cache.evict(len.saturating_mul(size_of::<T>()));
-        CACHED_BYTES.fetch_sub(released, Ordering::Relaxed);
+    match T::buffer_cache().take(len) {
+        Ok(buffer) => Some(buffer),
+        Err(released) => {
+            CACHED_BYTES.fetch_sub(released, Ordering::Relaxed);
+            None
+        }
     }
-    hit
 }
 
 /// A buffer of `len` copies of `value`: a cached one refilled, or a new one.
@@ -211,7 +256,7 @@ mod tests {
     }
 
     #[test]
-    fn a_request_takes_the_smallest_buffer_that_fits_and_a_miss_frees_room() {
+    fn a_request_takes_the_smallest_buffer_that_fits_and_a_miss_frees_stale_room() {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         // i64 and lengths no other test of this crate uses.
         let big = filled(40_009, 5i64);
@@ -226,11 +271,46 @@ mod tests {
         assert_eq!(longer.as_ptr(), big_address);
         assert!(longer[..30_007].iter().all(|&v| v == 5) && longer[30_007..].iter().all(|&v| v == 0));
         recycle(longer);
-        // Too small to be served by it without waste: a miss, which frees the big one.
+        // Too small to be served by it without waste: a miss, but the big buffer was
+        // returned a moment ago, so it stays.
         let before = cached_bytes();
         let small = filled(20_011, 1i64);
         assert_eq!(small.len(), 20_011);
-        assert_eq!(cached_bytes(), before - bytes);
+        assert_eq!(cached_bytes(), before);
+        // Once it has waited far longer than any reused buffer (a loop of one size that
+        // hits every time), the next miss frees it.
+        recycle(small);
+        for _ in 0..3 * MIN_STALE_AGE {
+            recycle(for_overwrite::<i64>(20_011));
+        }
+        let before = cached_bytes();
+        drop(filled(25_013, 0i64)); // not served by the 20_011 buffer: 25_013 > 20_011
+        assert_eq!(cached_bytes(), before - bytes, "the stale buffer is freed");
+        assert_eq!(for_overwrite::<i64>(40_009).len(), 40_009);
+    }
+
+    #[test]
+    fn a_loop_whose_phases_ask_for_different_sizes_stops_missing() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        // A step in three phases (a forward pass of large activations, a backward pass of
+        // smaller gradients, an update of the largest): each phase's buffers are all in use
+        // at once, then returned. u8 and lengths no other test of this crate uses.
+        let phases = [[3, 3, 3, 3], [1, 1, 2, 2], [5, 5, 0, 0]];
+        let len = |units: usize| units * MIN_CACHED_BYTES + 101;
+        let mut seen = std::collections::HashSet::new();
+        for step in 0..12 {
+            let mut fresh = 0;
+            for phase in phases {
+                let live: Vec<Vec<u8>> = phase.iter().filter(|&&u| u > 0).map(|&u| for_overwrite(len(u))).collect();
+                fresh += live.iter().filter(|b| seen.insert(b.as_ptr() as usize)).count();
+                live.into_iter().for_each(recycle);
+            }
+            // The first steps allocate; after them every buffer is served from the cache.
+            if step >= 3 {
+                assert_eq!(fresh, 0, "step {step} allocated {fresh} new buffers");
+            }
+        }
+        clear();
     }
 
     #[test]
