@@ -214,7 +214,7 @@ pub fn sequence_backward<T: FloatElem>(
         None,
         None,
     );
-    let bias_hh = sum_columns(&d_h_gates, gh);
+    let bias_hh = sum_columns(&d_h_gates, gh, |v| v);
     SequenceGrads { x_gates: d_x, weight_hh, bias_hh, state0: carried }
 }
 

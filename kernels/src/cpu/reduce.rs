@@ -61,10 +61,26 @@ fn map_groups<T: Sync, O: Send>(data: &[T], group: usize, run: impl Fn(&[T]) -> 
 
 /// Sum of each group, accumulated in f64.
 pub fn sum_float<T: FloatElem>(src: &[T], layout: &Layout, group: usize) -> Vec<T> {
+    sum_terms(src, layout, group, |v| v)
+}
+
+/// Sum of the squares of each group, accumulated in f64: a squared norm that reads each
+/// value once and writes no squared copy (a gradient norm over every parameter).
+pub fn sum_squares<T: FloatElem>(src: &[T], layout: &Layout, group: usize) -> Vec<T> {
+    sum_terms(src, layout, group, |v| v * v)
+}
+
+/// Sum of `term(v)` over each group, `v` widened to f64 and the sum accumulated in f64.
+fn sum_terms<T: FloatElem>(
+    src: &[T],
+    layout: &Layout,
+    group: usize,
+    term: impl Fn(f64) -> f64 + Copy + Sync,
+) -> Vec<T> {
     if let Some(range) = layout.contiguous_range() {
         // Contiguous groups: eight independent accumulators per group, so the adds
         // pipeline instead of waiting on one chain of f64 additions.
-        let run = |chunk: &[T]| T::from_f64(sum_f64(chunk));
+        let run = |chunk: &[T]| T::from_f64(sum_f64(chunk, term));
         let data = &src[range];
         if data.len() >= super::map::PARALLEL_THRESHOLD {
             return map_groups(data, group, run);
@@ -72,9 +88,9 @@ pub fn sum_float<T: FloatElem>(src: &[T], layout: &Layout, group: usize) -> Vec<
         return data.chunks(group).map(run).collect();
     }
     if let Some(columns) = columns_of_contiguous(layout, group) {
-        return sum_columns(&src[layout.offset()..layout.offset() + layout.numel()], columns);
+        return sum_columns(&src[layout.offset()..layout.offset() + layout.numel()], columns, term);
     }
-    fold_groups(src, layout, group, 0.0f64, |s, _, v| s + v.to_f64(), T::from_f64)
+    fold_groups(src, layout, group, 0.0f64, |s, _, v| s + term(v.to_f64()), T::from_f64)
 }
 
 /// `Some(columns)` when the groups are the columns of a contiguous row-major matrix
@@ -99,16 +115,17 @@ fn columns_of_contiguous(layout: &Layout, group: usize) -> Option<usize> {
     (runs_with(0..split, 1) && runs_with(split..shape.len(), columns)).then_some(columns)
 }
 
-/// Column sums of the row-major matrix `data` with `columns` columns, in f64: each row is
-/// added into a row of accumulators (unit-stride, so it vectorises). Large matrices are
-/// split by columns across threads; every column is still summed top to bottom.
-pub(crate) fn sum_columns<T: FloatElem>(data: &[T], columns: usize) -> Vec<T> {
+/// Column sums of `term(v)` over the row-major matrix `data` with `columns` columns, in
+/// f64: each row is added into a row of accumulators (unit-stride, so it vectorises).
+/// Large matrices are split by columns across threads; every column is still summed top
+/// to bottom.
+pub(crate) fn sum_columns<T: FloatElem>(data: &[T], columns: usize, term: impl Fn(f64) -> f64 + Sync) -> Vec<T> {
     const COLUMNS_PER_TASK: usize = 256;
     let sum_range = |cols: std::ops::Range<usize>| {
         let mut acc = vec![0.0f64; cols.len()];
         for row in data.chunks_exact(columns) {
             for (a, v) in acc.iter_mut().zip(&row[cols.clone()]) {
-                *a += v.to_f64();
+                *a += term(v.to_f64());
             }
         }
         acc.into_iter().map(T::from_f64).collect::<Vec<T>>()
@@ -121,16 +138,16 @@ pub(crate) fn sum_columns<T: FloatElem>(data: &[T], columns: usize) -> Vec<T> {
     parts.into_iter().flatten().collect()
 }
 
-/// The f64 sum of `values`, over eight interleaved partial sums.
-fn sum_f64<T: FloatElem>(values: &[T]) -> f64 {
+/// The f64 sum of `term(v)` over `values`, in eight interleaved partial sums.
+fn sum_f64<T: FloatElem>(values: &[T], term: impl Fn(f64) -> f64) -> f64 {
     let mut partial = [0.0f64; 8];
     let mut chunks = values.chunks_exact(8);
     for chunk in &mut chunks {
         for (p, v) in partial.iter_mut().zip(chunk) {
-            *p += v.to_f64();
+            *p += term(v.to_f64());
         }
     }
-    let tail: f64 = chunks.remainder().iter().map(|v| v.to_f64()).sum();
+    let tail: f64 = chunks.remainder().iter().map(|v| term(v.to_f64())).sum();
     partial.iter().sum::<f64>() + tail
 }
 

@@ -287,8 +287,8 @@ pub fn clip_grad_norm(params: &[Var], max_norm: f64) -> Result<f64> {
     let mut total = 0.0f64;
     for p in params {
         if let Some(g) = p.grad() {
-            // The sum accumulates in f64 whatever the dtype.
-            total += g.square()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            // The sum accumulates in f64 whatever the dtype (and reads the gradient once).
+            total += g.sum_squares(&[], false)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         }
     }
     let norm = total.sqrt();

@@ -1,6 +1,6 @@
-//! Reductions over any set of axes, with `keepdim`: sum, mean, var, max, min, argmax,
-//! argmin, logsumexp and p-norms. Negative dims count from the end; an empty dim list
-//! means every dim.
+//! Reductions over any set of axes, with `keepdim`: sum, sum of squares, mean, var, max,
+//! min, argmax, argmin, logsumexp and p-norms. Negative dims count from the end; an empty
+//! dim list means every dim.
 //!
 //! Every reduction moves the reduced dims to the end (a view) and asks the kernel to fold
 //! consecutive groups; `mean`, `var`, `logsumexp` and `norm` are composed from those.
@@ -53,6 +53,20 @@ impl Tensor {
         self.sum(&[], false)
     }
 
+    /// Sum of the squares over `dims` (float dtypes), accumulated in f64, without a
+    /// squared copy: `x.square().sum(dims)` reading `x` once.
+    pub fn sum_squares(&self, dims: &[isize], keepdim: bool) -> Result<Tensor> {
+        self.expect_float("sum_squares")?;
+        let plan = self.reduce_plan("sum_squares", dims, keepdim)?;
+        if plan.group == 0 {
+            return Tensor::zeros(plan.out_shape, self.dtype(), &self.device());
+        }
+        let out = plan
+            .grouped
+            .read_cpu(|s, l| Ok(map_float!("sum_squares", s, |b| reduce::sum_squares(b, l, plan.group))))?;
+        Ok(Tensor::from_cpu(out, &plan.out_shape))
+    }
+
     /// Arithmetic mean over `dims` (float dtypes).
     pub fn mean(&self, dims: &[isize], keepdim: bool) -> Result<Tensor> {
         self.expect_float("mean")?;
@@ -70,8 +84,7 @@ impl Tensor {
     pub fn var(&self, dims: &[isize], keepdim: bool, correction: usize) -> Result<Tensor> {
         self.expect_float("var")?;
         let plan = self.reduce_plan("var", dims, keepdim)?;
-        let centered = self.sub(&self.mean(dims, true)?)?;
-        let ss = centered.square()?.sum(dims, keepdim)?;
+        let ss = self.sub(&self.mean(dims, true)?)?.sum_squares(dims, keepdim)?;
         ss.div(plan.group.saturating_sub(correction) as f64)
     }
 
@@ -142,7 +155,7 @@ impl Tensor {
             return Err(Error::invalid("norm", format!("p = {p}: need p > 0")));
         }
         if p == 2.0 {
-            return self.square()?.sum(dims, keepdim)?.sqrt();
+            return self.sum_squares(dims, keepdim)?.sqrt();
         }
         if p.is_infinite() {
             return self.abs()?.max(dims, keepdim);
@@ -194,6 +207,10 @@ mod tests {
             let got = t.sum(&idims, keep).unwrap();
             prop_assert_eq!(got.dims(), &sum.shape[..]);
             assert_close(&got.to_f64_vec().unwrap(), &sum.data, 1e-5, 1e-5, "sum");
+            let squares = naive(&x, &all, keep, |g| g.iter().map(|v| v * v).sum());
+            let got = t.sum_squares(&idims, keep).unwrap();
+            prop_assert_eq!(got.dims(), &squares.shape[..]);
+            assert_close(&got.to_f64_vec().unwrap(), &squares.data, 1e-5, 1e-5, "sum_squares");
             let mean = naive(&x, &all, keep, |g| g.iter().sum::<f64>() / g.len() as f64);
             assert_close(&t.mean(&idims, keep).unwrap().to_f64_vec().unwrap(), &mean.data, 1e-5, 1e-5, "mean");
             let var = naive(&x, &all, keep, |g| {
@@ -301,6 +318,11 @@ mod tests {
         assert!(x.sum(&[1, -1], false).unwrap_err().to_string().contains("same dimension twice"));
         let i = Tensor::zeros([2], DType::I64, &dev).unwrap();
         assert!(i.mean_all().unwrap_err().to_string().starts_with("mean: not supported for dtype i64"));
+        assert!(
+            i.sum_squares(&[], false).unwrap_err().to_string().starts_with("sum_squares: not supported for dtype i64")
+        );
+        let empty = Tensor::zeros([2, 0], DType::F32, &dev).unwrap();
+        assert_eq!(empty.sum_squares(&[1], false).unwrap().to_vec::<f32>().unwrap(), vec![0.0, 0.0]);
         assert!(x.norm(0.0, &[], false).is_err());
     }
 }
