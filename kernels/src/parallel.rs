@@ -98,9 +98,9 @@ fn split_mut<T: Send>(
         assert!(begin <= end && end <= len, "split_mut: part {index} is {begin}..{end} of {len}");
         // SAFETY: each index is claimed by exactly one task and the parts are consecutive
         // (`start` is a pure function of the index, non-decreasing, checked against the
-        // next part's start here), so the slices
-        // handed out are disjoint and inside `data`, which the caller borrows mutably until
-        // every task has finished (`run` waits for them).
+        // next part's start here), so the slices handed out are disjoint and inside
+        // `data`, which the caller borrows mutably until every task has finished (`run`
+        // waits for them).
         let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(begin), end - begin) };
         task(index, part)
     });
