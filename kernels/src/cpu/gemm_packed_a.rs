@@ -100,8 +100,9 @@ fn pack_all<T: GemmInput, const MR: usize>(m: usize, k: usize, a: MatRef<T>, blo
     // every sequence, and fresh memory would fault its pages in each time. Not the shared
     // buffer cache (`crate::buffers`): its other users' buffers of about the same size
     // (an LSTM's `[steps, batch, 4 hidden]` gradients, 1M values against 1.06M here) took
-    // this one, whose misses then evicted the largest buffers every step: 810K page faults
-    // in 150 training steps against 22K. (Packing writes every word, padding included.)
+    // this one, whose misses then evicted the largest buffers every step (the cache's
+    // eviction rule at the time): 810K page faults in 150 training steps against 22K.
+    // (Packing writes every word, padding included.)
     let mut words = LAST_BUFFER.take();
     words.resize(slivers * MR * k, 0.0);
     let mut rest = &mut words[..];
