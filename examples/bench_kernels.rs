@@ -154,12 +154,15 @@ fn elementwise_and_rows(threads: usize, reps: usize) {
 
 /// The convolutions of the issue, forward and forward+backward (the gradient of the sum
 /// of the output with respect to input and weight), ours against candle's:
-/// conv2d of batch 64, 32 -> 64 channels, 28x28, 3x3, padding 1; conv_transpose2d of
+/// conv2d of batch 64, 32 -> 64 channels, 28x28, 3x3, padding 1 (and 0); conv_transpose2d of
 /// batch 64, 64 -> 32 channels, 14x14 -> 28x28, 4x4, stride 2, padding 1.
 fn conv_lines(threads: usize, reps: usize) {
     let params = Conv2dParams { stride: [1, 1], padding: [1, 1], dilation: [1, 1], groups: 1 };
     let shapes = ([64, 32, 28, 28], [64, 32, 3, 3]);
     conv_line("conv2d", shapes, threads, reps, |x, w| x.conv2d(w, None, params), |x, w| x.conv2d(w, 1, 1, 1, 1));
+    // The same layer without padding ("valid": 26 x 26 features).
+    let valid = Conv2dParams { padding: [0, 0], ..params };
+    conv_line("conv2d_valid", shapes, threads, reps, |x, w| x.conv2d(w, None, valid), |x, w| x.conv2d(w, 0, 1, 1, 1));
     let params =
         ConvTranspose2dParams { stride: [2, 2], padding: [1, 1], output_padding: [0, 0], dilation: [1, 1], groups: 1 };
     let shapes = ([64, 64, 14, 14], [64, 32, 4, 4]);

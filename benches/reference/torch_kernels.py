@@ -53,6 +53,10 @@ def main():
              ms=median_ms(lambda: F.conv2d(image, weight, padding=1), reps=max(3, REPS // 3)))
         line(op="conv2d_fwd_bwd", shape=[64, 32, 28, 28], threads=threads,
              ms=median_ms(lambda: F.conv2d(image, weight, padding=1).sum().backward(), reps=max(3, REPS // 3)))
+        line(op="conv2d_valid", shape=[64, 32, 28, 28], threads=threads,
+             ms=median_ms(lambda: F.conv2d(image, weight), reps=max(3, REPS // 3)))
+        line(op="conv2d_valid_fwd_bwd", shape=[64, 32, 28, 28], threads=threads,
+             ms=median_ms(lambda: F.conv2d(image, weight).sum().backward(), reps=max(3, REPS // 3)))
         feats = torch.randn(64, 64, 14, 14, requires_grad=True)
         weight_t = torch.randn(64, 32, 4, 4, requires_grad=True)
         line(op="conv_transpose2d", shape=[64, 64, 14, 14], threads=threads,
