@@ -27,16 +27,13 @@
 //! first read row-major into the accumulator type (f32 for f32/f16/bf16, f64 for f64);
 //! each output is rounded once.
 //!
-//! Which method runs where: in f32 (and f16/bf16, accumulated in f32), a convolution,
-//! and a transposed convolution whose image phases fit in the feature rows (every "same"
-//! layer at stride 1, the 3 x 3 and 4 x 4 layers with padding 1 at stride 2, 1 x 1
-//! downsampling), skip the columns matrix: `conv_phases.rs` splits the strided side into
-//! phases and computes each as a shifted product (`conv_shifted.rs`), which reads each
-//! tap's row of the columns straight from the planes, shifted and masked, inside the
-//! GEMM's register tiles (1.16x as fast at the layer; a "valid" convolution's
-//! narrower features are computed in widened rows, 1.3-1.8x as fast). Everything else
-//! (the transposed convolution of narrower features, f64, filters too large to stream
-//! from L2) takes im2col + GEMM. The
+//! Which method runs where: in f32 (and f16/bf16, accumulated in f32), convolutions and
+//! transposed convolutions skip the columns matrix: `conv_phases.rs` splits the strided
+//! side into phases and computes each as a shifted product (`conv_shifted.rs`), which
+//! reads each tap's row of the columns straight from the planes, shifted and masked,
+//! inside the GEMM's register tiles (1.16x as fast at the layer; a "valid"
+//! convolution's narrower feature rows are widened to the image's, 1.3-1.8x as fast).
+//! Everything else (f64, filters too large to stream from L2) takes im2col + GEMM. The
 //! weight gradient of a convolution with at least 16 input channels per group,
 //! accumulated in f32, reads a zero-padded channels-last copy of each image instead of
 //! the columns (`conv_weight_grad.rs`: 1.14-1.44x as fast on the layers measured there,
