@@ -456,27 +456,45 @@ pub fn update<V: F32Vector, const M: usize, const N: usize>(
     }
 }
 
-/// The loop of [`update`], on buffers and operands of checked lengths.
+/// The loop of [`update`], on buffers and operands of checked lengths: the whole vectors,
+/// then the tail. (Written as one loop that asked at every vector whether it had reached
+/// the tail, it compiled to a dozen instructions of bookkeeping around each multiply:
+/// softmax's scaling pass took a fifth of its time. Split, same-process A/B with AVX2 on
+/// Zen 3: softmax of (4096, 1024) 3.23-3.43 -> 2.39-2.63 ms at one thread, 1.42-1.52 ->
+/// 1.22-1.32 at two; an f32 Adam step from L2 0.85-0.90 -> 0.61 ns per parameter.)
 #[inline(always)]
 fn update_loop<V: F32Vector, const M: usize, const N: usize>(
-    bufs: [&mut [f32]; M],
+    mut bufs: [&mut [f32]; M],
     inputs: [Operand; N],
     f: impl Fn([V; M], [V; N]) -> [V; M],
 ) {
     let len = if M == 0 { 0 } else { bufs[0].len() };
     let body = len - len % V::LANES;
-    let mut start = 0;
-    while start < len {
-        let tail = start == body;
-        let mut old = [V::splat(0.0); M];
-        for k in 0..M {
-            old[k] = if tail { V::load_partial(&bufs[k][start..], 1.0) } else { V::load(&bufs[k][start..]) };
-        }
-        let new = f(old, load_all(&inputs, start, tail));
-        for k in 0..M {
-            if tail { new[k].store_partial(&mut bufs[k][start..]) } else { new[k].store(&mut bufs[k][start..]) }
-        }
-        start += V::LANES;
+    for start in (0..body).step_by(V::LANES) {
+        update_at(&mut bufs, &inputs, start, false, &f);
+    }
+    if body < len {
+        update_at(&mut bufs, &inputs, body, true, &f);
+    }
+}
+
+/// One step of [`update_loop`]: the vector at `start`, or the `tail` from `start` on
+/// (a separate call, so that the loop over whole vectors has no branch on it).
+#[inline(always)]
+fn update_at<V: F32Vector, const M: usize, const N: usize>(
+    bufs: &mut [&mut [f32]; M],
+    inputs: &[Operand; N],
+    start: usize,
+    tail: bool,
+    f: &impl Fn([V; M], [V; N]) -> [V; M],
+) {
+    let mut old = [V::splat(0.0); M];
+    for k in 0..M {
+        old[k] = if tail { V::load_partial(&bufs[k][start..], 1.0) } else { V::load(&bufs[k][start..]) };
+    }
+    let new = f(old, load_all(inputs, start, tail));
+    for k in 0..M {
+        if tail { new[k].store_partial(&mut bufs[k][start..]) } else { new[k].store(&mut bufs[k][start..]) }
     }
 }
 
