@@ -7,6 +7,7 @@
 
 use crate::storage::{CpuStorage, map_float, with_any};
 use crate::{DType, Error, Result, Tensor};
+use aigc_kernels::Layout;
 use aigc_kernels::cpu::reduce;
 
 /// What a reduction over `dims` looks like: the permuted input, the group size, and
@@ -15,6 +16,23 @@ struct Plan {
     grouped: Tensor,
     group: usize,
     out_shape: Vec<usize>,
+}
+
+impl Plan {
+    /// Runs `fold`, a kernel that folds each run of `group` consecutive elements of the
+    /// grouped view into one, and shapes its output; a reduction over a zero-size dim
+    /// (no elements in any group) gives `when_empty(out_shape)` instead.
+    fn fold(
+        self,
+        when_empty: impl FnOnce(Vec<usize>) -> Result<Tensor>,
+        fold: impl FnOnce(&CpuStorage, &Layout, usize) -> Result<CpuStorage>,
+    ) -> Result<Tensor> {
+        if self.group == 0 {
+            return when_empty(self.out_shape);
+        }
+        let out = self.grouped.read_cpu(|s, l| fold(s, l, self.group))?;
+        Ok(Tensor::from_cpu(out, &self.out_shape))
+    }
 }
 
 impl Tensor {
@@ -34,18 +52,20 @@ impl Tensor {
 
     /// Sum over `dims`. Floats accumulate in f64; integers sum to i64.
     pub fn sum(&self, dims: &[isize], keepdim: bool) -> Result<Tensor> {
-        let plan = self.reduce_plan("sum", dims, keepdim)?;
-        let input = if self.dtype() == DType::U8 { plan.grouped.to_dtype(DType::I64)? } else { plan.grouped };
-        if plan.group == 0 {
-            return Tensor::zeros(plan.out_shape, input.dtype(), &self.device());
+        let mut plan = self.reduce_plan("sum", dims, keepdim)?;
+        if self.dtype() == DType::U8 {
+            plan.grouped = plan.grouped.to_dtype(DType::I64)?;
         }
-        let out = input.read_cpu(|s, l| {
-            Ok(match s {
-                CpuStorage::I64(b) => CpuStorage::I64(reduce::sum_i64(b, l, plan.group)),
-                s => map_float!("sum", s, |b| reduce::sum_float(b, l, plan.group)),
-            })
-        })?;
-        Ok(Tensor::from_cpu(out, &plan.out_shape))
+        let dtype = plan.grouped.dtype();
+        plan.fold(
+            |shape| Tensor::zeros(shape, dtype, &self.device()),
+            |s, l, group| {
+                Ok(match s {
+                    CpuStorage::I64(b) => CpuStorage::I64(reduce::sum_i64(b, l, group)),
+                    s => map_float!("sum", s, |b| reduce::sum_float(b, l, group)),
+                })
+            },
+        )
     }
 
     /// Sum of every element, as a 0-d tensor.
@@ -57,14 +77,10 @@ impl Tensor {
     /// squared copy: `x.square().sum(dims)` reading `x` once.
     pub fn sum_squares(&self, dims: &[isize], keepdim: bool) -> Result<Tensor> {
         self.expect_float("sum_squares")?;
-        let plan = self.reduce_plan("sum_squares", dims, keepdim)?;
-        if plan.group == 0 {
-            return Tensor::zeros(plan.out_shape, self.dtype(), &self.device());
-        }
-        let out = plan
-            .grouped
-            .read_cpu(|s, l| Ok(map_float!("sum_squares", s, |b| reduce::sum_squares(b, l, plan.group))))?;
-        Ok(Tensor::from_cpu(out, &plan.out_shape))
+        self.reduce_plan("sum_squares", dims, keepdim)?.fold(
+            |shape| Tensor::zeros(shape, self.dtype(), &self.device()),
+            |s, l, group| Ok(map_float!("sum_squares", s, |b| reduce::sum_squares(b, l, group))),
+        )
     }
 
     /// Arithmetic mean over `dims` (float dtypes).
@@ -89,17 +105,13 @@ impl Tensor {
     }
 
     fn extreme(&self, op: &'static str, dims: &[isize], keepdim: bool, want_max: bool) -> Result<Tensor> {
-        let plan = self.reduce_plan(op, dims, keepdim)?;
-        if plan.group == 0 {
-            if plan.out_shape.iter().product::<usize>() == 0 {
-                return Tensor::zeros(plan.out_shape, self.dtype(), &self.device());
-            }
-            return Err(Error::bad_shape(op, &self.shape(), "cannot reduce over a zero-size dim (no identity)"));
-        }
-        let out = plan
-            .grouped
-            .read_cpu(|s, l| Ok(crate::storage::map_any!(s, |b| reduce::extreme(b, l, plan.group, want_max))))?;
-        Ok(Tensor::from_cpu(out, &plan.out_shape))
+        self.reduce_plan(op, dims, keepdim)?.fold(
+            |shape| match shape.iter().product::<usize>() {
+                0 => Tensor::zeros(shape, self.dtype(), &self.device()),
+                _ => Err(Error::bad_shape(op, &self.shape(), "cannot reduce over a zero-size dim (no identity)")),
+            },
+            |s, l, group| Ok(crate::storage::map_any!(s, |b| reduce::extreme(b, l, group, want_max))),
+        )
     }
 
     /// Maximum over `dims` (NaN propagates).
@@ -120,13 +132,10 @@ impl Tensor {
     }
 
     fn arg_extreme(&self, op: &'static str, dim: isize, keepdim: bool, want_max: bool) -> Result<Tensor> {
-        let plan = self.reduce_plan(op, &[dim], keepdim)?;
-        if plan.group == 0 {
-            return Err(Error::bad_shape(op, &self.shape(), format!("dim {dim} has size 0: there is no {op}")));
-        }
-        let out =
-            plan.grouped.read_cpu(|s, l| Ok(with_any!(s, |b| reduce::arg_extreme(b, l, plan.group, want_max))))?;
-        Ok(Tensor::from_cpu(CpuStorage::I64(out), &plan.out_shape))
+        self.reduce_plan(op, &[dim], keepdim)?.fold(
+            |_| Err(Error::bad_shape(op, &self.shape(), format!("dim {dim} has size 0: there is no {op}"))),
+            |s, l, group| Ok(CpuStorage::I64(with_any!(s, |b| reduce::arg_extreme(b, l, group, want_max)))),
+        )
     }
 
     /// Index (i64) of the maximum along `dim`; the first one on ties, the first NaN if any.
