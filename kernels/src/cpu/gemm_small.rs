@@ -347,6 +347,17 @@ fn a_rows<V: F32Vector, const R: usize, const NV: usize, B: TileColumns<V, NV>>(
     let (first, k) = (a.offset + i0 * a.row_stride, tile.k);
     let last = first + (R - 1) * a.row_stride + (k - 1) * a.col_stride;
     assert!(last < a.data.len(), "small_sgemm: A's tile reaches past its slice");
+    if a.col_stride == 1 {
+        // A's rows contiguous (a row-major A): each row a slice indexed by the depth step,
+        // which compiles to a running address per row, with no multiply and no bounds
+        // check per step. Against the strided index below, same-process A/B with AVX2 on
+        // Zen 3, one thread: 1-2% faster on the GPT baby's products and on 256^3-512^3.
+        let rows: [&[f32]; R] = std::array::from_fn(|r| &a.data[first + r * a.row_stride..][..k]);
+        return tile.multiply::<V, R, NV>(
+            #[inline(always)]
+            |p, r| rows[r][p],
+        );
+    }
     tile.multiply::<V, R, NV>(
         #[inline(always)]
         |p, r| {
