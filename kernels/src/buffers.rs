@@ -186,6 +186,15 @@ pub fn for_overwrite<T: Element>(len: usize) -> Vec<T> {
     take_cached(len).unwrap_or_else(|| vec![T::zero(); len])
 }
 
+/// A scratch buffer of at least `len` elements (it may be longer) with unspecified
+/// values, for a kernel that takes one per small task and [`recycle`]s it: rounded up to
+/// the smallest size the cache keeps, so that it is reused rather than allocated and
+/// zeroed per task. (The attention forward takes one per block of query rows, a few
+/// kilobytes: allocating them cost a tenth of a GPT baby layer's attention.)
+pub fn scratch<T: Element>(len: usize) -> Vec<T> {
+    for_overwrite(len.max(MIN_CACHED_BYTES.div_ceil(size_of::<T>())))
+}
+
 /// Gives a buffer back for reuse (or frees it, if it is small or the cache is full).
 pub fn recycle<T: Element>(buffer: Vec<T>) {
     let bytes = bytes_of(&buffer);

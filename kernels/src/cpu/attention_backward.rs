@@ -21,7 +21,7 @@
 //! `dK` and `dV`. Under the causal mask a query block only reads the keys its last row
 //! can see. Masking conventions are the forward's (`attention.rs`).
 
-use super::attention::{AttentionMask, AttentionOptions, Matrices, Problem, Strided, exp_shifted, max_of};
+use super::attention::{AttentionMask, AttentionOptions, Matrices, Problem, RowStats, Strided};
 use super::matmul::gemm_acc;
 use crate::buffers::{for_overwrite, recycle};
 use crate::parallel;
@@ -101,6 +101,7 @@ impl<A: Real> BatchGrads<A> {
         let (mut probs_buf, mut ds_buf) =
             (for_overwrite(block_rows * keys_seen), for_overwrite(block_rows * keys_seen));
         let mut part = for_overwrite(keys_seen * dv.max(d));
+        let mut stats_buf = for_overwrite(3 * block_rows);
         for first in (0..lq).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(lq - first);
             let keys = p.visible_keys(first + rows - 1);
@@ -112,9 +113,14 @@ impl<A: Real> BatchGrads<A> {
             // S = Q_b K^T (K^T read through strides), then scale, bias and softmax.
             let probs = &mut probs_buf[..rows * keys];
             gemm_acc(rows, keys, d, q_block.mat(), k.mat_t(), probs);
-            for (i, row) in probs.chunks_mut(keys).enumerate() {
-                let visible = p.scale_and_mask(batch, first + i, 0, row);
-                softmax_in_place(row, visible);
+            let mut stats = RowStats::new(&mut stats_buf[..3 * rows]);
+            p.exponentiate(batch, (first, 0), probs, keys, &mut stats);
+            for (row, &l) in probs.chunks_mut(keys).zip(&*stats.sum) {
+                // l == 0 only when no key is visible: the row stays zeros.
+                if l != zero {
+                    let inv = A::one() / l;
+                    row.iter_mut().for_each(|s| *s *= inv);
+                }
             }
             // dV[..keys] += P^T G_b.
             gemm_acc(keys, dv, rows, (probs, 1, keys), g_block.mat(), &mut part[..keys * dv]);
@@ -133,27 +139,8 @@ impl<A: Real> BatchGrads<A> {
             gemm_acc(keys, d, rows, (ds, 1, keys), q_block.mat(), &mut part[..keys * d]);
             add_into(&mut out.dk[..keys * d], &part[..keys * d]);
         }
-        [probs_buf, ds_buf, part].into_iter().for_each(recycle);
+        [probs_buf, ds_buf, part, stats_buf].into_iter().for_each(recycle);
         out
-    }
-}
-
-/// Softmax of one row of scores in place; `-inf` entries get 0, and a row of only
-/// `-inf` becomes zeros (as the forward's empty rows).
-/// Softmax of `row` in place, of which only the first `visible` entries can be finite
-/// (the rest, hidden by the causal mask, become 0); a row with no finite entry becomes
-/// zeros.
-fn softmax_in_place<A: Real>(row: &mut [A], visible: usize) {
-    let (seen, hidden) = row.split_at_mut(visible);
-    hidden.fill(A::zero());
-    let max = max_of(seen);
-    if max == A::NEG_INFINITY {
-        seen.fill(A::zero());
-        return;
-    }
-    let inv = A::one() / exp_shifted(seen, max);
-    for s in seen.iter_mut() {
-        *s *= inv;
     }
 }
 

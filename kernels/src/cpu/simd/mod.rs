@@ -501,6 +501,12 @@ fn update_at<V: F32Vector, const M: usize, const N: usize>(
 /// The lane mask of the first `n` lanes (`n < LANES`): which lanes of a tail are real.
 #[inline(always)]
 fn first_lanes<V: F32Vector>(n: usize) -> V::Mask {
+    lane_indices::<V>().lt(V::splat(n as f32))
+}
+
+/// The vector `[0, 1, .., LANES - 1]`.
+#[inline(always)]
+pub fn lane_indices<V: F32Vector>() -> V {
     // Lane indices for vectors of up to a `Pair` of the widest vector.
     const LANE_INDEX: [f32; 2 * MAX_LANES] = {
         let mut index = [0.0; 2 * MAX_LANES];
@@ -511,7 +517,7 @@ fn first_lanes<V: F32Vector>(n: usize) -> V::Mask {
         }
         index
     };
-    V::load(&LANE_INDEX).lt(V::splat(n as f32))
+    V::load(&LANE_INDEX)
 }
 
 /// `acc[k] += terms[k]` for every `k`.
