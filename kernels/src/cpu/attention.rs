@@ -394,7 +394,7 @@ impl<'a, A: Real> RowStats<'a, A> {
 }
 
 /// The largest value of `row` (`-inf` when empty): SIMD for f32.
-pub(super) fn max_of<A: Real>(row: &[A]) -> A {
+fn max_of<A: Real>(row: &[A]) -> A {
     match cast::<_, f32>(row) {
         Some(row) => A::from_f64(f64::from(max_f32(Isa::best(), row))),
         None => row.iter().fold(A::NEG_INFINITY, |m, &s| m.max(s)),
@@ -411,7 +411,7 @@ kernel! {
 /// `row[j] = exp(row[j] - max)` in place (`-inf` entries become 0) for a `max` no smaller
 /// than any entry; returns the sum. The
 /// exponentials of attention: SIMD for f32, `Real::exp` otherwise.
-pub(super) fn exp_shifted<A: Real>(row: &mut [A], max: A) -> A {
+fn exp_shifted<A: Real>(row: &mut [A], max: A) -> A {
     if let Some(row) = cast_mut::<_, f32>(row) {
         let sum = exp_shifted_f32(Isa::best(), row, max.to_f64() as f32);
         return A::from_f64(sum as f64);
