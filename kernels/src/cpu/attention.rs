@@ -310,19 +310,10 @@ impl<'a, T: FloatElem> Problem<'a, T> {
             let (seen, hidden) = row.split_at_mut(visible(i));
             self.scale_and_mask(batch, first + i, key_start, seen);
             hidden.fill(zero);
-            rescale[i] = <T::Acc as Element>::one();
-            let block_max = max_of(seen);
-            if block_max == T::Acc::NEG_INFINITY {
-                seen.fill(zero); // every key of the block is masked out: nothing changes
-                continue;
+            match raise_max(max_of(seen), &mut max[i], &mut sum[i], &mut rescale[i]) {
+                Some(max) => sum[i] += exp_shifted(seen, max),
+                None => seen.fill(zero), // every key of the block is masked out
             }
-            if block_max > max[i] {
-                // exp(-inf - finite) = 0 clears the empty initial state.
-                rescale[i] = (max[i] - block_max).exp();
-                sum[i] *= rescale[i];
-                max[i] = block_max;
-            }
-            sum[i] += exp_shifted(seen, max[i]);
         }
     }
 
@@ -391,6 +382,26 @@ impl<'a, A: Real> RowStats<'a, A> {
         rescale.fill(A::one());
         Self { max, sum, rescale }
     }
+}
+
+/// Raises a row's running max `max` to the largest logit of a tile, `block_max`, and
+/// rescales its sum to the new max: returns the new max, or `None` when the tile has no
+/// visible key (`block_max` is `-inf`; nothing changes). `rescale` gets the factor
+/// `exp(max_old - max_new)`, 1 when the max stays. The step [`Problem::exponentiate`]'s
+/// two paths share.
+#[inline(always)]
+fn raise_max<A: Real>(block_max: A, max: &mut A, sum: &mut A, rescale: &mut A) -> Option<A> {
+    *rescale = A::one();
+    if block_max == A::NEG_INFINITY {
+        return None;
+    }
+    if block_max > *max {
+        // exp(-inf - finite) = 0 clears the empty initial state.
+        *rescale = (*max - block_max).exp();
+        *sum *= *rescale;
+        *max = block_max;
+    }
+    Some(*max)
 }
 
 /// The largest value of `row` (`-inf` when empty): SIMD for f32.
@@ -492,20 +503,12 @@ kernel! {
     ) {
         let [max, sum, rescale] = stats;
         for (i, row) in scores.chunks_exact_mut(width).enumerate() {
-            rescale[i] = 1.0;
             let block_max = logits_and_max::<V>(row, visible(i), scale);
-            if block_max == f32::NEG_INFINITY {
-                row.fill(0.0); // no visible key in this block: nothing changes
-                continue;
+            match raise_max(block_max, &mut max[i], &mut sum[i], &mut rescale[i]) {
+                // The hidden keys' -inf logits give weights of 0.
+                Some(max) => sum[i] += exp_shifted_row::<Wide<V>>(row, max),
+                None => row.fill(0.0), // no visible key in this block
             }
-            if block_max > max[i] {
-                // exp(-inf - finite) = 0 clears the empty initial state.
-                rescale[i] = (max[i] - block_max).exp();
-                sum[i] *= rescale[i];
-                max[i] = block_max;
-            }
-            // The hidden keys' -inf logits give weights of 0.
-            sum[i] += exp_shifted_row::<Wide<V>>(row, max[i]);
         }
     }
 }
