@@ -327,8 +327,9 @@ impl<'a, T: FloatElem> Problem<'a, T> {
         let key_end = self.visible_keys(first + rows - 1);
         // One scratch buffer for the tile of scores and the product P V (each overwritten
         // before it is read), the accumulator and the row statistics.
-        let mut scratch = buffers::scratch(rows * (self.key_block.min(key_end) + 2 * dv + 3));
-        let (scores, rest) = scratch.split_at_mut(rows * self.key_block.min(key_end));
+        let widest = self.key_block.min(key_end);
+        let mut scratch = buffers::scratch(rows * (widest + 2 * dv + 3));
+        let (scores, rest) = scratch.split_at_mut(rows * widest);
         let (values, rest) = rest.split_at_mut(rows * dv);
         let (acc, rest) = rest.split_at_mut(rows * dv);
         acc.fill(zero);
