@@ -92,7 +92,7 @@ pub mod inputs {
     /// Makes `a` and `b` differ everywhere by at least 0.1 (no ties in maximum/minimum).
     pub fn distinct(a: &Tensor, b: &Tensor) -> (Tensor, Tensor) {
         let (a2, b2) = a.broadcast_pair(b, "distinct").unwrap();
-        let gap = a2.sub(&b2).unwrap();
+        let gap = a2.sub(&*b2).unwrap();
         let push = gap.ge(0.0).unwrap().where_cond(0.1, -0.1).unwrap().to_dtype(a.dtype()).unwrap();
         let shifted = a2.add(&push).unwrap().contiguous().unwrap();
         if shifted.dims() == a.dims() { (shifted, b.clone()) } else { (shifted, b2.contiguous().unwrap()) }

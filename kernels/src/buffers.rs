@@ -176,14 +176,29 @@ pub fn filled<T: Element>(len: usize, value: T) -> Vec<T> {
             buffer.fill(value);
             buffer
         }
-        None => vec![value; len],
+        None => fresh(len, value),
     }
 }
 
 /// A buffer of `len` elements whose values are unspecified (those of a freed tensor, or
 /// zeros): for kernels that overwrite every element.
 pub fn for_overwrite<T: Element>(len: usize) -> Vec<T> {
-    take_cached(len).unwrap_or_else(|| vec![T::zero(); len])
+    take_cached(len).unwrap_or_else(|| fresh(len, T::zero()))
+}
+
+/// A new buffer of `len` copies of `value`. One too small to cache is allocated and then
+/// filled, never asked of the allocator already zeroed (as `vec![0; len]` does): glibc's
+/// `calloc` bypasses its per-thread cache of small blocks, and freeing such a block next
+/// to the top of the heap consolidates the heap's free lists, which was a tenth of the
+/// time of an add of 64 elements. A large one is zeroed by the allocator, which gets it
+/// as fresh pages the kernel has zeroed already.
+fn fresh<T: Element>(len: usize, value: T) -> Vec<T> {
+    if is_cached_size::<T>(len) {
+        return vec![value; len];
+    }
+    let mut buffer = Vec::with_capacity(len);
+    buffer.resize(len, value);
+    buffer
 }
 
 /// A scratch buffer of at least `len` elements (it may be longer) with unspecified

@@ -10,17 +10,19 @@
 //! dimensions that are contiguous with each other, so a contiguous tensor is
 //! walked as one flat run no matter its rank.
 
+use crate::dims::Dims;
+
 /// Shape, strides (in elements) and offset of a strided view into a buffer.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Layout {
-    shape: Vec<usize>,
-    strides: Vec<usize>,
+    shape: Dims,
+    strides: Dims,
     offset: usize,
 }
 
 /// Row-major (C order) strides for `shape`.
-pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
-    let mut strides = vec![0; shape.len()];
+pub fn contiguous_strides(shape: &[usize]) -> Dims {
+    let mut strides = Dims::zeros(shape.len());
     let mut acc = 1usize;
     for d in (0..shape.len()).rev() {
         strides[d] = acc;
@@ -32,14 +34,14 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
 impl Layout {
     /// A row-major layout starting at offset 0.
     pub fn contiguous(shape: &[usize]) -> Self {
-        Self { shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0 }
+        Self { shape: shape.into(), strides: contiguous_strides(shape), offset: 0 }
     }
 
     /// A layout with explicit strides and offset. The caller guarantees that every
     /// element it addresses lies inside the buffer it will be used with.
-    pub fn new(shape: Vec<usize>, strides: Vec<usize>, offset: usize) -> Self {
+    pub fn new(shape: &[usize], strides: &[usize], offset: usize) -> Self {
         assert_eq!(shape.len(), strides.len(), "Layout::new: shape and strides need the same rank");
-        Self { shape, strides, offset }
+        Self { shape: shape.into(), strides: strides.into(), offset }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -81,7 +83,7 @@ impl Layout {
         if self.numel() == 0 {
             return 0;
         }
-        self.offset + self.shape.iter().zip(&self.strides).map(|(&n, &s)| (n - 1) * s).sum::<usize>() + 1
+        self.offset + self.shape.iter().zip(self.strides.iter()).map(|(&n, &s)| (n - 1) * s).sum::<usize>() + 1
     }
 
     /// Reorders the dimensions: result dim `i` is input dim `perm[i]`.
@@ -113,12 +115,12 @@ impl Layout {
     /// The caller has checked that the shapes are compatible.
     pub fn broadcast_to(&self, shape: &[usize]) -> Self {
         let extra = shape.len() - self.shape.len();
-        let mut strides = vec![0; shape.len()];
+        let mut strides = Dims::zeros(shape.len());
         for (d, s) in strides.iter_mut().enumerate().skip(extra) {
             let src = d - extra;
             *s = if self.shape[src] == 1 && shape[d] != 1 { 0 } else { self.strides[src] };
         }
-        Self { shape: shape.to_vec(), strides, offset: self.offset }
+        Self { shape: shape.into(), strides, offset: self.offset }
     }
 
     /// Inserts a size-1 dimension at `dim`.
@@ -143,16 +145,16 @@ impl Layout {
     /// contiguous within itself). Returns `None` when a copy is needed.
     pub fn reshape(&self, shape: &[usize]) -> Option<Self> {
         if self.is_contiguous() {
-            return Some(Self { shape: shape.to_vec(), strides: contiguous_strides(shape), offset: self.offset });
+            return Some(Self { shape: shape.into(), strides: contiguous_strides(shape), offset: self.offset });
         }
         let numel = self.numel();
         if numel == 0 {
-            return Some(Self { shape: shape.to_vec(), strides: contiguous_strides(shape), offset: self.offset });
+            return Some(Self { shape: shape.into(), strides: contiguous_strides(shape), offset: self.offset });
         }
         // Drop size-1 dims of the input: they impose no constraint.
         let old: Vec<(usize, usize)> =
-            self.shape.iter().zip(&self.strides).filter(|(n, _)| **n != 1).map(|(&n, &s)| (n, s)).collect();
-        let mut new_strides = vec![0usize; shape.len()];
+            self.shape.iter().zip(self.strides.iter()).filter(|(n, _)| **n != 1).map(|(&n, &s)| (n, s)).collect();
+        let mut new_strides = Dims::zeros(shape.len());
         let (mut oi, mut ni) = (0usize, 0usize);
         while ni < shape.len() {
             if shape[ni] == 1 {
@@ -187,15 +189,15 @@ impl Layout {
         if oi != old.len() {
             return None;
         }
-        Some(Self { shape: shape.to_vec(), strides: new_strides, offset: self.offset })
+        Some(Self { shape: shape.into(), strides: new_strides, offset: self.offset })
     }
 }
 
 /// Merges adjacent dims that are contiguous with each other in every layout, and drops
 /// size-1 dims. Returns the simplified shape and per-layout strides (same walk order).
-fn coalesce<const N: usize>(shape: &[usize], strides: [&[usize]; N]) -> (Vec<usize>, [Vec<usize>; N]) {
-    let mut out_shape: Vec<usize> = Vec::with_capacity(shape.len());
-    let mut out_strides: [Vec<usize>; N] = std::array::from_fn(|_| Vec::with_capacity(shape.len()));
+fn coalesce<const N: usize>(shape: &[usize], strides: [&[usize]; N]) -> (Dims, [Dims; N]) {
+    let mut out_shape = Dims::new();
+    let mut out_strides: [Dims; N] = std::array::from_fn(|_| Dims::new());
     for d in 0..shape.len() {
         if shape[d] == 1 {
             continue;
@@ -227,15 +229,18 @@ fn coalesce<const N: usize>(shape: &[usize], strides: [&[usize]; N]) -> (Vec<usi
 /// the innermost loop covers with one constant stride per layout. A contiguous view is a
 /// single run; `[m, n]` plus a broadcast row `[n]` is `m` runs of `n`.
 pub struct RunWalk<const N: usize> {
-    shape: Vec<usize>,
-    strides: [Vec<usize>; N],
+    shape: Dims,
+    strides: [Dims; N],
 }
 
 impl<const N: usize> RunWalk<N> {
     /// Plans the walk over `shape` for layouts with these strides.
     pub fn new(shape: &[usize], strides: [&[usize]; N]) -> Self {
-        let (shape, strides) =
-            if shape.contains(&0) { (vec![0], [(); N].map(|_| vec![1])) } else { coalesce(shape, strides) };
+        let (shape, strides) = if shape.contains(&0) {
+            (Dims::from(&[0][..]), [(); N].map(|_| Dims::from(&[1][..])))
+        } else {
+            coalesce(shape, strides)
+        };
         Self { shape, strides }
     }
 
@@ -256,7 +261,7 @@ impl<const N: usize> RunWalk<N> {
             return;
         }
         let outer = self.shape.len().saturating_sub(1);
-        let mut index = vec![0usize; outer];
+        let mut index = Dims::zeros(outer);
         let mut base = offsets;
         loop {
             f(base);
@@ -347,7 +352,7 @@ mod tests {
 
     #[test]
     fn scalar_layout_visits_its_one_element() {
-        let l = Layout::new(vec![], vec![], 7);
+        let l = Layout::new(&[], &[], 7);
         assert_eq!(offsets(&l), vec![7]);
     }
 

@@ -6,6 +6,7 @@
 //! functions by device and dtype.
 //!
 //! - [`layout`]: strided views and the one walker that visits their elements.
+//! - [`dims`]: the inline lists of sizes and strides that layouts hold.
 //! - [`element`]: the element types and the math they compute with.
 //! - [`cpu`]: the CPU kernels, one module per op family.
 //! - [`buffers`]: the cache of freed host buffers that kernel outputs are taken from.
@@ -22,10 +23,12 @@
 
 pub mod buffers;
 pub mod cpu;
+pub mod dims;
 pub mod element;
 pub mod layout;
 pub mod parallel;
 
+pub use dims::Dims;
 pub use element::{Element, FloatElem, Real};
 /// The half-precision element types, re-exported so that users need no `half` dependency.
 pub use half::{bf16, f16};

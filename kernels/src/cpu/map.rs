@@ -242,7 +242,7 @@ pub(crate) mod testing {
     impl View {
         /// The layout of this view with shape `[m, n]`, offset by 1 into its buffer.
         pub fn layout(self, m: usize, n: usize) -> Layout {
-            let shifted = |l: Layout| Layout::new(l.shape().to_vec(), l.strides().to_vec(), l.offset() + 1);
+            let shifted = |l: Layout| Layout::new(l.shape(), l.strides(), l.offset() + 1);
             shifted(match self {
                 View::Contiguous => Layout::contiguous(&[m, n]),
                 View::RowSlice => Layout::contiguous(&[m, n + 3]).narrow(1, 2, n),

@@ -339,11 +339,11 @@ fn unit_rows(layout: &Layout, norm: Norm) -> Option<UnitRows> {
     let split = layout.rank() - dims;
     let (outer_shape, row_shape) = layout.shape().split_at(split);
     let (outer_strides, row_strides) = layout.strides().split_at(split);
-    if !Layout::new(row_shape.to_vec(), row_strides.to_vec(), 0).is_contiguous() {
+    if !Layout::new(row_shape, row_strides, 0).is_contiguous() {
         return None;
     }
     let n = row_shape.iter().product();
-    UnitRows::new(&Layout::new([outer_shape, &[n]].concat(), [outer_strides, &[1]].concat(), layout.offset()))
+    UnitRows::new(&Layout::new(&[outer_shape, &[n]].concat(), &[outer_strides, &[1]].concat(), layout.offset()))
 }
 
 /// An optional f32 parameter as a kernel operand: the slice, or `absent` everywhere.
@@ -517,7 +517,7 @@ fn split_channels(layout: &Layout, groups: usize) -> Layout {
     let mut new_strides = vec![strides[0], strides[1] * per_group, strides[1]];
     new_shape.extend_from_slice(&shape[2..]);
     new_strides.extend_from_slice(&strides[2..]);
-    Layout::new(new_shape, new_strides, layout.offset())
+    Layout::new(&new_shape, &new_strides, layout.offset())
 }
 
 #[cfg(test)]

@@ -140,8 +140,8 @@ pub fn sequence_forward<T: FloatElem>(
     let mut hidden_gates = crate::buffers::for_overwrite(dims.steps * gate_len);
     let (gh, sh) = (cell.gates() * dims.hidden, cell.state_parts() * dims.hidden);
     // h_{t-1} W_hh^T: W_hh^T is [hidden, G * hidden], and h is read out of the state rows.
-    let w_hh_t = StepWeights::new(weight_hh, Layout::new(vec![dims.hidden, gh], vec![1, dims.hidden], 0), dims.batch);
-    let h = Layout::new(vec![dims.batch, dims.hidden], vec![sh, 1], 0);
+    let w_hh_t = StepWeights::new(weight_hh, Layout::new(&[dims.hidden, gh], &[1, dims.hidden], 0), dims.batch);
+    let h = Layout::new(&[dims.batch, dims.hidden], &[sh, 1], 0);
     for t in 0..dims.steps {
         let (done, rest) = states.split_at_mut(t * state_len);
         let prev = if t == 0 { state0 } else { &done[(t - 1) * state_len..] };
@@ -208,7 +208,7 @@ pub fn sequence_backward<T: FloatElem>(
     let rows = dims.steps * dims.batch;
     let weight_hh = matmul_fused(
         &d_h_gates,
-        &Layout::new(vec![gh, rows], vec![1, gh], 0),
+        &Layout::new(&[gh, rows], &[1, gh], 0),
         &prev_h,
         &Layout::contiguous(&[rows, hidden]),
         None,
@@ -739,7 +739,7 @@ mod tests {
             assert!(matches!(StepWeights::new(&p.w, backward_weights.clone(), batch), StepWeights::InPlace(..)));
             let w32: Vec<f32> = p.w.iter().map(|&v| v as f32).collect();
             assert!(matches!(StepWeights::new(&w32, backward_weights, batch), StepWeights::Packed(_)), "{cell:?}");
-            let forward_weights = Layout::new(vec![hidden, gh], vec![1, hidden], 0);
+            let forward_weights = Layout::new(&[hidden, gh], &[1, hidden], 0);
             let forward_packed = matches!(StepWeights::new(&w32, forward_weights, batch), StepWeights::Packed(_));
             assert_eq!(forward_packed, hidden > 1024, "{cell:?}");
 

@@ -7,48 +7,50 @@ use crate::storage::{CpuStorage, map_float, zip_any, zip_float};
 use crate::{DType, Error, Result, Tensor};
 use aigc_kernels::cpu::binary::{self, BinaryOp, CmpOp};
 use aigc_kernels::cpu::{map, unary, unary::UnaryOp};
+use std::borrow::Cow;
 
-/// A right-hand operand: a tensor, or a plain number.
-pub enum OperandValue {
-    Tensor(Tensor),
+/// A right-hand operand: a tensor (borrowed or owned), or a plain number.
+pub enum OperandValue<'a> {
+    Tensor(Cow<'a, Tensor>),
     Scalar(f64),
 }
 
 /// Anything usable as an operand: `&Tensor`, `Tensor`, or a number. A number becomes a
-/// 0-d tensor of the other operand's dtype and device.
-pub trait Operand {
-    fn into_value(self) -> OperandValue;
+/// 0-d tensor of the other operand's dtype and device. A borrowed tensor stays borrowed:
+/// an op on small tensors should not pay for copying their handles.
+pub trait Operand<'a> {
+    fn into_value(self) -> OperandValue<'a>;
 
     /// The operand as a tensor; a scalar takes `like`'s dtype and device.
-    fn into_operand(self, like: &Tensor) -> Result<Tensor>
+    fn into_operand(self, like: &Tensor) -> Result<Cow<'a, Tensor>>
     where
         Self: Sized,
     {
         match self.into_value() {
             OperandValue::Tensor(t) => Ok(t),
-            OperandValue::Scalar(v) => Tensor::full(v, (), like.dtype(), &like.device()),
+            OperandValue::Scalar(v) => Ok(Cow::Owned(Tensor::full(v, (), like.dtype(), &like.device())?)),
         }
     }
 }
-impl Operand for &Tensor {
-    fn into_value(self) -> OperandValue {
-        OperandValue::Tensor(self.clone())
+impl<'a> Operand<'a> for &'a Tensor {
+    fn into_value(self) -> OperandValue<'a> {
+        OperandValue::Tensor(Cow::Borrowed(self))
     }
 }
-impl Operand for Tensor {
-    fn into_value(self) -> OperandValue {
-        OperandValue::Tensor(self)
+impl Operand<'static> for Tensor {
+    fn into_value(self) -> OperandValue<'static> {
+        OperandValue::Tensor(Cow::Owned(self))
     }
 }
-impl Operand for OperandValue {
-    fn into_value(self) -> OperandValue {
+impl<'a> Operand<'a> for OperandValue<'a> {
+    fn into_value(self) -> OperandValue<'a> {
         self
     }
 }
 macro_rules! scalar_operand {
     ($($t:ty),*) => {$(
-        impl Operand for $t {
-            fn into_value(self) -> OperandValue {
+        impl Operand<'static> for $t {
+            fn into_value(self) -> OperandValue<'static> {
                 OperandValue::Scalar(self as f64)
             }
         }
@@ -69,18 +71,24 @@ impl Tensor {
         Ok(Tensor::from_cpu(out, self.dims()))
     }
 
-    /// Broadcasts two tensors to their common shape (views, no copies).
-    pub fn broadcast_pair(&self, rhs: &Tensor, op: &'static str) -> Result<(Tensor, Tensor)> {
+    /// Broadcasts two tensors to their common shape (views, no copies; the tensors
+    /// themselves when their shapes already agree).
+    pub fn broadcast_pair<'a>(
+        &'a self,
+        rhs: &'a Tensor,
+        op: &'static str,
+    ) -> Result<(Cow<'a, Tensor>, Cow<'a, Tensor>)> {
         if self.dims() == rhs.dims() {
-            return Ok((self.clone(), rhs.clone()));
+            return Ok((Cow::Borrowed(self), Cow::Borrowed(rhs)));
         }
         let shape = broadcast_shapes(op, self.dims(), rhs.dims())?;
-        Ok((self.with_layout(self.layout().broadcast_to(&shape)), rhs.with_layout(rhs.layout().broadcast_to(&shape))))
+        let view = |t: &Tensor| Cow::Owned(t.with_layout(t.layout().broadcast_to(&shape)));
+        Ok((view(self), view(rhs)))
     }
 
     /// Applies an elementwise [`BinaryOp`] with numpy broadcasting. Both operands must
     /// have the same dtype (there is no implicit promotion).
-    pub fn binary(&self, rhs: impl Operand, op: BinaryOp, name: &'static str) -> Result<Tensor> {
+    pub fn binary<'a>(&self, rhs: impl Operand<'a>, op: BinaryOp, name: &'static str) -> Result<Tensor> {
         let rhs = rhs.into_operand(self)?;
         self.same_device(&rhs, name)?;
         self.same_dtype(&rhs, name)?;
@@ -100,7 +108,7 @@ impl Tensor {
     }
 
     /// Compares elementwise with broadcasting; returns a u8 mask (1 where true).
-    pub fn compare(&self, rhs: impl Operand, op: CmpOp) -> Result<Tensor> {
+    pub fn compare<'a>(&self, rhs: impl Operand<'a>, op: CmpOp) -> Result<Tensor> {
         let rhs = rhs.into_operand(self)?;
         let name = op.name();
         self.same_device(&rhs, name)?;
@@ -113,7 +121,7 @@ impl Tensor {
 
     /// `on_true` where this mask is non-zero, else `on_false`; all three broadcast. A
     /// scalar branch takes the other branch's dtype (f32 when both are scalars).
-    pub fn where_cond(&self, on_true: impl Operand, on_false: impl Operand) -> Result<Tensor> {
+    pub fn where_cond<'t, 'f>(&self, on_true: impl Operand<'t>, on_false: impl Operand<'f>) -> Result<Tensor> {
         let (on_true, on_false) = match (on_true.into_value(), on_false.into_value()) {
             (OperandValue::Tensor(t), f) => {
                 let f = f.into_operand(&t)?;
@@ -199,7 +207,7 @@ unary_methods! {
 macro_rules! binary_methods {
     ($( $(#[$doc:meta])* $method:ident => $op:ident ),* $(,)?) => {
         impl Tensor {
-            $( $(#[$doc])* pub fn $method(&self, rhs: impl Operand) -> Result<Tensor> { self.binary(rhs, BinaryOp::$op, stringify!($method)) } )*
+            $( $(#[$doc])* pub fn $method<'a>(&self, rhs: impl Operand<'a>) -> Result<Tensor> { self.binary(rhs, BinaryOp::$op, stringify!($method)) } )*
         }
     };
 }
@@ -232,7 +240,7 @@ macro_rules! compare_methods {
     ($( $method:ident => $op:ident ),* $(,)?) => {
         impl Tensor {
             $( #[doc = concat!("Elementwise `", stringify!($method), "` with broadcasting, as a u8 mask.")]
-               pub fn $method(&self, rhs: impl Operand) -> Result<Tensor> { self.compare(rhs, CmpOp::$op) } )*
+               pub fn $method<'a>(&self, rhs: impl Operand<'a>) -> Result<Tensor> { self.compare(rhs, CmpOp::$op) } )*
         }
     };
 }
@@ -259,9 +267,9 @@ impl Tensor {
         self.unary(UnaryOp::LeakyRelu { slope }, "leaky_relu")
     }
     /// `self + weight * (end - self)`, broadcasting.
-    pub fn lerp(&self, end: &Tensor, weight: impl Operand) -> Result<Tensor> {
+    pub fn lerp<'a>(&self, end: &Tensor, weight: impl Operand<'a>) -> Result<Tensor> {
         let w = weight.into_operand(self)?;
-        self.add(&end.sub(self)?.mul(&w)?)
+        self.add(&end.sub(self)?.mul(&*w)?)
     }
     /// 1.0 where the mask is non-zero: a u8 mask as a float tensor of `dtype`.
     pub fn mask_to(&self, dtype: DType) -> Result<Tensor> {

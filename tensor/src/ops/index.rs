@@ -178,7 +178,7 @@ impl Tensor {
     /// of every dim `a`).
     fn leading_box(&self, shape: &[usize]) -> Tensor {
         debug_assert!(shape.iter().zip(self.dims()).all(|(n, m)| n <= m));
-        self.with_layout(Layout::new(shape.to_vec(), self.strides().to_vec(), self.layout().offset()))
+        self.with_layout(Layout::new(shape, self.strides(), self.layout().offset()))
     }
 }
 
