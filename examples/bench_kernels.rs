@@ -13,9 +13,11 @@
 //! - conv2d and conv_transpose2d (the shapes), forward and forward+backward,
 //!   against candle, in milliseconds;
 //! - softmax and LayerNorm on (4096, 1024), GELU (erf and tanh forms) on 16M floats,
-//!   `add` on 64 floats, against candle, in milliseconds, with `copy_ms`, a plain copy of
-//!   the same bytes into an existing buffer (the memory-bound floor) for the large ones,
-//!   raced against the op separately (`ms_beside_copy` is the op in that race).
+//!   against candle, in milliseconds, with `copy_ms`, a plain copy of the same bytes into
+//!   an existing buffer (the memory-bound floor), raced against the op separately
+//!   (`ms_beside_copy` is the op in that race);
+//! - small ops on 64 floats (`add` of tensors and of `Var`s, a number operand, a row sum,
+//!   a concatenation), against candle, in nanoseconds per call: the fixed cost of an op.
 //!
 //! Run: `cargo run --release --example bench_kernels` (add `-- quick` for fewer repeats, and
 //! group names, `rows conv sgemm gpt small bf16 fused`, to run only those).
@@ -142,21 +144,41 @@ fn elementwise_and_rows(threads: usize, reps: usize) {
         batched(inner, || drop(black_box(a.add(&b).unwrap()))),
         batched(inner, || drop(black_box(ca.add(&cb).unwrap()))),
     );
-    small_op_line("add", threads, ours * ns_per_call, peer * ns_per_call);
+    small_op_line("add", &[64], threads, ours * ns_per_call, peer * ns_per_call);
     let (va, vb) = (Var::leaf(a.clone()), Var::leaf(b.clone()));
     let (ours, peer) = race(
         reps,
         batched(inner, || drop(black_box(va.add(&vb).unwrap()))),
         batched(inner, || drop(black_box(ca.add(&cb).unwrap()))),
     );
-    small_op_line("add_var", threads, ours * ns_per_call, peer * ns_per_call);
+    small_op_line("add_var", &[64], threads, ours * ns_per_call, peer * ns_per_call);
+    // The same 64 values as an 8 x 8 matrix: a number operand, a row sum, a concatenation.
+    let (m, cm) = (a.reshape([8, 8]).unwrap(), ca.reshape((8, 8)).unwrap());
+    let (ours, peer) = race(
+        reps,
+        batched(inner, || drop(black_box(m.mul(0.5).unwrap()))),
+        batched(inner, || drop(black_box((&cm * 0.5).unwrap()))),
+    );
+    small_op_line("mul_scalar", &[8, 8], threads, ours * ns_per_call, peer * ns_per_call);
+    let (ours, peer) = race(
+        reps,
+        batched(inner, || drop(black_box(m.sum(&[1], true).unwrap()))),
+        batched(inner, || drop(black_box(cm.sum_keepdim(1).unwrap()))),
+    );
+    small_op_line("sum_rows", &[8, 8], threads, ours * ns_per_call, peer * ns_per_call);
+    let (ours, peer) = race(
+        reps,
+        batched(inner, || drop(black_box(Tensor::cat(&[&m, &m], 0).unwrap()))),
+        batched(inner, || drop(black_box(candle_core::Tensor::cat(&[&cm, &cm], 0).unwrap()))),
+    );
+    small_op_line("cat", &[8, 8], threads, ours * ns_per_call, peer * ns_per_call);
 }
 
 /// Prints one measurement of an op on 64 elements against candle's, in nanoseconds per
 /// call (the op's fixed cost: its work is a few nanoseconds).
-fn small_op_line(op: &str, threads: usize, ns: f64, peer_ns: f64) {
+fn small_op_line(op: &str, shape: &[usize], threads: usize, ns: f64, peer_ns: f64) {
     println!(
-        "{{\"op\":\"{op}\",\"shape\":[64],\"threads\":{threads},\"ns\":{ns:.0},\"peer\":\"candle\",\"peer_ns\":{peer_ns:.0}}}"
+        "{{\"op\":\"{op}\",\"shape\":{shape:?},\"threads\":{threads},\"ns\":{ns:.0},\"peer\":\"candle\",\"peer_ns\":{peer_ns:.0}}}"
     );
 }
 

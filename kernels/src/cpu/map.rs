@@ -47,11 +47,17 @@ impl<const N: usize> SimdRuns<N> {
     /// or when the runs are too short to be worth it (under 16 elements).
     pub fn plan(layouts: [&Layout; N], broadcast: bool) -> Option<Self> {
         let numel = layouts[0].numel();
-        // The common case first, without planning a walk: every input contiguous.
-        let ranges: [_; N] = layouts.map(Layout::contiguous_range);
-        if ranges.iter().all(Option::is_some) {
-            let starts = ranges.map(|r| r.map_or(0, |r| r.start));
-            return Some(Self { len: numel, strides: [1; N], starts: Starts::One(starts) });
+        // The common cases first, without planning a walk: every input contiguous, or a
+        // single value repeated (a scalar operand, `x * 0.5`).
+        let one_run = layouts.map(|l| match l.contiguous_range() {
+            Some(range) => Some((range.start, 1)),
+            None if broadcast && l.strides().iter().all(|&s| s == 0) => Some((l.offset(), 0)),
+            None => None,
+        });
+        if one_run.iter().all(Option::is_some) {
+            let one_run = one_run.map(|run| run.expect("checked above"));
+            let (starts, strides) = (one_run.map(|(start, _)| start), one_run.map(|(_, stride)| stride));
+            return Some(Self { len: numel, strides, starts: Starts::One(starts) });
         }
         let walk = RunWalk::new(layouts[0].shape(), layouts.map(Layout::strides));
         let strides = walk.run_strides();
@@ -273,7 +279,7 @@ pub(crate) mod testing {
     }
 
     /// The elements of a view, row-major.
-    pub fn elements(buf: &[f32], layout: &Layout) -> Vec<f32> {
+    pub fn elements<T: Copy>(buf: &[T], layout: &Layout) -> Vec<T> {
         let mut out = Vec::new();
         crate::layout::for_each_offset(layout, |o| out.push(buf[o]));
         out

@@ -5,6 +5,7 @@
 use crate::shape::broadcast_shapes;
 use crate::storage::{CpuStorage, map_float, zip_any, zip_float};
 use crate::{DType, Error, Result, Tensor};
+use aigc_kernels::Element;
 use aigc_kernels::cpu::binary::{self, BinaryOp, CmpOp};
 use aigc_kernels::cpu::{map, unary, unary::UnaryOp};
 use std::borrow::Cow;
@@ -89,11 +90,29 @@ impl Tensor {
     /// Applies an elementwise [`BinaryOp`] with numpy broadcasting. Both operands must
     /// have the same dtype (there is no implicit promotion).
     pub fn binary<'a>(&self, rhs: impl Operand<'a>, op: BinaryOp, name: &'static str) -> Result<Tensor> {
-        let rhs = rhs.into_operand(self)?;
+        let rhs = match rhs.into_value() {
+            // A number operand of a float tensor is read as a repeated value, not made
+            // into a tensor (the same result, at a fraction of the cost on small tensors).
+            OperandValue::Scalar(value) if self.dtype().is_float() => {
+                let out = self.read_cpu(|s, l| {
+                    Ok(map_float!(name, s, |x| binary::binary_float_scalar(op, x, l, Element::from_f64(value))))
+                })?;
+                return Ok(Tensor::from_cpu(out, self.dims()));
+            }
+            value => value.into_operand(self)?,
+        };
         self.same_device(&rhs, name)?;
         self.same_dtype(&rhs, name)?;
+        if self.dims() == rhs.dims() {
+            return self.binary_same_shape(&rhs, op, name);
+        }
         let (a, b) = self.broadcast_pair(&rhs, name)?;
-        let out = a.read_cpu2(&b, name, |sa, la, sb, lb| {
+        a.binary_same_shape(&b, op, name)
+    }
+
+    /// [`Tensor::binary`] of two tensors of this shape on one device, of one dtype.
+    fn binary_same_shape(&self, rhs: &Tensor, op: BinaryOp, name: &'static str) -> Result<Tensor> {
+        let out = self.read_cpu2(rhs, name, |sa, la, sb, lb| {
             Ok(match (sa, sb) {
                 (CpuStorage::I64(x), CpuStorage::I64(y)) if op.is_integral() => {
                     CpuStorage::I64(binary::binary_i64(op, x, la, y, lb))
@@ -104,7 +123,7 @@ impl Tensor {
                 (sa, sb) => zip_float!(name, sa, sb, |x, y| binary::binary_float(op, x, la, y, lb)),
             })
         })?;
-        Ok(Tensor::from_cpu(out, a.dims()))
+        Ok(Tensor::from_cpu(out, self.dims()))
     }
 
     /// Compares elementwise with broadcasting; returns a u8 mask (1 where true).
