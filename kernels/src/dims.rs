@@ -2,8 +2,8 @@
 //!
 //! Every tensor carries a shape and strides, and every op makes new ones: as `Vec`s, an
 //! add of two 64-element tensors made eight heap allocations besides its output buffer,
-//! and spent more time in the allocator than in the add. Ranks above four are rare (the
-//! library's deepest views are five: batch, heads, rows, columns and a split), so a list
+//! and spent more time in the allocator than in the add. Ranks above four are rare (group
+//! norm views an image as five dims: batch, groups, channels, height, width), so a list
 //! of up to [`INLINE`] entries lives in the value itself and only a longer one goes to
 //! the heap. It reads as a `[usize]` wherever a slice is expected.
 
@@ -39,7 +39,7 @@ impl Dims {
     /// Appends `value`.
     pub fn push(&mut self, value: usize) {
         match self {
-            Dims::Inline { len, values } if (*len) < INLINE => {
+            Dims::Inline { len, values } if *len < INLINE => {
                 values[*len] = value;
                 *len += 1;
             }
@@ -50,7 +50,7 @@ impl Dims {
     /// Inserts `value` at `index`, shifting the entries after it (as `Vec::insert`).
     pub fn insert(&mut self, index: usize, value: usize) {
         match self {
-            Dims::Inline { len, values } if (*len) < INLINE => {
+            Dims::Inline { len, values } if *len < INLINE => {
                 let n = *len;
                 assert!(index <= n, "Dims::insert: index {index} past the length {n}");
                 values.copy_within(index..n, index + 1);

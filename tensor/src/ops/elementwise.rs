@@ -16,9 +16,10 @@ pub enum OperandValue<'a> {
     Scalar(f64),
 }
 
-/// Anything usable as an operand: `&Tensor`, `Tensor`, or a number. A number becomes a
-/// 0-d tensor of the other operand's dtype and device. A borrowed tensor stays borrowed:
-/// an op on small tensors should not pay for copying their handles.
+/// Anything usable as an operand: `&Tensor`, `Tensor`, or a number. A number takes the
+/// other operand's dtype and device: arithmetic on a float tensor reads it as a repeated
+/// value, other ops as a 0-d tensor. A borrowed tensor stays borrowed: an op on small
+/// tensors should not pay for copying their handles.
 pub trait Operand<'a> {
     fn into_value(self) -> OperandValue<'a>;
 
