@@ -376,12 +376,24 @@ fn fma_peak_lines(threads: usize) {
     }
 }
 
+/// The groups of measurements, by the names that select them on the command line.
+const GROUPS: [&str; 7] = ["rows", "conv", "sgemm", "gpt", "small", "bf16", "fused"];
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "quick");
     let reps = if quick { 5 } else { 15 };
-    // Any other argument names the groups to run (`rows conv sgemm gpt small bf16 fused`); none runs all.
+    // Any other argument names the groups to run; none runs all.
     let groups: Vec<&str> = args.iter().map(String::as_str).filter(|a| *a != "quick").collect();
+    if let Some(other) = groups.iter().find(|g| !GROUPS.contains(g)) {
+        let usage = format!("usage: bench_kernels [quick] [{}]", GROUPS.join("] ["));
+        if matches!(*other, "--help" | "-h") {
+            println!("{usage}");
+            return;
+        }
+        eprintln!("bench_kernels: unknown argument `{other}`\n{usage}");
+        std::process::exit(2);
+    }
     let wanted = |group: &str| groups.is_empty() || groups.contains(&group);
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a rayon pool");

@@ -49,6 +49,9 @@ struct Options {
     out: String,
 }
 
+const USAGE: &str = "usage: lm_table [--budget-seconds S] [--rnn-iters N] [--gpt-iters N] \
+[--models ngram,rnn,gru,lstm,gpt,lstm256] [--out docs/lm_table.md]";
+
 fn parse_options() -> Result<Options> {
     let mut o = Options {
         budget_seconds: 300.0,
@@ -59,6 +62,10 @@ fn parse_options() -> Result<Options> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--help" || flag == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
         let value = args.next().ok_or_else(|| Error::invalid(OP, format!("{flag} needs a value")))?;
         let bad = || Error::invalid(OP, format!("{flag}: cannot read `{value}`"));
         match flag.as_str() {
@@ -68,12 +75,7 @@ fn parse_options() -> Result<Options> {
             "--models" => o.models = value.split(',').map(String::from).collect(),
             "--out" => o.out = value,
             other => {
-                return Err(Error::invalid(
-                    OP,
-                    format!(
-                        "unknown flag `{other}`; expected --budget-seconds, --rnn-iters, --gpt-iters, --models, --out"
-                    ),
-                ));
+                return Err(Error::invalid(OP, format!("unknown flag `{other}`; {USAGE}")));
             }
         }
     }

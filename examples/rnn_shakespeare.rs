@@ -45,6 +45,10 @@ struct Options {
     profile: bool,
 }
 
+const USAGE: &str = "usage: rnn_shakespeare [--kind rnn|gru|lstm (default lstm)] [--iters N] [--hidden H] [--layers L] \
+[--embedding E] [--seconds S] [--lr LR] [--batch B] [--seq-len T] [--dropout P] [--eval-interval N] [--sample N] \
+[--profile]";
+
 fn parse_options() -> Result<Options> {
     let mut o = Options::default();
     let mut args = std::env::args().skip(1);
@@ -52,6 +56,10 @@ fn parse_options() -> Result<Options> {
         if flag == "--profile" {
             o.profile = true;
             continue;
+        }
+        if flag == "--help" || flag == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
         }
         let value = args.next().ok_or_else(|| Error::invalid("rnn_shakespeare", format!("{flag} needs a value")))?;
         fn parse<T: FromStr>(flag: &str, v: &str) -> Result<Option<T>> {
@@ -72,13 +80,7 @@ fn parse_options() -> Result<Options> {
             "--eval-interval" => o.eval_interval = parse(&flag, &value)?,
             "--sample" => o.sample = parse(&flag, &value)?,
             other => {
-                return Err(Error::invalid(
-                    "rnn_shakespeare",
-                    format!(
-                        "unknown flag `{other}`; expected --kind, --iters, --hidden, --layers, --embedding, \
-                         --dropout, --seconds, --lr, --batch, --seq-len, --eval-interval, --sample, --profile"
-                    ),
-                ));
+                return Err(Error::invalid("rnn_shakespeare", format!("unknown flag `{other}`; {USAGE}")));
             }
         }
     }
