@@ -64,10 +64,13 @@ impl Tensor {
         op: &'static str,
         f: impl FnOnce(&[&[T]]) -> R,
     ) -> Result<R> {
-        let owned = tensors.iter().map(|t| t.contiguous()).collect::<Result<Vec<_>>>()?;
-        let guards: Vec<_> = owned.iter().map(|t| t.storage.read().unwrap_or_else(|e| e.into_inner())).collect();
-        let mut slices = Vec::with_capacity(owned.len());
-        for (guard, t) in guards.iter().zip(&owned) {
+        if tensors.iter().any(|t| !t.is_contiguous()) {
+            let copies = tensors.iter().map(|t| t.contiguous()).collect::<Result<Vec<_>>>()?;
+            return Tensor::read_contiguous(&copies.iter().collect::<Vec<_>>(), op, f);
+        }
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage.read().unwrap_or_else(|e| e.into_inner())).collect();
+        let mut slices = Vec::with_capacity(tensors.len());
+        for (guard, t) in guards.iter().zip(tensors) {
             let Storage::Cpu(s) = &**guard;
             let buf = T::from_storage(s).ok_or(Error::DTypeMismatch { op, lhs: T::DTYPE, rhs: t.dtype })?;
             slices.push(&buf[t.layout.offset()..t.layout.offset() + t.numel()]);
@@ -203,12 +206,12 @@ impl Tensor {
     pub fn is_contiguous(&self) -> bool {
         self.layout.is_contiguous()
     }
-    /// Whether two tensors are views of the same buffer.
     /// How many tensors hold this tensor's buffer (this one included).
     pub(crate) fn storage_handle_count(&self) -> usize {
         Arc::strong_count(&self.storage)
     }
 
+    /// Whether two tensors are views of the same buffer.
     pub fn shares_storage_with(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.storage, &other.storage)
     }

@@ -1,8 +1,10 @@
-//! Copies and casts: materialise a strided view row-major, convert between dtypes, and
-//! write a strided source into a strided region of an existing buffer (used by `cat`
-//! and in-place assignment), or add it there (in-place accumulation).
+//! Copies and casts: materialise a strided view row-major, convert between dtypes, join
+//! row-major buffers block by block (`cat` of contiguous tensors), and write a strided
+//! source into a strided region of an existing buffer (`cat` of views and in-place
+//! assignment), or add it there (in-place accumulation).
 
 use super::map::map;
+use crate::buffers::for_overwrite;
 use crate::layout::{Layout, RunWalk, for_each_offsets};
 use crate::{Element, FloatElem};
 
@@ -15,6 +17,26 @@ pub fn contiguous<T: Element>(src: &[T], layout: &Layout) -> Vec<T> {
 /// truncates toward zero and saturates, like Rust's `as`).
 pub fn cast<S: Element, D: Element>(src: &[S], layout: &Layout) -> Vec<D> {
     map(src, layout, |v| D::from_f64(v.to_f64()))
+}
+
+/// Joins row-major buffers along one dim (`cat` of contiguous tensors): each of `parts`
+/// is `outer` blocks laid end to end, all its blocks of one length (its length over
+/// `outer`), and the result holds block 0 of every part in order, then block 1 of every
+/// part, and so on. `outer` is the product of the dims before the joined one.
+pub fn interleave_blocks<T: Element>(parts: &[&[T]], outer: usize) -> Vec<T> {
+    let mut out = for_overwrite(parts.iter().map(|part| part.len()).sum());
+    if outer == 0 {
+        return out;
+    }
+    let mut at = 0;
+    for block in 0..outer {
+        for part in parts {
+            let len = part.len() / outer;
+            out[at..at + len].copy_from_slice(&part[block * len..(block + 1) * len]);
+            at += len;
+        }
+    }
+    out
 }
 
 /// Writes the view `src`/`src_layout` into `dst` at the positions `dst_layout` names.

@@ -1,11 +1,11 @@
 //! Joining tensors: `cat` (`torch.cat`) puts tensors end to end along an existing
-//! dimension, `stack` (`torch.stack`) along a new one. The result is allocated once
-//! and each input is copied into its slice of it.
+//! dimension, `stack` (`torch.stack`) along a new one. The result is allocated once;
+//! contiguous inputs are copied into it block by block, views through their layouts.
 
 use crate::shape::resolve_dim;
-use crate::storage::zip_any;
-use crate::{Error, Result, Tensor};
-use aigc_kernels::cpu::copy::copy_into;
+use crate::storage::{of_dtype, zip_any};
+use crate::{Error, Result, Tensor, WithDType};
+use aigc_kernels::cpu::copy::{copy_into, interleave_blocks};
 
 impl Tensor {
     /// Concatenates `tensors` along `dim` (negative counts from the end). All must have
@@ -76,6 +76,11 @@ fn concatenate(op: &'static str, tensors: &[&Tensor], dim: isize) -> Result<Tens
     }
     let mut shape = first.dims().to_vec();
     shape[d] = tensors.iter().map(|t| t.dims()[d]).sum();
+    if tensors.iter().all(|t| t.is_contiguous()) {
+        let outer = shape[..d].iter().product();
+        let storage = of_dtype!(first.dtype(), join_contiguous(op, tensors, outer)?);
+        return Ok(Tensor::from_cpu(storage, &shape));
+    }
     let out = Tensor::zeros(shape, first.dtype(), &first.device())?;
     let mut start = 0;
     for t in tensors {
@@ -84,6 +89,11 @@ fn concatenate(op: &'static str, tensors: &[&Tensor], dim: isize) -> Result<Tens
         start += len;
     }
     Ok(out)
+}
+
+/// `cat` of contiguous tensors, each `outer` blocks long: their blocks interleaved.
+fn join_contiguous<T: WithDType>(op: &'static str, tensors: &[&Tensor], outer: usize) -> Result<Vec<T>> {
+    Tensor::read_contiguous(tensors, op, |parts| interleave_blocks(parts, outer))
 }
 
 /// Checks that tensor `k` has the first tensor's rank and sizes in every dim but `d`.
@@ -174,8 +184,54 @@ mod tests {
             })
     }
 
+    /// Shapes for [`cat`](Tensor::cat) of contiguous pieces (the block-by-block path), like
+    /// [`cat_case`]'s, each with whether to read that piece at an offset into a larger buffer.
+    fn contiguous_cat_case() -> impl Strategy<Value = (Vec<(Vec<usize>, bool)>, usize)> {
+        (nonempty_shape(1, 4, 4), any::<prop::sample::Index>(), prop::collection::vec((0usize..4, any::<bool>()), 1..5))
+            .prop_map(|(shape, pick, sizes)| {
+                let d = pick.index(shape.len());
+                let pieces = sizes
+                    .iter()
+                    .map(|&(n, at_offset)| {
+                        let mut s = shape.clone();
+                        s[d] = n;
+                        (s, at_offset)
+                    })
+                    .collect();
+                (pieces, d)
+            })
+    }
+
+    /// A contiguous tensor of `shape` and `dtype` with random values (scaled so that
+    /// integers are distinct), at an offset when asked: the second half of a buffer twice
+    /// its size.
+    fn contiguous_piece(shape: &[usize], at_offset: bool, dtype: DType, seed: u64) -> Tensor {
+        let mut buffer_shape = shape.to_vec();
+        if at_offset {
+            buffer_shape.insert(0, 2);
+        }
+        let t = (make_view(&buffer_shape, ViewKind::Contiguous, seed) * 60.0).unwrap().to_dtype(dtype).unwrap();
+        if at_offset { t.narrow(0, 1, 1).unwrap().squeeze(0).unwrap() } else { t }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn cat_of_contiguous_pieces_matches_naive_reference((pieces, d) in contiguous_cat_case(), k in 0usize..3) {
+            let dtype = [DType::F32, DType::I64, DType::BF16][k];
+            let typed: Vec<Tensor> = pieces
+                .iter()
+                .enumerate()
+                .map(|(seed, (shape, at_offset))| contiguous_piece(shape, *at_offset, dtype, seed as u64))
+                .collect();
+            prop_assert!(typed.iter().all(Tensor::is_contiguous));
+            let refs: Vec<&Tensor> = typed.iter().collect();
+            let got = Tensor::cat(&refs, d as isize).unwrap();
+            let want = naive_cat(&typed.iter().map(NdArray::from_tensor).collect::<Vec<_>>(), d);
+            prop_assert_eq!(got.dims(), &want.shape[..]);
+            prop_assert_eq!(got.to_f64_vec().unwrap(), want.data);
+        }
 
         #[test]
         fn cat_matches_naive_reference_on_views_with_zero_size_pieces((pieces, dim, d) in cat_case()) {
