@@ -38,7 +38,7 @@ impl Plan {
 impl Tensor {
     fn reduce_plan(&self, op: &'static str, dims: &[isize], keepdim: bool) -> Result<Plan> {
         let dims = self.reduce_dims(op, dims)?;
-        let (grouped, _) = self.move_dims_last(&dims);
+        let grouped = self.move_dims_last(&dims);
         let group = dims.iter().map(|&d| self.dims()[d]).product();
         let out_shape = (0..self.rank())
             .filter_map(|d| match (dims.contains(&d), keepdim) {

@@ -238,16 +238,12 @@ impl Tensor {
         self.split(size, dim)
     }
 
-    /// Permutes so that `dims` come last, in order; returns the view and the inverse
-    /// permutation (used by ops that work on trailing dims).
-    pub(crate) fn move_dims_last(&self, dims: &[usize]) -> (Tensor, Vec<usize>) {
+    /// The view with `dims` permuted to the end, in order (for reductions, which fold
+    /// trailing dims).
+    pub(crate) fn move_dims_last(&self, dims: &[usize]) -> Tensor {
         let mut perm: Vec<usize> = (0..self.rank()).filter(|d| !dims.contains(d)).collect();
         perm.extend_from_slice(dims);
-        let mut inverse = vec![0; perm.len()];
-        for (i, &p) in perm.iter().enumerate() {
-            inverse[p] = i;
-        }
-        (self.with_layout(self.layout().permute(&perm)), inverse)
+        self.with_layout(self.layout().permute(&perm))
     }
 
     /// Resolves reduction dims (empty slice = all dims).
