@@ -28,6 +28,7 @@ pub fn interleave_blocks<T: Element>(parts: &[&[T]], outer: usize) -> Vec<T> {
     if outer == 0 {
         return out;
     }
+    debug_assert!(parts.iter().all(|part| part.len() % outer == 0), "every part must be `outer` whole blocks");
     let mut at = 0;
     for block in 0..outer {
         for part in parts {
