@@ -46,7 +46,8 @@ impl Tensor {
         }
     }
 
-    /// Runs `f` on the CPU buffers and layouts of two tensors on the same device.
+    /// Runs `f` on the CPU buffers and layouts of two tensors on the same device. Two
+    /// views of one buffer share one read lock (see [`Tensor::read_cpu_all`]).
     pub(crate) fn read_cpu2<R>(
         &self,
         other: &Tensor,
@@ -54,7 +55,34 @@ impl Tensor {
         f: impl FnOnce(&CpuStorage, &Layout, &CpuStorage, &Layout) -> Result<R>,
     ) -> Result<R> {
         self.same_device(other, op)?;
+        if self.shares_storage_with(other) {
+            return self.read_cpu(|a, la| f(a, la, a, &other.layout));
+        }
         self.read_cpu(|a, la| other.read_cpu(|b, lb| f(a, la, b, lb)))
+    }
+
+    /// Runs `f` on the CPU buffer and layout of every tensor of `tensors`, taking one
+    /// read lock per distinct buffer. A second read lock on a buffer this thread already
+    /// reads could wait forever: std's `RwLock` queues new readers behind a writer that
+    /// is waiting, and that writer waits for the first lock (views of one buffer are
+    /// common: `k` and `v` sliced from one QKV projection, `x * x`).
+    pub(crate) fn read_cpu_all<R>(
+        tensors: &[&Tensor],
+        f: impl FnOnce(&[(&CpuStorage, &Layout)]) -> Result<R>,
+    ) -> Result<R> {
+        let first_on_buffer =
+            |k: usize| tensors.iter().position(|t| t.shares_storage_with(tensors[k])).expect("tensor k itself");
+        let guards: Vec<_> = (0..tensors.len())
+            .map(|k| (first_on_buffer(k) == k).then(|| tensors[k].storage.read().unwrap_or_else(|e| e.into_inner())))
+            .collect();
+        let views: Vec<_> = (0..tensors.len())
+            .map(|k| {
+                let guard = guards[first_on_buffer(k)].as_ref().expect("the first tensor on a buffer holds its lock");
+                let Storage::Cpu(s) = &**guard;
+                (s, &tensors[k].layout)
+            })
+            .collect();
+        f(&views)
     }
 
     /// Runs `f` on the row-major elements of every tensor of `tensors`, all of dtype `T`,
@@ -68,14 +96,14 @@ impl Tensor {
             let copies = tensors.iter().map(|t| t.contiguous()).collect::<Result<Vec<_>>>()?;
             return Tensor::read_contiguous(&copies.iter().collect::<Vec<_>>(), op, f);
         }
-        let guards: Vec<_> = tensors.iter().map(|t| t.storage.read().unwrap_or_else(|e| e.into_inner())).collect();
-        let mut slices = Vec::with_capacity(tensors.len());
-        for (guard, t) in guards.iter().zip(tensors) {
-            let Storage::Cpu(s) = &**guard;
-            let buf = T::from_storage(s).ok_or(Error::DTypeMismatch { op, lhs: T::DTYPE, rhs: t.dtype })?;
-            slices.push(&buf[t.layout.offset()..t.layout.offset() + t.numel()]);
-        }
-        Ok(f(&slices))
+        Tensor::read_cpu_all(tensors, |views| {
+            let mut slices = Vec::with_capacity(views.len());
+            for (&(s, layout), t) in views.iter().zip(tensors) {
+                let buf = T::from_storage(s).ok_or(Error::DTypeMismatch { op, lhs: T::DTYPE, rhs: t.dtype })?;
+                slices.push(&buf[layout.offset()..layout.offset() + t.numel()]);
+            }
+            Ok(f(&slices))
+        })
     }
 
     /// Mutable access to the CPU buffer, for in-place writes. The caller must only write
@@ -390,6 +418,52 @@ impl std::fmt::Display for Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Operands that are views of one buffer are read under one lock per buffer
+    /// (`read_cpu2`, `read_cpu_all`); each must still be read through its own layout.
+    #[test]
+    fn operands_that_share_a_buffer_are_each_read_through_their_own_layout() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn([5, 5], &dev, 3).unwrap();
+        let xt = x.t().unwrap();
+        let apart = |t: &Tensor| t.copy().unwrap().to_vec::<f32>().unwrap();
+        assert_eq!(apart(&x.add(&xt).unwrap()), apart(&x.add(xt.copy().unwrap()).unwrap()));
+        assert_eq!(apart(&x.mul(&x).unwrap()), apart(&x.mul(x.copy().unwrap()).unwrap()));
+        let row = x.narrow(0, 1, 1).unwrap();
+        assert_eq!(apart(&Tensor::cat(&[&row, &x, &row], 0).unwrap())[..5], apart(&row)[..]);
+
+        // q, k, v, an additive mask and the output gradient, all views of one buffer.
+        let qkv = Tensor::randn([2, 6, 13], &dev, 4).unwrap();
+        let part = |start, len| qkv.narrow(2, start, len).unwrap();
+        let (q, k, v) = (part(0, 4), part(4, 4), part(8, 4));
+        let grad = part(9, 4);
+        let copied = |t: &Tensor| t.copy().unwrap();
+        let shared = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&part(12, 1)), true, None).unwrap();
+        let separate = Tensor::scaled_dot_product_attention(
+            &copied(&q),
+            &copied(&k),
+            &copied(&v),
+            Some(&copied(&part(12, 1))),
+            true,
+            None,
+        )
+        .unwrap();
+        assert_eq!(apart(&shared), apart(&separate));
+        let mask_view = part(7, 6);
+        let (sq, sk, sv) =
+            Tensor::scaled_dot_product_attention_backward(&q, &k, &v, &grad, Some(&mask_view), false, None).unwrap();
+        let (cq, ck, cv) = Tensor::scaled_dot_product_attention_backward(
+            &copied(&q),
+            &copied(&k),
+            &copied(&v),
+            &copied(&grad),
+            Some(&copied(&mask_view)),
+            false,
+            None,
+        )
+        .unwrap();
+        assert_eq!((apart(&sq), apart(&sk), apart(&sv)), (apart(&cq), apart(&ck), apart(&cv)));
+    }
 
     #[test]
     fn vectors_slices_and_ndarrays_round_trip() {

@@ -58,8 +58,9 @@ pub(crate) fn attention_tiled(
 ) -> Result<Tensor> {
     let p = Prepared::new(q, k, v, mask, scale)?;
     let options = AttentionOptions { causal, scale: p.scale, tiling };
-    let (k, v, mask) = (&p.k, &p.v, p.mask.as_ref());
-    let out = p.q.read_cpu(|sq, lq| Ok(map_float!(OP, sq, |qb| attend(qb, lq, k, v, mask, options)?)))?;
+    let operands: Vec<&Tensor> = [&p.q, &p.k, &p.v].into_iter().chain(&p.mask).collect();
+    let out =
+        Tensor::read_cpu_all(&operands, |views| Ok(map_float!(OP, views[0].0, |qb| attend(qb, views, options)?)))?;
     Ok(Tensor::from_cpu(out, &p.shape(p.lq, p.dv)))
 }
 
@@ -93,13 +94,14 @@ impl Tensor {
             });
         }
         let options = AttentionOptions { causal, scale: p.scale, tiling: Tiling::default() };
-        let (kv, mask) = ((&p.k, &p.v), p.mask.as_ref());
-        let [dq, dk, dv] = p.q.read_cpu(|sq, lq| {
-            Ok(match sq {
-                CpuStorage::F32(b) => attend_backward(b, lq, kv, grad, mask, options)?.map(CpuStorage::F32),
-                CpuStorage::F64(b) => attend_backward(b, lq, kv, grad, mask, options)?.map(CpuStorage::F64),
-                CpuStorage::F16(b) => attend_backward(b, lq, kv, grad, mask, options)?.map(CpuStorage::F16),
-                CpuStorage::BF16(b) => attend_backward(b, lq, kv, grad, mask, options)?.map(CpuStorage::BF16),
+        // The gradient last, after the operands `attend` reads.
+        let operands: Vec<&Tensor> = [&p.q, &p.k, &p.v].into_iter().chain(&p.mask).chain([grad]).collect();
+        let [dq, dk, dv] = Tensor::read_cpu_all(&operands, |views| {
+            Ok(match views[0].0 {
+                CpuStorage::F32(b) => attend_backward(b, views, options)?.map(CpuStorage::F32),
+                CpuStorage::F64(b) => attend_backward(b, views, options)?.map(CpuStorage::F64),
+                CpuStorage::F16(b) => attend_backward(b, views, options)?.map(CpuStorage::F16),
+                CpuStorage::BF16(b) => attend_backward(b, views, options)?.map(CpuStorage::BF16),
                 other => unreachable!("{BACKWARD}: {:?} was checked to be a float dtype", other.dtype()),
             })
         })?;
@@ -236,55 +238,45 @@ fn typed<T: WithDType>(s: &CpuStorage) -> &[T] {
     T::from_storage(s).expect("dtype checked before dispatch")
 }
 
-/// Runs the kernel for one dtype: `q` is typed, `k`, `v` and an additive mask have the
-/// same dtype (checked), a boolean mask is u8.
-fn attend<T: FloatElem + WithDType>(
-    q: &[T],
-    q_layout: &Layout,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    options: AttentionOptions,
-) -> Result<Vec<T>> {
-    with_operands(k, v, mask, |k, v, mask| {
-        let q = Strided { data: q, layout: q_layout };
-        Ok(attention::scaled_dot_product_attention(q, k, v, mask, options))
-    })
+/// The buffers and layouts of `q`, `k`, `v`, then the mask's if there is one, then
+/// (in the backward) the gradient's, as [`Tensor::read_cpu_all`] gives them.
+type Views<'a, 'b> = &'b [(&'a CpuStorage, &'a Layout)];
+
+/// Runs the kernel for one dtype (`q` is the typed buffer of `views[0]`): `k`, `v` and
+/// an additive mask have the same dtype (checked), a boolean mask is u8.
+fn attend<T: FloatElem + WithDType>(q: &[T], views: Views<'_, '_>, options: AttentionOptions) -> Result<Vec<T>> {
+    with_operands(q, views, |q, k, v, mask| Ok(attention::scaled_dot_product_attention(q, k, v, mask, options)))
 }
 
-/// Calls `f` with the typed views of `k`, `v` and the mask.
-fn with_operands<T: FloatElem + WithDType, R>(
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    f: impl FnOnce(Strided<'_, T>, Strided<'_, T>, AttentionMask<'_, T>) -> Result<R>,
+/// Calls `f` with the typed views of `q` (its buffer typed as `q`), `k` and `v`, the first
+/// three of `views`, and of the mask, a fourth if there is one.
+fn with_operands<'a, T: FloatElem + WithDType, R>(
+    q: &'a [T],
+    views: Views<'a, '_>,
+    f: impl FnOnce(Strided<'a, T>, Strided<'a, T>, Strided<'a, T>, AttentionMask<'a, T>) -> Result<R>,
 ) -> Result<R> {
-    k.read_cpu(|sk, lk| {
-        v.read_cpu(|sv, lv| {
-            let (k, v) = (Strided { data: typed(sk), layout: lk }, Strided { data: typed(sv), layout: lv });
-            let Some(mask) = mask else { return f(k, v, AttentionMask::None) };
-            mask.read_cpu(|sm, lm| match sm {
-                CpuStorage::U8(data) => f(k, v, AttentionMask::Keep(Strided { data, layout: lm })),
-                other => f(k, v, AttentionMask::Additive(Strided { data: typed(other), layout: lm })),
-            })
-        })
-    })
+    let strided = |&(s, layout): &(&'a CpuStorage, &'a Layout)| Strided { data: typed(s), layout };
+    let (k, v) = (strided(&views[1]), strided(&views[2]));
+    let q = Strided { data: q, layout: views[0].1 };
+    let mask = match views.get(3) {
+        None => AttentionMask::None,
+        Some(&(CpuStorage::U8(data), layout)) => AttentionMask::Keep(Strided { data, layout }),
+        Some(other) => AttentionMask::Additive(strided(other)),
+    };
+    f(q, k, v, mask)
 }
 
-/// Runs the backward kernel for one dtype (the dtypes as in [`attend`]).
+/// Runs the backward kernel for one dtype (the dtypes as in [`attend`]); the gradient is
+/// the last of `views`.
 fn attend_backward<T: FloatElem + WithDType>(
     q: &[T],
-    q_layout: &Layout,
-    (k, v): (&Tensor, &Tensor),
-    g: &Tensor,
-    mask: Option<&Tensor>,
+    views: Views<'_, '_>,
     options: AttentionOptions,
 ) -> Result<[Vec<T>; 3]> {
-    with_operands(k, v, mask, |k, v, mask| {
-        g.read_cpu(|sg, lg| {
-            let (q, g) = (Strided { data: q, layout: q_layout }, Strided { data: typed(sg), layout: lg });
-            Ok(attention_backward::scaled_dot_product_attention_backward(q, k, v, g, mask, options))
-        })
+    let (g, operands) = views.split_last().expect("q, k, v and the gradient");
+    with_operands(q, operands, |q, k, v, mask| {
+        let g = Strided { data: typed(g.0), layout: g.1 };
+        Ok(attention_backward::scaled_dot_product_attention_backward(q, k, v, g, mask, options))
     })
 }
 
