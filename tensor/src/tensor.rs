@@ -429,6 +429,8 @@ mod tests {
         let apart = |t: &Tensor| t.copy().unwrap().to_vec::<f32>().unwrap();
         assert_eq!(apart(&x.add(&xt).unwrap()), apart(&x.add(xt.copy().unwrap()).unwrap()));
         assert_eq!(apart(&x.mul(&x).unwrap()), apart(&x.mul(x.copy().unwrap()).unwrap()));
+        let (x2, xt2) = (x.copy().unwrap(), xt.copy().unwrap());
+        assert_eq!(apart(&x.where_cond(&xt, &x).unwrap()), apart(&x2.where_cond(&xt2, x.copy().unwrap()).unwrap()));
         let row = x.narrow(0, 1, 1).unwrap();
         assert_eq!(apart(&Tensor::cat(&[&row, &x, &row], 0).unwrap())[..5], apart(&row)[..]);
 

@@ -160,13 +160,12 @@ impl Tensor {
         let shape = broadcast_shapes("where_cond", &shape, on_false.dims())?;
         let (c, t, f) =
             (self.broadcast_to(&shape[..])?, on_true.broadcast_to(&shape[..])?, on_false.broadcast_to(&shape[..])?);
-        let out = c.read_cpu(|sc, lc| {
-            t.read_cpu2(&f, "where_cond", |st, lt, sf, lf| {
-                Ok(crate::storage::with_any!(sc, |cb| zip_any!("where_cond", st, sf, |x, y| {
-                    let v = map::select(cb, lc, x, lt, y, lf);
-                    <_ as crate::WithDType>::into_storage(v)
-                })))
-            })
+        let out = Tensor::read_cpu_all(&[&c, &t, &f], |views| {
+            let &[(sc, lc), (st, lt), (sf, lf)] = views else { unreachable!("three operands") };
+            Ok(crate::storage::with_any!(sc, |cb| zip_any!("where_cond", st, sf, |x, y| {
+                let v = map::select(cb, lc, x, lt, y, lf);
+                <_ as crate::WithDType>::into_storage(v)
+            })))
         })?;
         Ok(Tensor::from_cpu(out, &shape))
     }

@@ -83,12 +83,11 @@ impl Tensor {
         }
         let (base, source, indices) = (self.contiguous()?, source.contiguous()?, indices.contiguous()?);
         let blocks = DimBlocks::new(base.dims(), d);
-        let out = base.read_cpu2(&source, OP, |b, lb, s, ls| {
-            indices.read_cpu(|i, li| {
-                let i = index_values(i, li);
-                Ok(zip_summable!(OP, b, s, |b, s| kernel::index_add(rows(b, lb), blocks, i, rows(s, ls))
-                    .map_err(out_of_range(OP))?))
-            })
+        let out = Tensor::read_cpu_all(&[&base, &source, &indices], |views| {
+            let &[(b, lb), (s, ls), (i, li)] = views else { unreachable!("three operands") };
+            let i = index_values(i, li);
+            Ok(zip_summable!(OP, b, s, |b, s| kernel::index_add(rows(b, lb), blocks, i, rows(s, ls))
+                .map_err(out_of_range(OP))?))
         })?;
         Ok(Tensor::from_cpu(out, self.dims()))
     }
@@ -128,12 +127,11 @@ impl Tensor {
         let indices = indices.contiguous()?;
         let blocks = DimBlocks::new(&region_shape, d);
         let index_size = indices.dims()[d];
-        let scattered = region.read_cpu2(&source, OP, |b, lb, s, ls| {
-            indices.read_cpu(|i, li| {
-                let i = index_values(i, li);
-                Ok(zip_summable!(OP, b, s, |b, s| kernel::scatter_add(rows(b, lb), blocks, i, rows(s, ls), index_size)
-                    .map_err(out_of_range(OP))?))
-            })
+        let scattered = Tensor::read_cpu_all(&[&region, &source, &indices], |views| {
+            let &[(b, lb), (s, ls), (i, li)] = views else { unreachable!("three operands") };
+            let i = index_values(i, li);
+            Ok(zip_summable!(OP, b, s, |b, s| kernel::scatter_add(rows(b, lb), blocks, i, rows(s, ls), index_size)
+                .map_err(out_of_range(OP))?))
         })?;
         let scattered = Tensor::from_cpu(scattered, &region_shape);
         if region_shape == self.dims() {
