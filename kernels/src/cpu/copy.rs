@@ -24,18 +24,23 @@ pub fn cast<S: Element, D: Element>(src: &[S], layout: &Layout) -> Vec<D> {
 /// `outer`), and the result holds block 0 of every part in order, then block 1 of every
 /// part, and so on. `outer` is the product of the dims before the joined one.
 pub fn interleave_blocks<T: Element>(parts: &[&[T]], outer: usize) -> Vec<T> {
-    let mut out = for_overwrite(parts.iter().map(|part| part.len()).sum());
+    let total: usize = parts.iter().map(|part| part.len()).sum();
+    let mut out = for_overwrite(total);
     if outer == 0 {
         return out;
     }
     debug_assert!(parts.iter().all(|part| part.len() % outer == 0), "every part must be `outer` whole blocks");
-    let mut at = 0;
-    for block in 0..outer {
-        for part in parts {
-            let len = part.len() / outer;
-            out[at..at + len].copy_from_slice(&part[block * len..(block + 1) * len]);
-            at += len;
+    // Part by part: its blocks land `total / outer` apart, after the earlier parts' blocks.
+    let row = total / outer;
+    let mut start = 0;
+    for part in parts {
+        let len = part.len() / outer;
+        if len > 0 {
+            for (block, src) in part.chunks_exact(len).enumerate() {
+                out[block * row + start..][..len].copy_from_slice(src);
+            }
         }
+        start += len;
     }
     out
 }
