@@ -7,7 +7,11 @@ use aigc::autograd::{Var, no_grad};
 use aigc::nn::{AdamConfig, AdamW, Linear, Module, Optimizer, Sequential, VarStore, loss};
 use aigc::trainers::data::digits::Digits;
 use aigc::{DType, Device, Result, Tensor};
+use std::process::ExitCode;
 use std::time::Instant;
+
+#[path = "common/mod.rs"]
+mod common;
 
 fn accuracy(model: &Sequential, images: &Tensor, labels: &Tensor) -> Result<f64> {
     no_grad(|| {
@@ -16,7 +20,12 @@ fn accuracy(model: &Sequential, images: &Tensor, labels: &Tensor) -> Result<f64>
     })
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    common::report(train_and_evaluate)
+}
+
+fn train_and_evaluate() -> Result<()> {
+    common::expect_no_arguments("digits_mlp", "usage: digits_mlp (takes no flags)")?;
     let start = Instant::now();
     let dev = Device::Cpu;
     let (train, test) = Digits::load()?.split(0.2, 0)?;

@@ -10,6 +10,10 @@
 
 use aigc::trainers::data::digits::Digits;
 use aigc::{DType, Device, Result, Tensor};
+use std::process::ExitCode;
+
+#[path = "common/mod.rs"]
+mod common;
 
 fn accuracy(x: &Tensor, w: &Tensor, b: &Tensor, y: &Tensor) -> Result<f32> {
     let predicted = x.matmul(w)?.add(b)?.argmax(-1, false)?;
@@ -24,7 +28,12 @@ fn ascii_digit(pixels: &[f32]) -> String {
         .collect()
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    common::report(train_and_evaluate)
+}
+
+fn train_and_evaluate() -> Result<()> {
+    common::expect_no_arguments("digits_softmax", "usage: digits_softmax (takes no flags)")?;
     let dev = Device::Cpu;
     let (train, test) = Digits::load()?.split(0.2, 0)?;
     let (x_train, y_train, x_test, y_test) = (&train.images, &train.labels, &test.images, &test.labels);

@@ -23,6 +23,7 @@ use aigc::trainers::text::Tokenizer;
 use aigc::trainers::text::bpe::BpeTokenizer;
 use aigc::trainers::text::char_tokenizer::CharTokenizer;
 use aigc::{DType, Device, Error, Result};
+use std::process::ExitCode;
 use std::time::Instant;
 
 #[path = "common/mod.rs"]
@@ -104,7 +105,11 @@ fn parse_options() -> Result<Options> {
     Ok(o)
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    common::report(train_and_sample)
+}
+
+fn train_and_sample() -> Result<()> {
     let opts = parse_options()?;
     let corpus = match &opts.data {
         Some(path) => TinyShakespeare::load_from(path)?,

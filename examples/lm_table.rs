@@ -31,7 +31,11 @@ use aigc::trainers::text::char_tokenizer::CharTokenizer;
 use aigc::{DType, Device, Error, Result};
 use std::collections::HashSet;
 use std::fmt::Write as _;
+use std::process::ExitCode;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+#[path = "common/mod.rs"]
+mod common;
 
 const OP: &str = "lm_table";
 
@@ -66,14 +70,17 @@ fn parse_options() -> Result<Options> {
             println!("{USAGE}");
             std::process::exit(0);
         }
-        let value = args.next().ok_or_else(|| Error::invalid(OP, format!("{flag} needs a value")))?;
-        let bad = || Error::invalid(OP, format!("{flag}: cannot read `{value}`"));
+        // The value is taken only for a known flag, so an unknown one is named as unknown.
+        let mut value = || args.next().ok_or_else(|| Error::invalid(OP, format!("{flag} needs a value")));
+        fn parse<T: std::str::FromStr>(flag: &str, v: String) -> Result<T> {
+            v.parse().map_err(|_| Error::invalid(OP, format!("{flag}: cannot read `{v}`")))
+        }
         match flag.as_str() {
-            "--budget-seconds" => o.budget_seconds = value.parse().map_err(|_| bad())?,
-            "--rnn-iters" => o.rnn_iters = value.parse().map_err(|_| bad())?,
-            "--gpt-iters" => o.gpt_iters = Some(value.parse().map_err(|_| bad())?),
-            "--models" => o.models = value.split(',').map(String::from).collect(),
-            "--out" => o.out = value,
+            "--budget-seconds" => o.budget_seconds = parse(&flag, value()?)?,
+            "--rnn-iters" => o.rnn_iters = parse(&flag, value()?)?,
+            "--gpt-iters" => o.gpt_iters = Some(parse(&flag, value()?)?),
+            "--models" => o.models = value()?.split(',').map(String::from).collect(),
+            "--out" => o.out = value()?,
             other => {
                 return Err(Error::invalid(OP, format!("unknown flag `{other}`; {USAGE}")));
             }
@@ -105,7 +112,11 @@ struct Data {
     val: Vec<u32>,
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    common::report(train_all_and_print_table)
+}
+
+fn train_all_and_print_table() -> Result<()> {
     let opts = parse_options()?;
     let corpus = TinyShakespeare::load()?;
     let (train_text, val_text) = corpus.train_val();

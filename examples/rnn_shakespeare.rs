@@ -19,6 +19,7 @@ use aigc::trainers::recurrent_lm::{
 };
 use aigc::trainers::text::char_tokenizer::CharTokenizer;
 use aigc::{DType, Device, Error, Result};
+use std::process::ExitCode;
 use std::str::FromStr;
 use std::time::Instant;
 
@@ -61,24 +62,26 @@ fn parse_options() -> Result<Options> {
             println!("{USAGE}");
             std::process::exit(0);
         }
-        let value = args.next().ok_or_else(|| Error::invalid("rnn_shakespeare", format!("{flag} needs a value")))?;
-        fn parse<T: FromStr>(flag: &str, v: &str) -> Result<Option<T>> {
+        // The value is taken only for a known flag, so an unknown one is named as unknown.
+        let mut value =
+            || args.next().ok_or_else(|| Error::invalid("rnn_shakespeare", format!("{flag} needs a value")));
+        fn parse<T: FromStr>(flag: &str, v: String) -> Result<Option<T>> {
             let parsed = v.parse().map_err(|_| Error::invalid("rnn_shakespeare", format!("{flag}: cannot read `{v}`")));
             Ok(Some(parsed?))
         }
         match flag.as_str() {
-            "--kind" => o.kind = Some(value.parse()?),
-            "--hidden" => o.hidden = parse(&flag, &value)?,
-            "--layers" => o.layers = parse(&flag, &value)?,
-            "--embedding" => o.embedding = parse(&flag, &value)?,
-            "--dropout" => o.dropout = parse(&flag, &value)?,
-            "--iters" => o.iters = parse(&flag, &value)?,
-            "--seconds" => o.seconds = parse(&flag, &value)?,
-            "--lr" => o.lr = parse(&flag, &value)?,
-            "--batch" => o.batch = parse(&flag, &value)?,
-            "--seq-len" => o.seq_len = parse(&flag, &value)?,
-            "--eval-interval" => o.eval_interval = parse(&flag, &value)?,
-            "--sample" => o.sample = parse(&flag, &value)?,
+            "--kind" => o.kind = Some(value()?.parse()?),
+            "--hidden" => o.hidden = parse(&flag, value()?)?,
+            "--layers" => o.layers = parse(&flag, value()?)?,
+            "--embedding" => o.embedding = parse(&flag, value()?)?,
+            "--dropout" => o.dropout = parse(&flag, value()?)?,
+            "--iters" => o.iters = parse(&flag, value()?)?,
+            "--seconds" => o.seconds = parse(&flag, value()?)?,
+            "--lr" => o.lr = parse(&flag, value()?)?,
+            "--batch" => o.batch = parse(&flag, value()?)?,
+            "--seq-len" => o.seq_len = parse(&flag, value()?)?,
+            "--eval-interval" => o.eval_interval = parse(&flag, value()?)?,
+            "--sample" => o.sample = parse(&flag, value()?)?,
             other => {
                 return Err(Error::invalid("rnn_shakespeare", format!("unknown flag `{other}`; {USAGE}")));
             }
@@ -87,7 +90,11 @@ fn parse_options() -> Result<Options> {
     Ok(o)
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    common::report(train_chosen_cell)
+}
+
+fn train_chosen_cell() -> Result<()> {
     let opts = parse_options()?;
     match opts.kind.unwrap_or(RecurrentKind::Lstm) {
         RecurrentKind::Rnn => run::<RnnCell>(&opts),
