@@ -102,6 +102,9 @@ fn tiny_add(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("aigc", "Tensor"), |bench| bench.iter(|| black_box(a.add(&b).unwrap())));
     group.bench_function(BenchmarkId::new("aigc", "Var"), |bench| bench.iter(|| black_box(va.add(&vb).unwrap())));
     group.bench_function(BenchmarkId::new("candle", "Tensor"), |bench| bench.iter(|| black_box(ca.add(&cb).unwrap())));
+    // Candle's variables record their ops for backward, as our `Var`s do.
+    let (cva, cvb) = (candle_core::Var::from_tensor(&ca).unwrap(), candle_core::Var::from_tensor(&cb).unwrap());
+    group.bench_function(BenchmarkId::new("candle", "Var"), |bench| bench.iter(|| black_box(cva.add(&cvb).unwrap())));
     group.bench_function(BenchmarkId::new("plain", "Vec"), |bench| {
         bench.iter(|| black_box(av.iter().zip(&bv).map(|(x, y)| x + y).collect::<Vec<f32>>()))
     });

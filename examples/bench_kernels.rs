@@ -145,11 +145,14 @@ fn elementwise_and_rows(threads: usize, reps: usize) {
         batched(inner, || drop(black_box(ca.add(&cb).unwrap()))),
     );
     small_op_line("add", &[64], threads, ours * ns_per_call, peer * ns_per_call);
+    // Both sides record the op for backward: our `Var`s and candle's (whose ops on a
+    // variable keep their operands, as ours do).
     let (va, vb) = (Var::leaf(a.clone()), Var::leaf(b.clone()));
+    let (cva, cvb) = (candle_core::Var::from_tensor(&ca).unwrap(), candle_core::Var::from_tensor(&cb).unwrap());
     let (ours, peer) = race(
         reps,
         batched(inner, || drop(black_box(va.add(&vb).unwrap()))),
-        batched(inner, || drop(black_box(ca.add(&cb).unwrap()))),
+        batched(inner, || drop(black_box(cva.add(&cvb).unwrap()))),
     );
     small_op_line("add_var", &[64], threads, ours * ns_per_call, peer * ns_per_call);
     // The same 64 values as an 8 x 8 matrix: a number operand, a row sum, a concatenation.
