@@ -27,13 +27,16 @@
 //! first read row-major into the accumulator type (f32 for f32/f16/bf16, f64 for f64);
 //! each output is rounded once.
 //!
-//! Which method runs where: in f32 (and f16/bf16, accumulated in f32), convolutions and
-//! transposed convolutions skip the columns matrix: `conv_phases.rs` splits the strided
-//! side into phases and computes each as a shifted product (`conv_shifted.rs`), which
-//! reads each tap's row of the columns straight from the planes, shifted and masked,
-//! inside the GEMM's register tiles (1.16x as fast at the layer; a "valid"
-//! convolution's narrower feature rows are widened to the image's, 1.3-1.8x as fast).
-//! Everything else (f64, filters too large to stream from L2) takes im2col + GEMM. The
+//! Which method runs where: with AVX-512, in f32 (and f16/bf16, accumulated in f32),
+//! convolutions and transposed convolutions skip the columns matrix: `conv_phases.rs`
+//! splits the strided side into phases and computes each as a shifted product
+//! (`conv_shifted.rs`), which reads each tap's row of the columns straight from the
+//! planes, shifted and masked, inside the GEMM's register tiles (1.16x as fast at the
+//! issue's layer on Zen 4; a "valid" convolution's narrower feature rows are widened to
+//! the image's, 1.3-1.8x as fast). Everything else takes im2col + GEMM: f64, filters
+//! too large to stream from L2, and every convolution on the ISAs without mask
+//! registers, where the masked loads made the shifted products half as fast as im2col
+//! (`conv_phases::pays_on`). The
 //! weight gradient of a convolution with at least 16 input channels per group,
 //! accumulated in f32, reads a zero-padded channels-last copy of each image instead of
 //! the columns (`conv_weight_grad.rs`: 1.14-1.44x as fast on the layers measured there,
@@ -220,11 +223,13 @@ pub fn conv2d<T: FloatElem>(
     if out.is_empty() {
         return out;
     }
-    if conv_phases::applies(g)
+    let isa = Isa::best();
+    if conv_phases::pays_on(isa)
+        && conv_phases::applies(g)
         && let (Some(image32), Some(weight32)) = (cast::<T::Acc, f32>(&image), cast::<T::Acc, f32>(&weight))
     {
         let bias32 = bias.as_deref().and_then(cast::<T::Acc, f32>);
-        in_f32(&mut out, |out| conv_phases::conv2d(Isa::best(), g, image32, weight32, bias32, out));
+        in_f32(&mut out, |out| conv_phases::conv2d(isa, g, image32, weight32, bias32, out));
         release(image);
         release(weight);
         return out;
@@ -314,11 +319,13 @@ pub fn conv_transpose2d<T: FloatElem>(
     if out.is_empty() {
         return out;
     }
-    if conv_phases::applies_transposed(g)
+    let isa = Isa::best();
+    if conv_phases::pays_on(isa)
+        && conv_phases::applies_transposed(g)
         && let (Some(features32), Some(weight32)) = (cast::<T::Acc, f32>(&features), cast::<T::Acc, f32>(&weight))
     {
         let bias32 = bias.as_deref().and_then(cast::<T::Acc, f32>);
-        in_f32(&mut out, |out| conv_phases::conv_transpose2d(Isa::best(), g, features32, weight32, bias32, out));
+        in_f32(&mut out, |out| conv_phases::conv_transpose2d(isa, g, features32, weight32, bias32, out));
         release(features);
         release(weight);
         return out;

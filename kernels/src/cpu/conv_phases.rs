@@ -96,12 +96,26 @@ fn widened(g: &ConvGeometry) -> ConvGeometry {
     ConvGeometry { out_size: [g.out_size[0], width], ..*g }
 }
 
-/// Whether [`conv2d`] computes this convolution (see the module doc).
+/// Whether the shifted products are the faster method with this ISA's kernels: only
+/// with AVX-512, whose mask registers hold each tap's lane masks while its channels go
+/// by. With AVX2 a masked load takes its mask from a vector register, and the products
+/// ran at half im2col's speed. Measured on Zen 3 (AVX2, slow phase), `bench_kernels quick
+/// conv` against a build that skipped them, ms, ours / candle: the convolution
+/// 122-136 -> 62-108 at one thread (candle 142-257) and 62-78 -> 35-52 at two; its valid
+/// form 120-147 -> 55-65 and 62-85 -> 30-44; the transposed convolution 71-134
+/// -> 40-52 and 32-65 -> 21-31; forward and backward together, candle's time over ours,
+/// 2.7-4.1 -> 3.8-8.2 over the three layers and both thread counts. The other ISAs
+/// (AVX2, and the portable and NEON vectors of `Isa::Scalar`) take im2col.
+pub(super) fn pays_on(isa: Isa) -> bool {
+    isa == Isa::Avx512
+}
+
+/// Whether [`conv2d`] can compute this convolution (see the module doc).
 pub(super) fn applies(g: &ConvGeometry) -> bool {
     products_fit(g) && g.out_size[0] * g.out_size[1] > 0
 }
 
-/// Whether [`conv_transpose2d`] computes this transposed convolution (see the module
+/// Whether [`conv_transpose2d`] can compute this transposed convolution (see the module
 /// doc).
 pub(super) fn applies_transposed(g: &ConvGeometry) -> bool {
     products_fit(g) && g.in_size[0] * g.in_size[1] > 0
