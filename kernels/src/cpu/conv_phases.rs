@@ -100,12 +100,13 @@ fn widened(g: &ConvGeometry) -> ConvGeometry {
 /// with AVX-512, whose mask registers hold each tap's lane masks while its channels go
 /// by. With AVX2 a masked load takes its mask from a vector register, and the products
 /// ran at half im2col's speed. Measured on Zen 3 (AVX2, slow phase), `bench_kernels quick
-/// conv` against a build that skipped them, ms, ours / candle: the convolution
-/// 122-136 -> 62-108 at one thread (candle 142-257) and 62-78 -> 35-52 at two; its valid
-/// form 120-147 -> 55-65 and 62-85 -> 30-44; the transposed convolution 71-134
-/// -> 40-52 and 32-65 -> 21-31; forward and backward together, candle's time over ours,
-/// 2.7-4.1 -> 3.8-8.2 over the three layers and both thread counts. The other ISAs
-/// (AVX2, and the portable and NEON vectors of `Isa::Scalar`) take im2col.
+/// conv` against a build that skipped them, ms with them -> without: the issue's
+/// convolution 122-136 -> 62-108 at one thread (candle 142-257 in the same runs) and
+/// 62-78 -> 35-52 at two; its valid form 120-147 -> 55-65 and 62-85 -> 30-44; the
+/// issue's transposed convolution 71-134 -> 40-52 and 32-65 -> 21-31; forward and
+/// backward together, candle's time over ours, 2.7-4.1 -> 3.8-8.2 over the three layers
+/// and both thread counts. The other ISAs (AVX2, and the portable and NEON vectors of
+/// `Isa::Scalar`) take im2col.
 pub(super) fn pays_on(isa: Isa) -> bool {
     isa == Isa::Avx512
 }

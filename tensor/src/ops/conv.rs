@@ -179,8 +179,9 @@ impl Tensor {
     /// spatial size `kernel`, given `features`, the gradient of the convolution's output
     /// (`[N, C_out, H_out, W_out]`, with `self` the image `[N, C_in, H, W]`):
     /// `dw[co, ci, ky, kx] = sum over n, oy, ox of features[n, co, oy, ox] * self[n, ci, iy, ix]`,
-    /// shaped `[C_out, C_in / groups, kH, kW]`. It is one GEMM per batch entry on the
-    /// forward's im2col columns (`aigc_kernels::cpu::conv::conv2d_weight_grad`). For a
+    /// shaped `[C_out, C_in / groups, kH, kW]`: products over each batch entry's image, read
+    /// channels-last or through im2col columns (`aigc_kernels::cpu::conv::conv2d_weight_grad`
+    /// says which where). For a
     /// transposed convolution, the image is its output gradient and `features` its input
     /// (which may be smaller than the convolution's output: only the positions it has
     /// count).
