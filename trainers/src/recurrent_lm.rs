@@ -31,6 +31,7 @@
 
 use crate::gpt::{EvalPoint, SamplingConfig};
 use crate::rng::SplitMix64;
+use aigc_autograd::profile::region;
 use aigc_autograd::{CrossEntropyOptions, Var, no_grad};
 use aigc_nn::optim::ParamGroup;
 use aigc_nn::optim::schedule::WarmupCosine;
@@ -598,30 +599,30 @@ pub fn train<C: LmCell>(
             data.rewind();
             carried.reset();
         }
-        let (inputs, targets) = data
-            .next_chunk(cfg.seq_len, vs)
+        let (inputs, targets) = region("next_chunk", || data.next_chunk(cfg.seq_len, vs))
             .ok_or_else(|| Error::invalid("recurrent_lm::train", "the training streams gave no chunk"))??;
         opt.set_lr(cfg.lr_at(steps, train_seconds));
         let loss = carried.chunk_loss(model, &inputs, &targets)?;
         opt.zero_grad();
         loss.backward()?;
         if cfg.grad_clip > 0.0 {
-            clip_grad_norm(&params, cfg.grad_clip)?;
+            region("clip_grad_norm", || clip_grad_norm(&params, cfg.grad_clip))?;
         }
-        opt.step()?;
+        region("optimizer step", || opt.step())?;
         loss_sum += loss.value().to_f64_vec()?[0];
         losses += 1;
         steps += 1;
         train_seconds += started.elapsed().as_secs_f64();
         if steps % cfg.eval_interval == 0 && steps < cfg.iters {
-            let (val_loss, _) = evaluate(model, val, cfg.batch_size, cfg.seq_len, cfg.eval_tokens)?;
+            let (val_loss, _) =
+                region("evaluate", || evaluate(model, val, cfg.batch_size, cfg.seq_len, cfg.eval_tokens))?;
             let point = EvalPoint { step: steps, train_loss: loss_sum / losses as f64, val_loss, train_seconds };
             (loss_sum, losses) = (0.0, 0);
             on_eval(&point);
             points.push(point);
         }
     };
-    let (val_loss, val_tokens) = evaluate(model, val, cfg.batch_size, cfg.seq_len, usize::MAX)?;
+    let (val_loss, val_tokens) = region("evaluate", || evaluate(model, val, cfg.batch_size, cfg.seq_len, usize::MAX))?;
     // No step since the last estimate (the budget ran out right after it): repeat its train loss.
     let train_loss = if losses > 0 {
         loss_sum / losses as f64
