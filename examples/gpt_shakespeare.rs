@@ -72,29 +72,24 @@ fn parse_options() -> Result<Options> {
     while let Some(flag) = args.next() {
         let mut value =
             || args.next().ok_or_else(|| Error::invalid("gpt_shakespeare", format!("{flag} needs a value")));
-        let number = |v: String| {
-            v.parse::<u64>()
-                .map_err(|_| Error::invalid("gpt_shakespeare", format!("{flag} expects a number, got `{v}`")))
-        };
-        let real = |v: String| {
-            v.parse::<f64>()
-                .map_err(|_| Error::invalid("gpt_shakespeare", format!("{flag} expects a number, got `{v}`")))
-        };
+        fn parse<T: std::str::FromStr>(flag: &str, v: String) -> Result<T> {
+            common::parse_flag_value("gpt_shakespeare", flag, v)
+        }
         match flag.as_str() {
             "--profile" => o.profile = true,
-            "--layers" => o.layers = Some(number(value()?)? as usize),
-            "--heads" => o.heads = Some(number(value()?)? as usize),
-            "--width" => o.width = Some(number(value()?)? as usize),
-            "--context" => o.context = Some(number(value()?)? as usize),
-            "--batch" => o.batch = Some(number(value()?)? as usize),
-            "--lr" => o.lr = Some(real(value()?)?),
-            "--dropout" => o.dropout = Some(real(value()?)?),
-            "--iters" => o.iters = number(value()?)?,
-            "--bpe" => o.bpe_vocab = Some(number(value()?)? as usize),
+            "--layers" => o.layers = Some(parse(&flag, value()?)?),
+            "--heads" => o.heads = Some(parse(&flag, value()?)?),
+            "--width" => o.width = Some(parse(&flag, value()?)?),
+            "--context" => o.context = Some(parse(&flag, value()?)?),
+            "--batch" => o.batch = Some(parse(&flag, value()?)?),
+            "--lr" => o.lr = Some(parse(&flag, value()?)?),
+            "--dropout" => o.dropout = Some(parse(&flag, value()?)?),
+            "--iters" => o.iters = parse(&flag, value()?)?,
+            "--bpe" => o.bpe_vocab = Some(parse(&flag, value()?)?),
             "--data" => o.data = Some(value()?),
-            "--eval-interval" => o.eval_interval = number(value()?)?,
-            "--sample" => o.sample = number(value()?)? as usize,
-            "--seed" => o.seed = number(value()?)?,
+            "--eval-interval" => o.eval_interval = parse(&flag, value()?)?,
+            "--sample" => o.sample = parse(&flag, value()?)?,
+            "--seed" => o.seed = parse(&flag, value()?)?,
             "--help" | "-h" => {
                 println!("{USAGE}");
                 std::process::exit(0);

@@ -72,13 +72,10 @@ fn parse_options() -> Result<Options> {
         }
         // The value is taken only for a known flag, so an unknown one is named as unknown.
         let mut value = || args.next().ok_or_else(|| Error::invalid(OP, format!("{flag} needs a value")));
-        fn parse<T: std::str::FromStr>(flag: &str, v: String) -> Result<T> {
-            v.parse().map_err(|_| Error::invalid(OP, format!("{flag}: cannot read `{v}`")))
-        }
         match flag.as_str() {
-            "--budget-seconds" => o.budget_seconds = parse(&flag, value()?)?,
-            "--rnn-iters" => o.rnn_iters = parse(&flag, value()?)?,
-            "--gpt-iters" => o.gpt_iters = Some(parse(&flag, value()?)?),
+            "--budget-seconds" => o.budget_seconds = common::parse_flag_value(OP, &flag, value()?)?,
+            "--rnn-iters" => o.rnn_iters = common::parse_flag_value(OP, &flag, value()?)?,
+            "--gpt-iters" => o.gpt_iters = Some(common::parse_flag_value(OP, &flag, value()?)?),
             "--models" => o.models = value()?.split(',').map(String::from).collect(),
             "--out" => o.out = value()?,
             other => {

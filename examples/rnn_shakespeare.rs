@@ -66,8 +66,7 @@ fn parse_options() -> Result<Options> {
         let mut value =
             || args.next().ok_or_else(|| Error::invalid("rnn_shakespeare", format!("{flag} needs a value")));
         fn parse<T: FromStr>(flag: &str, v: String) -> Result<Option<T>> {
-            let parsed = v.parse().map_err(|_| Error::invalid("rnn_shakespeare", format!("{flag}: cannot read `{v}`")));
-            Ok(Some(parsed?))
+            common::parse_flag_value("rnn_shakespeare", flag, v).map(Some)
         }
         match flag.as_str() {
             "--kind" => o.kind = Some(value()?.parse()?),

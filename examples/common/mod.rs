@@ -30,6 +30,12 @@ pub fn expect_no_arguments(example: &'static str, usage: &str) -> Result<()> {
     }
 }
 
+/// The value given to `flag`, read as a `T`; a value that does not parse is an error
+/// naming the example, the flag and the value.
+pub fn parse_flag_value<T: std::str::FromStr>(example: &'static str, flag: &str, value: String) -> Result<T> {
+    value.parse().map_err(|_| Error::invalid(example, format!("{flag}: cannot read `{value}`")))
+}
+
 /// The process's peak resident memory in MiB (Linux; `None` elsewhere).
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

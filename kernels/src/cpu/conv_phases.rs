@@ -104,7 +104,7 @@ fn widened(g: &ConvGeometry) -> ConvGeometry {
 /// convolution 122-136 -> 62-108 at one thread (candle 142-257 in the same runs) and
 /// 62-78 -> 35-52 at two; its valid form 120-147 -> 55-65 and 62-85 -> 30-44; the
 /// issue's transposed convolution 71-134 -> 40-52 and 32-65 -> 21-31; forward and
-/// backward together, candle's time over ours, 2.7-4.1 -> 3.8-8.2 over the three layers
+/// backward together, candle's time over ours, 2.7-4.7 -> 3.7-8.2 over the three layers
 /// and both thread counts. The other ISAs (AVX2, and the portable and NEON vectors of
 /// `Isa::Scalar`) take im2col.
 pub(super) fn pays_on(isa: Isa) -> bool {

@@ -181,10 +181,9 @@ impl Tensor {
     /// `dw[co, ci, ky, kx] = sum over n, oy, ox of features[n, co, oy, ox] * self[n, ci, iy, ix]`,
     /// shaped `[C_out, C_in / groups, kH, kW]`: products over each batch entry's image, read
     /// channels-last or through im2col columns (`aigc_kernels::cpu::conv::conv2d_weight_grad`
-    /// says which where). For a
-    /// transposed convolution, the image is its output gradient and `features` its input
-    /// (which may be smaller than the convolution's output: only the positions it has
-    /// count).
+    /// says which where). For a transposed convolution, the image is its output gradient
+    /// and `features` its input (which may be smaller than the convolution's output: only
+    /// the positions it has count).
     pub fn conv2d_weight_grad(&self, features: &Tensor, kernel: [usize; 2], params: Conv2dParams) -> Result<Tensor> {
         const OP: &str = "conv2d_weight_grad";
         self.expect_float(OP)?;
