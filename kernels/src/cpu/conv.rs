@@ -27,16 +27,17 @@
 //! first read row-major into the accumulator type (f32 for f32/f16/bf16, f64 for f64);
 //! each output is rounded once.
 //!
-//! Which method runs where: with AVX-512, in f32 (and f16/bf16, accumulated in f32),
-//! convolutions and transposed convolutions skip the columns matrix: `conv_phases.rs`
-//! splits the strided side into phases and computes each as a shifted product
-//! (`conv_shifted.rs`), which reads each tap's row of the columns straight from the
-//! planes, shifted and masked, inside the GEMM's register tiles (1.16x as fast at the
-//! issue's layer on Zen 4; a "valid" convolution's narrower feature rows are widened to
-//! the image's, 1.3-1.8x as fast). Everything else takes im2col + GEMM: f64, filters
-//! too large to stream from L2, and every convolution on the ISAs without mask
-//! registers, where the masked loads made the shifted products half as fast as im2col
-//! (`conv_phases::pays_on`). The
+//! Which method runs where: with AVX-512 or AVX2, in f32 (and f16/bf16, accumulated in
+//! f32), convolutions and transposed convolutions skip the columns matrix:
+//! `conv_phases.rs` splits the strided side into phases and computes each as a shifted
+//! product (`conv_shifted.rs`), which reads each tap's row of the columns straight from
+//! the planes, shifted and masked, for the GEMM's register tiles: with AVX-512 each tile
+//! loads them itself (1.16x as fast as im2col at the layer on Zen 4; a "valid"
+//! convolution's narrower feature rows are widened to the image's, 1.3-1.8x as fast),
+//! with AVX2 they are staged once per block of positions for all its tiles (level with
+//! im2col to 1.3x as fast on Zen 3, `conv_phases::pays_on`). Everything else takes im2col +
+//! GEMM: f64, filters too large to stream from L2, and the portable and NEON vectors
+//! (`Isa::Scalar`). The
 //! weight gradient of a convolution with at least 16 input channels per group,
 //! accumulated in f32, reads a zero-padded channels-last copy of each image instead of
 //! the columns (`conv_weight_grad.rs`: 1.14-1.44x as fast on the layers measured there,

@@ -96,19 +96,21 @@ fn widened(g: &ConvGeometry) -> ConvGeometry {
     ConvGeometry { out_size: [g.out_size[0], width], ..*g }
 }
 
-/// Whether the shifted products are the faster method with this ISA's kernels: only
-/// with AVX-512, whose mask registers hold each tap's lane masks while its channels go
-/// by. With AVX2 a masked load takes its mask from a vector register, and the products
-/// ran at half im2col's speed. Measured on Zen 3 (AVX2, slow phase), `bench_kernels quick
-/// conv` against a build that skipped them, ms with them -> without: the issue's
-/// convolution 122-136 -> 62-108 at one thread (candle 142-257 in the same runs) and
-/// 62-78 -> 35-52 at two; its valid form 120-147 -> 55-65 and 62-85 -> 30-44; the
-/// issue's transposed convolution 71-134 -> 40-52 and 32-65 -> 21-31; forward and
-/// backward together, candle's time over ours, 2.7-4.7 -> 3.7-8.2 over the three layers
-/// and both thread counts. The other ISAs (AVX2, and the portable and NEON vectors of
-/// `Isa::Scalar`) take im2col.
+/// Whether the shifted products are the faster method with this ISA's kernels: with
+/// AVX-512, each tile loading its columns masked (the masks in mask registers), and with
+/// AVX2, each block's columns staged once for all its tiles
+/// (`conv_shifted::stages_columns`; before staging, the AVX2 products ran at half
+/// im2col's speed). Measured on Zen 3 (AVX2, slow phase), `bench_kernels quick conv`, two
+/// runs of each build alternated, ms by im2col -> by staged products: the issue's
+/// convolution 64.1-90.8 -> 55.7-63.1 at one thread (candle 144-213 in the same runs) and
+/// 33.9-35.8 -> 28.6-29.0 at two (candle 80-108); its valid form 54.3-63.2 -> 51.6-55.9
+/// and 30.6-31.0 -> 28.4-31.5; the transposed convolution 35.3-35.4 -> 30.2-33.1
+/// and 18.3-20.9 -> 15.1-15.7; forward and backward together 206.8-223.8 -> 185.6-202.8,
+/// 125.4-130.4 -> 103.7-110.3, 176.3-179.8 -> 166.1-184.0, 93.2-106.5 -> 94.6-95.4,
+/// 106.1-114.2 -> 87.6-94.9, 55.9-59.3 -> 49.1-52.2. The portable and NEON vectors of
+/// `Isa::Scalar` take im2col (staging is not measured with them).
 pub(super) fn pays_on(isa: Isa) -> bool {
-    isa == Isa::Avx512
+    isa != Isa::Scalar
 }
 
 /// Whether [`conv2d`] can compute this convolution (see the module doc).

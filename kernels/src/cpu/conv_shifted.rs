@@ -35,16 +35,24 @@
 //! turn from L1, where the im2col method wrote one copy of the image per tap and read them
 //! back.
 //!
+//! Without mask registers (AVX2, and the portable vectors) a masked load is costly, so
+//! each block's columns are instead staged: loaded once into a buffer of `depth` rows of
+//! two vectors, plain loads with the padding lanes selected to zero wherever the lines
+//! lie inside the planes, and every tile of output channels reads that buffer as the
+//! unpacked GEMM reads a packed column block of B ([`stages_columns`]). This is im2col
+//! done one block of positions at a time, in L1 (for depths up to about 500 with AVX2),
+//! never writing the columns matrix.
+//!
 //! Measured on the layer (batch 64, 32 -> 64 channels, 28 x 28, 3 x 3, padding
-//! 1), interleaved in one process at one thread: 18.6-18.9 ms here against 21.6-22.0 ms
-//! by im2col (99 against 85 GFLOP/s, the FMA peak 115). Masking the loads costs about
+//! 1), interleaved in one process at one thread, with AVX-512 on Zen 4: 18.6-18.9 ms
+//! here against 21.6-22.0 ms by im2col (99 against 85 GFLOP/s, the FMA peak 115). Masking the loads costs about
 //! 2%, reading the image from L3 rather than L1 about 2.5% (both measured by removing
 //! them); prefetching each tile's output lines before its sums gained 5% (measured on
 //! the first version, a depth-major kernel: the first store to an output line otherwise
 //! waits for it).
 
 use super::gemm::{Isa, MatRef};
-use super::gemm_small::{Tile, TileColumns, TileStart, balanced_tile_rows, row_tile, tile_rows};
+use super::gemm_small::{BlockRows, Tile, TileColumns, TileStart, balanced_tile_rows, row_tile, tile_rows};
 use super::simd::{F32Vector, kernel, prefetch, vector_lanes};
 use std::ops::Range;
 
@@ -83,6 +91,9 @@ pub(super) struct ShiftedProduct {
     lanes: usize,
     /// One past the last plane value a set lane reads.
     extent: usize,
+    /// Whether each block's columns are loaded once into a buffer that the tiles read
+    /// (see [`stages_columns`]), rather than loaded masked by every tile.
+    staged: bool,
 }
 
 impl ShiftedProduct {
@@ -142,6 +153,7 @@ impl ShiftedProduct {
             tile_rows,
             lanes,
             extent,
+            staged: stages_columns(isa),
         }
     }
 
@@ -159,6 +171,21 @@ impl ShiftedProduct {
     }
 }
 
+/// Whether `isa`'s products stage each block's columns: load them once into a buffer
+/// (`depth` rows of two vectors, in L1 for the usual depths) that every tile of output
+/// channels then reads, instead of each tile loading them masked from the planes. Every
+/// ISA but AVX-512 does: without mask registers the masked loads are costly (an AVX2
+/// `vmaskmovps` takes its mask from a vector register), and doing them once per block
+/// rather than once per tile pays. Measured on Zen 3 (AVX2) at one thread, the issue's
+/// layer (batch 64, 32 -> 64 channels, 28 x 28, 3 x 3, padding 1), min of 10, builds
+/// alternated: each tile loading masked 123-151 ms, staged with masked loads 59-69,
+/// staged with plain loads where they stay inside the planes ([`ShiftedPlanes::stage`])
+/// 52.9-57.3, im2col and the GEMM 62-79 in the same runs. AVX-512 keeps the direct
+/// loads, measured on Zen 4 against im2col (module doc); staging is not measured there.
+pub(super) fn stages_columns(isa: Isa) -> bool {
+    isa != Isa::Avx512
+}
+
 /// B for the register tiles of one block of positions, in tap-major depth order (depth
 /// step `t * channels + c`): the planes, the taps' offsets, and the block's masks (two
 /// vectors per tap) from position `j0`. Each tap's masks stay in registers while its
@@ -173,29 +200,72 @@ struct ShiftedPlanes<'a, M> {
     masks: &'a [[M; 2]],
 }
 
+impl<M: Copy> ShiftedPlanes<'_, M> {
+    /// Calls `f` with the two vectors of tap `t`'s row of the block in each channel in
+    /// turn, loaded masked: the lanes in the padding read nothing and give zero.
+    #[inline(always)]
+    fn masked_tap_rows<V: F32Vector<Mask = M>, const NV: usize>(&self, t: usize, mut f: impl FnMut([V; NV])) {
+        let masks = &self.masks[t];
+        let mut start = self.planes.as_ptr().wrapping_offset(self.offsets[t] + self.j0 as isize);
+        for _ in 0..self.channels {
+            // SAFETY: a lane of vector `v` is set in the tap's mask only when the tap
+            // reads at its position `j = j0 + v * LANES + l` (the product's bits), and
+            // `ShiftedProduct::new` checked that every such read,
+            // `c * channel_stride + offset + j` for `c < channels`, lies in
+            // `0..extent`; `shifted_product` asserted `planes.len() >= extent`.
+            f(std::array::from_fn(
+                #[inline(always)]
+                |v| unsafe { V::load_masked(start.wrapping_add(v * V::LANES), masks[v]) },
+            ));
+            start = start.wrapping_add(self.channel_stride);
+        }
+    }
+
+    /// Writes the block's columns into `staged` (`depth` rows of two vectors), the
+    /// values [`TileColumns::for_each_row`] gives. Where a tap's lines in every channel
+    /// lie inside the planes (all blocks but the first and last few of a plane), they
+    /// are plain loads with the padding lanes set to zero by a select; elsewhere masked
+    /// loads. (Staged with masked loads throughout, the layer took 59-69 ms
+    /// instead of 53-57 on Zen 3: see [`stages_columns`].)
+    #[inline(always)]
+    fn stage<V: F32Vector<Mask = M>>(&self, staged: &mut [f32]) {
+        let (lanes, zero) = (V::LANES, V::splat(0.0));
+        let block = 2 * lanes;
+        assert_eq!(staged.len(), self.offsets.len() * self.channels * block, "shifted product: staging size");
+        let mut rows = staged.chunks_exact_mut(block);
+        for (t, (&offset, masks)) in self.offsets.iter().zip(self.masks).enumerate() {
+            let first = offset + self.j0 as isize;
+            let end = first + ((self.channels - 1) * self.channel_stride + block) as isize;
+            let mut tap_rows = rows.by_ref().take(self.channels);
+            if first < 0 || end > self.planes.len() as isize {
+                self.masked_tap_rows::<V, 2>(t, |[low, high]| {
+                    if let Some(row) = tap_rows.next() {
+                        low.store(row);
+                        high.store(&mut row[lanes..]);
+                    }
+                });
+                continue;
+            }
+            let lines = &self.planes[first as usize..end as usize];
+            for (c, row) in tap_rows.enumerate() {
+                let line = &lines[c * self.channel_stride..][..block];
+                V::select(masks[0], V::load(line), zero).store(row);
+                V::select(masks[1], V::load(&line[lanes..]), zero).store(&mut row[lanes..]);
+            }
+        }
+    }
+}
+
 impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for ShiftedPlanes<'_, V::Mask> {
     #[inline(always)]
     fn for_each_row(&self, depth: usize, mut f: impl FnMut(usize, [V; NV])) {
         assert_eq!(depth, self.offsets.len() * self.channels, "shifted product: depth");
         let mut p = 0;
-        for (&offset, masks) in self.offsets.iter().zip(self.masks) {
-            let mut start = self.planes.as_ptr().wrapping_offset(offset + self.j0 as isize);
-            for _ in 0..self.channels {
-                // SAFETY: a lane of vector `v` is set in the tap's mask only when the tap
-                // reads at its position `j = j0 + v * LANES + l` (the product's bits), and
-                // `ShiftedProduct::new` checked that every such read,
-                // `c * channel_stride + offset + j` for `c < channels`, lies in
-                // `0..extent`; `shifted_product` asserted `planes.len() >= extent`.
-                f(
-                    p,
-                    std::array::from_fn(
-                        #[inline(always)]
-                        |v| unsafe { V::load_masked(start.wrapping_add(v * V::LANES), masks[v]) },
-                    ),
-                );
-                start = start.wrapping_add(self.channel_stride);
+        for t in 0..self.offsets.len() {
+            self.masked_tap_rows::<V, NV>(t, |row| {
+                f(p, row);
                 p += 1;
-            }
+            });
         }
     }
 }
@@ -222,6 +292,9 @@ kernel! {
         let lanes = V::LANES;
         let block = 2 * lanes;
         let mut masks = vec![[V::mask_from_bits(0); 2]; p.offsets.len()];
+        // Staged: each block's columns are loaded once into this buffer (every value
+        // written before the tiles read it), and every tile reads them from there.
+        let mut staged = p.staged.then(|| crate::buffers::for_overwrite(depth * block));
         for j0 in (0..positions).step_by(block) {
             let cols = block.min(positions - j0);
             for (t, masks) in masks.iter_mut().enumerate() {
@@ -236,23 +309,51 @@ kernel! {
                 offsets: &p.offsets,
                 masks: &masks,
             };
-            for i0 in (0..rows).step_by(p.tile_rows) {
-                let tile_height = p.tile_rows.min(rows - i0);
-                for r in i0..i0 + tile_height {
-                    prefetch(&out[r * positions + j0]);
-                    prefetch(&out[r * positions + j0 + cols - 1]);
-                }
-                let start = start.map_or(TileStart::Zero, |start| TileStart::RowValues(&start[i0..][..tile_height]));
-                let c = &mut out[i0 * positions + j0..];
-                let tile = Tile { k: depth, b: columns, cols, c, ldc: positions, start };
-                let filters =
-                    MatRef { data: &p.filters[i0 * depth..][..tile_height * depth], offset: 0, row_stride: 1, col_stride: tile_height };
-                if cols <= lanes {
-                    row_tile::<V, 1, _>(filters, 0, tile_height, tile);
-                } else {
-                    row_tile::<V, 2, _>(filters, 0, tile_height, tile);
-                }
-            }
+            let Some(staged) = &mut staged else {
+                block_tiles::<V, _>(p, columns, j0, cols, start, out);
+                continue;
+            };
+            columns.stage::<V>(staged);
+            block_tiles::<V, _>(p, BlockRows { b: staged, ldb: block }, j0, cols, start, out);
+        }
+        if let Some(staged) = staged {
+            crate::buffers::recycle(staged);
+        }
+    }
+}
+
+/// Every register tile of output channels at the block of `cols` positions from `j0`,
+/// its B read through `columns`.
+#[inline(always)]
+fn block_tiles<V: F32Vector, B: TileColumns<V, 1> + TileColumns<V, 2>>(
+    p: &ShiftedProduct,
+    columns: B,
+    j0: usize,
+    cols: usize,
+    start: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let (rows, positions) = (p.out_channels, p.positions);
+    let depth = p.offsets.len() * p.channels;
+    for i0 in (0..rows).step_by(p.tile_rows) {
+        let tile_height = p.tile_rows.min(rows - i0);
+        for r in i0..i0 + tile_height {
+            prefetch(&out[r * positions + j0]);
+            prefetch(&out[r * positions + j0 + cols - 1]);
+        }
+        let start = start.map_or(TileStart::Zero, |start| TileStart::RowValues(&start[i0..][..tile_height]));
+        let c = &mut out[i0 * positions + j0..];
+        let tile = Tile { k: depth, b: columns, cols, c, ldc: positions, start };
+        let filters = MatRef {
+            data: &p.filters[i0 * depth..][..tile_height * depth],
+            offset: 0,
+            row_stride: 1,
+            col_stride: tile_height,
+        };
+        if cols <= V::LANES {
+            row_tile::<V, 1, _>(filters, 0, tile_height, tile);
+        } else {
+            row_tile::<V, 2, _>(filters, 0, tile_height, tile);
         }
     }
 }
@@ -305,10 +406,11 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
-        /// Every ISA against the definition: random windows and offsets (reads from the
-        /// planes' first value to their last: `planes` is exactly `extent` long), zero to
-        /// five taps, output channels over several register tiles, into a NaN-filled
-        /// output.
+        /// Every ISA, its columns staged and not, against the definition: random windows
+        /// and offsets (reads from the planes' first value to their last: `planes` is
+        /// exactly `extent` long, so staging takes both its plain and its masked loads),
+        /// zero to five taps, output channels over several register tiles, into a
+        /// NaN-filled output.
         #[test]
         fn shifted_products_match_their_definition_on_every_isa(
             (size, taps) in ((1usize..6, 1usize..40).prop_map(|(r, w)| [r, w]))
@@ -316,14 +418,21 @@ mod tests {
             out_channels in 1usize..30, channels in 0usize..4, channel_stride in 0usize..60, with_start: bool,
         ) {
             for isa in Isa::ALL.into_iter().filter(|isa| isa.is_available()) {
-                let product = ShiftedProduct::new(isa, out_channels, (channels, channel_stride), size, &taps, filter_value);
+                let mut product = ShiftedProduct::new(isa, out_channels, (channels, channel_stride), size, &taps, filter_value);
                 let planes: Vec<f32> = (0..product.extent()).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
                 let start: Option<Vec<f32>> = with_start.then(|| (0..out_channels).map(|co| co as f32 - 3.0).collect());
                 let want = naive(out_channels, (channels, channel_stride), size, &taps, &planes, start.as_deref());
-                let mut out = vec![f32::NAN; want.len()];
-                shifted_product(isa, &product, &planes, start.as_deref(), &mut out);
-                for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
-                    prop_assert!((got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "{:?} [{}]: {} vs {}", isa, i, got, want);
+                // Both ways of reading the columns, whichever this ISA would take.
+                for staged in [false, true] {
+                    product.staged = staged;
+                    let mut out = vec![f32::NAN; want.len()];
+                    shifted_product(isa, &product, &planes, start.as_deref(), &mut out);
+                    for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                        prop_assert!(
+                            (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{:?} staged {} [{}]: {} vs {}", isa, staged, i, got, want
+                        );
+                    }
                 }
             }
         }

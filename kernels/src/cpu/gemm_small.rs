@@ -380,9 +380,9 @@ pub(super) trait TileColumns<V: F32Vector, const NV: usize>: Copy {
 /// A column block of B in memory: row `p` is `b[p * ldb..]`, readable for `NV` whole
 /// vectors.
 #[derive(Clone, Copy)]
-struct BlockRows<'b> {
-    b: &'b [f32],
-    ldb: usize,
+pub(super) struct BlockRows<'b> {
+    pub b: &'b [f32],
+    pub ldb: usize,
 }
 
 impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for BlockRows<'_> {
