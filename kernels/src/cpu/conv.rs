@@ -35,8 +35,9 @@
 //! loads them itself (1.16x as fast as im2col at the layer on Zen 4; a "valid"
 //! convolution's narrower feature rows are widened to the image's, 1.3-1.8x as fast),
 //! with AVX2 they are staged once per block of positions for all its tiles (level with
-//! im2col to 1.3x as fast on Zen 3, `conv_phases::pays_on`). Everything else takes im2col +
-//! GEMM: f64, filters too large to stream from L2, and the portable and NEON vectors
+//! im2col to 1.45x as fast on Zen 3, `conv_phases::pays_on`), for products of at least 32
+//! channels. Everything else takes im2col + GEMM: f64, filters too large to stream from
+//! L2, products of fewer channels with AVX2, and the portable and NEON vectors
 //! (`Isa::Scalar`). The
 //! weight gradient of a convolution with at least 16 input channels per group,
 //! accumulated in f32, reads a zero-padded channels-last copy of each image instead of
@@ -225,7 +226,7 @@ pub fn conv2d<T: FloatElem>(
         return out;
     }
     let isa = Isa::best();
-    if conv_phases::pays_on(isa)
+    if conv_phases::pays_on(isa, cout_g)
         && conv_phases::applies(g)
         && let (Some(image32), Some(weight32)) = (cast::<T::Acc, f32>(&image), cast::<T::Acc, f32>(&weight))
     {
@@ -321,7 +322,7 @@ pub fn conv_transpose2d<T: FloatElem>(
         return out;
     }
     let isa = Isa::best();
-    if conv_phases::pays_on(isa)
+    if conv_phases::pays_on(isa, cin_g)
         && conv_phases::applies_transposed(g)
         && let (Some(features32), Some(weight32)) = (cast::<T::Acc, f32>(&features), cast::<T::Acc, f32>(&weight))
     {

@@ -96,12 +96,14 @@ fn widened(g: &ConvGeometry) -> ConvGeometry {
     ConvGeometry { out_size: [g.out_size[0], width], ..*g }
 }
 
-/// Whether the shifted products are the faster method with this ISA's kernels: with
-/// AVX-512, each tile loading its columns masked (the masks in mask registers), and with
-/// AVX2, each block's columns staged once for all its tiles
+/// Whether the shifted products are the faster method with this ISA's kernels for
+/// products of `rows` rows (the output channels per group of a convolution, the input
+/// channels per group of a transposed one): always with AVX-512, each tile loading its
+/// columns masked (the masks in mask registers), and with AVX2 from
+/// [`MIN_STAGED_ROWS`] rows, each block's columns staged once for all its tiles
 /// (`conv_shifted::stages_columns`; before staging, the AVX2 products ran at half
-/// im2col's speed). Measured on Zen 3 (AVX2, slow phase), `bench_kernels quick conv`, two
-/// runs of each build alternated, ms by im2col -> by staged products: the issue's
+/// im2col's speed). Measured on Zen 3 (AVX2, slow phase), `bench_kernels quick conv`,
+/// two runs of each build alternated, ms by im2col -> by staged products: the issue's
 /// convolution 64.1-90.8 -> 55.7-63.1 at one thread (candle 144-213 in the same runs) and
 /// 33.9-35.8 -> 28.6-29.0 at two (candle 80-108); its valid form 54.3-63.2 -> 51.6-55.9
 /// and 30.6-31.0 -> 28.4-31.5; the transposed convolution 35.3-35.4 -> 30.2-33.1
@@ -109,9 +111,25 @@ fn widened(g: &ConvGeometry) -> ConvGeometry {
 /// 125.4-130.4 -> 103.7-110.3, 176.3-179.8 -> 166.1-184.0, 93.2-106.5 -> 94.6-95.4,
 /// 106.1-114.2 -> 87.6-94.9, 55.9-59.3 -> 49.1-52.2. The portable and NEON vectors of
 /// `Isa::Scalar` take im2col (staging is not measured with them).
-pub(super) fn pays_on(isa: Isa) -> bool {
-    isa != Isa::Scalar
+pub(super) fn pays_on(isa: Isa, rows: usize) -> bool {
+    match isa {
+        Isa::Avx512 => true,
+        Isa::Avx2Fma => rows >= MIN_STAGED_ROWS,
+        Isa::Scalar => false,
+    }
 }
+
+/// The fewest rows (see [`pays_on`]) for which the staged products beat im2col: its
+/// GEMM has `taps` times as many rows, and fills its register tiles where a product of
+/// a few rows cannot. Measured on Zen 3 at one thread, the min of 5 alternated runs of
+/// each build, staged against im2col, ms: products of 32 rows or more were level or
+/// faster on every layer tried (batch 16-64; 3 x 3 at 14 x 14 128 -> 128 channels 29.1
+/// against 42.3, transposed 28.4 / 32.8; 7 x 7 256 -> 256 46.7 / 46.9, 43.9 / 44.6; 1 x 1
+/// 64 -> 128 15.3 / 16.3, 14.2 / 16.5; 3 x 3 stride 2 30.3 / 36.7, 30.2 / 38.1; 4 x 4
+/// stride 2 18.3 / 23.8, 19.5 / 23.5; 3 x 3 3 -> 32 channels at 64 x 64 4.9 / 7.1), and
+/// the two with fewer lost: the transposed 5 x 5 valid layer 32 -> 16 channels 17.7 /
+/// 14.2, the transposed RGB layer (32 -> 3, a generator's last) 8.7 / 7.4.
+const MIN_STAGED_ROWS: usize = 32;
 
 /// Whether [`conv2d`] can compute this convolution (see the module doc).
 pub(super) fn applies(g: &ConvGeometry) -> bool {
