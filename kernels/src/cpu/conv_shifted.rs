@@ -45,11 +45,12 @@
 //!
 //! Measured on the layer (batch 64, 32 -> 64 channels, 28 x 28, 3 x 3, padding
 //! 1), interleaved in one process at one thread, with AVX-512 on Zen 4: 18.6-18.9 ms
-//! here against 21.6-22.0 ms by im2col (99 against 85 GFLOP/s, the FMA peak 115). Masking the loads costs about
-//! 2%, reading the image from L3 rather than L1 about 2.5% (both measured by removing
-//! them); prefetching each tile's output lines before its sums gained 5% (measured on
-//! the first version, a depth-major kernel: the first store to an output line otherwise
-//! waits for it).
+//! here against 21.6-22.0 ms by im2col (99 against 85 GFLOP/s, the FMA peak 115).
+//! Masking the loads costs about 2%, reading the image from L3 rather than L1 about 2.5%
+//! (both measured by removing them); prefetching each tile's output lines before its
+//! sums gained 5% (measured on the first version, a depth-major kernel: the first store
+//! to an output line otherwise waits for it). With AVX2 on Zen 3, staged: see
+//! [`stages_columns`] and `conv_phases::pays_on`.
 
 use super::gemm::{Isa, MatRef};
 use super::gemm_small::{BlockRows, Tile, TileColumns, TileStart, balanced_tile_rows, row_tile, tile_rows};
