@@ -124,7 +124,7 @@ pub(super) fn pays_on(isa: Isa, rows: usize) -> bool {
 /// a few rows cannot. Measured on Zen 3 at one thread, the min of 5 alternated runs of
 /// each build, staged against im2col, ms: products of 32 rows or more were level or
 /// faster on every layer tried (batch 16-64; 3 x 3 at 14 x 14 128 -> 128 channels 29.1
-/// against 42.3, transposed 28.4 / 32.8; 7 x 7 256 -> 256 46.7 / 46.9, 43.9 / 44.6; 1 x 1
+/// against 42.3, transposed 28.4 / 32.8; 3 x 3 at 7 x 7 256 -> 256 46.7 / 46.9, 43.9 / 44.6; 1 x 1
 /// 64 -> 128 15.3 / 16.3, 14.2 / 16.5; 3 x 3 stride 2 30.3 / 36.7, 30.2 / 38.1; 4 x 4
 /// stride 2 18.3 / 23.8, 19.5 / 23.5; 3 x 3 3 -> 32 channels at 64 x 64 4.9 / 7.1), and
 /// the two with fewer lost: the transposed 5 x 5 valid layer 32 -> 16 channels 17.7 /

@@ -181,7 +181,7 @@ impl ShiftedProduct {
 /// layer (batch 64, 32 -> 64 channels, 28 x 28, 3 x 3, padding 1), min of 10, builds
 /// alternated: each tile loading masked 123-151 ms, staged with masked loads 59-69,
 /// staged with plain loads where they stay inside the planes ([`ShiftedPlanes::stage`])
-/// 52.9-57.3, im2col and the GEMM 62-79 in the same runs. AVX-512 keeps the direct
+/// 52.9-57.3, im2col and the GEMM 62-91 in the same runs. AVX-512 keeps the direct
 /// loads, measured on Zen 4 against im2col (module doc); staging is not measured there.
 pub(super) fn stages_columns(isa: Isa) -> bool {
     isa != Isa::Avx512

@@ -31,11 +31,12 @@
 //! 3 x 3, padding 1) 19.4 ms against 22.1; 64 -> 64 channels at 14 x 14, 10.8 against
 //! 15.3; 128 -> 128 at 14 x 14 (batch 16), 10.1 against 13.0; a 4 x 4 stride-2 layer
 //! (32 -> 64, 28 x 28), 11.7 against 16.9; 16 -> 32 at 28 x 28, 5.4 against 7.0. (Zen 4,
-//! AVX-512.) Checked again on Zen 3 with AVX2, when the shifted products of the forward
-//! still lost to im2col there (`conv_phases::pays_on`): `Tensor::conv2d_weight_grad`, builds with and
-//! without this path, best of 15 in a slow phase, one thread: the layer 55.1-57.9
-//! ms against 61.8-63.8, the 4 x 4 stride-2 layer 28.7-29.8 against 37.4-38.9; two
-//! threads level (27-35 against 35-36, 18-20 against 19.5-20.5). It stays on every ISA.
+//! AVX-512.) Checked again on Zen 3 with AVX2, when the shifted products of the
+//! forward still lost to im2col there (`conv_phases::pays_on`):
+//! `Tensor::conv2d_weight_grad`, builds with and without this path, best of 15 in a slow
+//! phase, one thread: the layer 55.1-57.9 ms against 61.8-63.8, the 4 x 4
+//! stride-2 layer 28.7-29.8 against 37.4-38.9; two threads level (27-35 against 35-36,
+//! 18-20 against 19.5-20.5). It stays on every ISA.
 
 use super::conv::ConvGeometry;
 use super::gemm::MatRef;
