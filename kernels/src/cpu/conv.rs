@@ -28,7 +28,10 @@
 //! each output is rounded once.
 //!
 //! Which method runs where: with AVX-512 or AVX2, in f32 (and f16/bf16, accumulated in
-//! f32), convolutions and transposed convolutions skip the columns matrix:
+//! f32), 3 x 3 convolutions at stride 1 and dilation 1 with at least 16 input and output
+//! channels per group take Winograd's F(2 x 2, 3 x 3) (`conv_winograd.rs`, 2.25x fewer
+//! multiplications; measured there). Other convolutions and transposed convolutions
+//! skip the columns matrix:
 //! `conv_phases.rs` splits the strided side into phases and computes each as a shifted
 //! product (`conv_shifted.rs`), which reads each tap's row of the columns straight from
 //! the planes, shifted and masked, for the GEMM's register tiles: with AVX-512 each tile
@@ -46,6 +49,7 @@
 
 use super::conv_phases;
 use super::conv_weight_grad;
+use super::conv_winograd;
 use super::gemm::Isa;
 use super::map::map;
 use super::matmul::{cast, cast_mut, gemm_acc};
@@ -226,12 +230,20 @@ pub fn conv2d<T: FloatElem>(
         return out;
     }
     let isa = Isa::best();
-    if conv_phases::pays_on(isa, cout_g)
-        && conv_phases::applies(g)
+    // The f32 methods that skip the columns matrix, where one applies.
+    type F32Conv = fn(Isa, &ConvGeometry, &[f32], &[f32], Option<&[f32]>, &mut [f32]);
+    let method: Option<F32Conv> = if conv_winograd::applies(isa, g) {
+        Some(conv_winograd::conv2d)
+    } else if conv_phases::pays_on(isa, cout_g) && conv_phases::applies(g) {
+        Some(conv_phases::conv2d)
+    } else {
+        None
+    };
+    if let Some(method) = method
         && let (Some(image32), Some(weight32)) = (cast::<T::Acc, f32>(&image), cast::<T::Acc, f32>(&weight))
     {
         let bias32 = bias.as_deref().and_then(cast::<T::Acc, f32>);
-        in_f32(&mut out, |out| conv_phases::conv2d(isa, g, image32, weight32, bias32, out));
+        in_f32(&mut out, |out| method(isa, g, image32, weight32, bias32, out));
         release(image);
         release(weight);
         return out;

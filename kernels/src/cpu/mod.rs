@@ -12,6 +12,7 @@ pub mod conv;
 mod conv_phases;
 mod conv_shifted;
 mod conv_weight_grad;
+mod conv_winograd;
 pub mod copy;
 pub mod gemm;
 #[cfg(target_arch = "x86_64")]

@@ -4,7 +4,8 @@
 //!
 //! **The vector.** [`F32Vector`] is the handful of operations the kernels need: load,
 //! store, arithmetic with `+ - * /` operators, fused multiply-add, min/max, comparisons
-//! that give a lane mask and `select` on it, horizontal sums, and the two bit-level steps
+//! that give a lane mask and `select` on it, horizontal sums, splitting pairs of lanes apart
+//! and back (`deinterleave`, `interleave`), and the two bit-level steps
 //! the transcendental functions need (build `2^n`, split a float into mantissa and
 //! exponent). It is implemented for
 //!
@@ -162,6 +163,16 @@ pub trait F32Vector:
     /// For every lane `l` set in `mask`, `src.wrapping_add(l)` must be valid for reading
     /// an f32.
     unsafe fn load_masked(src: *const f32, mask: Self::Mask) -> Self;
+
+    /// The `2 * LANES` values of `self` followed by `next`, split into those at even and
+    /// those at odd positions: `([v0, v2, ..], [v1, v3, ..])`. Reads pairs of columns,
+    /// as Winograd's patches do (`conv_winograd.rs`). [`F32Vector::interleave`] undoes it.
+    fn deinterleave(self, next: Self) -> (Self, Self);
+
+    /// The lanes of `self` and `other` alternated, `[a0, b0, a1, b1, ..]`, as two vectors
+    /// (the first `LANES` values, then the rest): the inverse of
+    /// [`F32Vector::deinterleave`].
+    fn interleave(self, other: Self) -> (Self, Self);
 
     /// Loads `src` (at most `LANES` values) and fills the remaining lanes with `fill`.
     #[inline(always)]
@@ -695,6 +706,16 @@ mod tests {
             "frexp mantissa",
         );
         check(e, &|l| (l.abs() + 0.75).log2().floor() + 1.0, "frexp exponent");
+        // Pairs apart and back: `x` then `x + 100` as one sequence of `2 * LANES` values.
+        let next = x + V::splat(100.0);
+        let sequence: Vec<f32> =
+            lanes.iter().chain(&lanes.iter().map(|l| l + 100.0).collect::<Vec<_>>()).copied().collect();
+        let (evens, odds) = x.deinterleave(next);
+        check(evens, &|l| sequence[2 * (l + 2.5) as usize], "deinterleave (evens)");
+        check(odds, &|l| sequence[2 * (l + 2.5) as usize + 1], "deinterleave (odds)");
+        let (first, second) = evens.interleave(odds);
+        check(first, &|l| l, "interleave (first half)");
+        check(second, &|l| l + 100.0, "interleave (second half)");
         let sum: f32 = lanes.iter().sum();
         assert_eq!(x.reduce_add(), sum, "reduce_add");
         assert_eq!(x.reduce_max(), lanes[V::LANES - 1], "reduce_max");

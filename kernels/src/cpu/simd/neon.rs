@@ -118,6 +118,14 @@ impl F32Vector for Neon {
         Self(arch!(vbslq_f32(mask, if_true.0, if_false.0)))
     }
     #[inline(always)]
+    fn deinterleave(self, next: Self) -> (Self, Self) {
+        (Self(arch!(vuzp1q_f32(self.0, next.0))), Self(arch!(vuzp2q_f32(self.0, next.0))))
+    }
+    #[inline(always)]
+    fn interleave(self, other: Self) -> (Self, Self) {
+        (Self(arch!(vzip1q_f32(self.0, other.0))), Self(arch!(vzip2q_f32(self.0, other.0))))
+    }
+    #[inline(always)]
     fn reduce_add(self) -> f32 {
         arch!(vaddvq_f32(self.0))
     }

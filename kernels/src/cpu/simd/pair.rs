@@ -97,6 +97,18 @@ impl<V: F32Vector> F32Vector for Pair<V> {
         Pair(V::select(mask.0, if_true.0, if_false.0), V::select(mask.1, if_true.1, if_false.1))
     }
     #[inline(always)]
+    fn deinterleave(self, next: Self) -> (Self, Self) {
+        // The sequence is self.0, self.1, next.0, next.1: each pair of halves splits on
+        // its own.
+        let ((even0, odd0), (even1, odd1)) = (self.0.deinterleave(self.1), next.0.deinterleave(next.1));
+        (Pair(even0, even1), Pair(odd0, odd1))
+    }
+    #[inline(always)]
+    fn interleave(self, other: Self) -> (Self, Self) {
+        let ((a, b), (c, d)) = (self.0.interleave(other.0), self.1.interleave(other.1));
+        (Pair(a, b), Pair(c, d))
+    }
+    #[inline(always)]
     fn reduce_add(self) -> f32 {
         (self.0 + self.1).reduce_add()
     }

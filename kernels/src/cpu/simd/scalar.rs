@@ -110,6 +110,14 @@ impl F32Vector for Scalar {
         if mask { if_true } else { if_false }
     }
     #[inline(always)]
+    fn deinterleave(self, next: Self) -> (Self, Self) {
+        (self, next)
+    }
+    #[inline(always)]
+    fn interleave(self, other: Self) -> (Self, Self) {
+        (self, other)
+    }
+    #[inline(always)]
     fn reduce_add(self) -> f32 {
         self.0
     }

@@ -78,6 +78,23 @@ pub(super) mod avx2 {
         unsafe { _mm256_maskload_ps(src, _mm256_castps_si256(mask)) }
     }
 
+    /// The even and the odd values of `a` then `b`: `vshufps` picks them within each
+    /// 128-bit half, and a permute of 64-bit pairs puts the halves in order.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub fn deinterleave(a: Reg, b: Reg) -> (Reg, Reg) {
+        let order = |x: Reg| _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(x)));
+        (order(_mm256_shuffle_ps::<0b10_00_10_00>(a, b)), order(_mm256_shuffle_ps::<0b11_01_11_01>(a, b)))
+    }
+
+    /// `a0 b0 a1 b1 ..`: unpacked within each 128-bit half, then the halves put in order.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub fn interleave(a: Reg, b: Reg) -> (Reg, Reg) {
+        let (low, high) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+        (_mm256_permute2f128_ps::<0x20>(low, high), _mm256_permute2f128_ps::<0x31>(low, high))
+    }
+
     /// The sum of the eight lanes: the two 128-bit halves, then pairs, then the last two.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -132,6 +149,24 @@ pub(super) mod avx512 {
         // SAFETY: a masked `vmovups` reads only the lanes set in the mask (the caller's
         // guarantee) and suppresses faults on the others.
         unsafe { _mm512_maskz_loadu_ps(mask, src) }
+    }
+
+    /// The even and the odd values of `a` then `b`: one two-source permute each.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub fn deinterleave(a: Reg, b: Reg) -> (Reg, Reg) {
+        let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+        (_mm512_permutex2var_ps(a, evens, b), _mm512_permutex2var_ps(a, odds, b))
+    }
+
+    /// `a0 b0 a1 b1 ..`: one two-source permute for each half.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub fn interleave(a: Reg, b: Reg) -> (Reg, Reg) {
+        let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
+        (_mm512_permutex2var_ps(a, low, b), _mm512_permutex2var_ps(a, high, b))
     }
 
     /// `t` where the mask bit is set, else `f`.
@@ -235,6 +270,16 @@ macro_rules! x86_vector {
                 // SAFETY: the vector type exists only where the CPU has the ISA (see
                 // `arch!`); the caller guarantees that the lanes set in `mask` are readable.
                 Self(unsafe { $isa::load_masked(src, mask) })
+            }
+            #[inline(always)]
+            fn deinterleave(self, next: Self) -> (Self, Self) {
+                let (evens, odds) = arch!($isa::deinterleave(self.0, next.0));
+                (Self(evens), Self(odds))
+            }
+            #[inline(always)]
+            fn interleave(self, other: Self) -> (Self, Self) {
+                let (first, second) = arch!($isa::interleave(self.0, other.0));
+                (Self(first), Self(second))
             }
             #[inline(always)]
             fn reduce_add(self) -> f32 {
