@@ -30,8 +30,10 @@
 //! Which method runs where: with AVX-512 or AVX2, in f32 (and f16/bf16, accumulated in
 //! f32), 3 x 3 convolutions at stride 1 and dilation 1 with at least 16 input and output
 //! channels per group take Winograd's F(2 x 2, 3 x 3) (`conv_winograd.rs`, 2.25x fewer
-//! multiplications; measured there). Other convolutions and transposed convolutions
-//! skip the columns matrix:
+//! multiplications; 1.14-2.1x as fast as the methods below, measured there), and so do
+//! their transposed convolutions (the input gradients), computed as the convolution with
+//! the flipped filters. Other convolutions and transposed convolutions skip the columns
+//! matrix:
 //! `conv_phases.rs` splits the strided side into phases and computes each as a shifted
 //! product (`conv_shifted.rs`), which reads each tap's row of the columns straight from
 //! the planes, shifted and masked, for the GEMM's register tiles: with AVX-512 each tile
@@ -204,6 +206,10 @@ fn release<A: Element>(values: Cow<'_, [A]>) {
     }
 }
 
+/// A convolution or transposed convolution computed in f32 without the columns matrix:
+/// `(isa, geometry, input, weight, bias, out)`.
+type F32Conv = fn(Isa, &ConvGeometry, &[f32], &[f32], Option<&[f32]>, &mut [f32]);
+
 /// Convolution: `out[n, co, oy, ox] = bias[co] + sum over ci in co's group, ky, kx of
 /// weight[co, ci, ky, kx] * image[n, ci, iy, ix]` with `iy, ix` as in the module doc.
 ///
@@ -230,8 +236,7 @@ pub fn conv2d<T: FloatElem>(
         return out;
     }
     let isa = Isa::best();
-    // The f32 methods that skip the columns matrix, where one applies.
-    type F32Conv = fn(Isa, &ConvGeometry, &[f32], &[f32], Option<&[f32]>, &mut [f32]);
+    // The f32 method that skips the columns matrix, where one applies.
     let method: Option<F32Conv> = if conv_winograd::applies(isa, g) {
         Some(conv_winograd::conv2d)
     } else if conv_phases::pays_on(isa, cout_g) && conv_phases::applies(g) {
@@ -334,12 +339,18 @@ pub fn conv_transpose2d<T: FloatElem>(
         return out;
     }
     let isa = Isa::best();
-    if conv_phases::pays_on(isa, cin_g)
-        && conv_phases::applies_transposed(g)
+    let method: Option<F32Conv> = if conv_winograd::applies_transposed(isa, g) {
+        Some(conv_winograd::conv_transpose2d)
+    } else if conv_phases::pays_on(isa, cin_g) && conv_phases::applies_transposed(g) {
+        Some(conv_phases::conv_transpose2d)
+    } else {
+        None
+    };
+    if let Some(method) = method
         && let (Some(features32), Some(weight32)) = (cast::<T::Acc, f32>(&features), cast::<T::Acc, f32>(&weight))
     {
         let bias32 = bias.as_deref().and_then(cast::<T::Acc, f32>);
-        in_f32(&mut out, |out| conv_phases::conv_transpose2d(isa, g, features32, weight32, bias32, out));
+        in_f32(&mut out, |out| method(isa, g, features32, weight32, bias32, out));
         release(features);
         release(weight);
         return out;
