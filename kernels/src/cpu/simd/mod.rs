@@ -4,9 +4,9 @@
 //!
 //! **The vector.** [`F32Vector`] is the handful of operations the kernels need: load,
 //! store, arithmetic with `+ - * /` operators, fused multiply-add, min/max, comparisons
-//! that give a lane mask and `select` on it, horizontal sums, splitting pairs of lanes apart
-//! and back (`deinterleave`, `interleave`), and the two bit-level steps
-//! the transcendental functions need (build `2^n`, split a float into mantissa and
+//! that give a lane mask and `select` on it, horizontal sums, pairs of lanes split apart
+//! and back (`deinterleave`, `interleave`), and the two bit-level steps the
+//! transcendental functions need (build `2^n`, split a float into mantissa and
 //! exponent). It is implemented for
 //!
 //! - AVX-512F: `__m512`, 16 lanes, masks in `__mmask16` (x86-64);
