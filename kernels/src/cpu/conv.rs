@@ -210,6 +210,26 @@ fn release<A: Element>(values: Cow<'_, [A]>) {
 /// `(isa, geometry, input, weight, bias, out)`.
 type F32Conv = fn(Isa, &ConvGeometry, &[f32], &[f32], Option<&[f32]>, &mut [f32]);
 
+/// Runs `method` on the operands where their accumulator type is f32 (f32, f16 and bf16
+/// operands), writing `out` (rounded to `T`), and says so; with f64 it does nothing and
+/// returns false.
+fn run_in_f32<T: FloatElem>(
+    method: F32Conv,
+    isa: Isa,
+    g: &ConvGeometry,
+    input: &[T::Acc],
+    weight: &[T::Acc],
+    bias: Option<&[T::Acc]>,
+    out: &mut [T],
+) -> bool {
+    let (Some(input), Some(weight)) = (cast::<T::Acc, f32>(input), cast::<T::Acc, f32>(weight)) else {
+        return false;
+    };
+    let bias = bias.and_then(cast::<T::Acc, f32>);
+    in_f32(out, |out| method(isa, g, input, weight, bias, out));
+    true
+}
+
 /// Convolution: `out[n, co, oy, ox] = bias[co] + sum over ci in co's group, ky, kx of
 /// weight[co, ci, ky, kx] * image[n, ci, iy, ix]` with `iy, ix` as in the module doc.
 ///
@@ -245,10 +265,8 @@ pub fn conv2d<T: FloatElem>(
         None
     };
     if let Some(method) = method
-        && let (Some(image32), Some(weight32)) = (cast::<T::Acc, f32>(&image), cast::<T::Acc, f32>(&weight))
+        && run_in_f32(method, isa, g, &image, &weight, bias.as_deref(), &mut out)
     {
-        let bias32 = bias.as_deref().and_then(cast::<T::Acc, f32>);
-        in_f32(&mut out, |out| method(isa, g, image32, weight32, bias32, out));
         release(image);
         release(weight);
         return out;
@@ -347,10 +365,8 @@ pub fn conv_transpose2d<T: FloatElem>(
         None
     };
     if let Some(method) = method
-        && let (Some(features32), Some(weight32)) = (cast::<T::Acc, f32>(&features), cast::<T::Acc, f32>(&weight))
+        && run_in_f32(method, isa, g, &features, &weight, bias.as_deref(), &mut out)
     {
-        let bias32 = bias.as_deref().and_then(cast::<T::Acc, f32>);
-        in_f32(&mut out, |out| method(isa, g, features32, weight32, bias32, out));
         release(features);
         release(weight);
         return out;
