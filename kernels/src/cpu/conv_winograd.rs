@@ -1,50 +1,71 @@
-//! 3 x 3 convolutions at stride 1 by Winograd's minimal filtering F(2 x 2, 3 x 3)
-//! (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016, eq. 8).
+//! 3 x 3 convolutions at stride 1 by Winograd's minimal filtering F(m x m, 3 x 3), with
+//! m = 2 or 4 (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR
+//! 2016, eq. 8, and their F(4 x 4, 3 x 3) matrices).
 //!
-//! Each 2 x 2 tile of output features is computed from the 4 x 4 patch `d` of the image
-//! under it as
+//! Each m x m tile of output features is computed from the (m + 2)-square patch `d` of
+//! the image under it as
 //!
 //! ```text
 //! Y = A^T [ sum over input channels of (G g G^T) ⊙ (B^T d B) ] A
+//! ```
 //!
+//! with `g` a 3 x 3 filter. For F(2 x 2, 3 x 3):
+//!
+//! ```text
 //!       | 1  0 -1  0 |         | 1    0    0  |
 //! B^T = | 0  1  1  0 |    G =  | 1/2  1/2  1/2 |    A^T = | 1  1  1  0 |
 //!       | 0 -1  1  0 |         | 1/2 -1/2  1/2 |          | 0  1 -1 -1 |
 //!       | 0  1  0 -1 |         | 0    0    1  |
 //! ```
 //!
-//! with `g` a 3 x 3 filter: 16 multiplications per tile and input channel instead of the
-//! 36 of the direct sum, 2.25x fewer. The sum over input channels at each of the 16
-//! positions `e` of a transformed tile is a matrix product: with `U_e[ci, tile]` the
-//! transformed patches and `W_e[co, ci]` the transformed filters, `M_e = W_e U_e`, and the
-//! output transform reads each tile's 16 values back out of the `M_e`. The transforms'
-//! coefficients are 0, +-1 and +-1/2, so they add few roundings: the tests hold the
-//! results within `1e-4 (1 + sqrt(channels))` of the f64 sum, relative to its size.
-//! A transposed convolution of the same kind (the input gradient of one) is the
-//! convolution of its features with the flipped filters ([`conv_transpose2d`]).
+//! and for F(4 x 4, 3 x 3):
+//!
+//! ```text
+//!       | 4  0 -5  0  1  0 |         |  1/4    0     0   |
+//!       | 0 -4 -4  1  1  0 |         | -1/6  -1/6  -1/6  |        | 1  1  1  1  1  0 |
+//! B^T = | 0  4 -4 -1  1  0 |    G =  | -1/6   1/6  -1/6  |  A^T = | 0  1 -1  2 -2  0 |
+//!       | 0 -2 -1  2  1  0 |         |  1/24  1/12  1/6  |        | 0  1  1  4  4  0 |
+//!       | 0  2 -1 -2  1  0 |         |  1/24 -1/12  1/6  |        | 0  1 -1  8 -8  1 |
+//!       | 0  4  0 -5  0  1 |         |  0     0     1    |
+//! ```
+//!
+//! F(2 x 2, 3 x 3) takes 16 multiplications per tile and input channel instead of the 36
+//! of the direct sum (2.25x fewer), F(4 x 4, 3 x 3) 36 instead of 144 (4x fewer), for
+//! larger transforms and coarser tiles ([`method`] chooses). The sum over input channels
+//! at each of the `(m + 2)^2` positions `e` of a transformed tile is a matrix product:
+//! with `U_e[ci, tile]` the transformed patches and `W_e[co, ci]` the transformed
+//! filters, `M_e = W_e U_e`, and the output transform reads each tile's values back out
+//! of the `M_e`. The transforms' coefficients are small (at most 8; the filters' 1/6,
+//! 1/12 and 1/24 are computed in f64 and rounded once), so they add few roundings: the
+//! tests hold the results of both within `1e-4 (1 + sqrt(channels))` of the f64 sum,
+//! relative to its size. A transposed convolution of the same kind (the input gradient
+//! of one) is the convolution of its features with the flipped filters
+//! ([`conv_transpose2d`]).
 //!
 //! **Layout.** Tiles are numbered in raster order over the feature plane and run in
 //! blocks of whole register tiles of columns (a multiple of two vectors), as many as keep
-//! the block's `U` in L2 ([`PATCH_BLOCK_VALUES`]). For each block:
+//! the block's `U` in L2 ([`Minimal::BLOCK_VALUES`]). For each block:
 //!
 //! ```text
 //! U[e][ci][tile] = (B^T d B)[e]            every input channel (transform_patches)
 //! for each register tile of output channels co0..co0 + rows:
-//!     M[e][co][tile] = W_e[co, ..] U_e      16 products of depth cin (multiply)
-//!     out[co][2 x 2 tile] = A^T M A + bias  (transform_products)
+//!     M[e][co][tile] = W_e[co, ..] U_e      (m + 2)^2 products of depth cin (multiply)
+//!     out[co][m x m tile] = A^T M A + bias  (transform_products)
 //! ```
 //!
 //! The products are the register tiles of the unpacked GEMM (`gemm_small.rs`), reading
 //! `U_e`'s rows as a column block of B and the transformed filters packed tile by tile
 //! (as `conv_shifted.rs` packs its filters). Both transforms are elementwise across a run
-//! of tiles in one tile row, a vector of tiles at a time: a patch's columns are pairs of
-//! image columns ([`F32Vector::deinterleave`] splits a row into its even and odd columns)
-//! and an output tile's columns pairs of feature columns ([`F32Vector::interleave`]).
-//! Batch entries run in parallel.
+//! of tiles in one tile row, a vector of tiles at a time: a patch's columns are image
+//! columns m apart, so each image row is first split into its m phases, the columns
+//! `m t + phase` (one round of [`F32Vector::deinterleave`] for m = 2, two for m = 4), and
+//! an output tile's m columns are put back in order by as many rounds of
+//! [`F32Vector::interleave`]. The two methods share all of this and differ only in their
+//! [`Minimal`] transforms. Batch entries run in parallel.
 //!
-//! `conv.rs` takes this method for f32 (and f16/bf16, accumulated in f32) 3 x 3
+//! `conv.rs` takes this module for f32 (and f16/bf16, accumulated in f32) 3 x 3
 //! convolutions at stride 1 and dilation 1 with enough channels ([`applies`]); the
-//! measurements are there.
+//! measurements are there and at [`method`].
 
 use super::conv::ConvGeometry;
 use super::gemm::{Isa, MatRef};
@@ -53,10 +74,6 @@ use super::simd::{F32Vector, kernel, prefetch, vector_lanes};
 use crate::{buffers, parallel};
 use std::ops::Range;
 
-/// The most transformed-patch values in a block of tiles (`16 * cin_g * tiles`): 128 KB,
-/// a quarter of Zen 3's L2, so that `U` stays there while every tile of output channels
-/// reads it.
-const PATCH_BLOCK_VALUES: usize = 1 << 15;
 /// The fewest input and output channels per group for which the products are deep and
 /// tall enough to pay for the transforms.
 const MIN_CHANNELS: usize = 16;
@@ -167,8 +184,197 @@ pub(super) fn conv_transpose2d(
     conv2d(isa, &conv, features, &flipped_filters(g, weight), bias, out);
 }
 
-/// The 2 x 2 tiles of output features: `rows` rows of `per_row`, numbered in raster
-/// order.
+/// The largest patch side (F(4 x 4, 3 x 3)'s): [`Minimal::lift`] returns this many
+/// values, of which F(2 x 2, 3 x 3) uses the first 4.
+const MAX_PATCH: usize = 6;
+/// The largest tile side: [`Minimal::inverse_tile`] returns this square, of which F(2 x
+/// 2, 3 x 3) uses the top left 2 x 2.
+const MAX_TILE: usize = 4;
+
+/// The F(m x m, 3 x 3) a convolution runs ([`method`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Method {
+    F2x2,
+    F4x4,
+}
+
+/// Winograd's F(m x m, 3 x 3) for one tile side `m`: its sizes and its three
+/// transforms, the only code that differs between the two methods.
+trait Minimal {
+    /// This method's name for [`transform_patches`] and [`transform_products`].
+    const METHOD: Method;
+    /// The side of an output tile, `m`.
+    const TILE: usize;
+    /// The side of the patch under a tile, `m + 2`.
+    const PATCH: usize = Self::TILE + 2;
+    /// The products per tile and input channel: the values of a transformed patch.
+    const POSITIONS: usize = Self::PATCH * Self::PATCH;
+    /// The most transformed-patch values in a block of tiles (`POSITIONS * cin_g *
+    /// tiles`), so that `U` stays in L2 while every tile of output channels reads it.
+    const BLOCK_VALUES: usize;
+    /// `G x` for a column (or row) `x` of three filter values.
+    fn lift(x: [f64; 3]) -> [f64; MAX_PATCH];
+    /// `(B^T d B)[e]` (`e = PATCH i + j`) for the patch whose row `r`, column `c` is
+    /// `d(r, c)`, each value handed to `store(e, value)` as it is made.
+    fn transform_patch<V: F32Vector>(d: impl Fn(usize, usize) -> V, store: impl FnMut(usize, V));
+    /// `A^T M A` (`[a][b]`, the first `TILE` of each) for the products `M[e] = m(e)`.
+    fn inverse_tile<V: F32Vector>(m: impl Fn(usize) -> V) -> [[V; MAX_TILE]; MAX_TILE];
+}
+
+/// F(2 x 2, 3 x 3): 16 products per tile and input channel for 4 outputs.
+struct F2x2;
+
+impl Minimal for F2x2 {
+    const METHOD: Method = Method::F2x2;
+    const TILE: usize = 2;
+    /// 128 KB, a quarter of Zen 3's L2.
+    const BLOCK_VALUES: usize = 1 << 15;
+
+    fn lift([a, b, c]: [f64; 3]) -> [f64; MAX_PATCH] {
+        [a, (a + b + c) / 2.0, (a - b + c) / 2.0, c, 0.0, 0.0]
+    }
+
+    #[inline(always)]
+    fn transform_patch<V: F32Vector>(d: impl Fn(usize, usize) -> V, mut store: impl FnMut(usize, V)) {
+        // B^T d: rows (d0 - d2, d1 + d2, d2 - d1, d1 - d3) of each column c.
+        let zero = V::splat(0.0);
+        let d: [[V; 4]; 4] = array_of([zero; 4], |r| array_of(zero, |c| d(r, c)));
+        let k: [[V; 4]; 4] = [
+            array_of(zero, |c| d[0][c] - d[2][c]),
+            array_of(zero, |c| d[1][c] + d[2][c]),
+            array_of(zero, |c| d[2][c] - d[1][c]),
+            array_of(zero, |c| d[1][c] - d[3][c]),
+        ];
+        // (B^T d) B: the same along each row.
+        for (i, k) in k.iter().enumerate() {
+            let values = [k[0] - k[2], k[1] + k[2], k[2] - k[1], k[1] - k[3]];
+            values.into_iter().enumerate().for_each(|(j, value)| store(4 * i + j, value));
+        }
+    }
+
+    #[inline(always)]
+    fn inverse_tile<V: F32Vector>(m: impl Fn(usize) -> V) -> [[V; MAX_TILE]; MAX_TILE] {
+        // A^T M: (m0 + m1 + m2, m1 - m2 - m3) down each column j.
+        let mut top = [V::splat(0.0); 4];
+        let mut bottom = [V::splat(0.0); 4];
+        for j in 0..4 {
+            let (m1, m2) = (m(4 + j), m(8 + j));
+            top[j] = m(j) + m1 + m2;
+            bottom[j] = m1 - m2 - m(12 + j);
+        }
+        // (A^T M) A along each row.
+        let zero = V::splat(0.0);
+        let row = |x: [V; 4]| [x[0] + x[1] + x[2], x[1] - x[2] - x[3], zero, zero];
+        [row(top), row(bottom), [zero; 4], [zero; 4]]
+    }
+}
+
+/// F(4 x 4, 3 x 3): 36 products per tile and input channel for 16 outputs.
+struct F4x4;
+
+impl Minimal for F4x4 {
+    const METHOD: Method = Method::F4x4;
+    const TILE: usize = 4;
+    /// 512 KB, Zen 3's L2: larger blocks measured faster, as each block streams the
+    /// transformed filters (2.25 times F(2 x 2, 3 x 3)'s) through the products once.
+    const BLOCK_VALUES: usize = 1 << 17;
+
+    fn lift([a, b, c]: [f64; 3]) -> [f64; MAX_PATCH] {
+        [
+            a / 4.0,
+            -(a + b + c) / 6.0,
+            -(a - b + c) / 6.0,
+            a / 24.0 + b / 12.0 + c / 6.0,
+            a / 24.0 - b / 12.0 + c / 6.0,
+            c,
+        ]
+    }
+
+    #[inline(always)]
+    fn transform_patch<V: F32Vector>(d: impl Fn(usize, usize) -> V, mut store: impl FnMut(usize, V)) {
+        // d B: B^T along each row, then B^T (d B) down each column.
+        let zero = V::splat(0.0);
+        let rows: [[V; 6]; 6] = array_of([zero; 6], |r| transform_six(array_of(zero, |c| d(r, c))));
+        for j in 0..6 {
+            let column = transform_six(array_of(zero, |r| rows[r][j]));
+            column.into_iter().enumerate().for_each(|(i, value)| store(6 * i + j, value));
+        }
+    }
+
+    #[inline(always)]
+    fn inverse_tile<V: F32Vector>(m: impl Fn(usize) -> V) -> [[V; MAX_TILE]; MAX_TILE] {
+        // M A: A^T along each row i, then A^T (M A) down each column b.
+        let zero = V::splat(0.0);
+        let rows: [[V; 4]; 6] = array_of([zero; 4], |i| inverse_six(array_of(zero, |j| m(6 * i + j))));
+        let columns: [[V; 4]; 4] = array_of([zero; 4], |b| inverse_six(array_of(zero, |i| rows[i][b])));
+        array_of([zero; 4], |a| array_of(zero, |b| columns[b][a]))
+    }
+}
+
+/// F(4 x 4, 3 x 3)'s `B^T x` for a column (or row) of six values.
+#[inline(always)]
+fn transform_six<V: F32Vector>(x: [V; 6]) -> [V; 6] {
+    let (two, four, five) = (V::splat(2.0), V::splat(4.0), V::splat(5.0));
+    let (sum12, diff12) = (x[1] + x[2], x[1] - x[2]);
+    let (sum34, diff43) = (x[3] + x[4], x[4] - x[3]);
+    let (diff42, diff31) = (x[4] - x[2], x[3] - x[1]);
+    [
+        four.mul_add(x[0], x[4]) - five * x[2],
+        sum34 - four * sum12,
+        four.mul_add(diff12, diff43),
+        two.mul_add(diff31, diff42),
+        diff42 - two * diff31,
+        four.mul_add(x[1], x[5]) - five * x[3],
+    ]
+}
+
+/// F(4 x 4, 3 x 3)'s `A^T x` for a column (or row) of six values.
+#[inline(always)]
+fn inverse_six<V: F32Vector>(x: [V; 6]) -> [V; 4] {
+    let (two, four, eight) = (V::splat(2.0), V::splat(4.0), V::splat(8.0));
+    let (sum12, diff12) = (x[1] + x[2], x[1] - x[2]);
+    let (sum34, diff34) = (x[3] + x[4], x[3] - x[4]);
+    [
+        x[0] + sum12 + sum34,
+        two.mul_add(diff34, diff12),
+        four.mul_add(sum34, sum12),
+        eight.mul_add(diff34, diff12) + x[5],
+    ]
+}
+
+/// The F(m x m, 3 x 3) that convolution `g` runs: F(4 x 4, 3 x 3) for at least 32 input
+/// channels per group and 32 of its tiles per plane, else F(2 x 2, 3 x 3). With fewer
+/// channels the products are shallow and F(4 x 4)'s larger transforms cost more than its
+/// products save; on small planes its coarse tiles fill little of the two-vector column
+/// blocks, and the block is one plane's tiles.
+///
+/// Measured on Zen 3 (AVX2), `Tensor::conv2d` and `conv_transpose2d` at one thread, this
+/// rule against F(2 x 2, 3 x 3) everywhere, ms, the best of 4 in each of 12 alternated
+/// rounds (the host was noisy: medians were up to 1.8x the bests):
+///
+/// | batch, channels, size (padding 1) | forward | ratio | transposed | ratio |
+/// |---|---|---|---|---|
+/// | 64, 32 -> 64, 28 x 28 (the issue's) | 35.2 / 40.5 | 1.15x | 40.1 / 55.1 | 1.37x |
+/// | 16, 32 -> 32, 28 x 28 | 5.5 / 5.9 | 1.07x | 5.3 / 5.8 | 1.09x |
+/// | 16, 64 -> 64, 28 x 28 | 17.6 / 20.9 | 1.19x | 17.2 / 23.7 | 1.38x |
+/// | 8, 128 -> 128, 28 x 28 | 34.7 / 36.0 | 1.04x | 39.0 / 35.4 | 0.91x |
+/// | 4, 256 -> 256, 28 x 28 | 65.2 / 87.1 | 1.34x | 74.7 / 71.9 | 0.96x |
+/// | 8, 64 -> 64, 56 x 56 | 30.5 / 56.3 | 1.84x | 30.8 / 37.1 | 1.21x |
+/// | 4, 128 -> 128, 56 x 56 | 56.8 / 62.4 | 1.10x | 55.1 / 62.4 | 1.13x |
+/// | 2, 256 -> 256, 56 x 56 | 109.7 / 135.4 | 1.23x | 114.0 / 149.9 | 1.32x |
+/// | 2, 32 -> 64, 112 x 112 | 16.8 / 17.9 | 1.07x | 18.7 / 21.3 | 1.14x |
+/// | 8, 32 -> 32, 56 x 56 | 15.6 / 15.5 | 0.99x | 12.2 / 9.9 | 0.80x |
+///
+/// In total 1.23x forward and 1.16x transposed. Layers the rule leaves to F(2 x 2)
+/// ran within 3% of F(2 x 2) alone (the two share the code around the transforms).
+/// F(4 x 4) everywhere, in an earlier build, lost 2.4x on 256 -> 256 at 7 x 7 (4 tiles a
+/// plane) and 1.1-1.3x on the 16-channel layers.
+fn method(g: &ConvGeometry) -> Method {
+    let tiles = g.out_size[0].div_ceil(F4x4::TILE) * g.out_size[1].div_ceil(F4x4::TILE);
+    if g.in_channels / g.groups >= 32 && tiles >= 32 { Method::F4x4 } else { Method::F2x2 }
+}
+
+/// The tiles of output features: `rows` rows of `per_row`, numbered in raster order.
 #[derive(Clone, Copy)]
 struct Tiles {
     rows: usize,
@@ -184,6 +390,11 @@ struct Run {
 }
 
 impl Tiles {
+    /// The `tile` x `tile` tiles of the features of `g`.
+    fn of(g: &ConvGeometry, tile: usize) -> Tiles {
+        Tiles { rows: g.out_size[0].div_ceil(tile), per_row: g.out_size[1].div_ceil(tile) }
+    }
+
     /// The runs of the tiles `block` (raster numbers), in order.
     fn runs(self, block: Range<usize>) -> impl Iterator<Item = Run> {
         let per_row = self.per_row;
@@ -196,14 +407,25 @@ impl Tiles {
     }
 }
 
-/// `G g G^T` for a 3 x 3 filter `g` (row-major): the 4 x 4 transformed filter.
-fn transform_filter(g: &[f32; 9]) -> [f32; 16] {
-    // `G x` for a column (or row) of three values.
-    let lift = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-    let columns: [[f32; 4]; 3] = std::array::from_fn(|x| lift(g[x], g[3 + x], g[6 + x]));
-    let mut out = [0.0; 16];
-    for (y, row) in out.chunks_exact_mut(4).enumerate() {
-        row.copy_from_slice(&lift(columns[0][y], columns[1][y], columns[2][y]));
+/// `G g G^T` for a 3 x 3 filter `g` (row-major): the transformed filter `[e]` (its
+/// first `T::POSITIONS` values, `e = PATCH i + j`), computed in f64 and rounded once.
+fn transform_filter<T: Minimal>(g: &[f32; 9]) -> [f32; MAX_PATCH * MAX_PATCH] {
+    let columns: [[f64; MAX_PATCH]; 3] = std::array::from_fn(|x| T::lift([0, 3, 6].map(|y| g[y + x] as f64)));
+    let mut out = [0.0; MAX_PATCH * MAX_PATCH];
+    for (i, row) in out.chunks_exact_mut(T::PATCH).take(T::PATCH).enumerate() {
+        let values = T::lift([columns[0][i], columns[1][i], columns[2][i]]);
+        row.iter_mut().zip(values).for_each(|(out, value)| *out = value as f32);
+    }
+    out
+}
+
+/// `[f(0), .., f(N - 1)]`, inlined into the SIMD kernels: `std::array::from_fn` is not
+/// always inlined, and a vector load left outside a kernel's target features is a call.
+#[inline(always)]
+fn array_of<T: Copy, const N: usize>(zero: T, mut f: impl FnMut(usize) -> T) -> [T; N] {
+    let mut out = [zero; N];
+    for (i, value) in out.iter_mut().enumerate() {
+        *value = f(i);
     }
     out
 }
@@ -220,18 +442,18 @@ fn aligned(buffer: &mut [f32]) -> &mut [f32] {
 /// The transformed filters of every group, `[group][e][cout_g * cin_g]`, each `W_e`
 /// packed one register tile of `tile_rows` output channels after another, a tile's
 /// values `[ci][row]` (the columns of A that its depth steps broadcast).
-fn transform_filters(g: &ConvGeometry, weight: &[f32], tile_rows: usize) -> Vec<f32> {
+fn transform_filters<T: Minimal>(g: &ConvGeometry, weight: &[f32], tile_rows: usize) -> Vec<f32> {
     let (cin_g, cout_g) = (g.in_channels / g.groups, g.out_channels / g.groups);
     let per_e = cout_g * cin_g;
-    let mut filters = vec![0.0; g.groups * 16 * per_e];
-    for (group, group_filters) in filters.chunks_exact_mut(16 * per_e).enumerate() {
+    let mut filters = vec![0.0; g.groups * T::POSITIONS * per_e];
+    for (group, group_filters) in filters.chunks_exact_mut(T::POSITIONS * per_e).enumerate() {
         for co in 0..cout_g {
             let (i0, row) = (co / tile_rows * tile_rows, co % tile_rows);
             let height = tile_rows.min(cout_g - i0);
             for ci in 0..cin_g {
                 let at = ((group * cout_g + co) * cin_g + ci) * 9;
                 let g9: &[f32; 9] = weight[at..at + 9].try_into().expect("nine filter values");
-                for (e, &value) in transform_filter(g9).iter().enumerate() {
+                for (e, &value) in transform_filter::<T>(g9).iter().take(T::POSITIONS).enumerate() {
                     group_filters[e * per_e + i0 * cin_g + ci * height + row] = value;
                 }
             }
@@ -245,7 +467,35 @@ fn transform_filters(g: &ConvGeometry, weight: &[f32], tile_rows: usize) -> Vec<
 /// in_channels / groups, 3, 3]`, `bias` `[out_channels]` and `out` `[batch,
 /// out_channels, out_size..]`, all row-major f32. Every element of `out` is written.
 pub(super) fn conv2d(isa: Isa, g: &ConvGeometry, image: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    conv2d_by(method(g), isa, g, image, weight, bias, out);
+}
+
+/// [`conv2d`] by the F(m x m, 3 x 3) `method`.
+fn conv2d_by(
+    method: Method,
+    isa: Isa,
+    g: &ConvGeometry,
+    image: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     assert!(applies(isa, g), "conv_winograd::conv2d: not a 3 x 3 stride-1 convolution with enough channels");
+    match method {
+        Method::F2x2 => conv2d_with::<F2x2>(isa, g, image, weight, bias, out),
+        Method::F4x4 => conv2d_with::<F4x4>(isa, g, image, weight, bias, out),
+    }
+}
+
+/// [`conv2d`] by the F(m x m, 3 x 3) `T`.
+fn conv2d_with<T: Minimal>(
+    isa: Isa,
+    g: &ConvGeometry,
+    image: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     let (cin_g, cout_g) = (g.in_channels / g.groups, g.out_channels / g.groups);
     let ([h, w], [oh, ow]) = (g.in_size, g.out_size);
     let positions = oh * ow;
@@ -254,33 +504,36 @@ pub(super) fn conv2d(isa: Isa, g: &ConvGeometry, image: &[f32], weight: &[f32], 
     assert_eq!(out.len(), g.batch * g.out_channels * positions, "conv2d: output size");
     let lanes = vector_lanes(isa);
     let tile_height = balanced_tile_rows(cout_g, tile_rows(lanes));
-    let filters = transform_filters(g, weight, tile_height);
-    let tiles = Tiles { rows: oh.div_ceil(2), per_row: ow.div_ceil(2) };
+    let filters = transform_filters::<T>(g, weight, tile_height);
+    let tiles = Tiles::of(g, T::TILE);
     let count = tiles.rows * tiles.per_row;
     // Blocks of whole register tiles of columns (two vectors), as many as fit the budget.
     let width = 2 * lanes;
-    let per_block = (PATCH_BLOCK_VALUES / (16 * cin_g) / width).max(1) * width;
+    let per_block = (T::BLOCK_VALUES / (T::POSITIONS * cin_g) / width).max(1) * width;
     let per_block = per_block.min(count.next_multiple_of(width));
     // Rows of U and M: a block's tiles and room for the last vector of a run to write
     // past its end, a whole number of column blocks, so that each column block's rows
     // start on a cache line (with `aligned`).
     let stride = per_block + width;
+    let line_len = split_line(g, T::TILE, tiles, lanes);
+    let per_group = T::POSITIONS * cout_g * cin_g;
     parallel::for_each_entry(out, g.out_channels * positions, |n, out_n| {
         // Not cleared: the products also read U's columns past a block's tiles (a partial
         // column block, the spare columns), whatever they hold, but the sums of those
         // columns are never stored, nor read back out of M.
-        let mut patches_buffer = buffers::for_overwrite(16 * cin_g * stride + LINE_VALUES);
-        let mut products_buffer = buffers::for_overwrite(16 * tile_height * stride + LINE_VALUES);
+        let mut patches_buffer = buffers::for_overwrite(T::POSITIONS * cin_g * stride + LINE_VALUES);
+        let mut products_buffer = buffers::for_overwrite(T::POSITIONS * tile_height * stride + LINE_VALUES);
         let (patches, products) = (aligned(&mut patches_buffer), aligned(&mut products_buffer));
-        let mut lines = vec![0.0; split_lines(tiles, per_block, lanes)];
+        let mut lines = vec![0.0; split_lines(T::TILE, tiles, per_block, line_len)];
         for group in 0..g.groups {
             let planes = &image[(n * g.in_channels + group * cin_g) * h * w..][..cin_g * h * w];
-            let group_filters = &filters[group * 16 * cout_g * cin_g..][..16 * cout_g * cin_g];
+            let group_filters = &filters[group * per_group..][..per_group];
             let out_g = &mut out_n[group * cout_g * positions..][..cout_g * positions];
             for first in (0..count).step_by(per_block) {
                 let block = first..(first + per_block).min(count);
                 let next = block.end..(block.end + per_block).min(count);
-                transform_patches(isa, g, planes, tiles, block.clone(), stride, patches, &mut lines);
+                let split = Split { lines: &mut lines, line_len };
+                transform_patches(isa, T::METHOD, g, planes, tiles, block.clone(), stride, patches, split);
                 let tile_count = cout_g.div_ceil(tile_height);
                 for (t, i0) in (0..cout_g).step_by(tile_height).enumerate() {
                     let rows = tile_height.min(cout_g - i0);
@@ -288,14 +541,21 @@ pub(super) fn conv2d(isa: Isa, g: &ConvGeometry, image: &[f32], weight: &[f32], 
                     // The image and the features come from and go to memory: ask for the
                     // lines this tile's outputs and (a share of the channels at a time)
                     // the next block's patches need, while the products run.
-                    prefetch_outputs(g, tiles, block.clone(), out_rows);
+                    prefetch_outputs(g, T::TILE, tiles, block.clone(), out_rows);
                     let channels = t * cin_g / tile_count..(t + 1) * cin_g / tile_count;
-                    prefetch_image(g, tiles, next.clone(), &planes[channels.start * h * w..channels.end * h * w]);
-                    let products = &mut products[..16 * rows * stride];
-                    let filters = Filters { values: group_filters, channels: cin_g, first: i0, rows };
+                    prefetch_image(
+                        g,
+                        T::TILE,
+                        tiles,
+                        next.clone(),
+                        &planes[channels.start * h * w..channels.end * h * w],
+                    );
+                    let products = &mut products[..T::POSITIONS * rows * stride];
+                    let filters =
+                        Filters { values: group_filters, positions: T::POSITIONS, channels: cin_g, first: i0, rows };
                     multiply(isa, filters, patches, block.len(), stride, products);
                     let bias = bias.map(|bias| &bias[group * cout_g + i0..][..rows]);
-                    transform_products(isa, g, products, bias, tiles, block.clone(), stride, out_rows);
+                    transform_products(isa, T::METHOD, g, products, bias, tiles, block.clone(), stride, out_rows);
                 }
             }
         }
@@ -312,12 +572,12 @@ fn prefetch_all(values: &[f32]) {
 }
 
 /// Asks for the lines of the output planes `out` that the tiles `block` write.
-fn prefetch_outputs(g: &ConvGeometry, tiles: Tiles, block: Range<usize>, out: &[f32]) {
+fn prefetch_outputs(g: &ConvGeometry, tile: usize, tiles: Tiles, block: Range<usize>, out: &[f32]) {
     let [oh, ow] = g.out_size;
     for plane in out.chunks_exact(oh * ow) {
         for run in tiles.runs(block.clone()) {
-            let columns = 2 * run.columns.start..ow.min(2 * run.columns.end);
-            for y in 2 * run.row..(2 * run.row + 2).min(oh) {
+            let columns = tile * run.columns.start..ow.min(tile * run.columns.end);
+            for y in tile * run.row..(tile * run.row + tile).min(oh) {
                 prefetch_all(&plane[y * ow..][columns.clone()]);
             }
         }
@@ -325,151 +585,169 @@ fn prefetch_outputs(g: &ConvGeometry, tiles: Tiles, block: Range<usize>, out: &[
 }
 
 /// Asks for the lines of the image `planes` that the patches of the tiles `block` read.
-fn prefetch_image(g: &ConvGeometry, tiles: Tiles, block: Range<usize>, planes: &[f32]) {
+fn prefetch_image(g: &ConvGeometry, tile: usize, tiles: Tiles, block: Range<usize>, planes: &[f32]) {
     let ([h, w], py) = (g.in_size, g.padding[0]);
     if block.is_empty() {
         return;
     }
-    let first = (2 * (block.start / tiles.per_row)).saturating_sub(py).min(h);
-    let end = (2 * block.end.div_ceil(tiles.per_row) + 2).saturating_sub(py).min(h);
+    let first = (tile * (block.start / tiles.per_row)).saturating_sub(py).min(h);
+    let end = (tile * block.end.div_ceil(tiles.per_row) + 2).saturating_sub(py).min(h);
     for plane in planes.chunks_exact(h * w) {
         prefetch_all(&plane[first * w..end * w]);
     }
 }
 
 /// One group's transformed filters and the register tile of output channels being
-/// multiplied: rows `first..first + rows` of every `W_e` (packed as
-/// [`transform_filters`] leaves them), `channels` deep.
+/// multiplied: rows `first..first + rows` of every one of the `positions` `W_e` (packed
+/// as [`transform_filters`] leaves them), `channels` deep.
 #[derive(Clone, Copy)]
 struct Filters<'a> {
     values: &'a [f32],
+    positions: usize,
     channels: usize,
     first: usize,
     rows: usize,
 }
 
+/// Scratch for the image rows under a block's tile rows, each split into its `m` phases
+/// ([`split_row`]): phase `p` of row `r` at `lines[(m r + p) line_len..]` ([`split_line`],
+/// [`split_lines`]), zero where no image value lands.
+struct Split<'a> {
+    lines: &'a mut [f32],
+    line_len: usize,
+}
+
 kernel! {
-    /// `U[e][ci][slot] = (B^T d B)[e]` for the tiles `block` of one group's `planes`, into
-    /// `u` (rows `stride` apart): `d` is the 4 x 4 patch at row `2 ty - padding_y`, column
-    /// `2 tx - padding_x`, zero outside the image. `lines` is scratch of
-    /// [`split_lines`] values.
-    ///
-    /// For each input channel, the image rows under the block's tile rows are split into
-    /// even and odd columns ([`split_row`]), so that patch `tx`'s columns `0, 1, 2, 3` are
-    /// even `tx`, odd `tx`, even `tx + 1` and odd `tx + 1`; `B^T d B` is then elementwise
-    /// across each run of tiles in a tile row.
+    /// `U[e][ci][slot] = (B^T d B)[e]` for the tiles `block` of one group's `planes` by
+    /// the F(m x m, 3 x 3) `method`, into `u` (rows `stride` apart): `d` is the
+    /// `m + 2`-square patch at row `m ty - padding_y`, column `m tx - padding_x`, zero
+    /// outside the image.
     #[allow(clippy::too_many_arguments)]
     fn transform_patches(
+        method: Method,
         g: &ConvGeometry,
         planes: &[f32],
         tiles: Tiles,
         block: Range<usize>,
         stride: usize,
         u: &mut [f32],
-        lines: &mut [f32],
+        split: Split<'_>,
     ) {
-        let lanes = V::LANES;
-        let ([h, w], [py, px]) = (g.in_size, g.padding);
-        let cin_g = planes.len() / (h * w);
-        let line_len = split_line(tiles.per_row, lanes);
-        // The padded image rows 2 first_row .. 2 last_row + 4.
-        let first_row = block.start / tiles.per_row;
-        let image_rows = 2 * (block.end.div_ceil(tiles.per_row) - first_row) + 2;
-        let split = &mut lines[..2 * image_rows * line_len];
-        for ci in 0..cin_g {
-            for (local, pair) in split.chunks_exact_mut(2 * line_len).enumerate() {
-                let (evens, odds) = pair.split_at_mut(line_len);
-                match (2 * first_row + local).checked_sub(py).filter(|&y| y < h) {
-                    Some(y) => split_row::<V>(&planes[(ci * h + y) * w..], w, px, evens, odds),
-                    None => {
-                        evens.fill(0.0);
-                        odds.fill(0.0);
-                    }
-                }
+        match method {
+            Method::F2x2 => patches_by::<V, F2x2>(g, planes, tiles, block, stride, u, split),
+            Method::F4x4 => patches_by::<V, F4x4>(g, planes, tiles, block, stride, u, split),
+        }
+    }
+}
+
+/// [`transform_patches`] by `T`.
+///
+/// For each input channel, the image rows under the block's tile rows are split into
+/// their `m` phases ([`split_row`]), so that patch `tx`'s column `c` is phase `c % m` at
+/// `tx + c / m`; `B^T d B` is then elementwise across each run of tiles in a tile row:
+/// `B^T` along each patch row, then down each column.
+#[inline(always)]
+fn patches_by<V: F32Vector, T: Minimal>(
+    g: &ConvGeometry,
+    planes: &[f32],
+    tiles: Tiles,
+    block: Range<usize>,
+    stride: usize,
+    u: &mut [f32],
+    split: Split<'_>,
+) {
+    let (lanes, m) = (V::LANES, T::TILE);
+    let ([h, w], [py, px]) = (g.in_size, g.padding);
+    let cin_g = planes.len() / (h * w);
+    let Split { lines, line_len } = split;
+    // The padded image rows m first_row .. m last_row + m + 2.
+    let first_row = block.start / tiles.per_row;
+    let image_rows = m * (block.end.div_ceil(tiles.per_row) - first_row) + 2;
+    let lines = &mut lines[..m * image_rows * line_len];
+    for ci in 0..cin_g {
+        for (local, phases) in lines.chunks_exact_mut(m * line_len).enumerate() {
+            match (m * first_row + local).checked_sub(py).filter(|&y| y < h) {
+                Some(y) => split_row::<V>(m, &planes[(ci * h + y) * w..], w, px, phases, line_len),
+                None => phases.fill(0.0),
             }
-            let split = &*split;
-            for run in tiles.runs(block.clone()) {
-                // Even (odd = 0) or odd (odd = 1) columns of the patches' row r.
-                let line = |r: usize, odd: usize| &split[(2 * (2 * (run.row - first_row) + r) + odd) * line_len..][..line_len];
-                for tx in vector_starts(run.columns.clone(), lanes) {
-                    // Column c of the patches' row r, for the tiles tx.. (c = 0, 1, 2, 3:
-                    // even tx, odd tx, even tx + 1, odd tx + 1).
-                    let mut d = [[V::splat(0.0); 4]; 4];
-                    for (r, row) in d.iter_mut().enumerate() {
-                        for (c, value) in row.iter_mut().enumerate() {
-                            *value = V::load(&line(r, c % 2)[tx + c / 2..]);
-                        }
-                    }
-                    // B^T d: rows (d0 - d2, d1 + d2, d2 - d1, d1 - d3).
-                    let mut k = [[V::splat(0.0); 4]; 4];
-                    for c in 0..4 {
-                        k[0][c] = d[0][c] - d[2][c];
-                        k[1][c] = d[1][c] + d[2][c];
-                        k[2][c] = d[2][c] - d[1][c];
-                        k[3][c] = d[1][c] - d[3][c];
-                    }
-                    // (B^T d) B: the same along each row, into U_(4 row + column).
-                    let slot = run.slot + (tx - run.columns.start);
-                    for (row, k) in k.iter().enumerate() {
-                        let values = [k[0] - k[2], k[1] + k[2], k[2] - k[1], k[1] - k[3]];
-                        for (j, value) in values.into_iter().enumerate() {
-                            value.store(&mut u[((4 * row + j) * cin_g + ci) * stride + slot..]);
-                        }
-                    }
-                }
+        }
+        let lines = &*lines;
+        for run in tiles.runs(block.clone()) {
+            // Phase `phase` of the patches' row r.
+            let line =
+                |r: usize, phase: usize| &lines[(m * (m * (run.row - first_row) + r) + phase) * line_len..][..line_len];
+            for tx in vector_starts(run.columns.clone(), lanes) {
+                let slot = run.slot + (tx - run.columns.start);
+                let d = |r: usize, c: usize| V::load(&line(r, c % m)[tx + c / m..]);
+                T::transform_patch(d, |e, value: V| value.store(&mut u[(e * cin_g + ci) * stride + slot..]));
             }
         }
     }
 }
 
-/// The values of one line of even (or odd) columns: `per_row + 1` tiles' worth (a tile
-/// row's patches reach one pair of columns past its last tile) and a vector to spare.
-fn split_line(per_row: usize, lanes: usize) -> usize {
-    per_row + 1 + lanes
+/// The values of one line of a phase, for `tile` x `tile` tiles: enough for the image
+/// row's values shifted by the padding ([`split_row`] writes whole vectors) and for the
+/// patches' reads (a tile row's patches reach one tile past its last), and a vector to
+/// spare.
+fn split_line(g: &ConvGeometry, tile: usize, tiles: Tiles, lanes: usize) -> usize {
+    // The row's values per phase, shifted by at most (tile - 1 + padding) / tile.
+    let written = g.in_size[1].div_ceil(tile) + g.padding[1].div_ceil(tile);
+    written.max(tiles.per_row + 1) + lanes
 }
 
-/// The scratch [`transform_patches`] needs for blocks of `per_block` tiles: the even and
-/// the odd columns of every image row under the tile rows one block can touch.
-fn split_lines(tiles: Tiles, per_block: usize, lanes: usize) -> usize {
+/// The scratch [`transform_patches`] needs for blocks of `per_block` `tile` x `tile`
+/// tiles: the phases of every image row under the tile rows one block can touch.
+fn split_lines(tile: usize, tiles: Tiles, per_block: usize, line_len: usize) -> usize {
     let tile_rows = (per_block.div_ceil(tiles.per_row) + 1).min(tiles.rows);
-    2 * (2 * tile_rows + 2) * split_line(tiles.per_row, lanes)
+    tile * (tile * tile_rows + 2) * line_len
 }
 
-/// `evens[t] = row[2 t - padding]` and `odds[t] = row[2 t + 1 - padding]` for the row
-/// of `len` values at the start of `rest` (the row and whatever follows it in the
-/// planes), zero outside the row, for every `t` of the lines (at least
-/// `len.div_ceil(2) + padding + LANES` long, as [`split_line`] makes them for a 3 x 3
-/// convolution's tile rows).
+/// `phases[p * line_len + t] = row[m t + p - padding]` for the row of `len` values at
+/// the start of `rest` (the row and whatever follows it in the planes), zero outside the
+/// row, for the `m` (2 or 4) phases `p` of `line_len` ([`split_line`]) values each. One
+/// round of [`F32Vector::deinterleave`] splits a row into its even and odd columns, a
+/// second round those into the four phases.
 ///
-/// The row's own even and odd columns, `E'[i] = row[2 i]` and `O'[i] = row[2 i + 1]`,
-/// land shifted by the padding: `evens[t] = E'[t - padding / 2]` for an even padding,
-/// `evens[t] = O'[t - (padding + 1) / 2]` and `odds[t] = E'[t - (padding - 1) / 2]` for
-/// an odd one. Only the same `len.div_ceil(2)` values (rounded up to whole vectors) from
-/// those shifts on are written, so the lines' other values stay as they were: zero.
+/// The row's own phases, `R_r[i] = row[m i + r]`, land shifted by the padding: `R_r[i]`
+/// is phase `(r + padding) % m` at `t = i + (r + padding) / m`. Only those values
+/// (rounded up to whole vectors) are written, the same ones for every row, so the lines'
+/// other values stay as they were: zero.
 #[inline(always)]
-fn split_row<V: F32Vector>(rest: &[f32], len: usize, padding: usize, evens: &mut [f32], odds: &mut [f32]) {
+fn split_row<V: F32Vector>(m: usize, rest: &[f32], len: usize, padding: usize, phases: &mut [f32], line_len: usize) {
     let lanes = V::LANES;
-    let (row_evens, even_shift, row_odds, odd_shift) = if padding.is_multiple_of(2) {
-        (evens, padding / 2, odds, padding / 2)
-    } else {
-        (odds, (padding - 1) / 2, evens, padding.div_ceil(2))
-    };
-    let zero = V::splat(0.0);
-    for i in (0..len.div_ceil(2)).step_by(lanes) {
-        let (first, second) = (2 * i, 2 * i + lanes);
-        let (a, b) = if second + lanes <= len {
-            (V::load(&rest[first..]), V::load(&rest[second..]))
-        } else if second + lanes <= rest.len() {
-            // Whole vectors reaching into the next row, its lanes set to zero.
-            let (a, b) = (V::load(&rest[first..]), V::load(&rest[second..]));
-            let (a_lanes, b_lanes) = (lanes_below::<V>(len - first), lanes_below::<V>(len.saturating_sub(second)));
-            (V::select(a_lanes, a, zero), V::select(b_lanes, b, zero))
+    for i in (0..len.div_ceil(m)).step_by(lanes) {
+        // A loop, not a closure: one would not be inlined into the kernel's features.
+        let mut vectors = [V::splat(0.0); 4];
+        for (k, vector) in vectors.iter_mut().enumerate().take(m) {
+            *vector = row_vector::<V>(rest, len, m * i + k * lanes);
+        }
+        let [a, b, c, d] = vectors;
+        let ((even_ab, odd_ab), (even_cd, odd_cd)) = (a.deinterleave(b), c.deinterleave(d));
+        let row_phases = if m == 2 {
+            [even_ab, odd_ab, even_cd, odd_cd]
         } else {
-            (V::load_partial(&rest[first..len.min(second)], 0.0), V::load_partial(&rest[second.min(len)..len], 0.0))
+            let ((phase0, phase2), (phase1, phase3)) = (even_ab.deinterleave(even_cd), odd_ab.deinterleave(odd_cd));
+            [phase0, phase1, phase2, phase3]
         };
-        let (row_even, row_odd) = a.deinterleave(b);
-        row_even.store(&mut row_evens[i + even_shift..]);
-        row_odd.store(&mut row_odds[i + odd_shift..]);
+        for (r, phase) in row_phases.into_iter().enumerate().take(m) {
+            let (p, shift) = ((r + padding) % m, (r + padding) / m);
+            phase.store(&mut phases[p * line_len + i + shift..]);
+        }
+    }
+}
+
+/// The vector of the row of `len` values at the start of `rest` from value `start` on,
+/// its lanes past the row set to zero.
+#[inline(always)]
+fn row_vector<V: F32Vector>(rest: &[f32], len: usize, start: usize) -> V {
+    let lanes = V::LANES;
+    if start + lanes <= len {
+        V::load(&rest[start..])
+    } else if start + lanes <= rest.len() {
+        // A whole vector reaching into the next row, its lanes set to zero.
+        V::select(lanes_below::<V>(len.saturating_sub(start)), V::load(&rest[start..]), V::splat(0.0))
+    } else {
+        V::load_partial(&rest[start.min(len)..len], 0.0)
     }
 }
 
@@ -485,9 +763,9 @@ kernel! {
     /// `stride` apart): each product one register tile per column block of two vectors.
     fn multiply(filters: Filters<'_>, u: &[f32], count: usize, stride: usize, m: &mut [f32]) {
         let lanes = V::LANES;
-        let Filters { values, channels, first, rows } = filters;
-        let per_e = values.len() / 16;
-        for e in 0..16 {
+        let Filters { values, positions, channels, first, rows } = filters;
+        let per_e = values.len() / positions;
+        for e in 0..positions {
             let a = MatRef { data: &values[e * per_e + first * channels..][..rows * channels], offset: 0, row_stride: 1, col_stride: rows };
             let u_e = &u[e * channels * stride..][..channels * stride];
             let m_e = &mut m[e * rows * stride..][..rows * stride];
@@ -506,12 +784,12 @@ kernel! {
 
 kernel! {
     /// The output tiles `block` of the output channels whose products are `m`
-    /// (`[e][co][tile]`, rows `stride` apart): `A^T M A` plus the bias, into `out`
-    /// (`[co][out_size..]`), the tiles' parts past the features' right and bottom edges
-    /// dropped. Elementwise across each run of tiles in a tile row; the two columns of
-    /// each output row are interleaved into feature columns `2 tx, 2 tx + 1`.
+    /// (`[e][co][tile]`, rows `stride` apart) by the F(m x m, 3 x 3) `method`:
+    /// `A^T M A` plus the bias, into `out` (`[co][out_size..]`), the tiles' parts past
+    /// the features' right and bottom edges dropped.
     #[allow(clippy::too_many_arguments)]
     fn transform_products(
+        method: Method,
         g: &ConvGeometry,
         m: &[f32],
         bias: Option<&[f32]>,
@@ -520,54 +798,71 @@ kernel! {
         stride: usize,
         out: &mut [f32],
     ) {
-        let lanes = V::LANES;
-        let [oh, ow] = g.out_size;
-        let rows = m.len() / (16 * stride);
-        for (co, plane) in out.chunks_exact_mut(oh * ow).enumerate().take(rows) {
-            let bias = V::splat(bias.map_or(0.0, |bias| bias[co]));
-            for run in tiles.runs(block.clone()) {
-                // Feature columns of this run.
-                let end = ow.min(2 * run.columns.end);
-                for tx in vector_starts(run.columns.clone(), lanes) {
-                    let slot = run.slot + (tx - run.columns.start);
-                    // A^T M: (m0 + m1 + m2, m1 - m2 - m3) down each column j.
-                    let at = |e: usize| (e * rows + co) * stride + slot;
-                    let mut top = [V::splat(0.0); 4];
-                    let mut bottom = [V::splat(0.0); 4];
-                    for j in 0..4 {
-                        let m1 = V::load(&m[at(4 + j)..]);
-                        let m2 = V::load(&m[at(8 + j)..]);
-                        top[j] = V::load(&m[at(j)..]) + m1 + m2;
-                        bottom[j] = m1 - m2 - V::load(&m[at(12 + j)..]);
-                    }
-                    // (A^T M) A along each row, plus the bias, as feature columns 2 tx..
-                    let columns = (end - 2 * tx).min(2 * lanes);
-                    let y = 2 * run.row;
-                    let (left, right) = (top[0] + top[1] + top[2] + bias, top[1] - top[2] - top[3] + bias);
-                    store_pairs(left, right, &mut plane[y * ow + 2 * tx..][..columns]);
-                    if y + 1 < oh {
-                        let (left, right) = (bottom[0] + bottom[1] + bottom[2] + bias, bottom[1] - bottom[2] - bottom[3] + bias);
-                        store_pairs(left, right, &mut plane[(y + 1) * ow + 2 * tx..][..columns]);
-                    }
+        match method {
+            Method::F2x2 => products_by::<V, F2x2>(g, m, bias, tiles, block, stride, out),
+            Method::F4x4 => products_by::<V, F4x4>(g, m, bias, tiles, block, stride, out),
+        }
+    }
+}
+
+/// [`transform_products`] by `T`: elementwise across each run of tiles in a tile row,
+/// `A^T` along each row of `M`, then down each column; each output row's `m` columns are
+/// interleaved into feature columns `m tx..m tx + m` ([`store_tiles`]).
+#[inline(always)]
+fn products_by<V: F32Vector, T: Minimal>(
+    g: &ConvGeometry,
+    m: &[f32],
+    bias: Option<&[f32]>,
+    tiles: Tiles,
+    block: Range<usize>,
+    stride: usize,
+    out: &mut [f32],
+) {
+    let (lanes, tile) = (V::LANES, T::TILE);
+    let [oh, ow] = g.out_size;
+    let rows = m.len() / (T::POSITIONS * stride);
+    for (co, plane) in out.chunks_exact_mut(oh * ow).enumerate().take(rows) {
+        let bias = V::splat(bias.map_or(0.0, |bias| bias[co]));
+        for run in tiles.runs(block.clone()) {
+            // Feature columns of this run.
+            let end = ow.min(tile * run.columns.end);
+            for tx in vector_starts(run.columns.clone(), lanes) {
+                let slot = run.slot + (tx - run.columns.start);
+                let at = |e: usize| (e * rows + co) * stride + slot;
+                let mut y = T::inverse_tile(|e| V::load(&m[at(e)..]));
+                y.iter_mut().flatten().for_each(|value| *value = *value + bias);
+                let columns = (end - tile * tx).min(tile * lanes);
+                for (a, y) in y.into_iter().enumerate().take(tile.min(oh - tile * run.row)) {
+                    store_tiles(tile, y, &mut plane[(tile * run.row + a) * ow + tile * tx..][..columns]);
                 }
             }
         }
     }
 }
 
-/// `left[0], right[0], left[1], right[1], ..` into `dst` (at most `2 * LANES` long).
+/// One output row of a vector of `m` x `m` tiles, `columns[b]` its column `b` (`b < m`)
+/// of each tile, into `dst` (at most `m * LANES` long) in feature order: `columns[0][0],
+/// .., columns[m - 1][0], columns[0][1], ..`. One round of [`F32Vector::interleave`]
+/// for m = 2, two for m = 4.
 #[inline(always)]
-fn store_pairs<V: F32Vector>(left: V, right: V, dst: &mut [f32]) {
+fn store_tiles<V: F32Vector>(m: usize, columns: [V; MAX_TILE], dst: &mut [f32]) {
     let lanes = V::LANES;
-    let (first, second) = left.interleave(right);
-    if dst.len() == 2 * lanes {
-        first.store(dst);
-        second.store(&mut dst[lanes..]);
-    } else if dst.len() > lanes {
-        first.store(dst);
-        second.store_partial(&mut dst[lanes..]);
+    let vectors = if m == 2 {
+        let (first, second) = columns[0].interleave(columns[1]);
+        [first, second, first, second]
     } else {
-        first.store_partial(dst);
+        let (first02, second02) = columns[0].interleave(columns[2]);
+        let (first13, second13) = columns[1].interleave(columns[3]);
+        let (v0, v1) = first02.interleave(first13);
+        let (v2, v3) = second02.interleave(second13);
+        [v0, v1, v2, v3]
+    };
+    for (vector, dst) in vectors.into_iter().zip(dst.chunks_mut(lanes)) {
+        if dst.len() == lanes {
+            vector.store(dst);
+        } else {
+            vector.store_partial(dst);
+        }
     }
 }
 
@@ -583,7 +878,7 @@ fn vector_starts(columns: Range<usize>, lanes: usize) -> impl Iterator<Item = us
 mod tests {
     use super::*;
     use crate::cpu::conv::tests::for_each_term;
-    use crate::cpu::simd::test_isas;
+    use crate::cpu::simd::{Scalar, test_isas};
     use proptest::prelude::*;
 
     /// The convolution by its definition, in f64.
@@ -641,14 +936,62 @@ mod tests {
         Ok(())
     }
 
+    /// `T`'s transforms of unit patches and unit products against the outer products of
+    /// the columns of `b_t` (`B^T`) and `a_t` (`A^T`).
+    fn check_transforms<T: Minimal>(b_t: &[&[f32]], a_t: &[&[f32]]) {
+        let p = T::PATCH;
+        for unit in 0..p * p {
+            let (r, c) = (unit / p, unit % p);
+            let mut got = vec![f32::NAN; p * p];
+            T::transform_patch(|y, x| Scalar((y * p + x == unit) as u8 as f32), |e, v: Scalar| got[e] = v.0);
+            let want: Vec<f32> = (0..p * p).map(|e| b_t[e / p][r] * b_t[e % p][c]).collect();
+            assert_eq!(got, want, "B^T d B of unit {unit}");
+            let y = T::inverse_tile(|e| Scalar((e == unit) as u8 as f32));
+            for (a, b) in (0..T::TILE).flat_map(|a| (0..T::TILE).map(move |b| (a, b))) {
+                assert_eq!(y[a][b].0, a_t[a][r] * a_t[b][c], "A^T M A of unit {unit} at {a}, {b}");
+            }
+        }
+    }
+
     #[test]
-    fn the_filter_transform_of_a_single_tap_is_its_row_and_column_of_g() {
-        // g = e_(1,1): G g G^T = (G's middle column) outer itself.
+    fn the_transforms_are_b_and_a() {
+        let b_t: [&[f32]; 4] =
+            [&[1.0, 0.0, -1.0, 0.0], &[0.0, 1.0, 1.0, 0.0], &[0.0, -1.0, 1.0, 0.0], &[0.0, 1.0, 0.0, -1.0]];
+        let a_t: [&[f32]; 2] = [&[1.0, 1.0, 1.0, 0.0], &[0.0, 1.0, -1.0, -1.0]];
+        check_transforms::<F2x2>(&b_t, &a_t);
+        let b_t: [&[f32]; 6] = [
+            &[4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
+            &[0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
+            &[0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
+            &[0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
+            &[0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
+            &[0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
+        ];
+        let a_t: [&[f32]; 4] = [
+            &[1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+            &[0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
+            &[0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
+            &[0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
+        ];
+        check_transforms::<F4x4>(&b_t, &a_t);
+    }
+
+    /// `G g G^T` of the filter with a single tap in its centre against the outer product
+    /// of `G`'s middle column, `middle`, with itself.
+    fn check_single_tap<T: Minimal>(middle: &[f64]) {
         let mut g = [0.0; 9];
         g[4] = 1.0;
-        let middle = [0.0, 0.5, -0.5, 0.0];
-        let want: Vec<f32> = middle.iter().flat_map(|&a| middle.iter().map(move |&b| a * b)).collect();
-        assert_eq!(transform_filter(&g).to_vec(), want);
+        let got = transform_filter::<T>(&g);
+        for (e, &got) in got.iter().enumerate().take(T::POSITIONS) {
+            let want = middle[e / T::PATCH] * middle[e % T::PATCH];
+            assert!((got as f64 - want).abs() <= 1e-7 * want.abs(), "[{e}]: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn the_filter_transform_of_a_single_tap_is_its_row_and_column_of_g() {
+        check_single_tap::<F2x2>(&[0.0, 0.5, -0.5, 0.0]);
+        check_single_tap::<F4x4>(&[0.0, -1.0 / 6.0, 1.0 / 6.0, 1.0 / 12.0, -1.0 / 12.0, 0.0]);
     }
 
     #[test]
@@ -682,6 +1025,12 @@ mod tests {
                 let mut got = vec![f32::NAN; want.len()];
                 conv_transpose2d(isa, &g, &features, &weight, bias.as_deref(), &mut got);
                 check(isa, &got, &want, cout)?;
+                // Both methods, whichever `method` chose above.
+                let conv = transposed_as_convolution(&g).expect("applies");
+                for method in [Method::F2x2, Method::F4x4] {
+                    conv2d_by(method, isa, &conv, &features, &flipped_filters(&g, &weight), bias.as_deref(), &mut got);
+                    check(isa, &got, &want, cout)?;
+                }
             }
         }
     }
@@ -705,9 +1054,11 @@ mod tests {
             let bias = with_bias.then(|| values(g.out_channels, salt + 2));
             let want = naive(&g, &image, &weight, bias.as_deref());
             for isa in test_isas().into_iter().filter(|&isa| applies(isa, &g)) {
-                let mut got = vec![f32::NAN; want.len()];
-                conv2d(isa, &g, &image, &weight, bias.as_deref(), &mut got);
-                check(isa, &got, &want, cin)?;
+                for method in [Method::F2x2, Method::F4x4] {
+                    let mut got = vec![f32::NAN; want.len()];
+                    conv2d_by(method, isa, &g, &image, &weight, bias.as_deref(), &mut got);
+                    check(isa, &got, &want, cin)?;
+                }
             }
         }
     }
