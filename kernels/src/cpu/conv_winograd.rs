@@ -103,6 +103,9 @@ const MIN_CHANNELS: usize = 16;
 /// (1.66x), 34.9 / 53.4 (1.53x), 4.1 / 8.1 (1.99x), 4.8 / 6.3 (1.30x), 47.8 / 59.0 (1.23x);
 /// at two threads 1.17-2.35x.
 ///
+/// Those figures are F(2 x 2, 3 x 3)'s, which then ran every such convolution; [`method`]
+/// now gives some of them to F(4 x 4, 3 x 3), measured against it there.
+///
 /// Fewer than 16 channels were not measured (the transforms' share grows as the
 /// products get shallower or shorter), nor AVX-512.
 pub(super) fn applies(isa: Isa, g: &ConvGeometry) -> bool {
@@ -366,7 +369,8 @@ fn inverse_six<V: F32Vector>(x: [V; 6]) -> [V; 4] {
 /// | 8, 32 -> 32, 56 x 56 | 15.6 / 15.5 | 0.99x | 12.2 / 9.9 | 0.80x |
 ///
 /// In total 1.23x forward and 1.16x transposed. Layers the rule leaves to F(2 x 2)
-/// ran within 3% of F(2 x 2) alone (the two share the code around the transforms).
+/// ran 1-3% slower than before F(4 x 4) was added, within the noise (the two share the
+/// code around the transforms).
 /// F(4 x 4) everywhere, in an earlier build, lost 2.4x on 256 -> 256 at 7 x 7 (4 tiles a
 /// plane) and 1.1-1.3x on the 16-channel layers.
 fn method(g: &ConvGeometry) -> Method {
@@ -830,7 +834,9 @@ fn products_by<V: F32Vector, T: Minimal>(
                 let slot = run.slot + (tx - run.columns.start);
                 let at = |e: usize| (e * rows + co) * stride + slot;
                 let mut y = T::inverse_tile(|e| V::load(&m[at(e)..]));
-                y.iter_mut().flatten().for_each(|value| *value = *value + bias);
+                for row in y.iter_mut().take(tile) {
+                    row.iter_mut().take(tile).for_each(|value| *value = *value + bias);
+                }
                 let columns = (end - tile * tx).min(tile * lanes);
                 for (a, y) in y.into_iter().enumerate().take(tile.min(oh - tile * run.row)) {
                     store_tiles(tile, y, &mut plane[(tile * run.row + a) * ow + tile * tx..][..columns]);
@@ -848,6 +854,7 @@ fn products_by<V: F32Vector, T: Minimal>(
 fn store_tiles<V: F32Vector>(m: usize, columns: [V; MAX_TILE], dst: &mut [f32]) {
     let lanes = V::LANES;
     let vectors = if m == 2 {
+        // `dst` holds at most two vectors: the last two are never stored.
         let (first, second) = columns[0].interleave(columns[1]);
         [first, second, first, second]
     } else {
