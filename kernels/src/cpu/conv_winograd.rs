@@ -372,7 +372,7 @@ fn inverse_six<V: F32Vector>(x: [V; 6]) -> [V; 4] {
 /// ran 1-3% slower than before F(4 x 4) was added, within the noise (the two share the
 /// code around the transforms).
 /// F(4 x 4) everywhere, in an earlier build, lost 2.4x on 256 -> 256 at 7 x 7 (4 tiles a
-/// plane) and 1.1-1.3x on the 16-channel layers.
+/// plane) and 1.04-1.33x on the 16-channel layers.
 fn method(g: &ConvGeometry) -> Method {
     let tiles = g.out_size[0].div_ceil(F4x4::TILE) * g.out_size[1].div_ceil(F4x4::TILE);
     if g.in_channels / g.groups >= 32 && tiles >= 32 { Method::F4x4 } else { Method::F2x2 }
