@@ -29,10 +29,12 @@
 //!
 //! Which method runs where: with AVX-512 or AVX2, in f32 (and f16/bf16, accumulated in
 //! f32), 3 x 3 convolutions at stride 1 and dilation 1 with at least 16 input and output
-//! channels per group take Winograd's F(2 x 2, 3 x 3) (`conv_winograd.rs`, 2.25x fewer
-//! multiplications; 1.14-2.1x as fast as the methods below, measured there), and so do
-//! their transposed convolutions (the input gradients), computed as the convolution with
-//! the flipped filters. Other convolutions and transposed convolutions skip the columns
+//! channels per group take Winograd's minimal filtering (`conv_winograd.rs`): F(4 x 4,
+//! 3 x 3) (4x fewer multiplications) with at least 32 input channels per group and 32 of
+//! its tiles per plane, else F(2 x 2, 3 x 3) (2.25x fewer; 1.14-2.1x as fast as the
+//! methods below, and F(4 x 4) 1.23x as fast again in total on the layers measured
+//! there). So do their transposed convolutions (the input gradients), computed as the
+//! convolution with the flipped filters. Other convolutions and transposed convolutions skip the columns
 //! matrix:
 //! `conv_phases.rs` splits the strided side into phases and computes each as a shifted
 //! product (`conv_shifted.rs`), which reads each tap's row of the columns straight from
