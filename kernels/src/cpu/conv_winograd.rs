@@ -42,9 +42,11 @@
 //! of one) is the convolution of its features with the flipped filters
 //! ([`conv_transpose2d`]).
 //!
-//! **Layout.** Tiles are numbered in raster order over the feature plane and run in
-//! blocks of whole register tiles of columns (a multiple of two vectors), as many as keep
-//! the block's `U` in L2 ([`Minimal::BLOCK_VALUES`]). For each block:
+//! **Layout.** Tiles are numbered in raster order over the feature plane, and on across
+//! the planes of a part of the batch, and run in blocks of whole register tiles of
+//! columns (a multiple of two vectors), as many as keep the block's `U` in L2
+//! ([`Minimal::BLOCK_VALUES`]); a block may end in one entry's plane and go on in the
+//! next. For each block:
 //!
 //! ```text
 //! U[e][ci][tile] = (B^T d B)[e]            every input channel (transform_patches)
@@ -61,7 +63,7 @@
 //! `m t + phase` (one round of [`F32Vector::deinterleave`] for m = 2, two for m = 4), and
 //! an output tile's m columns are put back in order by as many rounds of
 //! [`F32Vector::interleave`]. The two methods share all of this and differ only in their
-//! [`Minimal`] transforms. Batch entries run in parallel.
+//! [`Minimal`] transforms. The parts of the batch run in parallel ([`part_count`]).
 //!
 //! `conv.rs` takes this module for f32 (and f16/bf16, accumulated in f32) 3 x 3
 //! convolutions at stride 1 and dilation 1 with enough channels ([`applies`]); the
@@ -393,22 +395,46 @@ struct Run {
     slot: usize,
 }
 
+/// The tiles of a block that lie in one batch entry's plane: `tiles` (raster numbers in
+/// the plane) of entry `entry`, the first of them the block's tile `slot`.
+struct Piece {
+    entry: usize,
+    tiles: Range<usize>,
+    slot: usize,
+}
+
 impl Tiles {
     /// The `tile` x `tile` tiles of the features of `g`.
     fn of(g: &ConvGeometry, tile: usize) -> Tiles {
         Tiles { rows: g.out_size[0].div_ceil(tile), per_row: g.out_size[1].div_ceil(tile) }
     }
 
-    /// The runs of the tiles `block` (raster numbers), in order.
-    fn runs(self, block: Range<usize>) -> impl Iterator<Item = Run> {
-        let per_row = self.per_row;
-        let rows = block.start / per_row..block.end.div_ceil(per_row);
-        rows.map(move |row| {
-            let first = block.start.max(row * per_row);
-            let end = block.end.min((row + 1) * per_row);
-            Run { row, columns: first - row * per_row..end - row * per_row, slot: first - block.start }
-        })
+    /// How many tiles a feature plane has.
+    fn per_plane(self) -> usize {
+        self.rows * self.per_row
     }
+
+    /// The runs of the tiles `block` (raster numbers in one plane), in order.
+    fn runs(self, block: Range<usize>) -> impl Iterator<Item = Run> {
+        spans(block, self.per_row).map(|(row, columns, slot)| Run { row, columns, slot })
+    }
+
+    /// The pieces of the tiles `block`, numbered across planes (entry `n`'s tile `t` is
+    /// `n * per_plane + t`), in order.
+    fn pieces(self, block: Range<usize>) -> impl Iterator<Item = Piece> {
+        spans(block, self.per_plane()).map(|(entry, tiles, slot)| Piece { entry, tiles, slot })
+    }
+}
+
+/// `numbers` cut where they cross a multiple of `period`: for each period `k` they reach,
+/// `(k, the numbers in it less k * period, how many of numbers come before them)`.
+fn spans(numbers: Range<usize>, period: usize) -> impl Iterator<Item = (usize, Range<usize>, usize)> {
+    let periods = numbers.start / period..numbers.end.div_ceil(period);
+    periods.map(move |k| {
+        let first = numbers.start.max(k * period);
+        let end = numbers.end.min((k + 1) * period);
+        (k, first - k * period..end - k * period, first - numbers.start)
+    })
 }
 
 /// `G g G^T` for a 3 x 3 filter `g` (row-major): the transformed filter `[e]` (its
@@ -471,12 +497,15 @@ fn transform_filters<T: Minimal>(g: &ConvGeometry, weight: &[f32], tile_rows: us
 /// in_channels / groups, 3, 3]`, `bias` `[out_channels]` and `out` `[batch,
 /// out_channels, out_size..]`, all row-major f32. Every element of `out` is written.
 pub(super) fn conv2d(isa: Isa, g: &ConvGeometry, image: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
-    conv2d_by(method(g), isa, g, image, weight, bias, out);
+    conv2d_by(method(g), parallel::threads(), isa, g, image, weight, bias, out);
 }
 
-/// [`conv2d`] by the F(m x m, 3 x 3) `method`.
+/// [`conv2d`] by the F(m x m, 3 x 3) `method`, the batch cut into at least `threads`
+/// parts where it has that many entries.
+#[allow(clippy::too_many_arguments)]
 fn conv2d_by(
     method: Method,
+    threads: usize,
     isa: Isa,
     g: &ConvGeometry,
     image: &[f32],
@@ -486,13 +515,19 @@ fn conv2d_by(
 ) {
     assert!(applies(isa, g), "conv_winograd::conv2d: not a 3 x 3 stride-1 convolution with enough channels");
     match method {
-        Method::F2x2 => conv2d_with::<F2x2>(isa, g, image, weight, bias, out),
-        Method::F4x4 => conv2d_with::<F4x4>(isa, g, image, weight, bias, out),
+        Method::F2x2 => conv2d_with::<F2x2>(threads, isa, g, image, weight, bias, out),
+        Method::F4x4 => conv2d_with::<F4x4>(threads, isa, g, image, weight, bias, out),
     }
 }
 
-/// [`conv2d`] by the F(m x m, 3 x 3) `T`.
+/// [`conv2d_by`] by the F(m x m, 3 x 3) `T`.
+///
+/// The batch is cut into parts of whole entries, run in parallel, and each part's tiles
+/// are numbered across its entries' planes ([`Tiles::pieces`]), so that a block of tiles
+/// may end in one plane and go on in the next: only a part's last block is short, and
+/// the products' column blocks are full even where a plane has fewer tiles than one.
 fn conv2d_with<T: Minimal>(
+    threads: usize,
     isa: Isa,
     g: &ConvGeometry,
     image: &[f32],
@@ -502,70 +537,92 @@ fn conv2d_with<T: Minimal>(
 ) {
     let (cin_g, cout_g) = (g.in_channels / g.groups, g.out_channels / g.groups);
     let ([h, w], [oh, ow]) = (g.in_size, g.out_size);
-    let positions = oh * ow;
+    let (positions, entry_len) = (oh * ow, g.out_channels * oh * ow);
     assert_eq!(image.len(), g.batch * g.in_channels * h * w, "conv2d: image size");
     assert_eq!(weight.len(), g.out_channels * cin_g * 9, "conv2d: weight size");
-    assert_eq!(out.len(), g.batch * g.out_channels * positions, "conv2d: output size");
+    assert_eq!(out.len(), g.batch * entry_len, "conv2d: output size");
     let lanes = vector_lanes(isa);
     let tile_height = balanced_tile_rows(cout_g, tile_rows(lanes));
     let filters = transform_filters::<T>(g, weight, tile_height);
     let tiles = Tiles::of(g, T::TILE);
-    let count = tiles.rows * tiles.per_row;
     // Blocks of whole register tiles of columns (two vectors), as many as fit the budget.
     let width = 2 * lanes;
-    let per_block = (T::BLOCK_VALUES / (T::POSITIONS * cin_g) / width).max(1) * width;
-    let per_block = per_block.min(count.next_multiple_of(width));
-    // Rows of U and M: a block's tiles and room for the last vector of a run to write
-    // past its end, a whole number of column blocks, so that each column block's rows
-    // start on a cache line (with `aligned`).
-    let stride = per_block + width;
+    let budget = (T::BLOCK_VALUES / (T::POSITIONS * cin_g) / width).max(1) * width;
+    let parts = part_count(g.batch, threads, g.batch * tiles.per_plane() / (4 * budget));
     let line_len = split_line(g, T::TILE, tiles, lanes);
     let per_group = T::POSITIONS * cout_g * cin_g;
-    parallel::for_each_entry(out, g.out_channels * positions, |n, out_n| {
-        // Not cleared: the products also read U's columns past a block's tiles (a partial
-        // column block, the spare columns), whatever they hold, but the sums of those
-        // columns are never stored, nor read back out of M.
+    parallel::for_each_part_mut(out, entry_len, parts, |offset, out_part| {
+        let first_entry = offset / entry_len;
+        let count = out_part.len() / entry_len * tiles.per_plane();
+        let per_block = budget.min(count.next_multiple_of(width));
+        // Rows of U and M: a block's tiles and room for the last vector of a run to
+        // write past its end, a whole number of column blocks, so that each column
+        // block's rows start on a cache line (with `aligned`).
+        let stride = per_block + width;
+        // Not cleared: the products also read U's columns past a block's tiles (a
+        // partial column block, the spare columns), whatever they hold, but the sums of
+        // those columns are never stored, nor read back out of M.
         let mut patches_buffer = buffers::for_overwrite(T::POSITIONS * cin_g * stride + LINE_VALUES);
         let mut products_buffer = buffers::for_overwrite(T::POSITIONS * tile_height * stride + LINE_VALUES);
         let (patches, products) = (aligned(&mut patches_buffer), aligned(&mut products_buffer));
         let mut lines = vec![0.0; split_lines(T::TILE, tiles, per_block, line_len)];
         for group in 0..g.groups {
-            let planes = &image[(n * g.in_channels + group * cin_g) * h * w..][..cin_g * h * w];
+            // The group's input planes of the part's entry `n`, and its output planes of
+            // the output channels `first..first + rows`.
+            let planes =
+                |n: usize| &image[((first_entry + n) * g.in_channels + group * cin_g) * h * w..][..cin_g * h * w];
+            let out_rows = |n: usize, first: usize, rows: usize| {
+                let start = n * entry_len + (group * cout_g + first) * positions;
+                start..start + rows * positions
+            };
             let group_filters = &filters[group * per_group..][..per_group];
-            let out_g = &mut out_n[group * cout_g * positions..][..cout_g * positions];
             for first in (0..count).step_by(per_block) {
                 let block = first..(first + per_block).min(count);
                 let next = block.end..(block.end + per_block).min(count);
-                let split = Split { lines: &mut lines, line_len };
-                transform_patches(isa, T::METHOD, g, planes, tiles, block.clone(), stride, patches, split);
+                for piece in tiles.pieces(block.clone()) {
+                    let (u, split) = (&mut patches[piece.slot..], Split { lines: &mut lines, line_len });
+                    transform_patches(isa, T::METHOD, g, planes(piece.entry), tiles, piece.tiles, stride, u, split);
+                }
                 let tile_count = cout_g.div_ceil(tile_height);
                 for (t, i0) in (0..cout_g).step_by(tile_height).enumerate() {
                     let rows = tile_height.min(cout_g - i0);
-                    let out_rows = &mut out_g[i0 * positions..][..rows * positions];
                     // The image and the features come from and go to memory: ask for the
                     // lines this tile's outputs and (a share of the channels at a time)
                     // the next block's patches need, while the products run.
-                    prefetch_outputs(g, T::TILE, tiles, block.clone(), out_rows);
-                    let channels = t * cin_g / tile_count..(t + 1) * cin_g / tile_count;
-                    prefetch_image(
-                        g,
-                        T::TILE,
-                        tiles,
-                        next.clone(),
-                        &planes[channels.start * h * w..channels.end * h * w],
-                    );
+                    for piece in tiles.pieces(block.clone()) {
+                        let out_rows = &out_part[out_rows(piece.entry, i0, rows)];
+                        prefetch_outputs(g, T::TILE, tiles, piece.tiles, out_rows);
+                    }
+                    let channels = t * cin_g / tile_count * h * w..(t + 1) * cin_g / tile_count * h * w;
+                    for piece in tiles.pieces(next.clone()) {
+                        prefetch_image(g, T::TILE, tiles, piece.tiles, &planes(piece.entry)[channels.clone()]);
+                    }
                     let products = &mut products[..T::POSITIONS * rows * stride];
                     let filters =
                         Filters { values: group_filters, positions: T::POSITIONS, channels: cin_g, first: i0, rows };
                     multiply(isa, filters, patches, block.len(), stride, products);
                     let bias = bias.map(|bias| &bias[group * cout_g + i0..][..rows]);
-                    transform_products(isa, T::METHOD, g, products, bias, tiles, block.clone(), stride, out_rows);
+                    for piece in tiles.pieces(block.clone()) {
+                        let (m, out_rows) = (&products[piece.slot..], &mut out_part[out_rows(piece.entry, i0, rows)]);
+                        transform_products(isa, T::METHOD, g, m, bias, tiles, piece.tiles, stride, out_rows);
+                    }
                 }
             }
         }
         buffers::recycle(patches_buffer);
         buffers::recycle(products_buffer);
     });
+}
+
+/// How many parts of whole entries to cut a batch of `batch` into, for `threads` threads:
+/// equal parts, the same number for every thread, as many as that allows up to `most`
+/// (more parts let a thread take over the share of one that is descheduled; fewer
+/// leave more of each part's blocks whole), at least one for each thread. A batch the
+/// threads do not divide runs an entry a part.
+fn part_count(batch: usize, threads: usize, most: usize) -> usize {
+    let fits = |parts: &usize| batch.is_multiple_of(*parts) && parts.is_multiple_of(threads);
+    // When `threads` divides the batch, `threads` parts fit.
+    (1..=most.max(threads).min(batch)).rev().find(fits).unwrap_or(batch)
 }
 
 /// Asks for the cache lines of `values` (see [`prefetch`]).
@@ -824,8 +881,8 @@ fn products_by<V: F32Vector, T: Minimal>(
 ) {
     let (lanes, tile) = (V::LANES, T::TILE);
     let [oh, ow] = g.out_size;
-    let rows = m.len() / (T::POSITIONS * stride);
-    for (co, plane) in out.chunks_exact_mut(oh * ow).enumerate().take(rows) {
+    let rows = out.len() / (oh * ow);
+    for (co, plane) in out.chunks_exact_mut(oh * ow).enumerate() {
         let bias = V::splat(bias.map_or(0.0, |bias| bias[co]));
         for run in tiles.runs(block.clone()) {
             // Feature columns of this run.
@@ -1008,6 +1065,33 @@ mod tests {
         assert_eq!(runs, [(0, 3..5, 0), (1, 0..5, 2), (2, 0..4, 7)]);
     }
 
+    #[test]
+    fn batches_are_cut_into_equal_parts_shared_evenly() {
+        // batch, threads, most: parts.
+        for (batch, threads, most, parts) in [
+            (64, 2, 7, 4),
+            (64, 2, 0, 2),
+            (8, 2, 6, 4),
+            (16, 1, 0, 1),
+            (12, 1, 5, 4),
+            (3, 2, 5, 3),
+            (6, 4, 1, 6),
+            (1, 2, 9, 1),
+            (18, 4, 2, 18),
+        ] {
+            assert_eq!(part_count(batch, threads, most), parts, "batch {batch}, {threads} threads, at most {most}");
+        }
+    }
+
+    #[test]
+    fn pieces_cut_a_block_at_planes() {
+        let tiles = Tiles { rows: 2, per_row: 2 };
+        let pieces: Vec<_> = tiles.pieces(3..14).map(|p| (p.entry, p.tiles, p.slot)).collect();
+        assert_eq!(pieces, [(0, 3..4, 0), (1, 0..4, 1), (2, 0..4, 5), (3, 0..2, 9)]);
+        let within: Vec<_> = tiles.pieces(5..7).map(|p| (p.entry, p.tiles, p.slot)).collect();
+        assert_eq!(within, [(1, 1..3, 0)]);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
         /// The transposed convolution against its definition, the adjoint of the
@@ -1015,7 +1099,7 @@ mod tests {
         /// it applies to: paddings 0-2, odd and even sizes, groups, a bias.
         #[test]
         fn winograd_transposed_convolutions_match_their_definition(
-            batch in 1usize..3, groups in 1usize..3, cin in 16usize..20, cout in 16usize..22,
+            batch in 1usize..4, groups in 1usize..3, cin in 16usize..20, cout in 16usize..22,
             size in (3usize..20, 3usize..20), padding in (0usize..3, 0usize..3), with_bias: bool, salt in 0usize..100,
         ) {
             let Some(g) = geometry(batch, groups, [cin, cout], size, padding) else { return Ok(()) };
@@ -1032,10 +1116,11 @@ mod tests {
                 let mut got = vec![f32::NAN; want.len()];
                 conv_transpose2d(isa, &g, &features, &weight, bias.as_deref(), &mut got);
                 check(isa, &got, &want, cout)?;
-                // Both methods, whichever `method` chose above.
+                // Both methods, whichever `method` chose above, with blocks across entries.
                 let conv = transposed_as_convolution(&g).expect("applies");
                 for method in [Method::F2x2, Method::F4x4] {
-                    conv2d_by(method, isa, &conv, &features, &flipped_filters(&g, &weight), bias.as_deref(), &mut got);
+                    let flipped = flipped_filters(&g, &weight);
+                    conv2d_by(method, 1, isa, &conv, &features, &flipped, bias.as_deref(), &mut got);
                     check(isa, &got, &want, cout)?;
                 }
             }
@@ -1047,11 +1132,12 @@ mod tests {
         /// Against the definition on every ISA it applies to: odd and even sizes (partial
         /// tiles at the right and bottom), paddings 0-3 on each axis (valid, same, full and
         /// wider), several blocks of tiles with runs that start and end inside tile rows
-        /// (many input channels make small blocks), groups, with and without a bias, into
-        /// a NaN-filled output.
+        /// and blocks that go on from one entry's plane into the next (many input
+        /// channels make small blocks), groups, with and without a bias, into a NaN-filled
+        /// output.
         #[test]
         fn winograd_convolutions_match_their_definition(
-            batch in 1usize..3, groups in 1usize..3, cin in prop_oneof![16usize..20, 200usize..260],
+            batch in 1usize..4, groups in 1usize..3, cin in prop_oneof![16usize..20, 200usize..260],
             cout in 16usize..30, size in (1usize..24, 1usize..24), padding in (0usize..4, 0usize..4),
             with_bias: bool, salt in 0usize..100,
         ) {
@@ -1061,9 +1147,10 @@ mod tests {
             let bias = with_bias.then(|| values(g.out_channels, salt + 2));
             let want = naive(&g, &image, &weight, bias.as_deref());
             for isa in test_isas().into_iter().filter(|&isa| applies(isa, &g)) {
-                for method in [Method::F2x2, Method::F4x4] {
+                // One part (blocks across entries) and a part for each entry.
+                for (method, threads) in [(Method::F2x2, 1), (Method::F4x4, 1), (Method::F2x2, 3), (Method::F4x4, 3)] {
                     let mut got = vec![f32::NAN; want.len()];
-                    conv2d_by(method, isa, &g, &image, &weight, bias.as_deref(), &mut got);
+                    conv2d_by(method, threads, isa, &g, &image, &weight, bias.as_deref(), &mut got);
                     check(isa, &got, &want, cin)?;
                 }
             }
