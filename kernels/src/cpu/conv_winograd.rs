@@ -374,7 +374,12 @@ fn inverse_six<V: F32Vector>(x: [V; 6]) -> [V; 4] {
 /// ran 1-3% slower than before F(4 x 4) was added, within the noise (the two share the
 /// code around the transforms).
 /// F(4 x 4) everywhere, in an earlier build, lost 2.4x on 256 -> 256 at 7 x 7 (4 tiles a
-/// plane) and 1.04-1.33x on the 16-channel layers.
+/// plane) and 1.04-1.33x on the 16-channel layers. With blocks across entries, F(4 x 4)
+/// for every layer of 32 input channels or more still lost at 7 x 7 (best of 3, ms, one
+/// thread: 16, 256 -> 256 31.9 / 23.4; 32, 128 -> 128 13.8 / 11.6; 16, 512 -> 512 128.0
+/// / 93.4): a 7 x 7 plane is 2 x 2 of its tiles, 8 x 8 features, and 256 -> 256
+/// filters transformed by it (9.4 MB) no longer fit the L3. At 14 x 14 it was within
+/// the noise (16, 128 -> 128 18.2 / 18.7; 32, 64 -> 64 11.0 / 10.3).
 fn method(g: &ConvGeometry) -> Method {
     let tiles = g.out_size[0].div_ceil(F4x4::TILE) * g.out_size[1].div_ceil(F4x4::TILE);
     if g.in_channels / g.groups >= 32 && tiles >= 32 { Method::F4x4 } else { Method::F2x2 }
