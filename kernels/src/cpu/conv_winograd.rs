@@ -505,8 +505,8 @@ pub(super) fn conv2d(isa: Isa, g: &ConvGeometry, image: &[f32], weight: &[f32], 
     conv2d_by(method(g), parallel::threads(), isa, g, image, weight, bias, out);
 }
 
-/// [`conv2d`] by the F(m x m, 3 x 3) `method`, the batch cut into at least `threads`
-/// parts where it has that many entries.
+/// [`conv2d`] by the F(m x m, 3 x 3) `method`, the batch cut into parts for `threads`
+/// threads ([`part_count`]).
 #[allow(clippy::too_many_arguments)]
 fn conv2d_by(
     method: Method,
@@ -527,10 +527,11 @@ fn conv2d_by(
 
 /// [`conv2d_by`] by the F(m x m, 3 x 3) `T`.
 ///
-/// The batch is cut into parts of whole entries, run in parallel, and each part's tiles
-/// are numbered across its entries' planes ([`Tiles::pieces`]), so that a block of tiles
-/// may end in one plane and go on in the next: only a part's last block is short, and
-/// the products' column blocks are full even where a plane has fewer tiles than one.
+/// The batch is cut into parts of whole entries, run in parallel ([`part_count`]), and
+/// each part's tiles are numbered across its entries' planes ([`Tiles::pieces`]), so
+/// that a block of tiles may end in one plane and go on in the next: only a part's last
+/// block is short, and the products' column blocks are full even where a plane has
+/// fewer tiles than one.
 fn conv2d_with<T: Minimal>(
     threads: usize,
     isa: Isa,
