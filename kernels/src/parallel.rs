@@ -62,7 +62,7 @@ pub fn for_each_chunk_mut<T: Send>(data: &mut [T], chunk_len: usize, task: impl 
     }
     assert!(chunk_len > 0, "for_each_chunk_mut: chunk length 0");
     let len = data.len();
-    split_mut(data, len.div_ceil(chunk_len), |index| len.min(index * chunk_len), task);
+    for_each_split_mut(data, len.div_ceil(chunk_len), |index| len.min(index * chunk_len), task);
 }
 
 /// Cuts `data` into `parts` parts of whole `unit`s of values (the last unit may be
@@ -80,13 +80,17 @@ pub fn for_each_part_mut<T: Send>(data: &mut [T], unit: usize, parts: usize, tas
     assert!(unit > 0 && parts > 0, "for_each_part_mut: {parts} parts of units of {unit}");
     let (len, units) = (data.len(), data.len().div_ceil(unit));
     let start = |index: usize| len.min(index * units / parts * unit);
-    split_mut(data, parts, start, |index, part| task(start(index), part));
+    for_each_split_mut(data, parts, start, |index, part| task(start(index), part));
 }
 
 /// Runs `task(index, &mut data[start(index)..start(index + 1)])` for every `index` in
-/// `0..parts` (`start(parts)` is `data.len()`), in parallel as [`for_each`]. `start` must
-/// be non-decreasing and at most `data.len()`, so that the parts are disjoint.
-fn split_mut<T: Send>(
+/// `0..parts` (`start(parts)` is `data.len()`), in parallel as [`for_each`]: parts of any
+/// lengths, one after another.
+///
+/// # Panics
+/// Unless `start` is non-decreasing and at most `data.len()` (the parts must be
+/// disjoint), when the offending part runs.
+pub fn for_each_split_mut<T: Send>(
     data: &mut [T],
     parts: usize,
     start: impl Fn(usize) -> usize + Sync,
@@ -95,7 +99,7 @@ fn split_mut<T: Send>(
     let (len, base) = (data.len(), SendPtr(data.as_mut_ptr()));
     run(parts, &|index| {
         let (begin, end) = (start(index), if index + 1 == parts { len } else { start(index + 1) });
-        assert!(begin <= end && end <= len, "split_mut: part {index} is {begin}..{end} of {len}");
+        assert!(begin <= end && end <= len, "for_each_split_mut: part {index} is {begin}..{end} of {len}");
         // SAFETY: each index is claimed by exactly one task and the parts are consecutive
         // (`start` is a pure function of the index, non-decreasing, checked against the
         // next part's start here), so the slices handed out are disjoint and inside
@@ -167,7 +171,7 @@ pub fn map_chunks_mut<T: Send, R: Send>(
         .collect()
 }
 
-/// A raw pointer that may cross threads: [`split_mut`] hands out disjoint parts.
+/// A raw pointer that may cross threads: [`for_each_split_mut`] hands out disjoint parts.
 struct SendPtr<T>(*mut T);
 // SAFETY: only used to rebuild disjoint `&mut [T]` chunks with `T: Send`.
 unsafe impl<T: Send> Sync for SendPtr<T> {}

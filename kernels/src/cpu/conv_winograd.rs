@@ -474,26 +474,34 @@ fn aligned(buffer: &mut [f32]) -> &mut [f32] {
     &mut buffer[skip..]
 }
 
-/// The transformed filters of every group, `[group][e][cout_g * cin_g]`, each `W_e`
-/// packed one register tile of `tile_rows` output channels after another, a tile's
-/// values `[ci][row]` (the columns of A that its depth steps broadcast).
+/// The transformed filters of every group, one register tile of `tile_rows` output
+/// channels after another (`[group][tile]`), a tile's values `[e][ci][row]`: for each
+/// `W_e`, the columns of A that its product's depth steps broadcast, so that a tile's
+/// products read one stretch of memory. The tiles are transformed in parallel.
 fn transform_filters<T: Minimal>(g: &ConvGeometry, weight: &[f32], tile_rows: usize) -> Vec<f32> {
     let (cin_g, cout_g) = (g.in_channels / g.groups, g.out_channels / g.groups);
-    let per_e = cout_g * cin_g;
-    let mut filters = vec![0.0; g.groups * T::POSITIONS * per_e];
-    for (group, group_filters) in filters.chunks_exact_mut(T::POSITIONS * per_e).enumerate() {
-        for co in 0..cout_g {
-            let (i0, row) = (co / tile_rows * tile_rows, co % tile_rows);
-            let height = tile_rows.min(cout_g - i0);
-            for ci in 0..cin_g {
-                let at = ((group * cout_g + co) * cin_g + ci) * 9;
-                let g9: &[f32; 9] = weight[at..at + 9].try_into().expect("nine filter values");
-                for (e, &value) in transform_filter::<T>(g9).iter().take(T::POSITIONS).enumerate() {
-                    group_filters[e * per_e + i0 * cin_g + ci * height + row] = value;
+    let tile_count = cout_g.div_ceil(tile_rows);
+    // The first output channel of tile `p`, and where its values start.
+    let first = |p: usize| p / tile_count * cout_g + p % tile_count * tile_rows;
+    let per_channel = T::POSITIONS * cin_g;
+    let mut filters = vec![0.0; g.out_channels * per_channel];
+    parallel::for_each_split_mut(
+        &mut filters,
+        g.groups * tile_count,
+        |p| first(p) * per_channel,
+        |p, tile| {
+            let height = tile.len() / per_channel;
+            for row in 0..height {
+                for ci in 0..cin_g {
+                    let at = ((first(p) + row) * cin_g + ci) * 9;
+                    let g9: &[f32; 9] = weight[at..at + 9].try_into().expect("nine filter values");
+                    for (e, &value) in transform_filter::<T>(g9).iter().take(T::POSITIONS).enumerate() {
+                        tile[(e * cin_g + ci) * height + row] = value;
+                    }
                 }
             }
-        }
-    }
+        },
+    );
     filters
 }
 
@@ -665,8 +673,8 @@ fn prefetch_image(g: &ConvGeometry, tile: usize, tiles: Tiles, block: Range<usiz
 }
 
 /// One group's transformed filters and the register tile of output channels being
-/// multiplied: rows `first..first + rows` of every one of the `positions` `W_e` (packed
-/// as [`transform_filters`] leaves them), `channels` deep.
+/// multiplied: rows `first..first + rows` of every one of the `positions` `W_e`, a
+/// register tile of [`transform_filters`], `channels` deep.
 #[derive(Clone, Copy)]
 struct Filters<'a> {
     values: &'a [f32],
@@ -831,9 +839,9 @@ kernel! {
     fn multiply(filters: Filters<'_>, u: &[f32], count: usize, stride: usize, m: &mut [f32]) {
         let lanes = V::LANES;
         let Filters { values, positions, channels, first, rows } = filters;
-        let per_e = values.len() / positions;
-        for e in 0..positions {
-            let a = MatRef { data: &values[e * per_e + first * channels..][..rows * channels], offset: 0, row_stride: 1, col_stride: rows };
+        let tile = &values[first * positions * channels..][..positions * rows * channels];
+        for (e, w_e) in tile.chunks_exact(rows * channels).enumerate() {
+            let a = MatRef { data: w_e, offset: 0, row_stride: 1, col_stride: rows };
             let u_e = &u[e * channels * stride..][..channels * stride];
             let m_e = &mut m[e * rows * stride..][..rows * stride];
             for j0 in (0..count).step_by(2 * lanes) {
