@@ -539,7 +539,8 @@ fn conv2d_by(
 /// each part's tiles are numbered across its entries' planes ([`Tiles::pieces`]), so
 /// that a block of tiles may end in one plane and go on in the next: only a part's last
 /// block is short, and the products' column blocks are full even where a plane has
-/// fewer tiles than one.
+/// fewer tiles than one. Where the threads do not divide the batch, each entry's output
+/// channels are shared out among them instead.
 fn conv2d_with<T: Minimal>(
     threads: usize,
     isa: Isa,
@@ -563,11 +564,34 @@ fn conv2d_with<T: Minimal>(
     let width = 2 * lanes;
     let budget = (T::BLOCK_VALUES / (T::POSITIONS * cin_g) / width).max(1) * width;
     let parts = part_count(g.batch, threads, g.batch * tiles.per_plane() / (4 * budget));
+    // An entry's register tiles of output channels, group after group, and where tile
+    // `p` starts (`g.out_channels` for the end of the last).
+    let tile_count = cout_g.div_ceil(tile_height);
+    let channel_tiles = g.groups * tile_count;
+    let channel = |p: usize| match p == channel_tiles {
+        true => g.out_channels,
+        false => p / tile_count * cout_g + p % tile_count * tile_height,
+    };
+    // A batch the threads do not divide (one entry, say) runs an entry a part: then each
+    // entry's channel tiles are cut into a share for each thread, and every share
+    // transforms the entry's patches itself.
+    let shares = if parts.is_multiple_of(threads) { 1 } else { threads.min(channel_tiles) };
+    // Task `i`'s entries and channel tiles, and where its outputs start.
+    let task = |i: usize| {
+        let (part, share) = (i / shares, i % shares);
+        let entries = g.batch * part / parts..g.batch * (part + 1) / parts;
+        (entries, channel_tiles * share / shares..channel_tiles * (share + 1) / shares)
+    };
+    let start = |i: usize| {
+        let (entries, channel_tiles) = task(i);
+        entries.start * entry_len + channel(channel_tiles.start) * positions
+    };
     let line_len = split_line(g, T::TILE, tiles, lanes);
     let per_group = T::POSITIONS * cout_g * cin_g;
-    parallel::for_each_part_mut(out, entry_len, parts, |offset, out_part| {
-        let first_entry = offset / entry_len;
-        let count = out_part.len() / entry_len * tiles.per_plane();
+    parallel::for_each_split_mut(out, parts * shares, start, |i, out_task| {
+        let (entries, channel_tiles) = task(i);
+        let (first_channel, end_channel) = (channel(channel_tiles.start), channel(channel_tiles.end));
+        let count = entries.len() * tiles.per_plane();
         let per_block = budget.min(count.next_multiple_of(width));
         // Rows of U and M: a block's tiles and room for the last vector of a run to
         // write past its end, a whole number of column blocks, so that each column
@@ -580,13 +604,13 @@ fn conv2d_with<T: Minimal>(
         let mut products_buffer = buffers::for_overwrite(T::POSITIONS * tile_height * stride + LINE_VALUES);
         let (patches, products) = (aligned(&mut patches_buffer), aligned(&mut products_buffer));
         let mut lines = vec![0.0; split_lines(T::TILE, tiles, per_block, line_len)];
-        for group in 0..g.groups {
-            // The group's input planes of the part's entry `n`, and its output planes of
-            // the output channels `first..first + rows`.
+        for (group, group_tiles, _) in spans(channel_tiles, tile_count) {
+            // The group's input planes of the task's entry `n`, and the task's output
+            // planes of its output channels `first..first + rows`.
             let planes =
-                |n: usize| &image[((first_entry + n) * g.in_channels + group * cin_g) * h * w..][..cin_g * h * w];
+                |n: usize| &image[((entries.start + n) * g.in_channels + group * cin_g) * h * w..][..cin_g * h * w];
             let out_rows = |n: usize, first: usize, rows: usize| {
-                let start = n * entry_len + (group * cout_g + first) * positions;
+                let start = (n * (end_channel - first_channel) + group * cout_g + first - first_channel) * positions;
                 start..start + rows * positions
             };
             let group_filters = &filters[group * per_group..][..per_group];
@@ -597,19 +621,18 @@ fn conv2d_with<T: Minimal>(
                     let (u, split) = (&mut patches[piece.slot..], Split { lines: &mut lines, line_len });
                     transform_patches(isa, T::METHOD, g, planes(piece.entry), tiles, piece.tiles, stride, u, split);
                 }
-                let tile_count = cout_g.div_ceil(tile_height);
-                for (t, i0) in (0..cout_g).step_by(tile_height).enumerate() {
-                    let rows = tile_height.min(cout_g - i0);
+                for (k, t) in group_tiles.clone().enumerate() {
+                    let (i0, rows) = (t * tile_height, tile_height.min(cout_g - t * tile_height));
                     // The image and the features come from and go to memory: ask for the
                     // lines this tile's outputs and (a share of the channels at a time)
                     // the next block's patches need, while the products run.
                     for piece in tiles.pieces(block.clone()) {
-                        let out_rows = &out_part[out_rows(piece.entry, i0, rows)];
+                        let out_rows = &out_task[out_rows(piece.entry, i0, rows)];
                         prefetch_outputs(g, T::TILE, tiles, piece.tiles, out_rows);
                     }
-                    let channels = t * cin_g / tile_count * h * w..(t + 1) * cin_g / tile_count * h * w;
+                    let share = |k: usize| k * cin_g / group_tiles.len() * h * w;
                     for piece in tiles.pieces(next.clone()) {
-                        prefetch_image(g, T::TILE, tiles, piece.tiles, &planes(piece.entry)[channels.clone()]);
+                        prefetch_image(g, T::TILE, tiles, piece.tiles, &planes(piece.entry)[share(k)..share(k + 1)]);
                     }
                     let products = &mut products[..T::POSITIONS * rows * stride];
                     let filters =
@@ -617,7 +640,7 @@ fn conv2d_with<T: Minimal>(
                     multiply(isa, filters, patches, block.len(), stride, products);
                     let bias = bias.map(|bias| &bias[group * cout_g + i0..][..rows]);
                     for piece in tiles.pieces(block.clone()) {
-                        let (m, out_rows) = (&products[piece.slot..], &mut out_part[out_rows(piece.entry, i0, rows)]);
+                        let (m, out_rows) = (&products[piece.slot..], &mut out_task[out_rows(piece.entry, i0, rows)]);
                         transform_products(isa, T::METHOD, g, m, bias, tiles, piece.tiles, stride, out_rows);
                     }
                 }
@@ -632,7 +655,8 @@ fn conv2d_with<T: Minimal>(
 /// equal parts, the same number for every thread, as many as that allows up to `most`
 /// (more parts let a thread take over the share of one that is descheduled; fewer
 /// leave more of each part's blocks whole), at least one for each thread. A batch the
-/// threads do not divide runs an entry a part.
+/// threads do not divide runs an entry a part ([`conv2d_with`] then shares each entry's
+/// output channels out among the threads).
 fn part_count(batch: usize, threads: usize, most: usize) -> usize {
     let fits = |parts: &usize| batch.is_multiple_of(*parts) && parts.is_multiple_of(threads);
     // When `threads` divides the batch, `threads` parts fit.
@@ -1130,11 +1154,13 @@ mod tests {
                 let mut got = vec![f32::NAN; want.len()];
                 conv_transpose2d(isa, &g, &features, &weight, bias.as_deref(), &mut got);
                 check(isa, &got, &want, cout)?;
-                // Both methods, whichever `method` chose above, with blocks across entries.
+                // Both methods, whichever `method` chose above, with blocks across entries
+                // (one thread) and, for two threads, either a part for each or an odd
+                // batch's channels shared out.
                 let conv = transposed_as_convolution(&g).expect("applies");
-                for method in [Method::F2x2, Method::F4x4] {
-                    let flipped = flipped_filters(&g, &weight);
-                    conv2d_by(method, 1, isa, &conv, &features, &flipped, bias.as_deref(), &mut got);
+                let flipped = flipped_filters(&g, &weight);
+                for (method, threads) in [(Method::F2x2, 1), (Method::F4x4, 1), (Method::F2x2, 2), (Method::F4x4, 2)] {
+                    conv2d_by(method, threads, isa, &conv, &features, &flipped, bias.as_deref(), &mut got);
                     check(isa, &got, &want, cout)?;
                 }
             }
@@ -1161,7 +1187,8 @@ mod tests {
             let bias = with_bias.then(|| values(g.out_channels, salt + 2));
             let want = naive(&g, &image, &weight, bias.as_deref());
             for isa in test_isas().into_iter().filter(|&isa| applies(isa, &g)) {
-                // One part (blocks across entries) and a part for each entry.
+                // One part (blocks across entries), and for three threads a part for each
+                // entry (batch 3) or each entry's channels shared out (batches 1 and 2).
                 for (method, threads) in [(Method::F2x2, 1), (Method::F4x4, 1), (Method::F2x2, 3), (Method::F4x4, 3)] {
                     let mut got = vec![f32::NAN; want.len()];
                     conv2d_by(method, threads, isa, &g, &image, &weight, bias.as_deref(), &mut got);
