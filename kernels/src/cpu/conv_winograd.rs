@@ -480,14 +480,12 @@ fn aligned(buffer: &mut [f32]) -> &mut [f32] {
 /// products read one stretch of memory. The tiles are transformed in parallel.
 fn transform_filters<T: Minimal>(g: &ConvGeometry, weight: &[f32], tile_rows: usize) -> Vec<f32> {
     let (cin_g, cout_g) = (g.in_channels / g.groups, g.out_channels / g.groups);
-    let tile_count = cout_g.div_ceil(tile_rows);
-    // The first output channel of tile `p`, and where its values start.
-    let first = |p: usize| p / tile_count * cout_g + p % tile_count * tile_rows;
+    let first = |p: usize| first_channel(p, cout_g, tile_rows);
     let per_channel = T::POSITIONS * cin_g;
     let mut filters = vec![0.0; g.out_channels * per_channel];
     parallel::for_each_split_mut(
         &mut filters,
-        g.groups * tile_count,
+        g.groups * cout_g.div_ceil(tile_rows),
         |p| first(p) * per_channel,
         |p, tile| {
             let height = tile.len() / per_channel;
@@ -503,6 +501,14 @@ fn transform_filters<T: Minimal>(g: &ConvGeometry, weight: &[f32], tile_rows: us
         },
     );
     filters
+}
+
+/// The first output channel of register tile `p`, for groups of `cout_g` output
+/// channels cut into tiles of `tile_rows`, group after group (`out_channels` for the
+/// tile after the last).
+fn first_channel(p: usize, cout_g: usize, tile_rows: usize) -> usize {
+    let tile_count = cout_g.div_ceil(tile_rows);
+    p / tile_count * cout_g + p % tile_count * tile_rows
 }
 
 /// The features `out = conv(image, weight) + bias` for a geometry [`applies`] accepts
@@ -565,13 +571,10 @@ fn conv2d_with<T: Minimal>(
     let budget = (T::BLOCK_VALUES / (T::POSITIONS * cin_g) / width).max(1) * width;
     let parts = part_count(g.batch, threads, g.batch * tiles.per_plane() / (4 * budget));
     // An entry's register tiles of output channels, group after group, and where tile
-    // `p` starts (`g.out_channels` for the end of the last).
+    // `p` starts.
     let tile_count = cout_g.div_ceil(tile_height);
     let channel_tiles = g.groups * tile_count;
-    let channel = |p: usize| match p == channel_tiles {
-        true => g.out_channels,
-        false => p / tile_count * cout_g + p % tile_count * tile_height,
-    };
+    let channel = |p: usize| first_channel(p, cout_g, tile_height);
     // A batch the threads do not divide (one entry, say) runs an entry a part: then each
     // entry's channel tiles are cut into a share for each thread, and every share
     // transforms the entry's patches itself.
@@ -630,9 +633,10 @@ fn conv2d_with<T: Minimal>(
                         let out_rows = &out_task[out_rows(piece.entry, i0, rows)];
                         prefetch_outputs(g, T::TILE, tiles, piece.tiles, out_rows);
                     }
-                    let share = |k: usize| k * cin_g / group_tiles.len() * h * w;
+                    let channels = |k: usize| k * cin_g / group_tiles.len() * h * w;
                     for piece in tiles.pieces(next.clone()) {
-                        prefetch_image(g, T::TILE, tiles, piece.tiles, &planes(piece.entry)[share(k)..share(k + 1)]);
+                        let planes = &planes(piece.entry)[channels(k)..channels(k + 1)];
+                        prefetch_image(g, T::TILE, tiles, piece.tiles, planes);
                     }
                     let products = &mut products[..T::POSITIONS * rows * stride];
                     let filters =
@@ -1119,6 +1123,13 @@ mod tests {
         ] {
             assert_eq!(part_count(batch, threads, most), parts, "batch {batch}, {threads} threads, at most {most}");
         }
+    }
+
+    #[test]
+    fn channel_tiles_run_group_after_group() {
+        // Groups of 10 output channels in tiles of 4: 4, 4 and 2 channels a group.
+        let firsts: Vec<_> = (0..=6).map(|p| first_channel(p, 10, 4)).collect();
+        assert_eq!(firsts, [0, 4, 8, 10, 14, 18, 20]);
     }
 
     #[test]
