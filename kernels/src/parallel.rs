@@ -62,7 +62,7 @@ pub fn for_each_chunk_mut<T: Send>(data: &mut [T], chunk_len: usize, task: impl 
     }
     assert!(chunk_len > 0, "for_each_chunk_mut: chunk length 0");
     let len = data.len();
-    for_each_split_mut(data, len.div_ceil(chunk_len), |index| len.min(index * chunk_len), task);
+    split_mut(data, len.div_ceil(chunk_len), |index| len.min(index * chunk_len), task);
 }
 
 /// Cuts `data` into `parts` parts of whole `unit`s of values (the last unit may be
@@ -80,17 +80,31 @@ pub fn for_each_part_mut<T: Send>(data: &mut [T], unit: usize, parts: usize, tas
     assert!(unit > 0 && parts > 0, "for_each_part_mut: {parts} parts of units of {unit}");
     let (len, units) = (data.len(), data.len().div_ceil(unit));
     let start = |index: usize| len.min(index * units / parts * unit);
-    for_each_split_mut(data, parts, start, |index, part| task(start(index), part));
+    split_mut(data, parts, start, |index, part| task(start(index), part));
 }
 
 /// Runs `task(index, &mut data[start(index)..start(index + 1)])` for every `index` in
 /// `0..parts` (`start(parts)` is `data.len()`), in parallel as [`for_each`]: parts of any
-/// lengths, one after another.
+/// lengths, one after another. `start` is called once for each part, up front.
 ///
 /// # Panics
-/// Unless `start` is non-decreasing and at most `data.len()` (the parts must be
+/// Unless the starts are non-decreasing and at most `data.len()` (the parts must be
 /// disjoint), when the offending part runs.
 pub fn for_each_split_mut<T: Send>(
+    data: &mut [T],
+    parts: usize,
+    start: impl Fn(usize) -> usize,
+    task: impl Fn(usize, &mut [T]) + Sync,
+) {
+    // Taken once, so that a `start` whose answers change cannot hand out overlapping
+    // parts: `split_mut` checks each part against the next one's start.
+    let starts: Vec<usize> = (0..parts).map(start).collect();
+    split_mut(data, parts, |index| starts[index], task);
+}
+
+/// [`for_each_split_mut`] for a `start` that is a pure function of the index (the
+/// callers here), called as the parts run.
+fn split_mut<T: Send>(
     data: &mut [T],
     parts: usize,
     start: impl Fn(usize) -> usize + Sync,
@@ -99,7 +113,7 @@ pub fn for_each_split_mut<T: Send>(
     let (len, base) = (data.len(), SendPtr(data.as_mut_ptr()));
     run(parts, &|index| {
         let (begin, end) = (start(index), if index + 1 == parts { len } else { start(index + 1) });
-        assert!(begin <= end && end <= len, "for_each_split_mut: part {index} is {begin}..{end} of {len}");
+        assert!(begin <= end && end <= len, "split_mut: part {index} is {begin}..{end} of {len}");
         // SAFETY: each index is claimed by exactly one task and the parts are consecutive
         // (`start` is a pure function of the index, non-decreasing, checked against the
         // next part's start here), so the slices handed out are disjoint and inside
@@ -171,7 +185,7 @@ pub fn map_chunks_mut<T: Send, R: Send>(
         .collect()
 }
 
-/// A raw pointer that may cross threads: [`for_each_split_mut`] hands out disjoint parts.
+/// A raw pointer that may cross threads: [`split_mut`] hands out disjoint parts.
 struct SendPtr<T>(*mut T);
 // SAFETY: only used to rebuild disjoint `&mut [T]` chunks with `T: Send`.
 unsafe impl<T: Send> Sync for SendPtr<T> {}
@@ -380,6 +394,24 @@ mod tests {
             });
             assert_eq!(data, (1..=len).collect::<Vec<_>>(), "len {len} chunk {chunk}");
         }
+    }
+
+    #[test]
+    fn split_parts_are_the_ranges_between_their_starts() {
+        let starts = [0, 0, 3, 4, 9];
+        let mut data = vec![0usize; 12];
+        for_each_split_mut(&mut data, starts.len(), |index| starts[index], |index, part| part.fill(index + 1));
+        assert_eq!(data, [2, 2, 2, 3, 4, 4, 4, 4, 4, 5, 5, 5]);
+    }
+
+    #[test]
+    #[should_panic(expected = "part 1 is 5..3 of 8")]
+    fn split_parts_out_of_order_are_refused() {
+        // A start that answers differently each time is called once per part, so its
+        // answers (0, 5, 3) are checked against each other rather than handed out.
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let start = |_| [0, 5, 3][calls.fetch_add(1, Ordering::Relaxed)];
+        for_each_split_mut(&mut [0u8; 8], 3, start, |_, _| {});
     }
 
     #[test]
