@@ -593,7 +593,7 @@ fn conv2d_with<T: Minimal>(
     let per_group = T::POSITIONS * cout_g * cin_g;
     parallel::for_each_split_mut(out, parts * shares, start, |i, out_task| {
         let (entries, channel_tiles) = task(i);
-        let (first_channel, end_channel) = (channel(channel_tiles.start), channel(channel_tiles.end));
+        let (channels_start, channels_end) = (channel(channel_tiles.start), channel(channel_tiles.end));
         let count = entries.len() * tiles.per_plane();
         let per_block = budget.min(count.next_multiple_of(width));
         // Rows of U and M: a block's tiles and room for the last vector of a run to
@@ -613,7 +613,7 @@ fn conv2d_with<T: Minimal>(
             let planes =
                 |n: usize| &image[((entries.start + n) * g.in_channels + group * cin_g) * h * w..][..cin_g * h * w];
             let out_rows = |n: usize, first: usize, rows: usize| {
-                let start = (n * (end_channel - first_channel) + group * cout_g + first - first_channel) * positions;
+                let start = (n * (channels_end - channels_start) + group * cout_g + first - channels_start) * positions;
                 start..start + rows * positions
             };
             let group_filters = &filters[group * per_group..][..per_group];
