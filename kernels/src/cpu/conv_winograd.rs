@@ -355,10 +355,12 @@ fn inverse_six<V: F32Vector>(x: [V; 6]) -> [V; 4] {
 }
 
 /// The F(m x m, 3 x 3) that convolution `g` runs: F(4 x 4, 3 x 3) for at least 32 input
-/// channels per group and 32 of its tiles per plane, else F(2 x 2, 3 x 3). With fewer
-/// channels the products are shallow and F(4 x 4)'s larger transforms cost more than its
-/// products save; on small planes its coarse tiles fill little of the two-vector column
-/// blocks, and the block is one plane's tiles.
+/// channels per group and 32 of its tiles per plane, or for at least 64 input channels
+/// per group, 4 of its tiles per row and 32 in the batch; else F(2 x 2, 3 x 3). With
+/// fewer channels the products are shallow and F(4 x 4)'s larger transforms cost more
+/// than its products save. Its transforms run across a tile row's tiles, a vector of
+/// them at a time, which planes of 2 or 3 tiles a row fill poorly; a batch of a few of
+/// its tiles fills little of the products' two-vector column blocks.
 ///
 /// Measured on Zen 3 (AVX2), `Tensor::conv2d` and `conv_transpose2d` at one thread, this
 /// rule against F(2 x 2, 3 x 3) everywhere, ms, the best of 4 in each of 12 alternated
@@ -385,11 +387,34 @@ fn inverse_six<V: F32Vector>(x: [V; 6]) -> [V; 4] {
 /// for every layer of 32 input channels or more still lost at 7 x 7 (best of 3, ms, one
 /// thread: 16, 256 -> 256 31.9 / 23.4; 32, 128 -> 128 13.8 / 11.6; 16, 512 -> 512 128.0
 /// / 93.4): a 7 x 7 plane is 2 x 2 of its tiles, 8 x 8 features, and 256 -> 256
-/// filters transformed by it (9.4 MB) no longer fit the L3. At 14 x 14 it was within
-/// the noise (16, 128 -> 128 18.2 / 18.7; 32, 64 -> 64 11.0 / 10.3).
+/// filters transformed by it (9.4 MB) no longer fit the L3.
+///
+/// Once the filters were transformed in SIMD ([`filter_tile_by`]), F(4 x 4) also won on
+/// planes of 16 to 31 of its tiles (13 x 13 to 20 x 20) with 64 channels or more. This
+/// rule against the one before (32 tiles a plane), ms, best of 4 in each of 4
+/// alternated rounds, forward / transposed:
+///
+/// | batch, channels, size (padding 1) | 1 thread | ratio | 2 threads | ratio |
+/// |---|---|---|---|---|
+/// | 16, 64 -> 64, 14 x 14 | 5.19 / 5.21 | 1.00x | 2.63 / 2.55 | 0.97x |
+/// | 16, 128 -> 128, 14 x 14 | 15.12 / 17.66 | 1.17x | 7.36 / 8.55 | 1.16x |
+/// | 8, 256 -> 256, 14 x 14 | 26.88 / 30.67 | 1.14x | 13.49 / 15.77 | 1.17x |
+/// | 2, 256 -> 256, 14 x 14 | 8.26 / 8.53 | 1.03x | 4.32 / 4.84 | 1.12x |
+/// | 8, 128 -> 128, 16 x 16 | 7.34 / 9.35 | 1.27x | 3.81 / 4.68 | 1.23x |
+/// | 8, 96 -> 96, 18 x 18 | 7.41 / 9.23 | 1.25x | 3.70 / 4.70 | 1.27x |
+/// | 16, 64 -> 64, 20 x 20 | 7.96 / 10.30 | 1.29x | 4.03 / 5.16 | 1.28x |
+/// | 4, 256 -> 256, 20 x 20 | 24.49 / 31.29 | 1.28x | 12.89 / 15.73 | 1.22x |
+///
+/// (forward; the transposed convolutions moved alike.) Planes of 3 x 3 tiles lost (16,
+/// 128 -> 128, 12 x 12: 18.8 against 12.6 ms), and so did a batch of one 14 x 14 plane
+/// (512 -> 512: 32.7 against 23.5). At 7 x 7, F(4 x 4) now wins with 256 channels or
+/// more in a batch of 16 (512 -> 512: 61.6 against 87.9 ms) but loses 2.9x on a batch
+/// of one; this rule leaves 7 x 7 to F(2 x 2).
 fn method(g: &ConvGeometry) -> Method {
-    let tiles = g.out_size[0].div_ceil(F4x4::TILE) * g.out_size[1].div_ceil(F4x4::TILE);
-    if g.in_channels / g.groups >= 32 && tiles >= 32 { Method::F4x4 } else { Method::F2x2 }
+    let (cin_g, tiles) = (g.in_channels / g.groups, Tiles::of(g, F4x4::TILE));
+    let large = tiles.per_plane() >= 32;
+    let deep = cin_g >= 64 && tiles.per_row >= 4 && g.batch * tiles.per_plane() >= 32;
+    if cin_g >= 32 && (large || deep) { Method::F4x4 } else { Method::F2x2 }
 }
 
 /// The tiles of output features: `rows` rows of `per_row`, numbered in raster order.
@@ -1192,6 +1217,25 @@ mod tests {
         // Groups of 10 output channels in tiles of 4: 4, 4 and 2 channels a group.
         let firsts: Vec<_> = (0..=6).map(|p| first_channel(p, 10, 4)).collect();
         assert_eq!(firsts, [0, 4, 8, 10, 14, 18, 20]);
+    }
+
+    #[test]
+    fn f4x4_runs_deep_products_on_planes_it_fills() {
+        // batch, channels, size, the method; padding 1 keeps the size.
+        let cases = [
+            (64, 32, 28, Method::F4x4),  // 49 tiles a plane
+            (16, 32, 20, Method::F2x2),  // 25 tiles, shallow
+            (16, 64, 14, Method::F4x4),  // 4 tiles a row, 64 in the batch
+            (16, 128, 12, Method::F2x2), // 3 tiles a row
+            (1, 512, 14, Method::F2x2),  // 16 tiles in the batch
+            (2, 256, 14, Method::F4x4),
+            (16, 512, 7, Method::F2x2),
+            (16, 16, 56, Method::F2x2),
+        ];
+        for (batch, channels, size, want) in cases {
+            let g = geometry(batch, 1, [channels, channels], (size, size), (1, 1)).expect("a geometry");
+            assert_eq!(method(&g), want, "batch {batch}, {channels} channels, {size} x {size}");
+        }
     }
 
     #[test]
