@@ -355,12 +355,13 @@ fn inverse_six<V: F32Vector>(x: [V; 6]) -> [V; 4] {
 }
 
 /// The F(m x m, 3 x 3) that convolution `g` runs: F(4 x 4, 3 x 3) for at least 32 input
-/// channels per group and 32 of its tiles per plane, or for at least 64 input channels
-/// per group, 4 of its tiles per row and 32 in the batch; else F(2 x 2, 3 x 3). With
-/// fewer channels the products are shallow and F(4 x 4)'s larger transforms cost more
-/// than its products save. Its transforms run across a tile row's tiles, a vector of
-/// them at a time, which planes of 2 or 3 tiles a row fill poorly; a batch of a few of
-/// its tiles fills little of the products' two-vector column blocks.
+/// channels per group and 32 of its tiles per plane; or, with 32 of its tiles in the
+/// batch, for at least 256 input channels per group, or 64 and 4 tiles a row; else F(2
+/// x 2, 3 x 3). With fewer channels the products are shallow and F(4 x 4)'s larger
+/// transforms cost more than its products save. Its transforms run across a tile row's
+/// tiles, a vector of them at a time, which planes of 2 or 3 tiles a row fill poorly
+/// (only the deepest products pay for that); a batch of a few of its tiles fills little
+/// of the products' two-vector column blocks.
 ///
 /// Measured on Zen 3 (AVX2), `Tensor::conv2d` and `conv_transpose2d` at one thread, this
 /// rule against F(2 x 2, 3 x 3) everywhere, ms, the best of 4 in each of 12 alternated
@@ -405,15 +406,26 @@ fn inverse_six<V: F32Vector>(x: [V; 6]) -> [V; 4] {
 /// | 16, 64 -> 64, 20 x 20 | 7.96 / 10.30 | 1.29x | 4.03 / 5.16 | 1.28x |
 /// | 4, 256 -> 256, 20 x 20 | 24.49 / 31.29 | 1.28x | 12.89 / 15.73 | 1.22x |
 ///
-/// (forward; the transposed convolutions moved alike.) Planes of 3 x 3 tiles lost (16,
-/// 128 -> 128, 12 x 12: 18.8 against 12.6 ms), and so did a batch of one 14 x 14 plane
-/// (512 -> 512: 32.7 against 23.5). At 7 x 7, F(4 x 4) now wins with 256 channels or
-/// more in a batch of 16 (512 -> 512: 61.6 against 87.9 ms) but loses 2.9x on a batch
-/// of one; this rule leaves 7 x 7 to F(2 x 2).
+/// (forward; the transposed convolutions moved alike.) With 128 channels, planes of 2
+/// or 3 tiles a row lost (16, 128 -> 128, 12 x 12: 18.8 against 12.6 ms; 8 x 8: 1.07x),
+/// and so did a batch of one 14 x 14 plane (512 -> 512: 32.7 against 23.5) and a batch
+/// of one 7 x 7 plane (256 -> 256: 2.9x). With 256 channels or more they won, the rule
+/// for them against the one before, best of 3 in each of 3 rounds, forward:
+///
+/// | batch, channels, size (padding 1) | 1 thread | ratio | 2 threads | ratio |
+/// |---|---|---|---|---|
+/// | 8, 512 -> 512, 7 x 7 | 34.98 / 39.81 | 1.14x | 20.21 / 25.09 | 1.24x |
+/// | 16, 256 -> 256, 7 x 7 | 17.62 / 20.75 | 1.18x | 9.36 / 11.01 | 1.18x |
+/// | 32, 256 -> 256, 7 x 7 | 32.17 / 40.30 | 1.25x | 18.68 / 21.01 | 1.12x |
+/// | 16, 512 -> 512, 8 x 8 | 60.49 / 80.69 | 1.33x | 37.59 / 42.94 | 1.14x |
+/// | 16, 256 -> 256, 12 x 12 | 35.38 / 48.05 | 1.36x | 19.24 / 25.11 | 1.31x |
+/// | 8, 512 -> 512, 12 x 12 | 65.93 / 89.42 | 1.36x | 44.97 / 55.28 | 1.23x |
+/// | 4, 512 -> 512, 8 x 8 (16 tiles, left to F(2 x 2)) | 21.83 / 22.68 | 1.04x | 14.24 / 13.96 | 0.98x |
 fn method(g: &ConvGeometry) -> Method {
     let (cin_g, tiles) = (g.in_channels / g.groups, Tiles::of(g, F4x4::TILE));
     let large = tiles.per_plane() >= 32;
-    let deep = cin_g >= 64 && tiles.per_row >= 4 && g.batch * tiles.per_plane() >= 32;
+    let filled = g.batch * tiles.per_plane() >= 32;
+    let deep = filled && (cin_g >= 256 || cin_g >= 64 && tiles.per_row >= 4);
     if cin_g >= 32 && (large || deep) { Method::F4x4 } else { Method::F2x2 }
 }
 
@@ -1229,7 +1241,9 @@ mod tests {
             (16, 128, 12, Method::F2x2), // 3 tiles a row
             (1, 512, 14, Method::F2x2),  // 16 tiles in the batch
             (2, 256, 14, Method::F4x4),
-            (16, 512, 7, Method::F2x2),
+            (16, 512, 7, Method::F4x4), // deep: 2 tiles a row will do
+            (1, 256, 7, Method::F2x2),  // 4 tiles in the batch
+            (16, 128, 8, Method::F2x2), // 2 tiles a row, not deep enough
             (16, 16, 56, Method::F2x2),
         ];
         for (batch, channels, size, want) in cases {
