@@ -406,11 +406,15 @@ fn inverse_six<V: F32Vector>(x: [V; 6]) -> [V; 4] {
 /// | 16, 64 -> 64, 20 x 20 | 7.96 / 10.30 | 1.29x | 4.03 / 5.16 | 1.28x |
 /// | 4, 256 -> 256, 20 x 20 | 24.49 / 31.29 | 1.28x | 12.89 / 15.73 | 1.22x |
 ///
-/// (forward; the transposed convolutions moved alike.) With 128 channels, planes of 2
-/// or 3 tiles a row lost (16, 128 -> 128, 12 x 12: 18.8 against 12.6 ms; 8 x 8: 1.07x),
-/// and so did a batch of one 14 x 14 plane (512 -> 512: 32.7 against 23.5) and a batch
-/// of one 7 x 7 plane (256 -> 256: 2.9x). With 256 channels or more they won, the rule
-/// for them against the one before, best of 3 in each of 3 rounds, forward:
+/// (forward; the transposed convolutions moved alike.) With fewer than 256 channels,
+/// planes of 2 or 3 tiles a row gain little or lose, most where F(4 x 4)'s tiles overhang
+/// the plane (best of 10 in each of 3 rounds, one thread, F(4 x 4) / F(2 x 2), ms: 16,
+/// 128 -> 128: 8 x 8 5.41 / 5.28, 10 x 10 10.26 / 9.17, 12 x 12 10.49 / 12.03; 32, 64 ->
+/// 64: 7 x 7 4.06 / 3.36, 10 x 10 6.87 / 5.51, 12 x 12 3.58 / 3.57), and this rule
+/// leaves them to F(2 x 2), 128 -> 128 at 12 x 12 included. A batch of one 14 x 14
+/// plane lost (512 -> 512: 32.7 against 23.5), and so did a batch of one 7 x 7 plane
+/// (256 -> 256: 2.9x). With 256 channels or more, planes of 2 or 3 tiles a row won, the
+/// rule for them against the one before, best of 3 in each of 3 rounds, forward:
 ///
 /// | batch, channels, size (padding 1) | 1 thread | ratio | 2 threads | ratio |
 /// |---|---|---|---|---|
