@@ -99,7 +99,7 @@ impl Tensor {
         Tensor::read_cpu_all(tensors, |views| {
             let mut slices = Vec::with_capacity(views.len());
             for (&(s, layout), t) in views.iter().zip(tensors) {
-                let buf = T::from_storage(s).ok_or_else(|| Error::DTypeMismatch { op, lhs: T::DTYPE, rhs: t.dtype })?;
+                let buf = T::from_storage(s).ok_or(Error::DTypeMismatch { op, lhs: T::DTYPE, rhs: t.dtype })?;
                 slices.push(&buf[layout.offset()..layout.offset() + t.numel()]);
             }
             Ok(f(&slices))
