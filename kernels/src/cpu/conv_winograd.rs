@@ -356,8 +356,8 @@ fn inverse_six<V: F32Vector>(x: [V; 6]) -> [V; 4] {
 
 /// The F(m x m, 3 x 3) that convolution `g` runs: F(4 x 4, 3 x 3) for at least 32 input
 /// channels per group and 32 of its tiles per plane; or, with 32 of its tiles in the
-/// batch, for at least 256 input channels per group, or 64 and 4 tiles a row; else F(2
-/// x 2, 3 x 3). With fewer channels the products are shallow and F(4 x 4)'s larger
+/// batch, for at least 256 input channels per group, or 64 and 4 tiles a row, or 96 and
+/// 3 tiles a row that cover no more than F(2 x 2)'s; else F(2 x 2, 3 x 3). With fewer channels the products are shallow and F(4 x 4)'s larger
 /// transforms cost more than its products save. Its transforms run across a tile row's
 /// tiles, a vector of them at a time, which planes of 2 or 3 tiles a row fill poorly
 /// (only the deepest products pay for that); a batch of a few of its tiles fills little
@@ -407,11 +407,16 @@ fn inverse_six<V: F32Vector>(x: [V; 6]) -> [V; 4] {
 /// | 4, 256 -> 256, 20 x 20 | 24.49 / 31.29 | 1.28x | 12.89 / 15.73 | 1.22x |
 ///
 /// (forward; the transposed convolutions moved alike.) With fewer than 256 channels,
-/// planes of 2 or 3 tiles a row gain little or lose, most where F(4 x 4)'s tiles overhang
-/// the plane (best of 10 in each of 3 rounds, one thread, F(4 x 4) / F(2 x 2), ms: 16,
-/// 128 -> 128: 8 x 8 5.41 / 5.28, 10 x 10 10.26 / 9.17, 12 x 12 10.49 / 12.03; 32, 64 ->
-/// 64: 7 x 7 4.06 / 3.36, 10 x 10 6.87 / 5.51, 12 x 12 3.58 / 3.57), and this rule
-/// leaves them to F(2 x 2), 128 -> 128 at 12 x 12 included. A batch of one 14 x 14
+/// planes of 2 or 3 tiles a row gain little or lose where F(4 x 4)'s tiles overhang the
+/// plane further than F(2 x 2)'s, or with fewer than 96 channels (best of 10 in each of
+/// 3 rounds, one thread, F(4 x 4) / F(2 x 2), ms: 16, 128 -> 128: 8 x 8 5.41 / 5.28, 10
+/// x 10 10.26 / 9.17; 32, 64 -> 64: 7 x 7 4.06 / 3.36, 10 x 10 6.87 / 5.51, 12 x 12 3.58
+/// / 3.57). Where its tiles cover no more than F(2 x 2)'s, with 96 channels or more and
+/// 3 tiles a row, F(4 x 4) won (16, 128 -> 128, 12 x 12: 10.49 / 12.03; best of 8 in each of 3 rounds, forward, batch 16, F(4 x 4) / F(2 x 2), ms, 1
+/// thread and 2: 96 -> 96, 12 x 12 6.16 / 7.25 and 3.12 / 3.64; 128 -> 128, 11 x 11
+/// 10.21 / 11.69 and 5.16 / 5.96; 192 -> 192, 12 x 12 20.08 / 24.38 and 10.06 / 12.15),
+/// but not with 2 tiles a row (128 -> 128, 8 x 8: 5.16 / 5.17) nor where they overhang
+/// (9 x 9: 9.98 / 8.92; 192 -> 192, 10 x 10: 20.20 / 18.43). A batch of one 14 x 14
 /// plane lost (512 -> 512: 32.7 against 23.5), and so did a batch of one 7 x 7 plane
 /// (256 -> 256: 2.9x). With 256 channels or more, planes of 2 or 3 tiles a row won, the
 /// rule for them against the one before, best of 3 in each of 3 rounds, forward:
@@ -429,7 +434,10 @@ fn method(g: &ConvGeometry) -> Method {
     let (cin_g, tiles) = (g.in_channels / g.groups, Tiles::of(g, F4x4::TILE));
     let large = tiles.per_plane() >= 32;
     let filled = g.batch * tiles.per_plane() >= 32;
-    let deep = filled && (cin_g >= 256 || cin_g >= 64 && tiles.per_row >= 4);
+    // Its tiles cover no more than F(2 x 2)'s: sides of 4k and 4k + 3.
+    let flush = g.out_size.iter().all(|&n| n.next_multiple_of(4) == n.next_multiple_of(2));
+    let deep =
+        filled && (cin_g >= 256 || cin_g >= 64 && tiles.per_row >= 4 || cin_g >= 96 && tiles.per_row >= 3 && flush);
     if cin_g >= 32 && (large || deep) { Method::F4x4 } else { Method::F2x2 }
 }
 
@@ -1242,7 +1250,11 @@ mod tests {
             (64, 32, 28, Method::F4x4),  // 49 tiles a plane
             (16, 32, 20, Method::F2x2),  // 25 tiles, shallow
             (16, 64, 14, Method::F4x4),  // 4 tiles a row, 64 in the batch
-            (16, 128, 12, Method::F2x2), // 3 tiles a row
+            (16, 128, 12, Method::F4x4), // 3 tiles a row, flush with F(2 x 2)'s
+            (16, 96, 11, Method::F4x4),
+            (16, 128, 10, Method::F2x2), // 3 tiles a row, overhanging
+            (16, 64, 12, Method::F2x2),  // 3 tiles a row, not deep enough
+            (2, 128, 12, Method::F2x2),  // 18 tiles in the batch
             (1, 512, 14, Method::F2x2),  // 16 tiles in the batch
             (2, 256, 14, Method::F4x4),
             (16, 512, 7, Method::F4x4), // deep: 2 tiles a row will do
