@@ -357,14 +357,15 @@ fn inverse_six<V: F32Vector>(x: [V; 6]) -> [V; 4] {
 /// The F(m x m, 3 x 3) that convolution `g` runs: F(4 x 4, 3 x 3) for at least 32 input
 /// channels per group and 32 of its tiles per plane; or, with 32 of its tiles in the
 /// batch, for at least 256 input channels per group, or 64 and 4 tiles a row, or 96 and
-/// 3 tiles a row that cover no more than F(2 x 2)'s; else F(2 x 2, 3 x 3). With fewer channels the products are shallow and F(4 x 4)'s larger
-/// transforms cost more than its products save. Its transforms run across a tile row's
-/// tiles, a vector of them at a time, which planes of 2 or 3 tiles a row fill poorly
-/// (only the deepest products pay for that); a batch of a few of its tiles fills little
-/// of the products' two-vector column blocks.
+/// 3 tiles a row that cover no more than F(2 x 2)'s; else F(2 x 2, 3 x 3). With fewer
+/// channels the products are shallow and F(4 x 4)'s larger transforms cost more than
+/// its products save. Its transforms run across a tile row's tiles, a vector of them at
+/// a time, which planes of 2 or 3 tiles a row fill poorly (only the deepest products
+/// pay for that); a batch of a few of its tiles fills little of the products'
+/// two-vector column blocks.
 ///
-/// Measured on Zen 3 (AVX2), `Tensor::conv2d` and `conv_transpose2d` at one thread, this
-/// rule against F(2 x 2, 3 x 3) everywhere, ms, the best of 4 in each of 12 alternated
+/// Measured on Zen 3 (AVX2), `Tensor::conv2d` and `conv_transpose2d` at one thread, the
+/// first rule (32 input channels and 32 tiles a plane) against F(2 x 2, 3 x 3) everywhere, ms, the best of 4 in each of 12 alternated
 /// rounds (the host was noisy: medians were up to 1.8x the bests):
 ///
 /// | batch, channels, size (padding 1) | forward | ratio | transposed | ratio |
@@ -412,9 +413,10 @@ fn inverse_six<V: F32Vector>(x: [V; 6]) -> [V; 4] {
 /// 3 rounds, one thread, F(4 x 4) / F(2 x 2), ms: 16, 128 -> 128: 8 x 8 5.41 / 5.28, 10
 /// x 10 10.26 / 9.17; 32, 64 -> 64: 7 x 7 4.06 / 3.36, 10 x 10 6.87 / 5.51, 12 x 12 3.58
 /// / 3.57). Where its tiles cover no more than F(2 x 2)'s, with 96 channels or more and
-/// 3 tiles a row, F(4 x 4) won (16, 128 -> 128, 12 x 12: 10.49 / 12.03; best of 8 in each of 3 rounds, forward, batch 16, F(4 x 4) / F(2 x 2), ms, 1
-/// thread and 2: 96 -> 96, 12 x 12 6.16 / 7.25 and 3.12 / 3.64; 128 -> 128, 11 x 11
-/// 10.21 / 11.69 and 5.16 / 5.96; 192 -> 192, 12 x 12 20.08 / 24.38 and 10.06 / 12.15),
+/// 3 tiles a row, F(4 x 4) won (16, 128 -> 128, 12 x 12: 10.49 / 12.03; best of 8 in
+/// each of 3 rounds, forward, batch 16, F(4 x 4) / F(2 x 2), ms, 1 thread and 2: 96 ->
+/// 96, 12 x 12 6.16 / 7.25 and 3.12 / 3.64; 128 -> 128, 11 x 11 10.21 / 11.69 and 5.16
+/// / 5.96; 192 -> 192, 12 x 12 20.08 / 24.38 and 10.06 / 12.15),
 /// but not with 2 tiles a row (128 -> 128, 8 x 8: 5.16 / 5.17) nor where they overhang
 /// (9 x 9: 9.98 / 8.92; 192 -> 192, 10 x 10: 20.20 / 18.43). A batch of one 14 x 14
 /// plane lost (512 -> 512: 32.7 against 23.5), and so did a batch of one 7 x 7 plane
