@@ -365,8 +365,9 @@ fn inverse_six<V: F32Vector>(x: [V; 6]) -> [V; 4] {
 /// two-vector column blocks.
 ///
 /// Measured on Zen 3 (AVX2), `Tensor::conv2d` and `conv_transpose2d` at one thread, the
-/// first rule (32 input channels and 32 tiles a plane) against F(2 x 2, 3 x 3) everywhere, ms, the best of 4 in each of 12 alternated
-/// rounds (the host was noisy: medians were up to 1.8x the bests):
+/// first rule (32 input channels and 32 tiles a plane) against F(2 x 2, 3 x 3)
+/// everywhere, ms, the best of 4 in each of 12 alternated rounds (the host was noisy:
+/// medians were up to 1.8x the bests):
 ///
 /// | batch, channels, size (padding 1) | forward | ratio | transposed | ratio |
 /// |---|---|---|---|---|
