@@ -1252,17 +1252,17 @@ mod tests {
         let cases = [
             (64, 32, 28, Method::F4x4),  // 49 tiles a plane
             (16, 32, 20, Method::F2x2),  // 25 tiles, shallow
-            (16, 64, 14, Method::F4x4),  // 4 tiles a row, 64 in the batch
+            (16, 64, 14, Method::F4x4),  // 4 tiles a row, 256 in the batch
             (16, 128, 12, Method::F4x4), // 3 tiles a row, flush with F(2 x 2)'s
             (16, 96, 11, Method::F4x4),
             (16, 128, 10, Method::F2x2), // 3 tiles a row, overhanging
             (16, 64, 12, Method::F2x2),  // 3 tiles a row, not deep enough
             (2, 128, 12, Method::F2x2),  // 18 tiles in the batch
             (1, 512, 14, Method::F2x2),  // 16 tiles in the batch
-            (2, 256, 14, Method::F4x4),
-            (16, 512, 7, Method::F4x4), // deep: 2 tiles a row will do
-            (1, 256, 7, Method::F2x2),  // 4 tiles in the batch
-            (16, 128, 8, Method::F2x2), // 2 tiles a row, not deep enough
+            (2, 256, 14, Method::F4x4),  // 32 tiles in the batch
+            (16, 512, 7, Method::F4x4),  // deep: 2 tiles a row will do
+            (1, 256, 7, Method::F2x2),   // 4 tiles in the batch
+            (16, 128, 8, Method::F2x2),  // 2 tiles a row, not deep enough
             (16, 16, 56, Method::F2x2),
         ];
         for (batch, channels, size, want) in cases {
