@@ -2,6 +2,10 @@
 `cargo run --release --example bench_kernels`, timed the same way (median of repeats after a
 warm-up), at 1 and 2 threads. Prints one JSON line per measurement, with "peer":"torch".
 
+The forward-only convolutions run under `torch.no_grad()`, as ours run on constants. The add
+of 64 floats is timed from Python, so it measures the interpreter's call overhead (about 3 us)
+more than libtorch's.
+
 Usage: python3 benches/reference/torch_kernels.py [quick]
 Not part of the test suite (the project's tests never run Python).
 """
@@ -28,6 +32,16 @@ def median_ms(f, reps=REPS, inner=1):
     return times[len(times) // 2] * 1e3
 
 
+def no_grad(f):
+    """`f` called without recording for backward."""
+
+    def call():
+        with torch.no_grad():
+            return f()
+
+    return call
+
+
 def line(**fields):
     print(json.dumps(fields))
 
@@ -50,21 +64,24 @@ def main():
         image = torch.randn(64, 32, 28, 28, requires_grad=True)
         weight = torch.randn(64, 32, 3, 3, requires_grad=True)
         line(op="conv2d", shape=[64, 32, 28, 28], threads=threads,
-             ms=median_ms(lambda: F.conv2d(image, weight, padding=1), reps=max(3, REPS // 3)))
+             ms=median_ms(no_grad(lambda: F.conv2d(image, weight, padding=1)), reps=max(3, REPS // 3)))
         line(op="conv2d_fwd_bwd", shape=[64, 32, 28, 28], threads=threads,
              ms=median_ms(lambda: F.conv2d(image, weight, padding=1).sum().backward(), reps=max(3, REPS // 3)))
         line(op="conv2d_valid", shape=[64, 32, 28, 28], threads=threads,
-             ms=median_ms(lambda: F.conv2d(image, weight), reps=max(3, REPS // 3)))
+             ms=median_ms(no_grad(lambda: F.conv2d(image, weight)), reps=max(3, REPS // 3)))
         line(op="conv2d_valid_fwd_bwd", shape=[64, 32, 28, 28], threads=threads,
              ms=median_ms(lambda: F.conv2d(image, weight).sum().backward(), reps=max(3, REPS // 3)))
         feats = torch.randn(64, 64, 14, 14, requires_grad=True)
         weight_t = torch.randn(64, 32, 4, 4, requires_grad=True)
         line(op="conv_transpose2d", shape=[64, 64, 14, 14], threads=threads,
-             ms=median_ms(lambda: F.conv_transpose2d(feats, weight_t, stride=2, padding=1), reps=max(3, REPS // 3)))
+             ms=median_ms(no_grad(lambda: F.conv_transpose2d(feats, weight_t, stride=2, padding=1)),
+                          reps=max(3, REPS // 3)))
         line(op="conv_transpose2d_fwd_bwd", shape=[64, 64, 14, 14], threads=threads,
              ms=median_ms(lambda: F.conv_transpose2d(feats, weight_t, stride=2, padding=1).sum().backward(),
                           reps=max(3, REPS // 3)))
-        for m, k, n in [(128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (4096, 384, 1536)]:
+        shapes = [(128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048),
+                  (4096, 384, 1536)]
+        for m, k, n in shapes:
             a, bm = torch.randn(m, k), torch.randn(k, n)
             c = torch.empty(m, n)
             inner = max(1, (1 << 27) // (m * n * k))
