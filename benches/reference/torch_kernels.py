@@ -32,16 +32,6 @@ def median_ms(f, reps=REPS, inner=1):
     return times[len(times) // 2] * 1e3
 
 
-def no_grad(f):
-    """`f` called without recording for backward."""
-
-    def call():
-        with torch.no_grad():
-            return f()
-
-    return call
-
-
 def line(**fields):
     print(json.dumps(fields))
 
@@ -64,17 +54,17 @@ def main():
         image = torch.randn(64, 32, 28, 28, requires_grad=True)
         weight = torch.randn(64, 32, 3, 3, requires_grad=True)
         line(op="conv2d", shape=[64, 32, 28, 28], threads=threads,
-             ms=median_ms(no_grad(lambda: F.conv2d(image, weight, padding=1)), reps=max(3, REPS // 3)))
+             ms=median_ms(torch.no_grad()(lambda: F.conv2d(image, weight, padding=1)), reps=max(3, REPS // 3)))
         line(op="conv2d_fwd_bwd", shape=[64, 32, 28, 28], threads=threads,
              ms=median_ms(lambda: F.conv2d(image, weight, padding=1).sum().backward(), reps=max(3, REPS // 3)))
         line(op="conv2d_valid", shape=[64, 32, 28, 28], threads=threads,
-             ms=median_ms(no_grad(lambda: F.conv2d(image, weight)), reps=max(3, REPS // 3)))
+             ms=median_ms(torch.no_grad()(lambda: F.conv2d(image, weight)), reps=max(3, REPS // 3)))
         line(op="conv2d_valid_fwd_bwd", shape=[64, 32, 28, 28], threads=threads,
              ms=median_ms(lambda: F.conv2d(image, weight).sum().backward(), reps=max(3, REPS // 3)))
         feats = torch.randn(64, 64, 14, 14, requires_grad=True)
         weight_t = torch.randn(64, 32, 4, 4, requires_grad=True)
         line(op="conv_transpose2d", shape=[64, 64, 14, 14], threads=threads,
-             ms=median_ms(no_grad(lambda: F.conv_transpose2d(feats, weight_t, stride=2, padding=1)),
+             ms=median_ms(torch.no_grad()(lambda: F.conv_transpose2d(feats, weight_t, stride=2, padding=1)),
                           reps=max(3, REPS // 3)))
         line(op="conv_transpose2d_fwd_bwd", shape=[64, 64, 14, 14], threads=threads,
              ms=median_ms(lambda: F.conv_transpose2d(feats, weight_t, stride=2, padding=1).sum().backward(),
