@@ -45,15 +45,20 @@
 //! im2col to 1.45x as fast on Zen 3, `conv_phases::pays_on`), for products of at least 32
 //! channels. Everything else takes im2col + GEMM: f64, filters too large to stream from
 //! L2, products of fewer channels with AVX2, and the portable and NEON vectors
-//! (`Isa::Scalar`). The
-//! weight gradient of a convolution with at least 16 input channels per group,
-//! accumulated in f32, reads a zero-padded channels-last copy of each image instead of
-//! the columns (`conv_weight_grad.rs`: 1.14-1.44x as fast on the layers measured there,
-//! any stride); with fewer (an RGB input layer) it takes im2col.
+//! (`Isa::Scalar`).
+//!
+//! The weight gradient, accumulated in f32: of a convolution that runs by Winograd, by
+//! the same transforms (`conv_winograd_grad.rs`, a product per transformed position as
+//! deep as the batch has tiles; 1.2-2.4x as fast as the next method on the layers
+//! measured at [`conv2d_weight_grad`]); of any other with at least 16 input channels per
+//! group, from a zero-padded channels-last copy of each image instead of the columns
+//! (`conv_weight_grad.rs`: 1.14-1.44x as fast as im2col on the layers measured there, any
+//! stride); with fewer (an RGB input layer), by im2col.
 
 use super::conv_phases;
 use super::conv_weight_grad;
 use super::conv_winograd;
+use super::conv_winograd_grad;
 use super::gemm::Isa;
 use super::map::map;
 use super::matmul::{cast, cast_mut, gemm_acc};
@@ -414,7 +419,7 @@ pub fn conv_transpose2d<T: FloatElem>(
 
 /// Batch entries per partial sum of [`conv2d_weight_grad`]: a fixed count, so that the
 /// order of the additions (and the rounding) does not depend on the number of threads.
-const WEIGHT_GRAD_ENTRIES: usize = 4;
+pub(super) const WEIGHT_GRAD_ENTRIES: usize = 4;
 
 /// The weight gradient of [`conv2d`]: for features `[batch, out_channels, out_size..]`
 /// (the gradient of the convolution's output) and its input image
@@ -425,8 +430,10 @@ const WEIGHT_GRAD_ENTRIES: usize = 4;
 /// convolution the roles swap: its output gradient is the image and its input the
 /// features.
 ///
-/// Method: with 16 or more input channels per group in f32 (or f16/bf16, accumulated
-/// in f32), `conv_weight_grad.rs`, from a padded channels-last copy of each image.
+/// Method: in f32 (or f16/bf16, accumulated in f32), for a convolution whose forward
+/// runs by Winograd (3 x 3, stride 1, 16 or more channels per group in and out, AVX2 or
+/// AVX-512), `conv_winograd_grad.rs`; else with 16 or more input channels per group,
+/// `conv_weight_grad.rs`, from a padded channels-last copy of each image.
 /// Otherwise the columns of [`conv2d`] again, per batch entry and group, and one GEMM
 /// `columns (cin_g * taps x fp) @ features_n^T (fp x cout_g)`, the transpose of the
 /// group's rows of `dw`, added into them. Either way batch entries are summed in fixed
@@ -446,7 +453,12 @@ pub fn conv2d_weight_grad<T: FloatElem>(
     if conv_weight_grad::applies(g)
         && let (Some(image32), Some(features32)) = (cast::<T::Acc, f32>(&image), cast::<T::Acc, f32>(&features))
     {
-        let dw = conv_weight_grad::weight_grad_channels_last(Isa::best(), g, image32, features32, WEIGHT_GRAD_ENTRIES);
+        let isa = Isa::best();
+        let dw = if conv_winograd_grad::applies(isa, g) {
+            conv_winograd_grad::weight_grad(isa, g, image32, features32, WEIGHT_GRAD_ENTRIES)
+        } else {
+            conv_weight_grad::weight_grad_channels_last(isa, g, image32, features32, WEIGHT_GRAD_ENTRIES)
+        };
         release(image);
         release(features);
         let mut rounded = buffers::for_overwrite(dw.len());

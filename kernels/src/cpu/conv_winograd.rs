@@ -193,21 +193,21 @@ pub(super) fn conv_transpose2d(
 
 /// The largest patch side (F(4 x 4, 3 x 3)'s): [`Minimal::lift`] returns this many
 /// values, of which F(2 x 2, 3 x 3) uses the first 4.
-const MAX_PATCH: usize = 6;
+pub(super) const MAX_PATCH: usize = 6;
 /// The largest tile side: [`Minimal::inverse_tile`] returns this square, of which F(2 x
 /// 2, 3 x 3) uses the top left 2 x 2.
-const MAX_TILE: usize = 4;
+pub(super) const MAX_TILE: usize = 4;
 
 /// The F(m x m, 3 x 3) a convolution runs ([`method`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Method {
+pub(super) enum Method {
     F2x2,
     F4x4,
 }
 
 /// Winograd's F(m x m, 3 x 3) for one tile side `m`: its sizes and its three
 /// transforms, the only code that differs between the two methods.
-trait Minimal {
+pub(super) trait Minimal {
     /// This method's name for [`transform_patches`] and [`transform_products`].
     const METHOD: Method;
     /// The side of an output tile, `m`.
@@ -226,10 +226,14 @@ trait Minimal {
     fn transform_patch<V: F32Vector>(d: impl Fn(usize, usize) -> V, store: impl FnMut(usize, V));
     /// `A^T M A` (`[a][b]`, the first `TILE` of each) for the products `M[e] = m(e)`.
     fn inverse_tile<V: F32Vector>(m: impl Fn(usize) -> V) -> [[V; MAX_TILE]; MAX_TILE];
+    /// `A x` (the first `PATCH` values) for a column (or row) `x` of `TILE` values of an
+    /// output tile's gradient, lane by lane: the adjoint of [`Minimal::inverse_tile`]'s
+    /// `A^T`, for the weight gradient (`conv_winograd_grad.rs`).
+    fn lift_gradient<V: F32Vector>(x: [V; MAX_TILE]) -> [V; MAX_PATCH];
 }
 
 /// F(2 x 2, 3 x 3): 16 products per tile and input channel for 4 outputs.
-struct F2x2;
+pub(super) struct F2x2;
 
 impl Minimal for F2x2 {
     const METHOD: Method = Method::F2x2;
@@ -276,10 +280,17 @@ impl Minimal for F2x2 {
         let row = |x: [V; 4]| [x[0] + x[1] + x[2], x[1] - x[2] - x[3], zero, zero];
         [row(top), row(bottom), [zero; 4], [zero; 4]]
     }
+
+    #[inline(always)]
+    fn lift_gradient<V: F32Vector>(x: [V; MAX_TILE]) -> [V; MAX_PATCH] {
+        // The columns of A^T: (1, 0), (1, 1), (1, -1), (0, -1).
+        let zero = V::splat(0.0);
+        [x[0], x[0] + x[1], x[0] - x[1], -x[1], zero, zero]
+    }
 }
 
 /// F(4 x 4, 3 x 3): 36 products per tile and input channel for 16 outputs.
-struct F4x4;
+pub(super) struct F4x4;
 
 impl Minimal for F4x4 {
     const METHOD: Method = Method::F4x4;
@@ -320,6 +331,23 @@ impl Minimal for F4x4 {
         let rows: [[V; 4]; 6] = array_of([zero; 4], |i| inverse_six(array_of(zero, |j| m(6 * i + j))));
         let columns: [[V; 4]; 4] = array_of([zero; 4], |b| inverse_six(array_of(zero, |i| rows[i][b])));
         array_of([zero; 4], |a| array_of(zero, |b| columns[b][a]))
+    }
+
+    #[inline(always)]
+    fn lift_gradient<V: F32Vector>(x: [V; MAX_TILE]) -> [V; MAX_PATCH] {
+        // The columns of A^T: (1, 0, 0, 0), (1, 1, 1, 1), (1, -1, 1, -1), (1, 2, 4, 8),
+        // (1, -2, 4, -8), (0, 0, 0, 1).
+        let (two, minus_two, four) = (V::splat(2.0), V::splat(-2.0), V::splat(4.0));
+        let (even, odd) = (x[0] + x[2], x[1] + x[3]);
+        let (outer_even, outer_odd) = (four.mul_add(x[2], x[0]), four.mul_add(x[3], x[1]));
+        [
+            x[0],
+            even + odd,
+            even - odd,
+            two.mul_add(outer_odd, outer_even),
+            minus_two.mul_add(outer_odd, outer_even),
+            x[3],
+        ]
     }
 }
 
@@ -433,7 +461,7 @@ fn inverse_six<V: F32Vector>(x: [V; 6]) -> [V; 4] {
 /// | 16, 256 -> 256, 12 x 12 | 35.38 / 48.05 | 1.36x | 19.24 / 25.11 | 1.31x |
 /// | 8, 512 -> 512, 12 x 12 | 65.93 / 89.42 | 1.36x | 44.97 / 55.28 | 1.23x |
 /// | 4, 512 -> 512, 8 x 8 (16 tiles, left to F(2 x 2)) | 21.83 / 22.68 | 1.04x | 14.24 / 13.96 | 0.98x |
-fn method(g: &ConvGeometry) -> Method {
+pub(super) fn method(g: &ConvGeometry) -> Method {
     let (cin_g, tiles) = (g.in_channels / g.groups, Tiles::of(g, F4x4::TILE));
     let large = tiles.per_plane() >= 32;
     let filled = g.batch * tiles.per_plane() >= 32;
@@ -446,9 +474,9 @@ fn method(g: &ConvGeometry) -> Method {
 
 /// The tiles of output features: `rows` rows of `per_row`, numbered in raster order.
 #[derive(Clone, Copy)]
-struct Tiles {
-    rows: usize,
-    per_row: usize,
+pub(super) struct Tiles {
+    pub rows: usize,
+    pub per_row: usize,
 }
 
 /// The tiles of a block that lie in one tile row: `columns` of tile row `row`, the first
@@ -461,20 +489,20 @@ struct Run {
 
 /// The tiles of a block that lie in one batch entry's plane: `tiles` (raster numbers in
 /// the plane) of entry `entry`, the first of them the block's tile `slot`.
-struct Piece {
-    entry: usize,
-    tiles: Range<usize>,
-    slot: usize,
+pub(super) struct Piece {
+    pub entry: usize,
+    pub tiles: Range<usize>,
+    pub slot: usize,
 }
 
 impl Tiles {
     /// The `tile` x `tile` tiles of the features of `g`.
-    fn of(g: &ConvGeometry, tile: usize) -> Tiles {
+    pub(super) fn of(g: &ConvGeometry, tile: usize) -> Tiles {
         Tiles { rows: g.out_size[0].div_ceil(tile), per_row: g.out_size[1].div_ceil(tile) }
     }
 
     /// How many tiles a feature plane has.
-    fn per_plane(self) -> usize {
+    pub(super) fn per_plane(self) -> usize {
         self.rows * self.per_row
     }
 
@@ -485,7 +513,7 @@ impl Tiles {
 
     /// The pieces of the tiles `block`, numbered across planes (entry `n`'s tile `t` is
     /// `n * per_plane + t`), in order.
-    fn pieces(self, block: Range<usize>) -> impl Iterator<Item = Piece> {
+    pub(super) fn pieces(self, block: Range<usize>) -> impl Iterator<Item = Piece> {
         spans(block, self.per_plane()).map(|(entry, tiles, slot)| Piece { entry, tiles, slot })
     }
 }
@@ -515,7 +543,7 @@ fn transform_filter<V: F32Vector, T: Minimal>(g: [V; 9], mut store: impl FnMut(u
 /// `[f(0), .., f(N - 1)]`, inlined into the SIMD kernels: `std::array::from_fn` is not
 /// always inlined, and a vector load left outside a kernel's target features is a call.
 #[inline(always)]
-fn array_of<T: Copy, const N: usize>(zero: T, mut f: impl FnMut(usize) -> T) -> [T; N] {
+pub(super) fn array_of<T: Copy, const N: usize>(zero: T, mut f: impl FnMut(usize) -> T) -> [T; N] {
     let mut out = [zero; N];
     for (i, value) in out.iter_mut().enumerate() {
         *value = f(i);
@@ -524,10 +552,10 @@ fn array_of<T: Copy, const N: usize>(zero: T, mut f: impl FnMut(usize) -> T) -> 
 }
 
 /// f32 values in a cache line.
-const LINE_VALUES: usize = 16;
+pub(super) const LINE_VALUES: usize = 16;
 
 /// `buffer` from its first value on a cache line (at most [`LINE_VALUES`] - 1 in).
-fn aligned(buffer: &mut [f32]) -> &mut [f32] {
+pub(super) fn aligned(buffer: &mut [f32]) -> &mut [f32] {
     let skip = buffer.as_ptr().align_offset(4 * LINE_VALUES).min(LINE_VALUES - 1);
     &mut buffer[skip..]
 }
@@ -813,9 +841,9 @@ struct Filters<'a> {
 /// Scratch for the image rows under a block's tile rows, each split into its `m` phases
 /// ([`split_row`]): phase `p` of row `r` at `lines[(m r + p) line_len..]` ([`split_line`],
 /// [`split_lines`]), zero where no image value lands.
-struct Split<'a> {
-    lines: &'a mut [f32],
-    line_len: usize,
+pub(super) struct Split<'a> {
+    pub lines: &'a mut [f32],
+    pub line_len: usize,
 }
 
 kernel! {
@@ -824,7 +852,7 @@ kernel! {
     /// `m + 2`-square patch at row `m ty - padding_y`, column `m tx - padding_x`, zero
     /// outside the image.
     #[allow(clippy::too_many_arguments)]
-    fn transform_patches(
+    pub(super) fn transform_patches(
         method: Method,
         g: &ConvGeometry,
         planes: &[f32],
@@ -890,7 +918,7 @@ fn patches_by<V: F32Vector, T: Minimal>(
 /// row's values shifted by the padding ([`split_row`] writes whole vectors) and for the
 /// patches' reads (a tile row's patches reach one tile past its last), and a vector to
 /// spare.
-fn split_line(g: &ConvGeometry, tile: usize, tiles: Tiles, lanes: usize) -> usize {
+pub(super) fn split_line(g: &ConvGeometry, tile: usize, tiles: Tiles, lanes: usize) -> usize {
     // The row's values per phase, shifted by at most (tile - 1 + padding) / tile.
     let written = g.in_size[1].div_ceil(tile) + g.padding[1].div_ceil(tile);
     written.max(tiles.per_row + 1) + lanes
@@ -898,7 +926,7 @@ fn split_line(g: &ConvGeometry, tile: usize, tiles: Tiles, lanes: usize) -> usiz
 
 /// The scratch [`transform_patches`] needs for blocks of `per_block` `tile` x `tile`
 /// tiles: the phases of every image row under the tile rows one block can touch.
-fn split_lines(tile: usize, tiles: Tiles, per_block: usize, line_len: usize) -> usize {
+pub(super) fn split_lines(tile: usize, tiles: Tiles, per_block: usize, line_len: usize) -> usize {
     let tile_rows = (per_block.div_ceil(tiles.per_row) + 1).min(tiles.rows);
     tile * (tile * tile_rows + 2) * line_len
 }
@@ -1079,7 +1107,7 @@ fn vector_starts(columns: Range<usize>, lanes: usize) -> impl Iterator<Item = us
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::cpu::conv::tests::for_each_term;
     use crate::cpu::simd::{Scalar, test_isas};
@@ -1095,13 +1123,13 @@ mod tests {
         out
     }
 
-    fn values(len: usize, salt: usize) -> Vec<f32> {
+    pub(in crate::cpu) fn values(len: usize, salt: usize) -> Vec<f32> {
         (0..len).map(|i| ((i * 7919 + salt * 104729) % 2001) as f32 / 1000.0 - 1.0).collect()
     }
 
     /// A 3 x 3 stride-1 convolution of `[cin, cout]` channels per group, if it has
     /// features.
-    fn geometry(
+    pub(in crate::cpu) fn geometry(
         batch: usize,
         groups: usize,
         [cin, cout]: [usize; 2],

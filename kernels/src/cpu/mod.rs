@@ -13,6 +13,7 @@ mod conv_phases;
 mod conv_shifted;
 mod conv_weight_grad;
 mod conv_winograd;
+mod conv_winograd_grad;
 pub mod copy;
 pub mod gemm;
 #[cfg(target_arch = "x86_64")]
