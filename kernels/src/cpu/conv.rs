@@ -49,11 +49,11 @@
 //!
 //! The weight gradient, accumulated in f32: of a convolution that runs by Winograd, by
 //! the same transforms (`conv_winograd_grad.rs`, a product per transformed position as
-//! deep as the batch has tiles; 1.2-2.4x as fast as the next method on the layers
-//! measured at [`conv2d_weight_grad`]); of any other with at least 16 input channels per
-//! group, from a zero-padded channels-last copy of each image instead of the columns
-//! (`conv_weight_grad.rs`: 1.14-1.44x as fast as im2col on the layers measured there, any
-//! stride); with fewer (an RGB input layer), by im2col.
+//! deep as the batch has tiles; 1.1-2.2x as fast as the next method on the layers
+//! measured at [`conv2d_weight_grad`], but for one noisy round); of any other with at
+//! least 16 input channels per group, from a zero-padded channels-last copy of each
+//! image instead of the columns (`conv_weight_grad.rs`: 1.14-1.44x as fast as im2col on
+//! the layers measured there, any stride); with fewer (an RGB input layer), by im2col.
 
 use super::conv_phases;
 use super::conv_weight_grad;
@@ -438,6 +438,27 @@ pub(super) const WEIGHT_GRAD_ENTRIES: usize = 4;
 /// `columns (cin_g * taps x fp) @ features_n^T (fp x cout_g)`, the transpose of the
 /// group's rows of `dw`, added into them. Either way batch entries are summed in fixed
 /// chunks of `WEIGHT_GRAD_ENTRIES` in parallel, then the chunks' partial sums in order.
+///
+/// The Winograd weight gradient against the channels-last one, measured on this crate's
+/// AVX2 host (2 vCPUs, noisy: the same runs' direct times vary up to 1.6x), one thread,
+/// `conv_winograd_grad` and `conv_weight_grad` called in one process, best of 5 in each
+/// of 3 rounds, ms, the range over the rounds (F(4 x 4) where a plane has 32 of its
+/// tiles, `conv_winograd_grad::method`):
+///
+/// | batch, channels, size (padding 1) | channels-last | Winograd | method |
+/// |---|---|---|---|
+/// | 64, 32 -> 64, 28 x 28 (the issue's) | 58.7-74.4 | 33.2-34.7 | F(4 x 4) |
+/// | 8, 64 -> 64, 56 x 56 | 72.9-86.4 | 32.8-48.8 | F(4 x 4) |
+/// | 16, 16 -> 32, 28 x 28 | 5.6-6.4 | 4.2-5.2 | F(4 x 4) |
+/// | 32, 16 -> 16, 32 x 32 | 5.7-10.1 | 5.1-8.8 | F(4 x 4) |
+/// | 64, 64 -> 32, 14 x 14 | 17.2-21.0 | 13.5-16.3 | F(2 x 2) |
+/// | 16, 256 -> 256, 7 x 7 | 39.5-63.8 | 30.4-47.7 | F(2 x 2) |
+///
+/// Round by round the Winograd gradient was 1.7-2.1x as fast on the layer,
+/// 1.7-2.2x at 56 x 56, 1.3x at 14 x 14, 1.1-1.3x on the 16-channel layers, and 0.9-2.0x
+/// on the 7 x 7 one. F(4 x 4) lost to F(2 x 2) on the 14 x 14 and 7 x 7 planes (15.5
+/// against 13.5 ms, 56.1 against 47.7), and won on the others (the layer 33.2
+/// against 45.5).
 pub fn conv2d_weight_grad<T: FloatElem>(
     g: &ConvGeometry,
     image: &[T],

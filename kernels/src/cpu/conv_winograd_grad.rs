@@ -18,9 +18,9 @@
 //! taking 16 multiplications per tile and channel pair for F(2 x 2, 3 x 3) where the
 //! direct sum takes 36 (2.25x fewer), 36 for F(4 x 4, 3 x 3) against 144 (4x fewer).
 //!
-//! **Layout.** The patches are transformed by the forward's own code (`patches_by`,
-//! lanes across tiles), into `U[e][ci][tile]`: the product's A, broadcast through its
-//! strides. The gradient tiles are transformed lanes across output channels, from a
+//! **Layout.** The patches are transformed by the forward's own kernel
+//! (`transform_patches`, lanes across tiles), into `U[e][ci][tile]`: the product's A,
+//! broadcast through its strides. The gradient tiles are transformed lanes across output channels, from a
 //! channels-last copy of each entry's gradient planes (zero past the features, where a
 //! tile overhangs them), into `V[e][tile][co]`: rows of whole vectors, the product's B,
 //! read by the unpacked GEMM's register tiles (`gemm_small.rs`) as in
@@ -80,10 +80,9 @@ pub(super) fn weight_grad(
 /// plane has at least 32 of its tiles (28 x 28 features and up), else F(2 x 2, 3 x 3),
 /// with any number of channels. Its 4x fewer products outweigh its larger transforms on
 /// the large planes; on smaller ones its tiles overhang the plane (a 14 x 14 plane is 16
-/// x 16 of them, 31% more tiles' worth of transforms and products). Measured on this
-/// crate's AVX2 host, one thread, best of 5 in each of 3 alternated runs (the host was
-/// noisy: the within-run order is what held), ms, direct / F(2 x 2) / F(4 x 4): see the
-/// table in `conv.rs` ([`super::conv::conv2d_weight_grad`]).
+/// x 16 of them, 31% more tiles' worth of transforms and products). Measured against
+/// each other and the channels-last gradient in one process: the table at
+/// `conv.rs`'s `conv2d_weight_grad`.
 fn method(g: &ConvGeometry) -> Method {
     if Tiles::of(g, F4x4::TILE).per_plane() >= 32 { Method::F4x4 } else { Method::F2x2 }
 }
