@@ -205,8 +205,9 @@ pub(super) enum Method {
     F4x4,
 }
 
-/// Winograd's F(m x m, 3 x 3) for one tile side `m`: its sizes and its three
-/// transforms, the only code that differs between the two methods.
+/// Winograd's F(m x m, 3 x 3) for one tile side `m`: its sizes and its transforms (and
+/// the weight gradient's, [`Minimal::lift_gradient`]), the only code that differs
+/// between the two methods.
 pub(super) trait Minimal {
     /// This method's name for [`transform_patches`] and [`transform_products`].
     const METHOD: Method;
@@ -461,7 +462,7 @@ fn inverse_six<V: F32Vector>(x: [V; 6]) -> [V; 4] {
 /// | 16, 256 -> 256, 12 x 12 | 35.38 / 48.05 | 1.36x | 19.24 / 25.11 | 1.31x |
 /// | 8, 512 -> 512, 12 x 12 | 65.93 / 89.42 | 1.36x | 44.97 / 55.28 | 1.23x |
 /// | 4, 512 -> 512, 8 x 8 (16 tiles, left to F(2 x 2)) | 21.83 / 22.68 | 1.04x | 14.24 / 13.96 | 0.98x |
-pub(super) fn method(g: &ConvGeometry) -> Method {
+fn method(g: &ConvGeometry) -> Method {
     let (cin_g, tiles) = (g.in_channels / g.groups, Tiles::of(g, F4x4::TILE));
     let large = tiles.per_plane() >= 32;
     let filled = g.batch * tiles.per_plane() >= 32;
