@@ -423,12 +423,56 @@ mod tests {
         assert_eq!(got, pool.install(|| weight_grad(isa, &g, &image, &features, entries)));
     }
 
+    /// Fails unless [`weight_grad_by`] matches the definition `dw[w] += features[o] *
+    /// image[i]` for each term, in f64, within the transforms' rounding of sums of
+    /// `terms` values.
+    fn check(isa: Isa, method: Method, g: &ConvGeometry, entries: usize, salt: usize) -> Result<(), String> {
+        let ([h, w], [oh, ow]) = (g.in_size, g.out_size);
+        let image = values(g.batch * g.in_channels * h * w, salt);
+        let features = values(g.batch * g.out_channels * oh * ow, salt + 1);
+        let len = g.out_channels * g.in_channels / g.groups * 9;
+        let (mut want, mut scale, mut terms) = (vec![0.0f64; len], vec![0.0f64; len], vec![0usize; len]);
+        for_each_term(g, |o, i, w| {
+            let term = features[o] as f64 * image[i] as f64;
+            want[w] += term;
+            scale[w] += term.abs();
+            terms[w] += 1;
+        });
+        let got = weight_grad_by(isa, method, g, &image, &features, entries);
+        if got.len() != len {
+            return Err(format!("{} values, not {len}", got.len()));
+        }
+        for (k, &got) in got.iter().enumerate() {
+            let bound = 2e-4 * (1.0 + (terms[k] as f64).sqrt()) * (1.0 + scale[k] / terms[k].max(1) as f64);
+            if (got as f64 - want[k]).abs() > bound {
+                return Err(format!("{isa:?} {method:?} [{k}]: {got} vs {} (bound {bound})", want[k]));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn sums_go_on_across_blocks_and_entries() {
+        // Three entries of 28 x 27 features in one chunk: 588 F(2 x 2) tiles and 147
+        // F(4 x 4) tiles, so several blocks of `BLOCK_TILES`, the later ones adding into
+        // the sums the first started, and blocks that run from one entry into the next.
+        let g = geometry(3, 1, [16, 17], (28, 27), (1, 1)).expect("a geometry");
+        for isa in test_isas().into_iter().filter(|&isa| applies(isa, &g)) {
+            for method in [Method::F2x2, Method::F4x4] {
+                let tiles = Tiles::of(&g, if method == Method::F2x2 { 2 } else { 4 }).per_plane();
+                assert!(3 * tiles > BLOCK_TILES, "{method:?}: one block");
+                check(isa, method, &g, 3, 5).unwrap();
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
         /// Against the definition `dw[w] += features[o] * image[i]` for each term, in f64,
         /// on every ISA with Winograd kernels, by both methods: odd and even sizes (tiles
-        /// overhanging the features), paddings 0-3, groups, several blocks of tiles that
-        /// cross entries, chunks of 1 and 2 entries.
+        /// overhanging the features), paddings 0-3, groups, blocks that run from one
+        /// entry into the next, chunks of 1 and 2 entries (sums across several blocks:
+        /// `sums_go_on_across_blocks_and_entries`).
         #[test]
         fn winograd_weight_gradients_match_their_definition(
             batch in 1usize..4, groups in 1usize..3, cin in 16usize..21, cout in 16usize..26,
@@ -439,27 +483,9 @@ mod tests {
             if oh * ow == 0 {
                 return Ok(());
             }
-            let image = values(batch * g.in_channels * size.0 * size.1, salt);
-            let features = values(batch * g.out_channels * oh * ow, salt + 1);
-            let (mut want, mut scale) = (vec![0.0f64; g.out_channels * cin * 9], vec![0.0f64; g.out_channels * cin * 9]);
-            let mut terms = vec![0usize; want.len()];
-            for_each_term(&g, |o, i, w| {
-                let term = features[o] as f64 * image[i] as f64;
-                want[w] += term;
-                scale[w] += term.abs();
-                terms[w] += 1;
-            });
             for isa in test_isas().into_iter().filter(|&isa| applies(isa, &g)) {
                 for (method, entries) in [(Method::F2x2, 1), (Method::F2x2, 2), (Method::F4x4, 1), (Method::F4x4, 2)] {
-                    let got = weight_grad_by(isa, method, &g, &image, &features, entries);
-                    prop_assert_eq!(got.len(), want.len());
-                    for (k, &got) in got.iter().enumerate() {
-                        let bound = 2e-4 * (1.0 + (terms[k] as f64).sqrt()) * (1.0 + scale[k] / terms[k].max(1) as f64);
-                        prop_assert!(
-                            (got as f64 - want[k]).abs() <= bound,
-                            "{:?} {:?} [{}]: {} vs {} (bound {})", isa, method, k, got, want[k], bound
-                        );
-                    }
+                    check(isa, method, &g, entries, salt).map_err(TestCaseError::fail)?;
                 }
             }
         }
