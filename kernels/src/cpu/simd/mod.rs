@@ -668,8 +668,9 @@ mod tests {
         let nan_where_negative = V::select(x.lt(zero), V::splat(f32::NAN), x);
         check(zero.max(nan_where_negative), &|l| if l < 0.0 { f32::NAN } else { l }, "max keeping NaN");
         check(zero.min(nan_where_negative), &|l| if l < 0.0 { f32::NAN } else { 0.0 }, "min keeping NaN");
-        // m = first + lane: 2^(m - 127), or 0 for m <= 0.
-        for first in [-40, -8, -1, 0, 1, 100, 127, 238] {
+        // m = first + lane: 2^(m - 127), or 0 for m <= 0. The last `first` puts the top
+        // lane at m = 254, the largest the contract allows, whatever the width.
+        for first in [-40, -8, -1, 0, 1, 100, 127, 255 - V::LANES as i32] {
             let shifted = (x + V::splat(2.5)) + V::splat(ROUNDING_SHIFTER + first as f32);
             let want = |l: f32| {
                 let m = first + (l + 2.5) as i32;
