@@ -2,7 +2,8 @@
 //! `matrixmultiply` crate (ndarray's) and the `gemm` crate (candle's). Criterion reports
 //! time per call and, through `Throughput::Elements(2 m n k)`, FLOP/s ("elem/s").
 //! `aigc/bf16` is ours on bf16 operands (f32 accumulation, the output rounded to bf16):
-//! the AVX512_BF16 dot-product kernel where the CPU has it, else widened to f32.
+//! the AMX tiles where the CPU has them, else the AVX512_BF16 dot-product kernel, else
+//! widened to f32 (`Bf16Path`).
 //!
 //! Run: `cargo bench --bench sgemm` (2 threads), `RAYON_NUM_THREADS=1 cargo bench --bench sgemm` (1 thread;
 //! `matrixmultiply` is always single-threaded here, `gemm` follows the rayon pool).

@@ -7,7 +7,8 @@
 //! - `small_*`: products below the packing threshold (attention tiles, a decoding step),
 //!   against `gemm`;
 //! - `gemm_bf16`: our GEMM on bf16 operands (f32 accumulation) against ours on f32, with
-//!   the path taken (`vdpbf16ps` where the CPU has AVX512_BF16, else `widened` to f32);
+//!   the path taken (`amx` where the CPU has AMX tiles, else `vdpbf16ps` where it has
+//!   AVX512_BF16, else `widened` to f32);
 //! - `linear_bias_gelu`: `gelu(x W^T + b)` with the bias and GELU in the GEMM's epilogue
 //!   (`matmul_bias_act`) against the same as three separate ops;
 //! - conv2d and conv_transpose2d (the shapes), forward and forward+backward,
@@ -27,7 +28,7 @@
 
 use aigc::autograd::Var;
 use aigc::kernels::bf16;
-use aigc::kernels::cpu::gemm::{Epilogue, Isa, MatRef, gemm, has_bf16_dot_product, sgemm};
+use aigc::kernels::cpu::gemm::{Bf16Path, Epilogue, Isa, MatRef, gemm, sgemm};
 use aigc::kernels::cpu::simd::fma_chains;
 use aigc::tensor::{Conv2dParams, ConvTranspose2dParams, UnaryOp};
 use aigc::{Device, Tensor};
@@ -316,7 +317,7 @@ fn bf16_gemm_lines(threads: usize, reps: usize) {
             || sgemm(m, n, k, row_major(&a, k), row_major(&b, n), &mut c2),
         );
         let gflops = |secs: f64| 2.0 * (m * n * k) as f64 / secs / 1e9;
-        let path = if has_bf16_dot_product() { "vdpbf16ps" } else { "widened" };
+        let path = Bf16Path::best().name();
         println!(
             "{{\"op\":\"gemm_bf16\",\"shape\":[{m},{k},{n}],\"threads\":{threads},\"path\":\"{path}\",\"gflops\":{:.1},\"f32_gflops\":{:.1},\"bf16_over_f32\":{:.2}}}",
             gflops(ours),

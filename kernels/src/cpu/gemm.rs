@@ -18,10 +18,11 @@
 //! input type is widened: f16 and bf16 operands ([`GemmInput`]) are converted to f32 as
 //! they are packed, so the products accumulate in f32 with the f32 microkernels and
 //! nothing is converted twice (each value is packed once per use, as an f32 would be).
-//! The exception is bf16 on a CPU with AVX512_BF16: its operands are packed as pairs of
-//! bf16 for the dot-product instruction `vdpbf16ps` (twice the f32 rate; `gemm_bf16.rs`).
+//! The exceptions are bf16 operands on a CPU with Intel AMX, packed as rows of the AMX
+//! tiles for `tdpbf16ps` (`gemm_amx.rs`), or else with AVX512_BF16, packed as pairs of
+//! bf16 for the dot-product instruction `vdpbf16ps` (`gemm_bf16.rs`): [`Bf16Path`].
 //! What a packed word holds and how a sliver is filled is a `Packing`; the loops
-//! below are the same for both.
+//! below are the same for all three.
 //!
 //! An [`Epilogue`] (bias per output column, then an elementwise activation) is applied to
 //! each column sliver of a C block right after its last depth block is computed, while
@@ -37,6 +38,8 @@
 //! products share (a recurrent layer's weights over a sequence) can be packed once
 //! ([`PackedA`], `gemm_packed_a.rs`).
 
+#[cfg(target_arch = "x86_64")]
+use super::gemm_amx::{self, AmxTiles};
 #[cfg(target_arch = "x86_64")]
 use super::gemm_bf16::{self, Bf16Pairs};
 pub use super::gemm_packed_a::{PackedA, gemm_packed_a};
@@ -66,9 +69,10 @@ const NC: usize = 4096;
 /// Below this many multiply-adds (`m * n * k`) the product runs on the calling thread.
 pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 18;
 /// From this many multiply-adds on, bf16 products that the unpacked path would take run
-/// packed on `vdpbf16ps` instead, where the CPU has it. Measured through `Tensor::matmul`
-/// at 2 threads: 128^3 (2^21) 80 GFLOP/s packed, 104 widened and unpacked; 256^3 (2^24)
-/// 172 packed, 145 widened; 512^3 327-338 packed. The threshold sits between the first two.
+/// packed on `vdpbf16ps` or the AMX tiles instead, where the CPU has them. Measured through `Tensor::matmul`
+/// at 2 threads on Zen 4 (`vdpbf16ps`): 128^3 (2^21) 80 GFLOP/s packed, 104 widened and
+/// unpacked; 256^3 (2^24) 172 packed, 145 widened; 512^3 327-338 packed. The threshold
+/// sits between the first two.
 const BF16_DOT_MIN_WORK: usize = 1 << 22;
 /// Below this many values a B panel is packed on the calling thread.
 const PARALLEL_PACK_MIN: usize = 1 << 16;
@@ -108,13 +112,50 @@ impl Isa {
     }
 }
 
-/// Whether bf16 operands run on the CPU's bf16 dot-product instruction (AVX512_BF16
-/// `vdpbf16ps`, at twice the f32 rate; see `gemm_bf16.rs`) rather than widened to f32.
-pub fn has_bf16_dot_product() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return gemm_bf16::has_dot_product();
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+/// How the packed GEMM multiplies bf16 operands (f32 accumulation in every case).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Path {
+    /// Widened to f32 as they are packed, on the f32 microkernel.
+    Widened,
+    /// AVX512_BF16 `vdpbf16ps`: two depth steps per instruction (`gemm_bf16.rs`).
+    DotProduct,
+    /// Intel AMX tiles, `tdpbf16ps`: a 16 x 16 x 32 block per instruction (`gemm_amx.rs`).
+    Tiles,
+}
+
+impl Bf16Path {
+    /// Every path, slowest first.
+    pub const ALL: [Bf16Path; 3] = [Bf16Path::Widened, Bf16Path::DotProduct, Bf16Path::Tiles];
+
+    /// Whether this CPU (and, for the tiles, this process) can take the path.
+    pub fn is_available(self) -> bool {
+        match self {
+            Bf16Path::Widened => true,
+            #[cfg(target_arch = "x86_64")]
+            Bf16Path::DotProduct => gemm_bf16::has_dot_product(),
+            #[cfg(target_arch = "x86_64")]
+            Bf16Path::Tiles => Isa::Avx512.is_available() && gemm_amx::is_available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Bf16Path::DotProduct | Bf16Path::Tiles => false,
+        }
+    }
+
+    /// The fastest path this CPU has, detected once per process.
+    pub fn best() -> Bf16Path {
+        static BEST: OnceLock<Bf16Path> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            Bf16Path::ALL.into_iter().rev().find(|path| path.is_available()).unwrap_or(Bf16Path::Widened)
+        })
+    }
+
+    /// The path's name: `widened`, `vdpbf16ps` or `amx`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Path::Widened => "widened",
+            Bf16Path::DotProduct => "vdpbf16ps",
+            Bf16Path::Tiles => "amx",
+        }
+    }
 }
 
 /// An element type the GEMM reads: f32 as it is, f16 and bf16 widened to f32 (exactly)
@@ -272,7 +313,8 @@ pub fn gemm_with_isa<T: GemmInput>(
         // their views are compact (a copy of `m k + k n` values, small next to the
         // `m n k` multiply-adds; the packed path's packing costs more at these sizes),
         // unless the packed path multiplies bf16 pairs at twice the f32 rate.
-        let dot_product_pays = has_bf16_dot_product() && a.cast::<bf16>().is_some() && m * n * k >= BF16_DOT_MIN_WORK;
+        let dot_product_pays =
+            Bf16Path::best() != Bf16Path::Widened && a.cast::<bf16>().is_some() && m * n * k >= BF16_DOT_MIN_WORK;
         if !dot_product_pays && let (Some(a_wide), Some(b_wide)) = (widened_span(a, m, k), widened_span(b, k, n)) {
             let a32 = MatRef { data: &a_wide, offset: 0, row_stride: a.row_stride, col_stride: a.col_stride };
             let b32 = MatRef { data: &b_wide, offset: 0, row_stride: b.row_stride, col_stride: b.col_stride };
@@ -353,16 +395,43 @@ fn packed_gemm<T: GemmInput>(
         return;
     }
     let problem = Problem { dims: Dims { m, n, k }, isa, epilogue };
-    #[cfg(target_arch = "x86_64")]
-    if let (Isa::Avx512, Some(a), Some(b)) = (isa, a.cast::<bf16>(), b.cast::<bf16>())
-        && gemm_bf16::has_dot_product()
-    {
-        let kernel = gemm_bf16::avx512_bf16_tile;
-        let left = Left::Strided(a);
-        blocked_gemm::<bf16, Bf16Pairs, { x86::AVX512_MR }, { x86::AVX512_NR }>(kernel, problem, left, b, c);
+    if let (Isa::Avx512, Some(a), Some(b)) = (isa, a.cast::<bf16>(), b.cast::<bf16>()) {
+        blocked_bf16_gemm(Bf16Path::best(), problem, a, b, c);
         return;
     }
     widened_blocked_gemm(problem, Left::Strided(a), b, c);
+}
+
+/// [`blocked_gemm`] on bf16 operands by `path` (which must be available; the problem's
+/// ISA is the f32 microkernel's for [`Bf16Path::Widened`]).
+pub(super) fn blocked_bf16_gemm(path: Bf16Path, problem: Problem, a: MatRef<bf16>, b: MatRef<bf16>, c: &mut [f32]) {
+    match path {
+        Bf16Path::Widened => widened_blocked_gemm(problem, Left::Strided(a), b, c),
+        #[cfg(target_arch = "x86_64")]
+        Bf16Path::DotProduct => {
+            let kernel = gemm_bf16::avx512_bf16_tile;
+            blocked_gemm::<bf16, Bf16Pairs, { x86::AVX512_MR }, { x86::AVX512_NR }>(
+                kernel,
+                problem,
+                Left::Strided(a),
+                b,
+                c,
+            );
+        }
+        #[cfg(target_arch = "x86_64")]
+        Bf16Path::Tiles => {
+            let kernel = gemm_amx::amx_tile;
+            blocked_gemm::<bf16, AmxTiles, { gemm_amx::AMX_MR }, { gemm_amx::AMX_NR }>(
+                kernel,
+                problem,
+                Left::Strided(a),
+                b,
+                c,
+            );
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Bf16Path::DotProduct | Bf16Path::Tiles => unreachable!("not available off x86-64"),
+    }
 }
 
 /// [`blocked_gemm`] with the f32 microkernel of `problem.isa`, every operand widened to f32
@@ -498,15 +567,31 @@ pub(super) trait Packing<T: GemmInput> {
     /// Fills `sliver` (`depth.div_ceil(DEPTH_PER_WORD)` words deep) with the words of
     /// `x[lane0 + w, pc..pc + depth]` for the lanes `w` below `lane_end`, zeros past them
     /// (rows of `x` are the sliver's lanes, its columns the depth), and zeros for the
-    /// depth steps past `depth` in the last word.
+    /// depth steps past `depth` in the last word. `operand` says which of the product's
+    /// operands `x` is (the AMX tiles lay out A and B differently).
     fn pack_sliver<const W: usize>(
         x: MatRef<T>,
+        operand: Operand,
         lane0: usize,
         lane_end: usize,
         pc: usize,
         depth: usize,
         sliver: &mut [[Self::Word; W]],
     );
+
+    /// Runs `microkernel_calls` (one thread's calls for one block of C) with the state the
+    /// microkernel needs: nothing for the vector kernels, the tile configuration for AMX.
+    fn with_microkernel_state(microkernel_calls: impl FnOnce()) {
+        microkernel_calls();
+    }
+}
+
+/// Which operand of `C = A @ B` a sliver is packed from: its lanes are A's rows or B's
+/// columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Operand {
+    A,
+    B,
 }
 
 /// A packed word type, with this thread's packing buffers for it.
@@ -529,8 +614,10 @@ macro_rules! packed_word {
         }
     )*};
 }
-// f32 for the f32 microkernels, u32 for bf16 pairs.
+// f32 for the f32 microkernels, u32 for bf16 pairs, tile rows for AMX.
 packed_word!(f32, u32);
+#[cfg(target_arch = "x86_64")]
+packed_word!(gemm_amx::TileRow);
 
 /// Every input widened to one f32 per depth step, for the f32 microkernels.
 pub(super) struct Widened;
@@ -542,6 +629,7 @@ impl<T: GemmInput> Packing<T> for Widened {
 
     fn pack_sliver<const W: usize>(
         x: MatRef<T>,
+        _: Operand,
         lane0: usize,
         lane_end: usize,
         pc: usize,
@@ -570,8 +658,9 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
         Left::Strided(_) => depth_block(k, P::KC, P::DEPTH_PER_WORD, threads > 1),
         Left::Packed { block_depth, .. } => block_depth,
     };
-    // As many rows as keep the packed A block within MC x KC words.
-    let mc_max = (MC * KC / block_depth.div_ceil(P::DEPTH_PER_WORD)).max(MR);
+    // As many rows as keep the packed A block within the bytes of MC x KC f32 words.
+    let block_bytes = block_depth.div_ceil(P::DEPTH_PER_WORD) * size_of::<P::Word>();
+    let mc_max = (MC * KC * size_of::<f32>() / block_bytes).max(MR);
     let blocks = m.div_ceil(mc_max).next_multiple_of(threads);
     let mc = m.div_ceil(blocks).next_multiple_of(MR);
     // The packing buffers are reused from call to call (one per thread): a fresh
@@ -598,26 +687,28 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
                     }
                 };
                 let mut edge = [[0.0f32; NR]; MR];
-                for (jr, b_sliver) in b_slivers.chunks_exact(words).enumerate() {
-                    for (ir, a_sliver) in a_slivers.chunks_exact(words).enumerate() {
-                        let (i0, j0) = (ir * MR, jc + jr * NR);
-                        let (tile_rows, tile_cols) = (MR.min(rows - i0), NR.min(jc + nc - j0));
-                        if tile_rows == MR && tile_cols == NR {
-                            // SAFETY: `kernel` comes from `sgemm_with_isa`, which checked that
-                            // the CPU has its features; the slivers have the same length `kc`.
-                            unsafe { kernel(a_sliver, b_sliver, &mut c_rows[i0 * n + j0..], n, pc == 0) };
-                            continue;
-                        }
-                        // A tile over the edge of C: computed into a full-size scratch tile,
-                        // then its valid part is stored.
-                        // SAFETY: as above; `edge` holds (MR - 1) * NR + NR values.
-                        unsafe { kernel(a_sliver, b_sliver, edge.as_flattened_mut(), NR, true) };
-                        for (r, tile_row) in edge.iter().take(tile_rows).enumerate() {
-                            let c_row = &mut c_rows[(i0 + r) * n + j0..][..tile_cols];
-                            store_tile_row(c_row, &tile_row[..tile_cols], pc == 0);
+                P::with_microkernel_state(|| {
+                    for (jr, b_sliver) in b_slivers.chunks_exact(words).enumerate() {
+                        for (ir, a_sliver) in a_slivers.chunks_exact(words).enumerate() {
+                            let (i0, j0) = (ir * MR, jc + jr * NR);
+                            let (tile_rows, tile_cols) = (MR.min(rows - i0), NR.min(jc + nc - j0));
+                            if tile_rows == MR && tile_cols == NR {
+                                // SAFETY: `kernel` comes from `sgemm_with_isa`, which checked that
+                                // the CPU has its features; the slivers have the same length `kc`.
+                                unsafe { kernel(a_sliver, b_sliver, &mut c_rows[i0 * n + j0..], n, pc == 0) };
+                                continue;
+                            }
+                            // A tile over the edge of C: computed into a full-size scratch tile,
+                            // then its valid part is stored.
+                            // SAFETY: as above; `edge` holds (MR - 1) * NR + NR values.
+                            unsafe { kernel(a_sliver, b_sliver, edge.as_flattened_mut(), NR, true) };
+                            for (r, tile_row) in edge.iter().take(tile_rows).enumerate() {
+                                let c_row = &mut c_rows[(i0 + r) * n + j0..][..tile_cols];
+                                store_tile_row(c_row, &tile_row[..tile_cols], pc == 0);
+                            }
                         }
                     }
-                }
+                });
                 if last_depth_block && !epilogue.is_none() {
                     epilogue.apply(isa, c_rows, n, rows, jc, nc);
                 }
@@ -633,15 +724,23 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
     packed_b_buffer.set(packed_b);
 }
 
-/// `buffer` grown to hold `slivers` slivers of `depth` words of `W` lanes, viewed as such.
-/// The values are left as they were: packing writes every lane, padding included.
+/// `buffer` grown to hold `slivers` slivers of `depth` words of `W` lanes, viewed as such,
+/// from its first word on a 64-byte boundary (a cache line: a sliver row of whole lines
+/// is then loaded without a line split). The values are left as they were: packing
+/// writes every lane, padding included.
 fn sliver_buffer<D: PackedWord, const W: usize>(buffer: &mut Vec<D>, slivers: usize, depth: usize) -> &mut [[D; W]] {
     let len = slivers * depth * W;
-    if buffer.len() < len {
-        buffer.resize(len, D::default());
+    let slack = CACHE_LINE.div_ceil(size_of::<D>());
+    if buffer.len() < len + slack {
+        buffer.resize(len + slack, D::default());
     }
-    buffer[..len].as_chunks_mut::<W>().0
+    // `align_offset` may give up (`usize::MAX`): then the buffer starts where it is.
+    let start = buffer.as_ptr().align_offset(CACHE_LINE).min(slack).min(buffer.len() - len);
+    buffer[start..start + len].as_chunks_mut::<W>().0
 }
+
+/// Bytes in a cache line.
+const CACHE_LINE: usize = 64;
 
 /// The depth of the blocks of a product of depth `k`, given the packing's block depth
 /// `kc` ([`Packing::KC`]; a multiple of `per_word`, its depth steps per word): as few
@@ -691,7 +790,7 @@ pub(super) fn pack_b<'buf, T: GemmInput, P: Packing<T>, const NR: usize>(
     let words = kc.div_ceil(P::DEPTH_PER_WORD);
     let packed = sliver_buffer::<P::Word, NR>(buffer, nc.div_ceil(NR), words);
     // A B sliver is a sliver of B^T: lanes are B's columns, depth runs down B's rows.
-    pack_slivers::<T, P, NR>(b.transposed(), jc..jc + nc, pc, kc, packed, parallel);
+    pack_slivers::<T, P, NR>(b.transposed(), Operand::B, jc..jc + nc, pc, kc, packed, parallel);
     packed
 }
 
@@ -708,7 +807,7 @@ fn pack_a<'buf, T: GemmInput, P: Packing<T>, const MR: usize>(
 ) -> &'buf [[P::Word; MR]] {
     let words = kc.div_ceil(P::DEPTH_PER_WORD);
     let packed = sliver_buffer::<P::Word, MR>(buffer, mc.div_ceil(MR), words);
-    pack_slivers::<T, P, MR>(a, ic..ic + mc, pc, kc, packed, false);
+    pack_slivers::<T, P, MR>(a, Operand::A, ic..ic + mc, pc, kc, packed, false);
     packed
 }
 
@@ -718,6 +817,7 @@ fn pack_a<'buf, T: GemmInput, P: Packing<T>, const MR: usize>(
 /// slivers are large enough.
 pub(super) fn pack_slivers<T: GemmInput, P: Packing<T>, const W: usize>(
     x: MatRef<T>,
+    operand: Operand,
     lanes: std::ops::Range<usize>,
     pc: usize,
     kc: usize,
@@ -725,8 +825,9 @@ pub(super) fn pack_slivers<T: GemmInput, P: Packing<T>, const W: usize>(
     parallel: bool,
 ) {
     let words = kc.div_ceil(P::DEPTH_PER_WORD);
-    let pack =
-        |s: usize, sliver: &mut [[P::Word; W]]| P::pack_sliver(x, lanes.start + s * W, lanes.end, pc, kc, sliver);
+    let pack = |s: usize, sliver: &mut [[P::Word; W]]| {
+        P::pack_sliver(x, operand, lanes.start + s * W, lanes.end, pc, kc, sliver)
+    };
     if parallel && slivers.len() * W >= PARALLEL_PACK_MIN {
         parallel::for_each_chunk_mut(slivers, words, pack);
     } else {
@@ -1157,7 +1258,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(24))]
 
         /// f16 and bf16 operands on every ISA this CPU has (widened to f32 while packing;
-        /// bf16 on AVX-512 with AVX512_BF16 as pairs on `vdpbf16ps`) against the f64
+        /// bf16 on AVX-512 by the best [`Bf16Path`]) against the f64
         /// product of their values.
         #[test]
         fn half_precision_inputs_accumulate_in_f32_on_every_isa(

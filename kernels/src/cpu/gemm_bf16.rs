@@ -23,11 +23,12 @@
 //! - lanes contiguous (a row-major B): two rows of B interleaved 16 bits at a time;
 //! - any other strides: value by value.
 //!
-//! Used for bf16 operands when the CPU has AVX512_BF16 ([`has_dot_product`]); without
-//! it bf16 operands are widened to f32 as they are packed (see [`super::gemm`]).
+//! Used for bf16 operands when the CPU has AVX512_BF16 ([`has_dot_product`]) but not
+//! AMX (`gemm_amx.rs`, faster where present); without either, bf16 operands are widened
+//! to f32 as they are packed (see [`super::gemm`]).
 
 use super::gemm::x86::{AVX512_MR, AVX512_NR, PACK_MAX_LANES, pack_lines_avx2, two_vector_microkernel};
-use super::gemm::{Isa, KC, MatRef, Packing};
+use super::gemm::{Isa, KC, MatRef, Operand, Packing};
 use half::bf16;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
@@ -62,6 +63,7 @@ impl Packing<bf16> for Bf16Pairs {
 
     fn pack_sliver<const W: usize>(
         x: MatRef<bf16>,
+        _: Operand,
         lane0: usize,
         lane_end: usize,
         pc: usize,
@@ -150,15 +152,15 @@ two_vector_microkernel!(
 const _: () = assert!(AVX512_NR == 32, "the tile is two 16-lane vectors wide");
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
-    use crate::cpu::gemm::{Epilogue, gemm_with_isa};
+    use crate::cpu::gemm::{Bf16Path, Dims, Epilogue, Problem, blocked_bf16_gemm, gemm_with_isa};
     use proptest::prelude::*;
 
     /// A `rows x cols` bf16 matrix with values from `seed`, stored with the given layout:
     /// 0 row-major, 1 column-major, 2 every other element of a row-major matrix twice as
     /// wide (neither stride 1), each with one unused value in front.
-    fn matrix(rows: usize, cols: usize, layout: u8, seed: u64) -> (Vec<bf16>, usize, usize) {
+    pub(in crate::cpu) fn matrix(rows: usize, cols: usize, layout: u8, seed: u64) -> (Vec<bf16>, usize, usize) {
         let (row_stride, col_stride, len) = match layout {
             0 => (cols, 1, rows * cols),
             1 => (1, rows, rows * cols),
@@ -174,11 +176,11 @@ mod tests {
         (data, row_stride, col_stride)
     }
 
-    fn view(m: &(Vec<bf16>, usize, usize)) -> MatRef<'_, bf16> {
+    pub(in crate::cpu) fn view(m: &(Vec<bf16>, usize, usize)) -> MatRef<'_, bf16> {
         MatRef { data: &m.0, offset: 1, row_stride: m.1, col_stride: m.2 }
     }
 
-    fn at(m: &MatRef<bf16>, i: usize, j: usize) -> f64 {
+    pub(in crate::cpu) fn at(m: &MatRef<bf16>, i: usize, j: usize) -> f64 {
         m.data[m.offset + i * m.row_stride + j * m.col_stride].to_f64()
     }
 
@@ -192,7 +194,7 @@ mod tests {
                     let x = view(&x);
                     for (lane0, lane_end) in [(0, W), (1, W + 1), (3, W + 3), (W, W + 1)] {
                         let mut sliver = vec![[u32::MAX; W]; depth.div_ceil(2)];
-                        Bf16Pairs::pack_sliver(x, lane0, lane_end, pc, depth, &mut sliver);
+                        Bf16Pairs::pack_sliver(x, Operand::A, lane0, lane_end, pc, depth, &mut sliver);
                         for (q, row) in sliver.iter().enumerate() {
                             for (w, &word) in row.iter().enumerate() {
                                 let value = |p: usize| {
@@ -220,26 +222,38 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
 
-        /// The dot-product path against an f64 product of the same bf16 values, tolerance
-        /// relative to `sum |a b|` (f32 accumulation). Skipped without AVX512_BF16.
+        /// Every bf16 path this CPU has (the dot product, the AMX tiles), packed whatever
+        /// the size, and the routed product (`gemm_with_isa`), against an f64 product of
+        /// the same bf16 values, tolerance relative to `sum |a b|` (f32 accumulation).
+        /// Depths up to 1100 take two or three depth blocks. Skipped without AVX-512.
         #[test]
-        fn dot_product_gemm_matches_naive_f64(
-            m in 1usize..=40, n in 1usize..=70, k in 1usize..=1100,
+        fn bf16_paths_match_naive_f64(
+            m in 1usize..=70, n in 1usize..=70, k in 1usize..=1100,
             a_layout in 0u8..3, b_layout in 0u8..3, seed in any::<u64>(),
         ) {
-            if !has_dot_product() {
+            if !Isa::Avx512.is_available() {
                 return Ok(());
             }
             let (a, b) = (matrix(m, k, a_layout, seed), matrix(k, n, b_layout, seed ^ 0x5bd1));
             let (a, b) = (view(&a), view(&b));
-            let mut c = vec![f32::NAN; m * n];
-            gemm_with_isa(Isa::Avx512, m, n, k, a, b, &mut c, Epilogue::NONE);
-            for i in 0..m {
-                for j in 0..n {
-                    let want: f64 = (0..k).map(|p| at(&a, i, p) * at(&b, p, j)).sum();
-                    let scale: f64 = (0..k).map(|p| (at(&a, i, p) * at(&b, p, j)).abs()).sum::<f64>().max(1.0);
-                    let got = c[i * n + j] as f64;
-                    prop_assert!((got - want).abs() <= 1e-5 * scale, "C[{i},{j}] = {got}, expected {want} ({m}x{n}x{k})");
+            let problem = Problem { dims: Dims { m, n, k }, isa: Isa::Avx512, epilogue: Epilogue::NONE };
+            let paths = Bf16Path::ALL.into_iter().filter(|path| path.is_available());
+            for path in paths.map(Some).chain([None]) {
+                let mut c = vec![f32::NAN; m * n];
+                match path {
+                    Some(path) => blocked_bf16_gemm(path, problem, a, b, &mut c),
+                    None => gemm_with_isa(Isa::Avx512, m, n, k, a, b, &mut c, Epilogue::NONE),
+                }
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k).map(|p| at(&a, i, p) * at(&b, p, j)).sum();
+                        let scale: f64 = (0..k).map(|p| (at(&a, i, p) * at(&b, p, j)).abs()).sum::<f64>().max(1.0);
+                        let got = c[i * n + j] as f64;
+                        prop_assert!(
+                            (got - want).abs() <= 1e-5 * scale,
+                            "{path:?}: C[{i},{j}] = {got}, expected {want} ({m}x{n}x{k})"
+                        );
+                    }
                 }
             }
         }

@@ -12,12 +12,12 @@
 //! (only B is packed per call).
 //!
 //! The packing is for the f32 microkernel of one instruction set, f16 and bf16 operands
-//! widened as they are packed (so bf16 does not use AVX512_BF16's dot products here).
+//! widened as they are packed (so bf16 uses neither `vdpbf16ps` nor the AMX tiles here).
 
 #[cfg(target_arch = "x86_64")]
 use super::gemm::x86;
 use super::gemm::{
-    Dims, Epilogue, GemmInput, Isa, KC, Left, MatRef, Problem, SCALAR_MR, Widened, depth_block, pack_slivers,
+    Dims, Epilogue, GemmInput, Isa, KC, Left, MatRef, Operand, Problem, SCALAR_MR, Widened, depth_block, pack_slivers,
     widened_blocked_gemm, without_products,
 };
 use crate::parallel;
@@ -109,7 +109,7 @@ fn pack_all<T: GemmInput, const MR: usize>(m: usize, k: usize, a: MatRef<T>, blo
     for pc in (0..k).step_by(block_depth) {
         let kc = block_depth.min(k - pc);
         let (block, after) = rest.split_at_mut(slivers * MR * kc);
-        pack_slivers::<T, Widened, MR>(a, 0..m, pc, kc, block.as_chunks_mut::<MR>().0, true);
+        pack_slivers::<T, Widened, MR>(a, Operand::A, 0..m, pc, kc, block.as_chunks_mut::<MR>().0, true);
         rest = after;
     }
     words

@@ -17,6 +17,8 @@ mod conv_winograd_grad;
 pub mod copy;
 pub mod gemm;
 #[cfg(target_arch = "x86_64")]
+mod gemm_amx;
+#[cfg(target_arch = "x86_64")]
 mod gemm_bf16;
 mod gemm_packed_a;
 mod gemm_small;
