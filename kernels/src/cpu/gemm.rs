@@ -69,11 +69,16 @@ const NC: usize = 4096;
 /// Below this many multiply-adds (`m * n * k`) the product runs on the calling thread.
 pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 18;
 /// From this many multiply-adds on, bf16 products that the unpacked path would take run
-/// packed on `vdpbf16ps` or the AMX tiles instead, where the CPU has them. Measured through `Tensor::matmul`
-/// at 2 threads on Zen 4 (`vdpbf16ps`): 128^3 (2^21) 80 GFLOP/s packed, 104 widened and
-/// unpacked; 256^3 (2^24) 172 packed, 145 widened; 512^3 327-338 packed. The threshold
-/// sits between the first two.
+/// packed on `vdpbf16ps` instead, where the CPU has it. Measured through `Tensor::matmul`
+/// at 2 threads on Zen 4: 128^3 (2^21) 80 GFLOP/s packed, 104 widened and unpacked; 256^3
+/// (2^24) 172 packed, 145 widened; 512^3 327-338 packed. The threshold sits between the
+/// first two.
 const BF16_DOT_MIN_WORK: usize = 1 << 22;
+/// The same for the AMX tiles. On a Xeon with AMX, packed on the tiles against widened
+/// and unpacked, best of 5 x 50 calls, GFLOP/s at one thread (two): `64^3` (2^18) 153
+/// against 85 (82 against 50), `128^3` 251 against 104 (226 against 100), `256^3` and up
+/// the same (both packed). Smaller products are not measured, and stay unpacked.
+const BF16_TILES_MIN_WORK: usize = 1 << 18;
 /// Below this many values a B panel is packed on the calling thread.
 const PARALLEL_PACK_MIN: usize = 1 << 16;
 
@@ -146,6 +151,22 @@ impl Bf16Path {
         *BEST.get_or_init(|| {
             Bf16Path::ALL.into_iter().rev().find(|path| path.is_available()).unwrap_or(Bf16Path::Widened)
         })
+    }
+
+    /// The path bf16 operands take with the f32 microkernel of `isa`: the best one with
+    /// AVX-512, else widened.
+    fn with_isa(isa: Isa) -> Bf16Path {
+        if isa == Isa::Avx512 { Bf16Path::best() } else { Bf16Path::Widened }
+    }
+
+    /// From how many multiply-adds a bf16 product that the unpacked path would take runs
+    /// packed on this path instead.
+    fn packed_min_work(self) -> usize {
+        match self {
+            Bf16Path::Widened => usize::MAX,
+            Bf16Path::DotProduct => BF16_DOT_MIN_WORK,
+            Bf16Path::Tiles => BF16_TILES_MIN_WORK,
+        }
     }
 
     /// The path's name: `widened`, `vdpbf16ps` or `amx`.
@@ -312,10 +333,9 @@ pub fn gemm_with_isa<T: GemmInput>(
         // f16/bf16: the unpacked path reads f32, so the operands are widened first when
         // their views are compact (a copy of `m k + k n` values, small next to the
         // `m n k` multiply-adds; the packed path's packing costs more at these sizes),
-        // unless the packed path multiplies bf16 pairs at twice the f32 rate.
-        let dot_product_pays =
-            Bf16Path::best() != Bf16Path::Widened && a.cast::<bf16>().is_some() && m * n * k >= BF16_DOT_MIN_WORK;
-        if !dot_product_pays && let (Some(a_wide), Some(b_wide)) = (widened_span(a, m, k), widened_span(b, k, n)) {
+        // unless the packed path multiplies bf16 on the dot product or the AMX tiles.
+        let packed_pays = a.cast::<bf16>().is_some() && m * n * k >= Bf16Path::with_isa(isa).packed_min_work();
+        if !packed_pays && let (Some(a_wide), Some(b_wide)) = (widened_span(a, m, k), widened_span(b, k, n)) {
             let a32 = MatRef { data: &a_wide, offset: 0, row_stride: a.row_stride, col_stride: a.col_stride };
             let b32 = MatRef { data: &b_wide, offset: 0, row_stride: b.row_stride, col_stride: b.col_stride };
             gemm_small::small_sgemm(isa, m, n, k, a32, b32, c, epilogue);
@@ -395,8 +415,8 @@ fn packed_gemm<T: GemmInput>(
         return;
     }
     let problem = Problem { dims: Dims { m, n, k }, isa, epilogue };
-    if let (Isa::Avx512, Some(a), Some(b)) = (isa, a.cast::<bf16>(), b.cast::<bf16>()) {
-        blocked_bf16_gemm(Bf16Path::best(), problem, a, b, c);
+    if let (Some(a), Some(b)) = (a.cast::<bf16>(), b.cast::<bf16>()) {
+        blocked_bf16_gemm(Bf16Path::with_isa(isa), problem, a, b, c);
         return;
     }
     widened_blocked_gemm(problem, Left::Strided(a), b, c);
@@ -760,6 +780,11 @@ const CACHE_LINE: usize = 64;
 /// `kc`. Blocks of up to 1024 for a product of depth 768 lost 2-5% at one thread
 /// (`128 x 128 x 768`, `512 x 128 x 768`: weight gradients, B slivers past L1).
 pub(super) fn depth_block(k: usize, kc: usize, per_word: usize, shared: bool) -> usize {
+    let kc = if per_word == 32 {
+        std::env::var("SCRATCH_KC_BF16").ok().and_then(|v| v.parse().ok()).unwrap_or(kc)
+    } else {
+        kc
+    };
     let max = if shared && k > 2 * kc { 2 * kc } else { kc };
     let blocks = k.div_ceil(max).max(1);
     k.div_ceil(blocks).next_multiple_of(per_word).max(per_word)

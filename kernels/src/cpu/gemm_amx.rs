@@ -38,6 +38,7 @@
 use super::gemm::{KC, MatRef, Operand, Packing};
 use half::bf16;
 use std::arch::asm;
+use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
 use std::sync::OnceLock;
 
 /// Tile height of the microkernel: two A tiles of 16 rows.
@@ -227,6 +228,17 @@ pub(super) unsafe fn amx_tile(
     assert!(c.len() >= (AMX_MR - 1) * ldc + AMX_NR, "amx_tile: C tile out of bounds");
     let c_ptr = c.as_mut_ptr();
     let row_bytes = ldc * size_of::<f32>();
+    // The tile's 64 cache lines of C on their way while the products run: without this,
+    // the stores at the end wait for lines that miss (1.1-1.5x slower, most on shallow
+    // products whose C does not stay in cache).
+    for r in 0..AMX_MR {
+        // SAFETY: row `r` of the tile, 32 values from `r * ldc`, is inside `c` (asserted);
+        // a prefetch never faults.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(c_ptr.add(r * ldc).cast());
+            _mm_prefetch::<_MM_HINT_T0>(c_ptr.add(r * ldc + 16).cast());
+        }
+    }
     // SAFETY: the tiles are configured by `TILE_CONFIG` (the caller's promise). C: rows 0-15 and 16-31 (`c_low`), 16 rows
     // `row_bytes` apart, 64 bytes each at columns 0 and 16, all inside `c` (asserted).
     // A: `a.len()` sliver rows of 2 KB, each two tiles of 16 rows 64 bytes apart (at 0 and
