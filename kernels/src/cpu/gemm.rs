@@ -422,9 +422,13 @@ fn packed_gemm<T: GemmInput>(
     widened_blocked_gemm(problem, Left::Strided(a), b, c);
 }
 
-/// [`blocked_gemm`] on bf16 operands by `path` (which must be available; the problem's
-/// ISA is the f32 microkernel's for [`Bf16Path::Widened`]).
+/// [`blocked_gemm`] on bf16 operands by `path` (the problem's ISA is the f32
+/// microkernel's for [`Bf16Path::Widened`]).
+///
+/// # Panics
+/// If this CPU cannot take `path`.
 pub(super) fn blocked_bf16_gemm(path: Bf16Path, problem: Problem, a: MatRef<bf16>, b: MatRef<bf16>, c: &mut [f32]) {
+    assert!(path.is_available(), "gemm: the bf16 path {path:?} is not supported by this CPU");
     match path {
         Bf16Path::Widened => widened_blocked_gemm(problem, Left::Strided(a), b, c),
         #[cfg(target_arch = "x86_64")]
@@ -566,8 +570,10 @@ pub(super) enum Left<'a, T, W> {
 /// `a.len() == b.len()`, the depth) is written to `c` (`first`) or added to it: row `r`
 /// of the tile is `c[r * ldc..][..NR]`.
 ///
-/// `unsafe` because the SIMD kernels require their CPU features; [`sgemm_with_isa`] checks
-/// them before choosing one.
+/// `unsafe` because the SIMD kernels require their CPU features, which [`gemm_with_isa`]
+/// and [`blocked_bf16_gemm`] check before choosing one, and the AMX kernel the tile
+/// configuration that its packing's [`Packing::with_microkernel_state`] sets up around
+/// the calls.
 ///
 /// # Panics
 /// If `c` is shorter than `(MR - 1) * ldc + NR`.
@@ -610,7 +616,9 @@ pub(super) trait Packing<T: GemmInput> {
 /// columns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Operand {
+    /// The left operand: a sliver's lanes are rows of A.
     A,
+    /// The right operand: a sliver's lanes are columns of B.
     B,
 }
 
@@ -713,8 +721,9 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
                             let (i0, j0) = (ir * MR, jc + jr * NR);
                             let (tile_rows, tile_cols) = (MR.min(rows - i0), NR.min(jc + nc - j0));
                             if tile_rows == MR && tile_cols == NR {
-                                // SAFETY: `kernel` comes from `sgemm_with_isa`, which checked that
-                                // the CPU has its features; the slivers have the same length `kc`.
+                                // SAFETY: `kernel` comes from `gemm_with_isa` or `blocked_bf16_gemm`,
+                                // which checked that the CPU has its features, and runs inside
+                                // `P::with_microkernel_state`; the slivers have the same depth.
                                 unsafe { kernel(a_sliver, b_sliver, &mut c_rows[i0 * n + j0..], n, pc == 0) };
                                 continue;
                             }

@@ -162,6 +162,7 @@ impl Packing<bf16> for AmxTiles {
                 // the sliver row (lane `w`, step `s` of the pair) is in word `f / 32`.
                 // With the lanes contiguous (a row-major B) each depth step is read as
                 // one run of `lanes` values.
+                assert!(W.is_multiple_of(16), "B slivers are whole tiles of 16 lanes");
                 let lanes_contiguous = x.row_stride == 1;
                 for (q, row) in sliver.iter_mut().enumerate() {
                     for step in 0..WORD_DEPTH.min(depth - q * WORD_DEPTH) {
