@@ -249,11 +249,11 @@ pub(super) unsafe fn amx_tile(
             _mm_prefetch::<_MM_HINT_T0>(c_ptr.add(r * ldc + 16).cast());
         }
     }
-    // SAFETY: the tiles are configured by `TILE_CONFIG` (the caller's promise). C: rows 0-15 and 16-31 (`c_low`), 16 rows
-    // `row_bytes` apart, 64 bytes each at columns 0 and 16, all inside `c` (asserted).
-    // A: `a.len()` sliver rows of 2 KB, each two tiles of 16 rows 64 bytes apart (at 0 and
-    // 1 KB). B: as many rows of 2 KB, each two tiles of 16 rows 128 bytes apart (at 0 and
-    // 64). The loop runs `a.len() >= 1` times.
+    // SAFETY: the tiles are configured by `TILE_CONFIG` (the caller's promise). C: rows
+    // 0-15 and 16-31 (`c_low`), 16 rows `row_bytes` apart, 64 bytes each at columns 0 and
+    // 16, all inside `c` (asserted). A: `a.len()` sliver rows of 2 KB, each two tiles of 16
+    // rows 64 bytes apart (at 0 and 1 KB). B: as many rows of 2 KB, each two tiles of 16
+    // rows 128 bytes apart (at 0 and 64). The loop runs `a.len() >= 1` times.
     unsafe {
         let c_low = c_ptr.add(16 * ldc);
         asm!(
