@@ -129,7 +129,8 @@ pub enum Bf16Path {
 }
 
 impl Bf16Path {
-    /// Every path, slowest first.
+    /// Every path; [`Bf16Path::best`] takes the last one available. (The order is not
+    /// always by speed: on a Xeon with AMX the dot product ran slower than widening.)
     pub const ALL: [Bf16Path; 3] = [Bf16Path::Widened, Bf16Path::DotProduct, Bf16Path::Tiles];
 
     /// Whether this CPU (and, for the tiles, this process) can take the path.
@@ -755,16 +756,18 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
 
 /// `buffer` grown to hold `slivers` slivers of `depth` words of `W` lanes, viewed as such,
 /// from its first word on a 64-byte boundary (a cache line: a sliver row of whole lines
-/// is then loaded without a line split). The values are left as they were: packing
-/// writes every lane, padding included.
+/// is then loaded without a line split; large allocations start 16 bytes past one here,
+/// glibc's chunk header). The values are left as they were: packing writes every lane,
+/// padding included.
 fn sliver_buffer<D: PackedWord, const W: usize>(buffer: &mut Vec<D>, slivers: usize, depth: usize) -> &mut [[D; W]] {
     let len = slivers * depth * W;
     let slack = CACHE_LINE.div_ceil(size_of::<D>());
     if buffer.len() < len + slack {
         buffer.resize(len + slack, D::default());
     }
-    // `align_offset` may give up (`usize::MAX`): then the buffer starts where it is.
-    let start = buffer.as_ptr().align_offset(CACHE_LINE).min(slack).min(buffer.len() - len);
+    // `align_offset` may give up (`usize::MAX`): then the words start where the buffer does.
+    let offset = buffer.as_ptr().align_offset(CACHE_LINE);
+    let start = if offset <= slack { offset } else { 0 };
     buffer[start..start + len].as_chunks_mut::<W>().0
 }
 

@@ -8,7 +8,7 @@
 //! `c[i][j] += sum over p of a[i][2p] b[p][2j] + a[i][2p + 1] b[p][2j + 1]` (Intel SDM,
 //! "TDPBF16PS"). Each accumulation rounds to nearest even; denormal inputs are read as
 //! zero and denormal results flushed to zero, as with `vdpbf16ps` (`gemm_bf16.rs`).
-//! One instruction is 8192 multiply-adds, 256 f32 FMAs of 16 lanes.
+//! One instruction is 8192 multiply-adds, 512 f32 FMAs of 16 lanes.
 //!
 //! The microkernel keeps a 32 x 32 tile of C in four f32 tiles (two by two). For every
 //! 32 depth steps it loads two A tiles (rows 0-15 and 16-31) and two B tiles (columns
@@ -29,20 +29,23 @@
 //! Measured on a 2-vCPU Intel Xeon with AMX (`bench_kernels quick bf16`, in GFLOP/s,
 //! against our f32 GEMM in the same run): at one thread `512^3` 628 (5.5x f32), `1024^3`
 //! 518 (3.6x), `4096 x 1536 x 384` 548 (4.0x); at two threads 843, 1048 and 1245 (3.7-4.4x).
-//! Other runs of these lines varied by up to 1.5x on this shared host. The microkernel
-//! alone, from L2, ran at 600-760 GFLOP/s on one core. The `vdpbf16ps` kernel ran at
-//! 0.66-0.83x f32 on the same CPU: ten independent chains issued 1.6 G `vdpbf16ps` per
-//! second against 6.5 G `vfmadd231ps`, so it does half the f32 FMA's work per second
-//! there (on Zen 4, twice).
+//! Other runs of these lines varied by up to 1.5x on this shared host. The same loop as
+//! the microkernel, in a standalone program with its slivers in L2, ran at 600-760
+//! GFLOP/s on one core. The `vdpbf16ps` kernel ran at 0.66-0.83x f32 on the same CPU: ten
+//! independent chains issued 1.6 G `vdpbf16ps` per second against 6.5 G `vfmadd231ps`,
+//! half the f32 FMA's multiply-adds per second.
 //!
 //! Linux asks a process to request the tiles' register state before its first tile
 //! instruction (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`): [`is_available`]
 //! asks once and uses AMX only where the CPU has it and the kernel grants it. A thread
 //! configures the tiles (`ldtilecfg`) before its microkernel calls for one block of C and
 //! releases them (`tilerelease`) after, so it holds no tile state between products.
-//! (Configuring them in every call cost more than half the microkernel's time on a
-//! `4096 x 1536 x 384` product: `ldtilecfg` waits for the stores of the previous tile of
-//! C, which miss the cache.)
+//! (Configuring them in every call put 56% of the microkernel's `perf` samples on
+//! `ldtilecfg` over the `bench_kernels quick bf16` lines; configuring once per block made
+//! five of the six lines 1.1-1.6x faster in one pair of runs, the sixth (`512^3` at two
+//! threads) 16% slower, within this host's noise. In a loop whose C stayed in L1 the
+//! configure and release cost about 100 ns a call, so in the product `ldtilecfg` most
+//! likely waited for the stores of the previous tile of C.)
 
 use super::gemm::{KC, MatRef, Operand, Packing};
 use half::bf16;
@@ -214,7 +217,9 @@ static TILE_CONFIG: TileConfig = TileConfig {
     rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
 };
 
-const _: () = assert!(size_of::<TileConfig>() == 64 && size_of::<TileRow>() == 64);
+// The microkernel's offsets (1024 and 64 bytes to the second A and B tile, 2048 per
+// sliver row) are for 32 x 32 tiles of 64-byte words.
+const _: () = assert!(size_of::<TileConfig>() == 64 && size_of::<TileRow>() == 64 && AMX_MR == 32 && AMX_NR == 32);
 
 /// AMX microkernel: a 32 x 32 f32 tile of C in four tile registers, 32 depth steps per
 /// packed word (see the module docs for the sliver layouts). Writes the tile's product
@@ -238,9 +243,10 @@ pub(super) unsafe fn amx_tile(
     assert!(c.len() >= (AMX_MR - 1) * ldc + AMX_NR, "amx_tile: C tile out of bounds");
     let c_ptr = c.as_mut_ptr();
     let row_bytes = ldc * size_of::<f32>();
-    // The tile's 64 cache lines of C on their way while the products run: without this,
-    // the stores at the end wait for lines that miss (1.1-1.5x slower, most on shallow
-    // products whose C does not stay in cache).
+    // The tile's 64 cache lines of C on their way while the products run, so that the
+    // stores at the end find them: `bench_kernels quick bf16`, three alternated runs, mean
+    // 1.1-1.4x faster with this, most on the shallow `4096 x 1536 x 384`, whose C does
+    // not stay in cache.
     for r in 0..AMX_MR {
         // SAFETY: row `r` of the tile, 32 values from `r * ldc`, is inside `c` (asserted);
         // a prefetch never faults.
