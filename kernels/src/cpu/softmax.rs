@@ -22,21 +22,28 @@
 //! - log-softmax: `dx = g - exp(y) * sum_j g_j`.
 //!
 //! For f32 along the last dim, when each row is contiguous in memory, both directions
-//! run a fused SIMD kernel per row (`UnitRows`): softmax reads the row for the max,
-//! writes `exp(x - max)` while summing (with [`math::exp_nonpositive`] on
-//! [`F32Vector::Wide`] vectors: 9% faster with AVX2 on Zen 3), and scales in
-//! place, so the input is read from memory once and the output written once. Whether to
-//! ask for the whole next row up front (64 lines at once for 1024 values) depends on the
-//! machine: with AVX-512 on Zen 4 it made LayerNorm 6-30% and softmax up to 23% slower
-//! (interleaved A/B runs on (4096, 1024); the hardware prefetcher streams the rows on its
-//! own), with AVX2 on Zen 3 (whose passes over a row from L1 take longer) LayerNorm ran
-//! 11-20% and softmax 1-16% faster at 1 and 2 threads. So the kernels (softmax here,
-//! LayerNorm and RMSNorm in `norm.rs`) prefetch with vectors narrower than AVX-512's;
-//! the other dims, dtypes and layouts take the generic kernel, which reads each line into
-//! a scratch buffer through `Rows`.
+//! run a fused SIMD kernel per row (`UnitRows`): softmax writes `exp(x - max)` while
+//! summing (with [`math::exp_nonpositive`] on [`F32Vector::Wide`] vectors: 9% faster with
+//! AVX2 on Zen 3) and scales in place, so the input is read from memory once and the
+//! output written once. Each row's max is taken by the side job of the last pass over the
+//! row before it ([`simd::update_alongside`], [`simd::map_alongside`]), so that the next
+//! row's reads from memory overlap this row's work from L1. Against a max pass of its own
+//! (alternated runs in one process on a Xeon, Sapphire Rapids, (4096, 1024), output in
+//! place, median ms): AVX-512 1.05 -> 0.90 at two threads and 2.18 -> 1.91 at one; AVX2
+//! 1.32 -> 1.24 and 4.06 -> 2.53 (a copy of the same bytes: 0.64 and 1.33). Asking for the
+//! whole next row up front instead (the kernel's earlier way with vectors narrower than
+//! AVX-512's: 1-16% faster with AVX2 on Zen 3) did not come near it (AVX-512 1.01 and 2.00
+//! ms, AVX2 1.32 and 4.11). The other dims, dtypes and layouts take the generic kernel,
+//! which reads each line into a scratch buffer through `Rows`.
+//!
+//! [`simd::update_alongside`]: super::simd::update_alongside
+//! [`simd::map_alongside`]: super::simd::map_alongside
 
 use super::map::PARALLEL_THRESHOLD;
-use super::simd::{F32Vector, Isa, Operand, Wide, kernel, map, map1_sum, math, max_of, prefetch_lines, sums, update};
+use super::simd::{
+    F32Vector, Isa, Operand, Wide, kernel, map, map_alongside, map1_sum, math, max_of, sums, tail_vector,
+    update_alongside,
+};
 use crate::layout::{Layout, for_each_offsets};
 use crate::parallel;
 use crate::{Element, FloatElem, Real};
@@ -220,32 +227,36 @@ pub(crate) fn for_row_blocks(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [
 const ROW_BLOCK_VALUES: usize = 1 << 18;
 
 kernel! {
-    /// Softmax or log-softmax of whole rows `first..` of `x` into `out`, with SIMD.
+    /// Softmax or log-softmax of whole rows `first..` of `x` into `out`, with SIMD. Each
+    /// row's max is taken by the side job of the last pass over the row before it (see
+    /// the module doc).
     fn softmax_f32(x: &[f32], rows: &UnitRows, first: usize, out: &mut [f32], kind: SoftmaxKind) {
         let n = rows.n;
         let count = out.len() / n.max(1);
+        if count == 0 {
+            return;
+        }
+        let mut max = max_of::<V>(rows.row(x, first));
         for (i, y) in out.chunks_exact_mut(n).enumerate() {
-            // With vectors narrower than AVX-512's, the next row on its way from memory
-            // while this one's passes run from L1 (see the softmax module doc).
-            if V::LANES < 16 && i + 1 < count {
-                prefetch_lines(rows.row(x, first + i + 1));
-            }
-            let x = rows.row(x, first + i);
-            let max = max_of::<V>(x);
+            // The last row's "next" is itself, already in L1: its max is not used.
+            let (row, next) = (rows.row(x, first + i), rows.row(x, first + (i + 1).min(count - 1)));
+            let mut next_max = V::splat(f32::NEG_INFINITY);
+            let take_next_max = |v: V| next_max = next_max.max(v);
             // The exponentials on `Wide<V>`, the rest on `V`.
             let wide_max = Wide::<V>::splat(max);
             match kind {
                 SoftmaxKind::Softmax => {
-                    let sum = map1_sum::<Wide<V>>(x, y, |v| math::exp_nonpositive(v - wide_max));
+                    let sum = map1_sum::<Wide<V>>(row, y, |v| math::exp_nonpositive(v - wide_max));
                     let scale = V::splat(1.0 / sum);
-                    update::<V, 1, 0>([y], [], |[e], []| [e * scale]);
+                    update_alongside::<V>(y, |e| e * scale, next, take_next_max);
                 }
                 SoftmaxKind::LogSoftmax => {
-                    let [sum] = sums::<Wide<V>, 1, 1>([Operand::Slice(x)], n, |[v]| [math::exp_nonpositive(v - wide_max)]);
+                    let [sum] = sums::<Wide<V>, 1, 1>([Operand::Slice(row)], n, |[v]| [math::exp_nonpositive(v - wide_max)]);
                     let (max, log_sum) = (V::splat(max), V::splat(sum.ln()));
-                    map::<V, 1>([Operand::Slice(x)], y, |[v]| (v - max) - log_sum);
+                    map_alongside::<V, 1>([Operand::Slice(row)], y, |[v]| (v - max) - log_sum, next, take_next_max);
                 }
             }
+            max = next_max.max(tail_vector::<V>(next, f32::NEG_INFINITY)).reduce_max();
         }
     }
 }

@@ -354,11 +354,63 @@ fn check_lens<const N: usize>(inputs: &[Operand; N], len: usize) {
 /// slices only (see `all_slices`).
 #[inline(always)]
 pub fn map<V: F32Vector, const N: usize>(inputs: [Operand; N], dst: &mut [f32], f: impl Fn([V; N]) -> V) {
+    map_alongside(inputs, dst, f, &[], |_| ());
+}
+
+/// [`map`] with a side job on another row: `side(v)` is given each whole vector of
+/// `next` in turn, beside the vector of `dst` at the same place. `next` is as long as
+/// `dst` or empty (no side job); its last `len % LANES` values are left to the caller
+/// ([`tail_vector`]).
+///
+/// Softmax takes the max of each row in a first pass that reads the row from memory,
+/// then works on it from L1. Done in turn, the first pass waits on memory with little to
+/// compute and the later passes compute with no reads in flight; given the first pass
+/// over the next row as the side job of its last pass over this one, the kernel overlaps
+/// the two (the figures are in the softmax module's doc). The side job must run beside
+/// the stores, vector by vector: the same work in a separate loop after the pass, or in
+/// blocks of four vectors each pass its own loop, was no faster than no pipelining; and
+/// its vectors come from zipped chunks, not by index (indexing either row lost 3-7% to
+/// the bounds checks, same-process A/B). A LayerNorm written this way (the next row's
+/// mean as the side job, its variance from L1) was no faster than its Welford pass, and
+/// RMSNorm already runs near a copy's speed, so the norms do not use it.
+#[inline(always)]
+pub fn map_alongside<V: F32Vector, const N: usize>(
+    inputs: [Operand; N],
+    dst: &mut [f32],
+    f: impl Fn([V; N]) -> V,
+    next: &[f32],
+    side: impl FnMut(V),
+) {
     check_lens(&inputs, dst.len());
+    assert!(next.is_empty() || next.len() == dst.len(), "simd: the next row's length differs");
     match all_slices(&inputs) {
-        Some(slices) => map_loop(slices, dst, f),
-        None => map_loop(inputs, dst, f),
+        Some(slices) => map_loop(slices, dst, f, next, side),
+        None => map_loop(inputs, dst, f, next, side),
     }
+}
+
+/// `buf[i] = f(buf[i])` in place, with [`map_alongside`]'s side job on `next` (here as
+/// long as `buf`, never empty: a kernel's last row can give itself).
+#[inline(always)]
+pub fn update_alongside<V: F32Vector>(buf: &mut [f32], f: impl Fn(V) -> V, next: &[f32], mut side: impl FnMut(V)) {
+    assert_eq!(next.len(), buf.len(), "simd: the next row's length differs");
+    let body = buf.len() - buf.len() % V::LANES;
+    let (head, tail) = buf.split_at_mut(body);
+    for (b, v) in head.chunks_exact_mut(V::LANES).zip(next.chunks_exact(V::LANES)) {
+        f(V::load(b)).store(b);
+        side(V::load(v));
+    }
+    if !tail.is_empty() {
+        f(V::load_partial(tail, 1.0)).store_partial(tail);
+    }
+}
+
+/// The last `len % LANES` values of `row` as a vector, the other lanes set to `pad`: what
+/// the side job of [`map_alongside`] and [`update_alongside`] leaves out (`pad` is a
+/// value that does not change the statistic: `-inf` for a max, 0 for a sum).
+#[inline(always)]
+pub fn tail_vector<V: F32Vector>(row: &[f32], pad: f32) -> V {
+    V::load_partial(&row[row.len() - row.len() % V::LANES..], pad)
 }
 
 /// `inputs` rebuilt as slice operands where every one is a slice. A loop given these
@@ -381,20 +433,34 @@ fn all_slices<'a, const N: usize>(inputs: &[Operand<'a>; N]) -> Option<[Operand<
 
 /// The loop of [`map`], on operands of checked lengths.
 #[inline(always)]
-fn map_loop<V: F32Vector, const N: usize>(inputs: [Operand; N], dst: &mut [f32], f: impl Fn([V; N]) -> V) {
+fn map_loop<V: F32Vector, const N: usize>(
+    inputs: [Operand; N],
+    dst: &mut [f32],
+    f: impl Fn([V; N]) -> V,
+    next: &[f32],
+    mut side: impl FnMut(V),
+) {
     let body = dst.len() - dst.len() % V::LANES;
     let (head, tail) = dst.split_at_mut(body);
     // Two vectors per iteration, as in `map1_sum`.
     let mut pairs = head.chunks_exact_mut(2 * V::LANES);
+    let mut next_pairs = next.chunks_exact(2 * V::LANES);
     for (i, d) in (&mut pairs).enumerate() {
         let start = 2 * i * V::LANES;
         let (y0, y1) = (f(load_all(&inputs, start, false)), f(load_all(&inputs, start + V::LANES, false)));
         y0.store(d);
         y1.store(&mut d[V::LANES..]);
+        if let Some(v) = next_pairs.next() {
+            side(V::load(v));
+            side(V::load(&v[V::LANES..]));
+        }
     }
     let single = pairs.into_remainder();
     if !single.is_empty() {
         f(load_all(&inputs, body - V::LANES, false)).store(single);
+        if !next.is_empty() {
+            side(V::load(&next[body - V::LANES..]));
+        }
     }
     if !tail.is_empty() {
         f(load_all(&inputs, body, true)).store_partial(tail);
@@ -752,6 +818,10 @@ mod tests {
         map_of_slices: Vec<f32>,
         update_from_splat: Vec<f32>,
         update_from_slice: Vec<f32>,
+        /// [`map_alongside`]'s output, and the max of the next row from its side job.
+        map_alongside: (Vec<f32>, f32),
+        /// [`update_alongside`]'s output, and the max of the next row from its side job.
+        update_alongside: (Vec<f32>, f32),
     }
 
     kernel! {
@@ -779,6 +849,13 @@ mod tests {
         update::<V, 1, 1>([&mut update_from_splat], [Operand::Splat(0.5)], |[v], [h]| [v * h]);
         let mut update_from_slice = x.to_vec();
         update::<V, 1, 1>([&mut update_from_slice], [y_slice], |[v], [w]| [v - w]);
+        // The side jobs take the max of another row; `tail_vector` adds what they leave.
+        let next: Vec<f32> = x.iter().rev().map(|v| v * 2.0 + 0.5).collect();
+        let finish_max = |max: V| max.max(tail_vector::<V>(&next, f32::NEG_INFINITY)).reduce_max();
+        let (mut map_out, mut map_max) = (vec![0.0; len], V::splat(f32::NEG_INFINITY));
+        map_alongside::<V, 2>([x_slice, y_slice], &mut map_out, |[a, b]| a * b, &next, |v| map_max = map_max.max(v));
+        let (mut update_out, mut update_max) = (x.to_vec(), V::splat(f32::NEG_INFINITY));
+        update_alongside::<V>(&mut update_out, |v| v * V::splat(0.5), &next, |v| update_max = update_max.max(v));
         LoopResults {
             sums_with_splat,
             sums_of_slices,
@@ -788,6 +865,8 @@ mod tests {
             map_of_slices,
             update_from_splat,
             update_from_slice,
+            map_alongside: (map_out, finish_max(map_max)),
+            update_alongside: (update_out, finish_max(update_max)),
         }
     }
 
@@ -808,6 +887,9 @@ mod tests {
                 assert_eq!(got.map_of_slices, each(&|v| v * v - (v + 1.0)), "{at}");
                 assert_eq!(got.update_from_splat, each(&|v| v * 0.5), "{at}");
                 assert_eq!(got.update_from_slice, each(&|v| v - (v + 1.0)), "{at}");
+                let next_max = x.iter().map(|v| v * 2.0 + 0.5).fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!(got.map_alongside, (each(&|v| v * (v + 1.0)), next_max), "{at}");
+                assert_eq!(got.update_alongside, (each(&|v| v * 0.5), next_max), "{at}");
             }
         }
     }
