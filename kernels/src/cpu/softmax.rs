@@ -32,8 +32,8 @@
 //! place, median ms): AVX-512 1.05 -> 0.90 at two threads and 2.18 -> 1.91 at one; AVX2
 //! 1.32 -> 1.24 and 4.06 -> 2.53 (a copy of the same bytes: 0.64 and 1.33). Asking for the
 //! whole next row up front instead (the kernel's earlier way with vectors narrower than
-//! AVX-512's: 1-16% faster with AVX2 on Zen 3) did not come near it (AVX-512 1.01 and 2.00
-//! ms, AVX2 1.32 and 4.11). The other dims, dtypes and layouts take the generic kernel,
+//! AVX-512's: 1-16% faster with AVX2 on Zen 3) was slower in the same runs (AVX-512 1.01
+//! and 2.00 ms, AVX2 1.32 and 4.11). The other dims, dtypes and layouts take the generic kernel,
 //! which reads each line into a scratch buffer through `Rows`.
 //!
 //! [`simd::update_alongside`]: super::simd::update_alongside
