@@ -792,11 +792,6 @@ const CACHE_LINE: usize = 64;
 /// `kc`. Blocks of up to 1024 for a product of depth 768 lost 2-5% at one thread
 /// (`128 x 128 x 768`, `512 x 128 x 768`: weight gradients, B slivers past L1).
 pub(super) fn depth_block(k: usize, kc: usize, per_word: usize, shared: bool) -> usize {
-    let kc = if per_word == 32 {
-        std::env::var("SCRATCH_KC_BF16").ok().and_then(|v| v.parse().ok()).unwrap_or(kc)
-    } else {
-        kc
-    };
     let max = if shared && k > 2 * kc { 2 * kc } else { kc };
     let blocks = k.div_ceil(max).max(1);
     k.div_ceil(blocks).next_multiple_of(per_word).max(per_word)
