@@ -35,7 +35,7 @@
 //! AVX-512's: 1-16% faster with AVX2 on Zen 3) was slower in the same runs (AVX-512 1.01
 //! and 2.00 ms, AVX2 1.32 and 4.11). The exponentials pass over a row (from L1) also asks
 //! for the next row's cache lines, a piece of 256 values at a time
-//! ([`in_pieces_fetching`]), so that the side job of the following pass finds them on
+//! (`in_pieces_fetching`), so that the side job of the following pass finds them on
 //! their way. Same-process A/B on a Xeon with 480 MB of L3 (the rows stay in it), the two
 //! orders alternated, median ms at one thread / two, before -> after: AVX-512
 //! (16384, 256) 2.18 -> 1.88 / 1.04 -> 0.92, (768, 384) 0.121 -> 0.106 / 0.065 -> 0.060,
@@ -241,7 +241,7 @@ pub(crate) fn for_row_blocks(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [
 const ROW_BLOCK_VALUES: usize = 1 << 18;
 
 /// The values of a row per piece of a pass that fetches the next row
-/// ([`in_pieces_fetching`]): 16 cache lines of each next row asked for at a time.
+/// ([`in_pieces_fetching`]): 16 cache lines of the next row asked for at a time.
 const FETCH_PIECE: usize = 256;
 
 /// `pass(piece)` over the pieces of `0..n` ([`FETCH_PIECE`] values each), in order, each
