@@ -990,7 +990,7 @@ pub(super) mod x86 {
     /// `2048^3` 108.5 -> 113.9 / 231 -> 254, `4096 x 384 x 1536` 113.5 -> 114.5 / 247 ->
     /// 254; AVX2 `1024^3` 65.9 -> 67.9 / 135.3 -> 135.6, `2048^3` 76.0 -> 77.9 / 154.9 ->
     /// 159.7, `4096 x 384 x 1536` 74.8 -> 75.9 / 156.0 -> 157.0. (With AVX-512, 4 steps
-    /// ahead gained nothing, 16 and 32 no more than 8.)
+    /// ahead gained 0-4%, 16 and 32 no more than 8.)
     ///
     /// The packed words are `$word` (f32, or a pair of bf16); `$load_b`, `$splat` and
     /// `$fmadd` load B's words, broadcast an A word, and multiply-add (`a * b + acc`) in
