@@ -984,13 +984,14 @@ pub(super) mod x86 {
     /// them slows that stream: called back to back on the same 17 A slivers and B sliver
     /// (as in a block), the AVX-512 kernel ran at 83-86% of the FMA peak, at 77% with its
     /// C tiles spread over a 1 MB block, 68% over 4 MB, 71% with a new B sliver per
-    /// column of tiles, and about 72% inside a `1024^3` product. Eight steps ahead, the two
-    /// orders alternated in one process on a Xeon (Granite Rapids), median GFLOP/s
+    /// column of tiles, and about 72% inside a `1024^3` product (its 81% share of perf's
+    /// samples). Eight steps ahead, the two
+    /// orders alternated in one process on a Xeon with AMX and 480 MB of L3, median GFLOP/s
     /// without -> with, one thread / two: AVX-512 `1024^3` 111.3 -> 119.1 / 226 -> 244,
     /// `2048^3` 108.5 -> 113.9 / 231 -> 254, `4096 x 384 x 1536` 113.5 -> 114.5 / 247 ->
     /// 254; AVX2 `1024^3` 65.9 -> 67.9 / 135.3 -> 135.6, `2048^3` 76.0 -> 77.9 / 154.9 ->
     /// 159.7, `4096 x 384 x 1536` 74.8 -> 75.9 / 156.0 -> 157.0. (With AVX-512, 4 steps
-    /// ahead gained 0-4%, 16 and 32 no more than 8.)
+    /// ahead gained 0-4%; 16 and 32 were within 2% of 8, either way.)
     ///
     /// The packed words are `$word` (f32, or a pair of bf16); `$load_b`, `$splat` and
     /// `$fmadd` load B's words, broadcast an A word, and multiply-add (`a * b + acc`) in
@@ -1016,7 +1017,8 @@ pub(super) mod x86 {
                 for (p, (a_col, b_row)) in a.iter().zip(b).enumerate() {
                     if $ahead > 0 {
                         // A prefetch never faults, and `wrapping_add` may point past the
-                        // slivers (the last steps ask for nothing useful).
+                        // slivers (the last steps ask for the words after them: the next
+                        // A sliver's first words, or nothing of use).
                         let ahead = p + $ahead;
                         let (a_ahead, b_ahead) = (a_start.wrapping_add(ahead), b_start.wrapping_add(ahead));
                         _mm_prefetch::<_MM_HINT_T0>(a_ahead.cast());

@@ -353,7 +353,7 @@ fn a_rows<V: F32Vector, const R: usize, const NV: usize, B: TileColumns<V, NV>>(
         // strided index below, same-process A/B with AVX2 on Zen 3, one thread: 1-2%
         // faster on the GPT baby's products and on 256^3-512^3. Unchecked: the bounds
         // check of each row at each step (twelve with AVX-512's tiles) cost 10-25% at
-        // 128^3 on a Xeon (Sapphire Rapids), one thread, median 34.9-38.7 -> 29.3-32.6 us
+        // 128^3 on a Xeon with AMX, one thread, median 34.9-38.7 -> 29.3-32.6 us
         // (AVX2 the same, 48-51 us either way); asserting `p < k` first did not remove them.
         let rows: [&[f32]; R] = std::array::from_fn(|r| &a.data[first + r * a.row_stride..][..k]);
         return tile.multiply::<V, R, NV>(
