@@ -1510,13 +1510,18 @@ mod tests {
     fn unpacked_path_matches_naive_across_its_row_blocks() {
         // Rows of A in blocks of about 2^15 values: several blocks, the last one partial
         // and ending in a short tile; B row-major, column-major, and a single column block;
-        // on two threads, C's rows cut into 2 to 8 parts (the last one ragged).
+        // on two threads, C's rows cut into 2 to 8 parts (the last one ragged). Packed B's
+        // rows go by in groups of 4 and a remainder of 0-3 (depths 600, 257, 302, 603),
+        // or only a remainder (depth 3).
         let shapes = [
             (131, 40, 600, false),
             (131, 40, 600, true),
             (250, 16, 257, false),
             (97, 33, 1024, true),
             (293, 40, 300, false),
+            (140, 64, 302, true),
+            (70, 48, 603, false),
+            (1024, 96, 3, false),
         ];
         for (m, n, k, b_t) in shapes {
             let a = Operand::new(m, k, false, 1, 2, 31);

@@ -393,20 +393,53 @@ pub(super) struct BlockRows<'b> {
     pub ldb: usize,
 }
 
+/// Rows of a packed column block that [`BlockRows`] hands out per group (see there).
+const ROWS_PER_GROUP: usize = 4;
+
 impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for BlockRows<'_> {
+    /// Rows packed one after another (`ldb` is the block's width, as in the column blocks
+    /// that B is packed into) are taken [`ROWS_PER_GROUP`] at a time from `chunks_exact`:
+    /// every load then sits at a constant offset in a slice of constant length, with no
+    /// bounds check, and the register tile's loop reloads the A row pointers it keeps on
+    /// the stack (six of twelve with AVX-512) once per group instead of once per row.
+    /// Same-process A/B on a Xeon with AMX, median GFLOP/s before -> after, AVX-512 at one
+    /// thread: `128^3` 141.5 -> 149.2, `256^3` 153.6 -> 162.8, `512^3` 138.8 -> 154.9,
+    /// `768 x 128 x 384` 146.1 -> 160.7, `64 x 288 x 784` 117.8 -> 131.1; at two threads
+    /// `512^3` 277 -> 312, `768 x 128 x 384` 297 -> 323; the 12-row tile alone (FMA peak
+    /// 228) 159.5 -> 178.4. AVX2's 6-row tile, whose A pointers all fit in registers, is
+    /// within 2% either way. Groups of 2 and 8 gained less (`256^3` +5% and +6%, against
+    /// +9% in the same run), groups of 4 with each row's bounds checked nothing.
     #[inline(always)]
     fn for_each_row(&self, depth: usize, mut f: impl FnMut(usize, [V; NV])) {
-        for p in 0..depth {
-            let b_row = &self.b[p * self.ldb..][..NV * V::LANES];
-            f(
-                p,
-                std::array::from_fn(
-                    #[inline(always)]
-                    |v| V::load(&b_row[v * V::LANES..]),
-                ),
-            );
+        let width = NV * V::LANES;
+        if self.ldb != width {
+            // Rows `ldb` apart: B read in place, or a block of a wider buffer.
+            for p in 0..depth {
+                f(p, load_row(&self.b[p * self.ldb..][..width]));
+            }
+            return;
+        }
+        let groups = self.b[..depth * width].chunks_exact(ROWS_PER_GROUP * width);
+        let rest = groups.remainder();
+        for (g, group) in groups.enumerate() {
+            for row in 0..ROWS_PER_GROUP {
+                f(g * ROWS_PER_GROUP + row, load_row(&group[row * width..]));
+            }
+        }
+        let done = depth - rest.len() / width;
+        for (i, row) in rest.chunks_exact(width).enumerate() {
+            f(done + i, load_row(row));
         }
     }
+}
+
+/// The `NV` vectors at the start of `row`.
+#[inline(always)]
+fn load_row<V: F32Vector, const NV: usize>(row: &[f32]) -> [V; NV] {
+    std::array::from_fn(
+        #[inline(always)]
+        |v| V::load(&row[v * V::LANES..]),
+    )
 }
 
 /// One register tile's B (its columns, `cols` of them used), C (from the tile's corner,
