@@ -405,10 +405,10 @@ impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for BlockRows<'_> {
     /// Same-process A/B on a Xeon with AMX, median GFLOP/s before -> after, AVX-512 at one
     /// thread: `128^3` 141.5 -> 149.2, `256^3` 153.6 -> 162.8, `512^3` 138.8 -> 154.9,
     /// `768 x 128 x 384` 146.1 -> 160.7, `64 x 288 x 784` 117.8 -> 131.1; at two threads
-    /// `512^3` 277 -> 312, `768 x 128 x 384` 297 -> 323; the 12-row tile alone (FMA peak
-    /// 228) 159.5 -> 178.4. AVX2's 6-row tile, whose A pointers all fit in registers, is
-    /// within 2% either way. Groups of 2 and 8 gained less (`256^3` +5% and +6%, against
-    /// +9% in the same run), groups of 4 with each row's bounds checked nothing.
+    /// `512^3` 277 -> 312, `768 x 128 x 384` 297 -> 323; the 12-row tile alone, on 120
+    /// rows, depth 256, in a scratch form of the same loop (FMA peak 228) 159.5 -> 178.4.
+    /// AVX2's 6-row tile: -2% to +4%. Groups of 2 and 8 gained less (`256^3` +5% and +6%,
+    /// against +9% in the same run), groups of 4 with each row's bounds checked nothing.
     #[inline(always)]
     fn for_each_row(&self, depth: usize, mut f: impl FnMut(usize, [V; NV])) {
         let width = NV * V::LANES;
