@@ -1537,6 +1537,25 @@ mod tests {
         }
     }
 
+    #[test]
+    fn unpacked_path_on_several_threads_packs_each_calls_b() {
+        // On several threads every thread packs B for itself and keeps it for its later
+        // parts of the same call (4 parts on 2 threads here): a second call with the same
+        // shapes and the same B buffer, its values changed, must not reuse the first's.
+        let (m, n, k) = (293, 40, 300);
+        let a = Operand::new(m, k, false, 1, 2, 41);
+        let mut b = Operand::new(k, n, false, 0, 1, 42);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for isa in available_isas() {
+            for round in 0..3 {
+                b.data.iter_mut().for_each(|v| *v = -*v + round as f32 * 0.25);
+                let mut c = vec![f32::NAN; m * n];
+                pool.install(|| gemm_small::small_sgemm(isa, m, n, k, a.view(), b.view(), &mut c, Epilogue::NONE));
+                assert_matches_naive(&c, m, n, k, &a, &b);
+            }
+        }
+    }
+
     /// The AVX2 transposing pack against its definition, for every sliver width the
     /// microkernels use, fewer lines than lanes, and depths around the 8-value blocks.
     #[cfg(target_arch = "x86_64")]

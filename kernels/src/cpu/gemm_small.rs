@@ -41,7 +41,10 @@
 //!
 //! Products below the packed path's parallel threshold run on the calling thread; larger
 //! ones cut C's rows into parts of whole tiles, a few per thread ([`row_parts`]), which
-//! the threads claim as they become free; B is prepared once and shared.
+//! the threads claim as they become free. Each thread then packs the whole of B for
+//! itself, once per call ([`PackedB`]): a B packed by one thread and read by the others
+//! moves between the cores' caches twice per call, and costs more than packing it
+//! again (`128^3` on two threads ran slower than on one).
 //!
 //! The register tile reads B through [`TileColumns`], so that a caller can supply B's
 //! rows without a B in memory: the convolution's implicit GEMM (`conv_shifted.rs`)
@@ -50,6 +53,7 @@
 use super::gemm::{Epilogue, MatRef, PARALLEL_MIN_WORK, Widened, pack_b};
 use super::simd::{Baseline, F32Vector, Isa, kernel, vector_lanes};
 use crate::parallel;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Rows of C per register tile with 16 vector registers (AVX2: twelve accumulators).
 const ROWS: usize = 6;
@@ -127,13 +131,13 @@ const UNPACKED_MAX_DEPTH: usize = 1024;
 
 thread_local! {
     /// This thread's buffer for a B packed into column blocks.
-    static PACKED_B: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static PACKED_B: std::cell::Cell<PackedB> = const { std::cell::Cell::new(PackedB::EMPTY) };
 }
 
 /// `C = epilogue(A @ B)` (`m x k` times `k x n`, `c` row-major `m x n`, overwritten)
 /// without packing A. `m`, `n` and `k` are nonzero. When the work is large enough for the
 /// packed path to go parallel, the rows of C are cut into parts shared out among the
-/// threads ([`row_parts`]; B is prepared once and shared); the epilogue is applied to each
+/// threads ([`row_parts`]; each thread packs B for itself, [`PackedB`]); the epilogue is applied to each
 /// part's rows while they are in its thread's cache.
 ///
 /// # Panics
@@ -160,42 +164,106 @@ pub(super) fn small_sgemm(
         return;
     }
     let width = block_width(isa);
-    let mut buffer = PACKED_B.take();
+    let rows = |blocks: ColumnBlocks, i0: usize, c_rows: &mut [f32]| {
+        let rows = c_rows.len() / n;
+        tiles(isa, rows, n, k, MatRef { offset: a.offset + i0 * a.row_stride, ..a }, blocks, c_rows);
+        epilogue.apply(isa, c_rows, n, rows, 0, n);
+    };
     // Large enough for the packed path to go parallel: then B is packed (see the module
     // docs), and split across the threads when there are several.
     let large = m * n * k >= PARALLEL_MIN_WORK;
-    let parallel = large && parallel::threads() > 1;
+    if large && parallel::threads() > 1 {
+        let call = NEXT_CALL.fetch_add(1, Ordering::Relaxed);
+        let rows_per_tile = tile_rows(width / 2);
+        let parts = row_parts(m, rows_per_tile, parallel::threads());
+        parallel::for_each_part_mut(c, rows_per_tile * n, parts, |offset, c_rows| {
+            let mut packed = PACKED_B.take();
+            let blocks = packed.for_call(call, |buffer| pack_columns(isa, b, k, n, buffer));
+            rows(blocks, offset / n, c_rows);
+            PACKED_B.set(packed);
+        });
+        return;
+    }
+    let mut packed = PACKED_B.take();
+    packed.call = NO_CALL;
+    let buffer = &mut packed.buffer;
     let blocks = if b.col_stride == 1 && !large {
         // B as it is: the block at column `j0` starts `j0` values into B's first row. A
         // last block narrower than `width` is copied out, zero-padded, so that every
         // block can be read with whole vectors.
         let edge = n - n % width;
-        let edge = if edge < n { pad_columns(b, k, edge..n, width, &mut buffer) } else { &[] };
+        let edge = if edge < n { pad_columns(b, k, edge..n, width, buffer) } else { &[] };
         ColumnBlocks { data: &b.data[b.offset..], column_step: 1, row_stride: b.row_stride, edge }
     } else {
-        // Columns of B are not contiguous: pack them into blocks of `width` columns, each
-        // block `k` rows of `width` values, zero-padded at the right edge (the packed path's
-        // B slivers, transposed in registers where B's columns are contiguous, as with
-        // `x W^T`).
-        match isa {
-            Isa::Avx512 => ColumnBlocks::packed::<32>(b, k, n, &mut buffer, parallel),
-            Isa::Avx2Fma => ColumnBlocks::packed::<16>(b, k, n, &mut buffer, parallel),
-            Isa::Scalar => ColumnBlocks::packed::<{ 2 * Baseline::LANES }>(b, k, n, &mut buffer, parallel),
-        }
+        pack_columns(isa, b, k, n, buffer)
     };
-    let rows = |i0: usize, c_rows: &mut [f32]| {
-        let rows = c_rows.len() / n;
-        tiles(isa, rows, n, k, MatRef { offset: a.offset + i0 * a.row_stride, ..a }, blocks, c_rows);
-        epilogue.apply(isa, c_rows, n, rows, 0, n);
-    };
-    if parallel {
-        let rows_per_tile = tile_rows(width / 2);
-        let parts = row_parts(m, rows_per_tile, parallel::threads());
-        parallel::for_each_part_mut(c, rows_per_tile * n, parts, |offset, c_rows| rows(offset / n, c_rows));
-    } else {
-        rows(0, c);
+    rows(blocks, 0, c);
+    PACKED_B.set(packed);
+}
+
+/// B packed into column blocks of two vectors, each block `k` rows of `2 * LANES`
+/// values, zero-padded at the right edge (the packed path's B slivers, transposed in
+/// registers where B's columns are contiguous, as with `x W^T`).
+fn pack_columns<'a>(isa: Isa, b: MatRef, k: usize, n: usize, buffer: &'a mut Vec<f32>) -> ColumnBlocks<'a> {
+    match isa {
+        Isa::Avx512 => ColumnBlocks::packed::<32>(b, k, n, buffer),
+        Isa::Avx2Fma => ColumnBlocks::packed::<16>(b, k, n, buffer),
+        Isa::Scalar => ColumnBlocks::packed::<{ 2 * Baseline::LANES }>(b, k, n, buffer),
     }
-    PACKED_B.set(buffer);
+}
+
+/// Numbers the parallel calls, so that a thread can tell whether its [`PackedB`] holds
+/// this call's B.
+static NEXT_CALL: AtomicU64 = AtomicU64::new(1);
+/// The call of a [`PackedB`] that holds no call's B.
+const NO_CALL: u64 = 0;
+
+/// One thread's packed B, and the call it was packed for: on several threads, each
+/// thread packs B on its first part of a call and reads it from its own cache for the
+/// rest, instead of one thread packing B for all. With one shared copy, the other core
+/// read every line of it from the packing core's cache, and the next call's pack had to
+/// take every line back: on a Xeon with AMX at `128^3`, the pack took 17 us against 2
+/// us on one thread, and each thread's half of the tiles 21 us against 12-13. Shared ->
+/// per thread, same-process A/B at two threads (orders alternated, medians of 300
+/// rounds), GFLOP/s: `128^3` 107-109 -> 222-224 (one thread: 155), `96^3` 80-83 ->
+/// 196-201, `64 x 784 x 288` 141-144 -> 176-177, `256^3` 255 -> 283-285, `512^3` 280-282
+/// -> 289-290, `768 x 128 x 384` 298-300 -> 307-310, with B column-major `768 x 384 x 128`
+/// 279-280 -> 295-296; one thread unchanged. The extra packing (all of B per thread
+/// instead of a share of it) is `k n` values against the thread's `m n k / threads`
+/// multiply-adds.
+#[derive(Default)]
+struct PackedB {
+    call: u64,
+    buffer: Vec<f32>,
+    /// Where the column blocks start in `buffer`, their length, and their
+    /// [`ColumnBlocks`] steps.
+    start: usize,
+    len: usize,
+    column_step: usize,
+    row_stride: usize,
+}
+
+impl PackedB {
+    const EMPTY: PackedB =
+        PackedB { call: NO_CALL, buffer: Vec::new(), start: 0, len: 0, column_step: 0, row_stride: 0 };
+
+    /// The column blocks of `call`'s B: packed by `pack` on this thread's first part of
+    /// the call, reused by its later parts.
+    fn for_call(&mut self, call: u64, pack: impl FnOnce(&mut Vec<f32>) -> ColumnBlocks<'_>) -> ColumnBlocks<'_> {
+        if self.call != call {
+            let blocks = pack(&mut self.buffer);
+            let (first, len) = (blocks.data.as_ptr().addr(), blocks.data.len());
+            (self.column_step, self.row_stride) = (blocks.column_step, blocks.row_stride);
+            (self.start, self.len) = ((first - self.buffer.as_ptr().addr()) / size_of::<f32>(), len);
+            self.call = call;
+        }
+        ColumnBlocks {
+            data: &self.buffer[self.start..][..self.len],
+            column_step: self.column_step,
+            row_stride: self.row_stride,
+            edge: &[],
+        }
+    }
 }
 
 /// The most parts per thread that C's rows are cut into ([`row_parts`]).
@@ -259,8 +327,8 @@ struct ColumnBlocks<'a> {
 impl<'a> ColumnBlocks<'a> {
     /// B packed into `buffer` as `NR`-wide blocks of `k` rows (zero-padded at the right
     /// edge): the block at column `j0 = s * NR` starts at `s * k * NR = j0 * k`.
-    fn packed<const NR: usize>(b: MatRef, k: usize, n: usize, buffer: &'a mut Vec<f32>, parallel: bool) -> Self {
-        let slivers = pack_b::<f32, Widened, NR>(b, 0, k, 0, n, buffer, parallel);
+    fn packed<const NR: usize>(b: MatRef, k: usize, n: usize, buffer: &'a mut Vec<f32>) -> Self {
+        let slivers = pack_b::<f32, Widened, NR>(b, 0, k, 0, n, buffer, false);
         ColumnBlocks { data: slivers.as_flattened(), column_step: k, row_stride: NR, edge: &[] }
     }
 
