@@ -44,7 +44,7 @@ use super::conv::ConvGeometry;
 use super::conv_weight_grad::channels_last;
 use super::conv_winograd::{
     F2x2, F4x4, LINE_VALUES, MAX_PATCH, MAX_TILE, Method, Minimal, Split, Tiles, aligned, array_of, split_line,
-    split_lines, transform_patches,
+    split_lines, transform_isa, transform_patches,
 };
 use super::gemm::{Isa, MatRef};
 use super::gemm_small::{BlockRows, Tile, TileStart, balanced_tile_rows, row_tile, tile_rows};
@@ -151,6 +151,7 @@ fn chunk_filters<T: Minimal>(
     let mut lines = vec![0.0; split_lines(m, tiles, per_block, line_len)];
     let mut sums = buffers::for_overwrite(positions * cin_g * ldv);
     let mut filters = buffers::for_overwrite(g.groups * per_group);
+    let patches_isa = transform_isa(isa, tiles);
     for (group, filters) in filters.chunks_exact_mut(per_group).enumerate() {
         let mut copied = None;
         for first in (0..count).step_by(per_block) {
@@ -159,7 +160,7 @@ fn chunk_filters<T: Minimal>(
                 let n = entries.start + piece.entry;
                 let planes = &image[(n * g.in_channels + group * cin_g) * h * w..][..cin_g * h * w];
                 let (u, split) = (&mut patches[piece.slot..], Split { lines: &mut lines, line_len });
-                transform_patches(isa, T::METHOD, g, planes, tiles, piece.tiles.clone(), stride, u, split);
+                transform_patches(patches_isa, T::METHOD, g, planes, tiles, piece.tiles.clone(), stride, u, split);
                 if copied != Some(n) {
                     let planes = &features[(n * g.out_channels + group * cout_g) * oh * ow..][..cout_g * oh * ow];
                     channels_last(planes, cout_g, g.out_size, [0, 0], copy_size, &mut copy);
