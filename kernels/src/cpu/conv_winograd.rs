@@ -473,15 +473,17 @@ fn method(g: &ConvGeometry) -> Method {
     if cin_g >= 32 && (large || deep) { Method::F4x4 } else { Method::F2x2 }
 }
 
-/// The instruction set of the transforms of a plane of `tiles`: the transforms work
-/// across a tile row's run of tiles, a tile a lane, so AVX-512's 16 lanes leave 9 idle on
-/// a 28 x 28 plane by F(4 x 4) (7 tiles a row). Where a tile row fits AVX2's 8 lanes, its
-/// vectors do the same work with 8 of 8 lanes used (the products keep `isa`). Measured on
-/// a Xeon with AMX, the layer (batch 64, 32 -> 64 channels, 28 x 28, 3 x 3),
-/// medians of 12, ms, AVX-512 transforms -> AVX2 ones: one thread, input gradient
-/// 17.5-17.8 -> 16.0-16.4, forward 13.7-14.1 -> 13.5-14.0, weight gradient 15.2-16.0 ->
-/// 15.2-15.7; two threads, input gradient 9.0-9.7 -> 8.2-8.3, forward 7.3-7.9 ->
-/// 7.0-7.6, weight gradient 7.9-8.2 -> 7.7-7.9; the same without padding (26 x 26).
+/// The instruction set of [`transform_patches`] on a plane of `tiles`: the transform
+/// works across a tile row's run of tiles, a tile a lane, so AVX-512's 16 lanes leave 9
+/// idle on a 28 x 28 plane by F(4 x 4) (7 tiles a row). Where a tile row fits AVX2's 8
+/// lanes, its vectors do the same work with all their lanes used. Measured on a Xeon
+/// with AMX, the layer (batch 64, 32 -> 64 channels, 28 x 28, 3 x 3, padding 1),
+/// medians of 12 in 4 alternated rounds, ms, AVX-512 patches -> AVX2 patches: one thread,
+/// forward 13.9 -> 12.9-13.0, input gradient 17.5-17.7 -> 15.7-16.0; two threads,
+/// forward 7.35-7.43 -> 6.66-6.71, input gradient 9.15-9.21 -> 7.88-8.02; the same
+/// without padding (26 x 26). The weight gradient's patches moved within the noise. The
+/// products' transform stays on AVX-512: on AVX2 as well, it cost the forward 0.8 ms at
+/// one thread (13.1 -> 13.9).
 pub(super) fn transform_isa(isa: Isa, tiles: Tiles) -> Isa {
     let narrow = Isa::Avx2Fma;
     if isa == Isa::Avx512 && tiles.per_row <= vector_lanes(narrow) { narrow } else { isa }
@@ -731,8 +733,7 @@ fn conv2d_with<T: Minimal>(
     };
     let line_len = split_line(g, T::TILE, tiles, lanes);
     let per_group = T::POSITIONS * cout_g * cin_g;
-    // The instruction set of the patches' and products' transforms.
-    let transforms_isa = transform_isa(isa, tiles);
+    let patches_isa = transform_isa(isa, tiles);
     parallel::for_each_split_mut(out, parts * shares, start, |i, out_task| {
         let (entries, channel_tiles) = task(i);
         let (channels_start, channels_end) = (channel(channel_tiles.start), channel(channel_tiles.end));
@@ -765,7 +766,7 @@ fn conv2d_with<T: Minimal>(
                 for piece in tiles.pieces(block.clone()) {
                     let (u, split) = (&mut patches[piece.slot..], Split { lines: &mut lines, line_len });
                     let planes = planes(piece.entry);
-                    transform_patches(transforms_isa, T::METHOD, g, planes, tiles, piece.tiles, stride, u, split);
+                    transform_patches(patches_isa, T::METHOD, g, planes, tiles, piece.tiles, stride, u, split);
                 }
                 for (k, t) in group_tiles.clone().enumerate() {
                     let (i0, rows) = (t * tile_height, tile_height.min(cout_g - t * tile_height));
@@ -788,7 +789,7 @@ fn conv2d_with<T: Minimal>(
                     let bias = bias.map(|bias| &bias[group * cout_g + i0..][..rows]);
                     for piece in tiles.pieces(block.clone()) {
                         let (m, out_rows) = (&products[piece.slot..], &mut out_task[out_rows(piece.entry, i0, rows)]);
-                        transform_products(transforms_isa, T::METHOD, g, m, bias, tiles, piece.tiles, stride, out_rows);
+                        transform_products(isa, T::METHOD, g, m, bias, tiles, piece.tiles, stride, out_rows);
                     }
                 }
             }
@@ -1398,7 +1399,7 @@ pub(super) mod tests {
 
     #[test]
     fn winograd_transforms_match_on_tile_rows_narrower_and_wider_than_avx2() {
-        // F(4 x 4) on 28 x 28 (7 tiles a row: AVX-512's transforms run as AVX2's,
+        // F(4 x 4) on 28 x 28 (7 tiles a row: AVX-512's patch transforms run as AVX2's,
         // `transform_isa`) and on 36 x 36 (9 tiles a row: they do not).
         for size in [28, 36] {
             let g = geometry(2, 1, [32, 32], (size, size), (1, 1)).expect("a Winograd geometry");
