@@ -145,6 +145,19 @@ pub fn map<S: Element, D: Element>(src: &[S], layout: &Layout, f: impl Fn(S) -> 
         });
         return out;
     }
+    if len > 0 && walk.run_strides() == [0, 1] {
+        // Runs of one repeated value (a broadcast view: the gradient of a sum is one
+        // value over the whole shape): fills, on every thread when the run is long.
+        walk.for_each_run([layout.offset(), 0], |[o, d]| {
+            let (value, run) = (f(src[o]), &mut out[d..d + len]);
+            if len >= PARALLEL_THRESHOLD {
+                parallel::for_each_chunk_mut(run, PIECE, |_, piece| piece.fill(value));
+            } else {
+                run.fill(value);
+            }
+        });
+        return out;
+    }
     let mut dst = out.iter_mut();
     for_each_offsets(layout.shape(), [layout.strides()], [layout.offset()], |[o]| {
         *dst.next().expect("one output per element") = f(src[o])
@@ -308,6 +321,19 @@ mod tests {
             prop_assert_eq!(map(&a, &la, |x| x * 2.0), want);
             let want: Vec<f32> = ea.iter().zip(&eb).map(|(x, y)| x - y).collect();
             prop_assert_eq!(zip_map(&a, &la, &b, &lb, |x, y| x - y), want);
+        }
+    }
+
+    /// Broadcast views whose runs repeat one value are filled run by run, long runs on
+    /// several threads: a value over a whole shape (a sum's gradient) and a column
+    /// repeated across rows longer than the parallel threshold.
+    #[test]
+    fn broadcast_views_are_filled_with_their_values() {
+        let src: Vec<f32> = (0..5).map(|i| i as f32 + 0.5).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for layout in [Layout::new(&[300, 400], &[0, 0], 2), Layout::new(&[3, 70_000], &[1, 0], 1)] {
+            let want: Vec<f32> = elements(&src, &layout).iter().map(|x| -x).collect();
+            assert_eq!(pool.install(|| map(&src, &layout, |x: f32| -x)), want, "{layout:?}");
         }
     }
 
