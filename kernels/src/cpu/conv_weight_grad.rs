@@ -39,9 +39,10 @@
 //! 18-20 against 19.5-20.5). It stays on every ISA.
 
 use super::conv::ConvGeometry;
-use super::gemm::MatRef;
+use super::gemm::{Isa, MatRef};
 use super::gemm_small::{Tile, TileColumns, TileStart, balanced_tile_rows, row_tile, tile_rows};
 use super::simd::{F32Vector, kernel};
+use super::transpose::transpose;
 use crate::{buffers, parallel};
 
 /// The fewest input channels per group this path takes: with 16, an AVX-512 vector (or
@@ -64,10 +65,10 @@ fn padded_size(g: &ConvGeometry) -> (usize, usize) {
 /// Copies the `cin_g` planes of one group of one image into `padded` (channels-last,
 /// `padding` zeros around, see the module docs), writing every value of its first
 /// `padded_size` values.
-fn pad_channels_last(g: &ConvGeometry, planes: &[f32], padded: &mut [f32]) {
+fn pad_channels_last(isa: Isa, g: &ConvGeometry, planes: &[f32], padded: &mut [f32]) {
     let ([ih, iw], [py, px]) = (g.in_size, g.padding);
     let size = [ih + 2 * py, iw + 2 * px];
-    channels_last(planes, g.in_channels / g.groups, g.in_size, g.padding, size, padded);
+    channels_last(isa, planes, g.in_channels / g.groups, g.in_size, g.padding, size, padded);
 }
 
 /// Copies `channels` planes of `[h, w]` values (row-major, one after another) into `out`
@@ -75,6 +76,7 @@ fn pad_channels_last(g: &ConvGeometry, planes: &[f32], padded: &mut [f32]) {
 /// `out`, with the planes' pixel `(y, x)` at `(top + y, left + x)` and zero wherever no
 /// value lands. Every value of `out`'s first `rows * width * channels` is written.
 pub(super) fn channels_last(
+    isa: Isa,
     planes: &[f32],
     channels: usize,
     [h, w]: [usize; 2],
@@ -92,15 +94,13 @@ pub(super) fn channels_last(
         };
         row[..left * channels].fill(0.0);
         row[(left + w) * channels..].fill(0.0);
-        // Each pixel's channels in turn, read from the channels' image rows (which stay
-        // in L1 while the pixels go by): 7-14% faster for the whole gradient than writing
-        // each channel's row with stride `channels`.
+        // The image row's `[channels][w]` values, transposed in 8 x 8 blocks. Against the
+        // value-by-value copy (each pixel's channels in turn), same-process A/B on a Xeon
+        // with AMX, medians of 30, the whole weight gradient of the layer (batch
+        // 64, 32 -> 64 channels, 28 x 28) 13.95 -> 12.23 ms at one thread, 7.15 -> 6.32 at
+        // two; 16 -> 16 channels 3.06 -> 2.67; 64 -> 64 at 14 x 14 9.07 -> 8.55.
         let source = &planes[iy * w..];
-        for (x, pixel) in row[left * channels..][..w * channels].chunks_exact_mut(channels).enumerate() {
-            for (c, value) in pixel.iter_mut().enumerate() {
-                *value = source[c * h * w + x];
-            }
-        }
+        transpose(isa, source, h * w, &mut row[left * channels..][..w * channels], channels, [channels, w]);
     }
 }
 
@@ -179,7 +179,9 @@ kernel! {
             let entries = chunk * entries_per_sum..((chunk + 1) * entries_per_sum).min(g.batch);
             for (n, group) in entries.flat_map(|n| (0..g.groups).map(move |group| (n, group))) {
                 let first_plane = n * g.in_channels + group * cin_g;
-                pad_channels_last(g, &image[first_plane * plane..][..cin_g * plane], &mut padded);
+                // The copy is exact on any ISA: the best one (the kernel's own is not named here).
+                let planes = &image[first_plane * plane..][..cin_g * plane];
+                pad_channels_last(Isa::best(), g, planes, &mut padded);
                 let grads = MatRef {
                     data: features,
                     offset: (n * g.out_channels + group * cout_g) * positions,
@@ -223,5 +225,37 @@ kernel! {
         }
         buffers::recycle(total);
         dw
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Against its definition on every ISA: every value of the copy written (it starts
+        /// as NaN), the planes' pixels at their shifted places, zero elsewhere.
+        #[test]
+        fn channels_last_matches_its_definition(
+            channels in 1usize..20, h in 1usize..12, w in 1usize..20,
+            margins in (0usize..3, 0usize..3, 0usize..3, 0usize..3),
+        ) {
+            let (top, left, bottom, right) = margins;
+            let [rows, width] = [top + h + bottom, left + w + right];
+            let planes: Vec<f32> = (0..channels * h * w).map(|v| v as f32 + 1.0).collect();
+            for isa in crate::cpu::simd::test_isas() {
+                let mut out = vec![f32::NAN; rows * width * channels + 3];
+                channels_last(isa, &planes, channels, [h, w], [top, left], [rows, width], &mut out);
+                for (k, &v) in out[..rows * width * channels].iter().enumerate() {
+                    let (pixel, c) = (k / channels, k % channels);
+                    let (y, x) = (pixel / width, pixel % width);
+                    let inside = (top..top + h).contains(&y) && (left..left + w).contains(&x);
+                    let want = if inside { planes[(c * h + y - top) * w + x - left] } else { 0.0 };
+                    prop_assert_eq!(v, want, "{:?}: pixel ({}, {}) channel {}", isa, y, x, c);
+                }
+                prop_assert!(out[rows * width * channels..].iter().all(|v| v.is_nan()));
+            }
+        }
     }
 }

@@ -163,7 +163,7 @@ fn chunk_filters<T: Minimal>(
                 transform_patches(patches_isa, T::METHOD, g, planes, tiles, piece.tiles.clone(), stride, u, split);
                 if copied != Some(n) {
                     let planes = &features[(n * g.out_channels + group * cout_g) * oh * ow..][..cout_g * oh * ow];
-                    channels_last(planes, cout_g, g.out_size, [0, 0], copy_size, &mut copy);
+                    channels_last(isa, planes, cout_g, g.out_size, [0, 0], copy_size, &mut copy);
                     copied = Some(n);
                 }
                 let (v, rows) = (&mut gradients[piece.slot * ldv..], [per_block * ldv, ldv]);

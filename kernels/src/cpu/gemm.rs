@@ -1123,7 +1123,7 @@ pub(super) mod x86 {
     /// The transpose of an 8 x 8 block held as eight row vectors.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    pub(in crate::cpu) fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
         // Interleave pairs of rows, then pairs of pairs, then swap 128-bit halves.
         let t0 = _mm256_unpacklo_ps(r[0], r[1]);
         let t1 = _mm256_unpackhi_ps(r[0], r[1]);

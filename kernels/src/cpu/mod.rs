@@ -33,4 +33,5 @@ pub mod recurrent;
 pub mod reduce;
 pub mod simd;
 pub mod softmax;
+mod transpose;
 pub mod unary;
