@@ -137,8 +137,8 @@ thread_local! {
 /// `C = epilogue(A @ B)` (`m x k` times `k x n`, `c` row-major `m x n`, overwritten)
 /// without packing A. `m`, `n` and `k` are nonzero. When the work is large enough for the
 /// packed path to go parallel, the rows of C are cut into parts shared out among the
-/// threads ([`row_parts`]; each thread packs B for itself, [`PackedB`]); the epilogue is applied to each
-/// part's rows while they are in its thread's cache.
+/// threads ([`row_parts`]; each thread packs B for itself, [`PackedB`]); the epilogue is
+/// applied to each part's rows while they are in its thread's cache.
 ///
 /// # Panics
 /// If an operand reaches past its slice or `c.len() != m * n`.
