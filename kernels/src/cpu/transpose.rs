@@ -11,7 +11,7 @@ use super::gemm::Isa;
 /// rest of `dst` is left as it was.
 ///
 /// # Panics
-/// If a block reaches past its slice.
+/// If a block reaches past its slice, or this CPU does not support `isa`.
 pub(super) fn transpose(
     isa: Isa,
     src: &[f32],
@@ -20,6 +20,7 @@ pub(super) fn transpose(
     dst_stride: usize,
     [rows, cols]: [usize; 2],
 ) {
+    assert!(isa.is_available(), "transpose: {isa:?} is not supported by this CPU");
     if rows == 0 || cols == 0 {
         return;
     }
@@ -28,8 +29,8 @@ pub(super) fn transpose(
     let (block_rows, block_cols) = match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma | Isa::Avx512 => {
-            // SAFETY: `isa` was detected (AVX2 and FMA are part of both), and the blocks
-            // are inside the slices (asserted above).
+            // SAFETY: this CPU supports `isa` (asserted above; AVX2 and FMA are part of
+            // both), and the blocks are inside the slices (asserted above).
             unsafe { x86::blocks_avx2(src, src_stride, dst, dst_stride, [rows, cols]) };
             (rows / 8 * 8, cols / 8 * 8)
         }
