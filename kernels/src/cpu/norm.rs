@@ -13,7 +13,9 @@
 //! this does not cancel catastrophically when the mean is large next to the spread.
 //! The row is read once into a scratch buffer, so the second pass costs no extra reads
 //! of the input. (The f32 SIMD forward gets the same two statistics in one pass by
-//! Welford's update, see `mean_and_square_deviations`.)
+//! Welford's update, `Welford`; on rows of `ALONGSIDE_MIN_ROW` values or more it takes
+//! them for the next row while it writes this one, so each row is read from memory in one
+//! pass: see `norm_f32`.)
 //!
 //! The backward ([`normalize_backward`]) is the closed form. Over a row of `n` elements,
 //! with `xhat = (x - mean) * rstd`, `rstd = 1 / sqrt(var + eps)` and `gw = g * w` (the
@@ -33,7 +35,7 @@
 //! and layouts take the generic kernel.
 
 use super::map::PARALLEL_THRESHOLD;
-use super::simd::{F32Vector, Isa, Operand, kernel, map, prefetch_lines, sums, update};
+use super::simd::{F32Vector, Isa, Operand, kernel, map, map_alongside, prefetch_lines, sums, update};
 use super::softmax::{Rows, UnitRows, for_row_blocks};
 use crate::layout::Layout;
 use crate::parallel;
@@ -390,58 +392,133 @@ fn row_stats_f32<V: F32Vector>(x: &[f32], center: Center, eps: f32) -> (V, V) {
 /// update waits on its state's last one).
 const WELFORD_STATES: usize = 4;
 
-/// The mean of a row and the sum of its squared deviations from it, in one pass and
-/// without the cancellation of `sum(x^2) - n mean^2`: Welford's update (Welford 1962) in
-/// every lane of [`WELFORD_STATES`] vector states, which see the row's vectors in turn
-/// (so each lane holds `t` values when the body ends), then the states merged by the
-/// pairwise formula of Chan, Golub & LeVeque (1979), `M2 = M2_a + M2_b + delta^2 n_a n_b
-/// / n`, and the tail (fewer values than the states hold at once) merged in the same way
-/// from its own two-pass statistics. Against the two-pass mean-then-deviations it saves
-/// a pass over the row for a few more operations: LayerNorm 6-10% faster per value
-/// (same-process A/B, AVX2 on Zen 3, 1 and 2 threads, rows of 1024 from L2 and DRAM).
+/// The mean of a row and the sum of its squared deviations from it, in one pass over the
+/// row: [`Welford`] with [`WELFORD_STATES`] states, a block of one vector per state at a
+/// time (so the states share one count and one division per block), and the tail (fewer
+/// values than a block) merged from its own two-pass statistics. Against the two-pass
+/// mean-then-deviations it saves a pass over the row for a few more operations: LayerNorm
+/// 6-10% faster per value (same-process A/B, AVX2 on Zen 3, 1 and 2 threads, rows of 1024
+/// from L2 and DRAM).
 #[inline(always)]
 fn mean_and_square_deviations<V: F32Vector>(x: &[f32]) -> (f32, f32) {
-    let step = WELFORD_STATES * V::LANES;
-    let body = x.len() - x.len() % step;
-    let zero = V::splat(0.0);
-    let (mut mean, mut m2) = ([zero; WELFORD_STATES], [zero; WELFORD_STATES]);
-    for (t, block) in x[..body].chunks_exact(step).enumerate() {
-        let inverse_count = V::splat(1.0 / (t + 1) as f32);
-        for k in 0..WELFORD_STATES {
-            let v = V::load(&block[k * V::LANES..]);
-            let delta = v - mean[k];
-            mean[k] = delta.mul_add(inverse_count, mean[k]);
-            m2[k] = delta.mul_add(v - mean[k], m2[k]);
-        }
+    let mut stats = Welford::<V, WELFORD_STATES>::new();
+    let mut blocks = x.chunks_exact(WELFORD_STATES * V::LANES);
+    for block in &mut blocks {
+        stats.push_block(block);
     }
-    // Every lane of every state holds `t` values: their mean is the mean of the lane
-    // means, and the spread of those means adds `t * sum (mean_lane - mean)^2`.
-    let (t, lanes) = ((body / step) as f32, step as f32);
-    let mut body_stats = (0.0, 0.0, 0.0);
-    if body > 0 {
-        let lane_mean_sum = mean.iter().fold(zero, |acc, &m| acc + m).reduce_add();
-        let body_mean = lane_mean_sum / lanes;
-        let centre = V::splat(body_mean);
-        let spread = mean.iter().fold(zero, |acc, &m| (m - centre).mul_add(m - centre, acc)).reduce_add();
-        let within = m2.iter().fold(zero, |acc, &m| acc + m).reduce_add();
-        body_stats = (t * lanes, body_mean, within + t * spread);
-    }
-    let tail = &x[body..];
-    if tail.is_empty() {
-        return (body_stats.1, body_stats.2);
-    }
-    let tail_count = tail.len() as f32;
-    let tail_mean = tail.iter().sum::<f32>() / tail_count;
-    let tail_m2 = tail.iter().map(|&v| (v - tail_mean) * (v - tail_mean)).sum::<f32>();
-    let (n_a, mean_a, m2_a) = body_stats;
-    let n = n_a + tail_count;
-    let delta = tail_mean - mean_a;
-    (mean_a + delta * tail_count / n, m2_a + tail_m2 + delta * delta * n_a * tail_count / n)
+    stats.finish(blocks.remainder())
 }
+
+/// Running means and sums of squared deviations (Welford 1962), one per lane of `S`
+/// vector states: the mean and the deviation sum of a row without the cancellation of
+/// `sum(x^2) - n mean^2`, built up vector by vector so that the row needs no second pass.
+/// Each update `mean += (v - mean) / count`, `m2 += (v - mean_old) (v - mean_new)` waits
+/// on its state's previous one, so `S` states side by side keep `S` chains in flight.
+/// [`Welford::finish`] merges the states and lanes by the pairwise formula of Chan, Golub
+/// & LeVeque (1979), `M2 = M2_a + M2_b + delta^2 n_a n_b / n`.
+struct Welford<V, const S: usize> {
+    mean: [V; S],
+    m2: [V; S],
+    /// How many vectors each state has seen.
+    count: [f32; S],
+}
+
+impl<V: F32Vector, const S: usize> Welford<V, S> {
+    #[inline(always)]
+    fn new() -> Self {
+        let zero = V::splat(0.0);
+        Self { mean: [zero; S], m2: [zero; S], count: [0.0; S] }
+    }
+
+    /// Adds `v` to the first state, then rotates the states by one, so that consecutive
+    /// vectors go to the states in turn. (With `S` a divisor of the caller's unrolling,
+    /// the rotation is only a renaming of registers.)
+    #[inline(always)]
+    fn push(&mut self, v: V) {
+        let count = self.count[0] + 1.0;
+        let delta = v - self.mean[0];
+        let mean = delta.mul_add(V::splat(1.0 / count), self.mean[0]);
+        let m2 = delta.mul_add(v - mean, self.m2[0]);
+        (self.mean[0], self.m2[0], self.count[0]) = (mean, m2, count);
+        self.mean.rotate_left(1);
+        self.m2.rotate_left(1);
+        self.count.rotate_left(1);
+    }
+
+    /// Adds the `S` vectors of `block`, one to each state, when every state has seen the
+    /// same number (only whole blocks so far): one division for all of them.
+    #[inline(always)]
+    fn push_block(&mut self, block: &[f32]) {
+        let count = self.count[0] + 1.0;
+        let inverse_count = V::splat(1.0 / count);
+        for k in 0..S {
+            let v = V::load(&block[k * V::LANES..]);
+            let delta = v - self.mean[k];
+            self.mean[k] = delta.mul_add(inverse_count, self.mean[k]);
+            self.m2[k] = delta.mul_add(v - self.mean[k], self.m2[k]);
+        }
+        self.count = [count; S];
+    }
+
+    /// The mean and the sum of squared deviations of every value pushed and then of
+    /// `tail` (values not pushed, fewer than a block).
+    #[inline(always)]
+    fn finish(self, tail: &[f32]) -> (f32, f32) {
+        // The states into one, lane by lane (a lane of each state holds `count` values).
+        let (mut count, mut mean, mut m2) = (self.count[0], self.mean[0], self.m2[0]);
+        for k in 1..S {
+            let (count_k, total) = (self.count[k], count + self.count[k]);
+            if count_k > 0.0 {
+                let delta = self.mean[k] - mean;
+                mean = delta.mul_add(V::splat(count_k / total), mean);
+                m2 = m2 + self.m2[k] + delta * delta * V::splat(count * count_k / total);
+                count = total;
+            }
+        }
+        // The lanes into one: with equal counts, the mean is the mean of the lane means,
+        // and the spread of those means adds `count * sum (mean_lane - mean)^2`.
+        let mut whole = (0.0, 0.0, 0.0);
+        if count > 0.0 {
+            let lanes_mean = mean.reduce_add() / V::LANES as f32;
+            let centre = V::splat(lanes_mean);
+            let spread = ((mean - centre) * (mean - centre)).reduce_add();
+            whole = (count * V::LANES as f32, lanes_mean, m2.reduce_add() + count * spread);
+        }
+        if tail.is_empty() {
+            return (whole.1, whole.2);
+        }
+        let tail_count = tail.len() as f32;
+        let tail_mean = tail.iter().sum::<f32>() / tail_count;
+        let tail_m2 = tail.iter().map(|&v| (v - tail_mean) * (v - tail_mean)).sum::<f32>();
+        let (n_a, mean_a, m2_a) = whole;
+        let n = n_a + tail_count;
+        let delta = tail_mean - mean_a;
+        (mean_a + delta * tail_count / n, m2_a + tail_m2 + delta * delta * n_a * tail_count / n)
+    }
+}
+
+/// The shortest LayerNorm row whose statistics are taken while the row before it is
+/// written (see `norm_f32`). AVX-512 on a Xeon (the rows from its L3), median ms at one
+/// thread / two, own statistics pass -> alongside (two builds, runs alternated):
+/// (4096, 1024) 1.80-1.86 / 0.93-0.97 -> 1.29-1.37 / 0.67-0.69 (PyTorch in the same
+/// session: 1.50 / 0.86), (8192, 512) 1.82-1.84 / 0.93-0.95 -> 1.30-1.35 / 0.67-0.69,
+/// (1536, 512) 0.28-0.30 / 0.13-0.15 -> 0.23-0.26 / 0.11-0.12. AVX2 on the same CPU
+/// (one process, variants alternated): (4096, 1024) 2.15 / 0.97 -> 1.61 / 0.74, (8192,
+/// 512) 1.93 / 0.88-1.01 -> 1.62 / 0.76. Shorter rows lost with AVX2 ((16384, 256) 3-8%,
+/// (768, 384) 7%) and on both ISAs at 128 values (10-25%: the statistics, merged at the
+/// end of each row, are needed at once by the next row).
+const ALONGSIDE_MIN_ROW: usize = 512;
 
 kernel! {
     /// LayerNorm / RMSNorm of whole rows `first..` of `x` into `out`, with SIMD; an
     /// absent weight is a splat of 1, an absent bias a splat of 0.
+    ///
+    /// A row's statistics pass reads it from memory with little to compute, and its output
+    /// pass computes from L1 with nothing to read; done in turn they do not overlap. For
+    /// LayerNorm rows of [`ALONGSIDE_MIN_ROW`] values or more, the next row's statistics
+    /// are the side job of this row's output pass ([`map_alongside`], a two-state
+    /// [`Welford`]: the pass's loop hands it two vectors at a time), as softmax takes
+    /// the next row's max; each row is then read from memory once, in one pass.
     fn norm_f32(
         x: &[f32],
         rows: &UnitRows,
@@ -454,17 +531,29 @@ kernel! {
     ) {
         let n = rows.n;
         let count = out.len() / n.max(1);
+        let alongside = matches!(center, Center::Mean) && n >= ALONGSIDE_MIN_ROW;
+        let mut next_stats = None;
         for (i, y) in out.chunks_exact_mut(n).enumerate() {
+            let row = rows.row(x, first + i);
+            let next = if i + 1 < count { rows.row(x, first + i + 1) } else { &[][..] };
             // With vectors narrower than AVX-512's, the next row on its way from memory
             // while this one's passes run from L1: on (4096, 1024), interleaved A/B runs,
             // AVX2 on Zen 3 11-20% faster at 1 and 2 threads; AVX-512 on Zen 4 6-30%
             // slower (the hardware prefetcher streams the rows on its own).
-            if V::LANES < 16 && i + 1 < count {
-                prefetch_lines(rows.row(x, first + i + 1));
+            if V::LANES < 16 && !alongside {
+                prefetch_lines(next);
             }
-            let x = rows.row(x, first + i);
-            let (mean, rstd) = row_stats_f32::<V>(x, center, eps);
-            map::<V, 3>([Operand::Slice(x), weight, bias], y, |[v, w, b]| ((v - mean) * rstd).mul_add(w, b));
+            let (mean, rstd) = next_stats.take().unwrap_or_else(|| row_stats_f32::<V>(row, center, eps));
+            let inputs = [Operand::Slice(row), weight, bias];
+            let output = |[v, w, b]: [V; 3]| ((v - mean) * rstd).mul_add(w, b);
+            if alongside && !next.is_empty() {
+                let mut stats = Welford::<V, 2>::new();
+                map_alongside(inputs, y, output, next, |v| stats.push(v));
+                let (next_mean, square_sum) = stats.finish(&next[n / V::LANES * V::LANES..]);
+                next_stats = Some((V::splat(next_mean), rstd_f32(square_sum, n, eps)));
+            } else {
+                map(inputs, y, output);
+            }
         }
     }
 }
@@ -671,6 +760,33 @@ mod tests {
             let want = normalize(&wide(&x), &layout, norm, None, None, 1e-6);
             // The inputs' own f32 spacing at 1e4 (2^-10) over the spread bounds the error.
             assert_close(&y, &want, 2e-2, "large offset");
+        }
+    }
+
+    #[test]
+    fn layer_norm_rows_with_statistics_taken_alongside_match_f64_on_every_isa() {
+        // Rows long enough for the next row's statistics to be the side job of this row's
+        // output pass: whole vector pairs, an odd vector count and a tail on every ISA. Each
+        // row sits at its own large offset with a far first value, so a statistic taken
+        // from the wrong row, or a lost vector, shows.
+        for n in [ALONGSIDE_MIN_ROW, ALONGSIDE_MIN_ROW + 16, 1000, 1031] {
+            let m = 5;
+            let layout = Layout::contiguous(&[m, n]);
+            let x: Vec<f32> = data(&layout, n as u64, false)
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| if i % n == 0 { 100.0 * (i / n) as f32 + 30.0 } else { 100.0 * (i / n) as f32 + v })
+                .collect();
+            let param = |salt: u64| data(&Layout::contiguous(&[n]), salt, false);
+            let (w, b) = (param(1), param(2));
+            let want = normalize(&wide(&x), &layout, Norm::Layer { dims: 1 }, Some(&wide(&w)), Some(&wide(&b)), 1e-5);
+            let rows = UnitRows::new(&layout).expect("contiguous rows");
+            for isa in crate::cpu::simd::test_isas() {
+                let mut y = vec![f32::NAN; m * n];
+                let (weight, bias) = (Operand::Slice(&w), Operand::Slice(&b));
+                norm_f32(isa, &x, &rows, 0, &mut y, Center::Mean, 1e-5, weight, bias);
+                assert_close(&y, &want, 2e-4, &format!("{isa:?}, rows of {n}"));
+            }
         }
     }
 
