@@ -497,16 +497,20 @@ impl<V: F32Vector, const S: usize> Welford<V, S> {
     }
 }
 
-/// The shortest LayerNorm row whose statistics are taken while the row before it is
-/// written (see `norm_f32`). AVX-512 on a Xeon (the rows from its L3), median ms at one
-/// thread / two, own statistics pass -> alongside (two builds, runs alternated):
+/// The shortest LayerNorm or RMSNorm row whose statistics are taken while the row before
+/// it is written (see `norm_f32`). LayerNorm, AVX-512 on a Xeon (the rows from its L3),
+/// median ms at one thread / two, own statistics pass -> alongside (two builds, runs
+/// alternated):
 /// (4096, 1024) 1.80-1.86 / 0.93-0.97 -> 1.29-1.37 / 0.67-0.69 (PyTorch in the same
 /// session: 1.50 / 0.86), (8192, 512) 1.82-1.84 / 0.93-0.95 -> 1.30-1.35 / 0.67-0.69,
 /// (1536, 512) 0.28-0.30 / 0.13-0.15 -> 0.23-0.26 / 0.11-0.12. AVX2 on the same CPU
 /// (one process, variants alternated): (4096, 1024) 2.15 / 0.97 -> 1.61 / 0.74, (8192,
 /// 512) 1.93 / 0.88-1.01 -> 1.62 / 0.76. Shorter rows lost with AVX2 ((16384, 256) 3-8%,
 /// (768, 384) 7%) and on both ISAs at 128 values (10-25%: the statistics, merged at the
-/// end of each row, are needed at once by the next row).
+/// end of each row, are needed at once by the next row). RMSNorm (its sum of squares from
+/// the same states), AVX-512, one process, alternated: (4096, 1024) 1.53-1.60 / 0.77-0.88
+/// -> 1.32-1.38 / 0.68, (8192, 512) 1.35-1.42 / 0.72-0.78 -> 1.30-1.35 / 0.68-0.74 (one
+/// run 0.88), (1536, 512) 0.24-0.28 / 0.13-0.14 -> 0.22-0.25 / 0.12-0.13 (one run 0.16).
 const ALONGSIDE_MIN_ROW: usize = 512;
 
 kernel! {
@@ -515,10 +519,10 @@ kernel! {
     ///
     /// A row's statistics pass reads it from memory with little to compute, and its output
     /// pass computes from L1 with nothing to read; done in turn they do not overlap. For
-    /// LayerNorm rows of [`ALONGSIDE_MIN_ROW`] values or more, the next row's statistics
-    /// are the side job of this row's output pass ([`map_alongside`], a two-state
-    /// [`Welford`]: the pass's loop hands it two vectors at a time), as softmax takes
-    /// the next row's max; each row is then read from memory once, in one pass.
+    /// rows of [`ALONGSIDE_MIN_ROW`] values or more, the next row's statistics are the
+    /// side job of this row's output pass ([`map_alongside`], a two-state [`Welford`]:
+    /// the pass's loop hands it two vectors at a time), as softmax takes the next row's
+    /// max; each row is then read from memory once, in one pass.
     fn norm_f32(
         x: &[f32],
         rows: &UnitRows,
@@ -531,7 +535,7 @@ kernel! {
     ) {
         let n = rows.n;
         let count = out.len() / n.max(1);
-        let alongside = matches!(center, Center::Mean) && n >= ALONGSIDE_MIN_ROW;
+        let alongside = n >= ALONGSIDE_MIN_ROW;
         let mut next_stats = None;
         for (i, y) in out.chunks_exact_mut(n).enumerate() {
             let row = rows.row(x, first + i);
@@ -549,8 +553,14 @@ kernel! {
             if alongside && !next.is_empty() {
                 let mut stats = Welford::<V, 2>::new();
                 map_alongside(inputs, y, output, next, |v| stats.push(v));
-                let (next_mean, square_sum) = stats.finish(&next[n / V::LANES * V::LANES..]);
-                next_stats = Some((V::splat(next_mean), rstd_f32(square_sum, n, eps)));
+                let (next_mean, deviations) = stats.finish(&next[n / V::LANES * V::LANES..]);
+                // RMSNorm's sum of squares is the deviations' plus `n mean^2` (no
+                // cancellation: both terms are positive).
+                let (centre, square_sum) = match center {
+                    Center::Mean => (next_mean, deviations),
+                    Center::Zero => (0.0, next_mean.mul_add(next_mean * n as f32, deviations)),
+                };
+                next_stats = Some((V::splat(centre), rstd_f32(square_sum, n, eps)));
             } else {
                 map(inputs, y, output);
             }
@@ -764,7 +774,7 @@ mod tests {
     }
 
     #[test]
-    fn layer_norm_rows_with_statistics_taken_alongside_match_f64_on_every_isa() {
+    fn norm_rows_with_statistics_taken_alongside_match_f64_on_every_isa() {
         // Rows long enough for the next row's statistics to be the side job of this row's
         // output pass: whole vector pairs, an odd vector count and a tail on every ISA. Each
         // row sits at its own large offset with a far first value, so a statistic taken
@@ -779,13 +789,15 @@ mod tests {
                 .collect();
             let param = |salt: u64| data(&Layout::contiguous(&[n]), salt, false);
             let (w, b) = (param(1), param(2));
-            let want = normalize(&wide(&x), &layout, Norm::Layer { dims: 1 }, Some(&wide(&w)), Some(&wide(&b)), 1e-5);
             let rows = UnitRows::new(&layout).expect("contiguous rows");
-            for isa in crate::cpu::simd::test_isas() {
-                let mut y = vec![f32::NAN; m * n];
-                let (weight, bias) = (Operand::Slice(&w), Operand::Slice(&b));
-                norm_f32(isa, &x, &rows, 0, &mut y, Center::Mean, 1e-5, weight, bias);
-                assert_close(&y, &want, 2e-4, &format!("{isa:?}, rows of {n}"));
+            for (norm, bias) in [(Norm::Layer { dims: 1 }, Some(&b)), (Norm::Rms, None)] {
+                let want = normalize(&wide(&x), &layout, norm, Some(&wide(&w)), bias.map(|b| wide(b)).as_deref(), 1e-5);
+                for isa in crate::cpu::simd::test_isas() {
+                    let mut y = vec![f32::NAN; m * n];
+                    let operands = (Operand::Slice(&w), f32_operand(bias.map(Vec::as_slice), 0.0));
+                    norm_f32(isa, &x, &rows, 0, &mut y, norm.center(), 1e-5, operands.0, operands.1);
+                    assert_close(&y, &want, 2e-4, &format!("{norm:?} on {isa:?}, rows of {n}"));
+                }
             }
         }
     }
