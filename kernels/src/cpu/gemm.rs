@@ -976,7 +976,15 @@ pub(super) mod x86 {
     /// lanes: for each packed word of depth, load the B row (two vectors), then for each
     /// of the MR rows broadcast the A word and multiply-add it into the row's two
     /// accumulators. The C rows are prefetched first, so that their cache misses overlap
-    /// the multiply-adds instead of stalling the final read-add-write.
+    /// the multiply-adds instead of stalling the final read-add-write: every line of each
+    /// row, its first and last values and the one a vector on (a row of two AVX-512
+    /// vectors spans three lines where it does not start on one, as in a buffer from
+    /// `malloc`, 16 bytes past a page). Asking for the first and last values only, C
+    /// 16 bytes past a 2 MB boundary against on it (same process, median GFLOP/s, one
+    /// thread / two) ran `4096 x 384 x 1536` at 139.4-139.9 / 277 against 148.9-149.3 /
+    /// 292-302, and `2048^3` at 148-149 / 291-296 against 152.8-153.0 / 309-310; with the
+    /// middle line too, 144.0-148.5 / 293-297 and 150.8-152.4 / 306-308 (aligned C the
+    /// same either way).
     ///
     /// With `$ahead > 0`, each depth step also asks for the A and B words `$ahead` steps
     /// on (the start of A's word and both ends of B's row). The slivers stream from L2
@@ -1009,6 +1017,7 @@ pub(super) mod x86 {
                     // prefetch never faults.
                     unsafe {
                         _mm_prefetch::<_MM_HINT_T0>(c_ptr.add(r * ldc).cast());
+                        _mm_prefetch::<_MM_HINT_T0>(c_ptr.add(r * ldc + $lanes).cast());
                         _mm_prefetch::<_MM_HINT_T0>(c_ptr.add(r * ldc + 2 * $lanes - 1).cast());
                     }
                 }
