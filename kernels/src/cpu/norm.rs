@@ -500,17 +500,17 @@ impl<V: F32Vector, const S: usize> Welford<V, S> {
 /// The shortest LayerNorm or RMSNorm row whose statistics are taken while the row before
 /// it is written (see `norm_f32`). LayerNorm, AVX-512 on a Xeon (the rows from its L3),
 /// median ms at one thread / two, own statistics pass -> alongside (two builds, runs
-/// alternated):
-/// (4096, 1024) 1.80-1.86 / 0.93-0.97 -> 1.29-1.37 / 0.67-0.69 (PyTorch in the same
-/// session: 1.50 / 0.86), (8192, 512) 1.82-1.84 / 0.93-0.95 -> 1.30-1.35 / 0.67-0.69,
-/// (1536, 512) 0.28-0.30 / 0.13-0.15 -> 0.23-0.26 / 0.11-0.12. AVX2 on the same CPU
-/// (one process, variants alternated): (4096, 1024) 2.15 / 0.97 -> 1.61 / 0.74, (8192,
-/// 512) 1.93 / 0.88-1.01 -> 1.62 / 0.76. Shorter rows lost with AVX2 ((16384, 256) 3-8%,
-/// (768, 384) 7%) and on both ISAs at 128 values (10-25%: the statistics, merged at the
-/// end of each row, are needed at once by the next row). RMSNorm (its sum of squares from
-/// the same states), AVX-512, one process, alternated: (4096, 1024) 1.53-1.60 / 0.77-0.88
-/// -> 1.32-1.38 / 0.68, (8192, 512) 1.35-1.42 / 0.72-0.78 -> 1.30-1.35 / 0.68-0.74 (one
-/// run 0.88), (1536, 512) 0.24-0.28 / 0.13-0.14 -> 0.22-0.25 / 0.12-0.13 (one run 0.16).
+/// alternated): (4096, 1024) 1.80-1.86 / 0.93-0.97 -> 1.29-1.37 / 0.67-0.69 (PyTorch in
+/// the same session: 1.50 / 0.86), (8192, 512) 1.82-1.84 / 0.93-0.95 -> 1.30-1.35 /
+/// 0.67-0.69, (1536, 512) 0.28-0.30 / 0.13-0.15 -> 0.23-0.26 / 0.11-0.12. AVX2 on the
+/// same CPU (one process, variants alternated): (4096, 1024) 2.12-2.17 / 0.95-0.99 ->
+/// 1.58-1.64 / 0.74-0.75, (8192, 512) 1.91-1.95 / 0.88-1.01 -> 1.60-1.65 / 0.75-0.77.
+/// Shorter rows lost: with AVX2, (16384, 256) by 2-10% and (768, 384) by 5-15%; on both
+/// ISAs, (32768, 128) by 6-24% (the statistics, merged at the end of each row, are needed
+/// at once by the next row). RMSNorm (its sum of squares from the same states), AVX-512,
+/// one process, alternated: (4096, 1024) 1.53-1.60 / 0.77-0.88 -> 1.32-1.38 / 0.68-0.69,
+/// (8192, 512) 1.35-1.42 / 0.72-0.78 -> 1.30-1.35 / 0.68-0.74 (one run 0.88), (1536, 512)
+/// 0.24-0.28 / 0.13-0.14 -> 0.22-0.25 / 0.12-0.13 (one run 0.16).
 const ALONGSIDE_MIN_ROW: usize = 512;
 
 kernel! {
