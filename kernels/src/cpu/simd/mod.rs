@@ -375,10 +375,11 @@ pub fn map<V: F32Vector, const N: usize>(inputs: [Operand; N], dst: &mut [f32], 
 /// its vectors come from zipped chunks, not by index (indexing either row lost 3-7% to
 /// the bounds checks, same-process A/B; [`update_alongside`]'s loop asking for the next
 /// vector with a branch, as this one does so that [`map`] can pass no row, lost 8-14%,
-/// and log-softmax, the user of this one, was not measured apart). LayerNorm's long rows
-/// take the next row's mean and variance as the side job of their output pass (one-pass
-/// Welford states: 25-30% faster, figures in `norm`); an earlier try with only the next
-/// row's mean as the side job, its variance from L1, was within the noise.
+/// and log-softmax, the user of this one, was not measured apart). LayerNorm's and
+/// RMSNorm's long rows take the next row's statistics as the side job of their output pass
+/// (one-pass Welford states: LayerNorm 25-30% faster, RMSNorm 4-15%, figures in `norm`); an
+/// earlier try with only the next row's mean as the side job, its variance from L1, was
+/// within the noise.
 #[inline(always)]
 pub fn map_alongside<V: F32Vector, const N: usize>(
     inputs: [Operand; N],
