@@ -259,7 +259,7 @@ impl<M: Copy> ShiftedPlanes<'_, M> {
 
 impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for ShiftedPlanes<'_, V::Mask> {
     #[inline(always)]
-    fn for_each_row(&self, depth: usize, mut f: impl FnMut(usize, [V; NV])) {
+    fn for_each_row(self, depth: usize, mut f: impl FnMut(usize, [V; NV])) {
         assert_eq!(depth, self.offsets.len() * self.channels, "shifted product: depth");
         let mut p = 0;
         for t in 0..self.offsets.len() {
@@ -326,7 +326,7 @@ kernel! {
 /// Every register tile of output channels at the block of `cols` positions from `j0`,
 /// its B read through `columns`.
 #[inline(always)]
-fn block_tiles<V: F32Vector, B: TileColumns<V, 1> + TileColumns<V, 2>>(
+fn block_tiles<V: F32Vector, B: TileColumns<V, 1> + TileColumns<V, 2> + Copy>(
     p: &ShiftedProduct,
     columns: B,
     j0: usize,

@@ -117,7 +117,7 @@ struct ChannelsLast<'a> {
 
 impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for ChannelsLast<'_> {
     #[inline(always)]
-    fn for_each_row(&self, depth: usize, mut f: impl FnMut(usize, [V; NV])) {
+    fn for_each_row(self, depth: usize, mut f: impl FnMut(usize, [V; NV])) {
         assert!(depth <= self.base.len(), "weight_grad_channels_last: depth");
         if depth == 0 {
             return;

@@ -252,7 +252,7 @@ impl<T: GemmInput> MatRef<'_, T> {
     }
 
     /// The same elements read as the transpose.
-    fn transposed(self) -> Self {
+    pub(super) fn transposed(self) -> Self {
         MatRef { row_stride: self.col_stride, col_stride: self.row_stride, ..self }
     }
 }
@@ -759,7 +759,11 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
 /// is then loaded without a line split; large allocations start 16 bytes past one here,
 /// glibc's chunk header). The values are left as they were: packing writes every lane,
 /// padding included.
-fn sliver_buffer<D: PackedWord, const W: usize>(buffer: &mut Vec<D>, slivers: usize, depth: usize) -> &mut [[D; W]] {
+pub(super) fn sliver_buffer<D: PackedWord, const W: usize>(
+    buffer: &mut Vec<D>,
+    slivers: usize,
+    depth: usize,
+) -> &mut [[D; W]] {
     let len = slivers * depth * W;
     let slack = CACHE_LINE.div_ceil(size_of::<D>());
     if buffer.len() < len + slack {

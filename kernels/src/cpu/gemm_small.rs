@@ -27,11 +27,13 @@
 //! accumulators; 12 rows with AVX-512's 32 registers), with A's values broadcast straight
 //! from its rows, whatever its strides;
 //! a block of at most one vector's columns (the right edge) takes one accumulator per row.
-//! B is packed into column blocks first (`k` rows of two vectors each, contiguous), by the
-//! packed path's own B packing (transposed in registers where B's columns are
-//! contiguous, as with `x W^T`): `k x n` values, a small share of the `m x n x k`
-//! multiply-adds. Only below the work at which the GEMM goes parallel are B's rows read
-//! in place when its columns are contiguous (`P V` in attention), except a last block
+//! B is packed into column blocks (`k` rows of two vectors each, contiguous): `k x n`
+//! values, a small share of the `m x n x k` multiply-adds. Where B's rows are contiguous
+//! and the product fits in L2, the first register tile of each column block packs it as
+//! it reads it (`Columns::PackedAsRead`); otherwise the packed path's own B packing does,
+//! before the tiles (transposed in registers where B's columns are contiguous, as with
+//! `x W^T`). Only below the work at which the GEMM goes parallel are B's rows read
+//! in place when they are contiguous (`P V` in attention), except a last block
 //! narrower than two vectors, which is copied out zero-padded so that every load is a
 //! whole vector; read in place at larger sizes, rows of B a power of two apart fall
 //! into a few of L1's sets (`512^3`: 65 GFLOP/s against 96 packed). When `m` is tiny
@@ -50,7 +52,7 @@
 //! rows without a B in memory: the convolution's implicit GEMM (`conv_shifted.rs`)
 //! loads them from the image, shifted and masked.
 
-use super::gemm::{Epilogue, MatRef, PARALLEL_MIN_WORK, Widened, pack_b};
+use super::gemm::{Epilogue, MatRef, Operand, PARALLEL_MIN_WORK, Widened, pack_b, pack_slivers, sliver_buffer};
 use super::simd::{Baseline, F32Vector, Isa, kernel, vector_lanes};
 use crate::parallel;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -128,6 +130,32 @@ const UNPACKED_MAX_A_NARROW: usize = 1 << 15;
 const A_BLOCK_VALUES: usize = 1 << 15;
 /// The deepest product taken unpacked once the work is parallel.
 const UNPACKED_MAX_DEPTH: usize = 1024;
+/// The most values that A, C, B and B's packed copy may hold together (1 MB of f32) for B
+/// to be packed as the tiles read it ([`packs_as_read`]).
+const PACK_AS_READ_MAX_VALUES: usize = 1 << 18;
+
+/// Whether B, when it is packed, is packed by the first register tile of each column
+/// block as it reads it ([`Columns::PackedAsRead`]) rather than in a pass of its own
+/// before the tiles: with AVX-512's tiles, B's rows contiguous (and not overlapping), and
+/// A, B, C and the packed copy within [`PACK_AS_READ_MAX_VALUES`].
+///
+/// Measured on a Xeon with AMX (2 MB L2), same process, the two builds alternated,
+/// medians of 150 x 20 calls, GFLOP/s at one thread (two) before -> after: `128^3`
+/// 154-156 (222-232) -> 159-161 (243-244), `96^3` 146-148 (189-207) -> 149-153
+/// (205-210), `64 x 256 x 288` 145-146 (202-210) -> 161-162 (233), `64 x 784 x 64` 136
+/// (187-194) -> 142 (196-199), `256^3` 165-166 (286-290) -> 168 (288-292); with the
+/// operands evicted to L3 before each call, `128^3` +1-6%, `96^3` +7%. Larger products
+/// lost, which is the limit: B then comes from L3, and the tile, which asks for one row
+/// of B per 12 depth steps' multiply-adds, keeps too few of those reads in flight (the
+/// pass of its own streams them): `64 x 784 x 288` -5% to -13%, `384^3` -2-3%, `512^3`
+/// -1% to -6%. AVX2's 6-row tiles, on the same CPU: -3% to +5% (`256^3` -3%, `64 x 784 x
+/// 64` at two threads +5%), so they keep the pass.
+fn packs_as_read(isa: Isa, [m, n, k]: [usize; 3], b: MatRef) -> bool {
+    tile_rows(vector_lanes(isa)) == WIDE_ROWS
+        && b.col_stride == 1
+        && b.row_stride >= n
+        && m * k + m * n + 2 * k * n <= PACK_AS_READ_MAX_VALUES
+}
 
 thread_local! {
     /// This thread's buffer for a B packed into column blocks.
@@ -164,22 +192,23 @@ pub(super) fn small_sgemm(
         return;
     }
     let width = block_width(isa);
-    let rows = |blocks: ColumnBlocks, i0: usize, c_rows: &mut [f32]| {
+    let rows = |columns: Columns, i0: usize, c_rows: &mut [f32]| {
         let rows = c_rows.len() / n;
-        tiles(isa, rows, n, k, MatRef { offset: a.offset + i0 * a.row_stride, ..a }, blocks, c_rows);
+        tiles(isa, rows, n, k, MatRef { offset: a.offset + i0 * a.row_stride, ..a }, columns, c_rows);
         epilogue.apply(isa, c_rows, n, rows, 0, n);
     };
     // Large enough for the packed path to go parallel: then B is packed (see the module
     // docs), and split across the threads when there are several.
     let large = m * n * k >= PARALLEL_MIN_WORK;
+    let as_read = packs_as_read(isa, [m, n, k], b);
     if large && parallel::threads() > 1 {
         let call = NEXT_CALL.fetch_add(1, Ordering::Relaxed);
         let rows_per_tile = tile_rows(width / 2);
         let parts = row_parts(m, rows_per_tile, parallel::threads());
         parallel::for_each_part_mut(c, rows_per_tile * n, parts, |offset, c_rows| {
             let mut packed = PACKED_B.take();
-            let blocks = packed.for_call(call, |buffer| pack_columns(isa, b, k, n, buffer));
-            rows(blocks, offset / n, c_rows);
+            let columns = packed.for_call(call, |buffer| pack_columns(isa, b, k, n, as_read, buffer));
+            rows(columns, offset / n, c_rows);
             PACKED_B.set(packed);
         });
         return;
@@ -187,28 +216,37 @@ pub(super) fn small_sgemm(
     let mut packed = PACKED_B.take();
     packed.call = NO_CALL;
     let buffer = &mut packed.buffer;
-    let blocks = if b.col_stride == 1 && !large {
+    let columns = if b.col_stride == 1 && !large {
         // B as it is: the block at column `j0` starts `j0` values into B's first row. A
         // last block narrower than `width` is copied out, zero-padded, so that every
         // block can be read with whole vectors.
         let edge = n - n % width;
         let edge = if edge < n { pad_columns(b, k, edge..n, width, buffer) } else { &[] };
-        ColumnBlocks { data: &b.data[b.offset..], column_step: 1, row_stride: b.row_stride, edge }
+        Columns::Blocks(ColumnBlocks { data: &b.data[b.offset..], column_step: 1, row_stride: b.row_stride, edge })
     } else {
-        pack_columns(isa, b, k, n, buffer)
+        pack_columns(isa, b, k, n, as_read, buffer)
     };
-    rows(blocks, 0, c);
+    rows(columns, 0, c);
     PACKED_B.set(packed);
 }
 
 /// B packed into column blocks of two vectors, each block `k` rows of `2 * LANES`
-/// values, zero-padded at the right edge (the packed path's B slivers, transposed in
-/// registers where B's columns are contiguous, as with `x W^T`).
-fn pack_columns<'a>(isa: Isa, b: MatRef, k: usize, n: usize, buffer: &'a mut Vec<f32>) -> ColumnBlocks<'a> {
+/// values, zero-padded at the right edge (the packed path's B slivers): by the register
+/// tiles as they read it when `as_read` ([`Columns::PackedAsRead`], B's rows
+/// contiguous), else now (transposed in registers where B's columns are contiguous, as
+/// with `x W^T`).
+fn pack_columns<'a>(
+    isa: Isa,
+    b: MatRef<'a>,
+    k: usize,
+    n: usize,
+    as_read: bool,
+    buffer: &'a mut Vec<f32>,
+) -> Columns<'a> {
     match isa {
-        Isa::Avx512 => ColumnBlocks::packed::<32>(b, k, n, buffer),
-        Isa::Avx2Fma => ColumnBlocks::packed::<16>(b, k, n, buffer),
-        Isa::Scalar => ColumnBlocks::packed::<{ 2 * Baseline::LANES }>(b, k, n, buffer),
+        Isa::Avx512 => Columns::packed::<32>(b, k, n, as_read, buffer),
+        Isa::Avx2Fma => Columns::packed::<16>(b, k, n, as_read, buffer),
+        Isa::Scalar => Columns::packed::<{ 2 * Baseline::LANES }>(b, k, n, as_read, buffer),
     }
 }
 
@@ -237,9 +275,9 @@ const NO_CALL: u64 = 0;
 struct PackedB {
     call: u64,
     buffer: Vec<f32>,
-    /// Where the column blocks start in `buffer`, their length, and their
+    /// The address of the column blocks' first value in `buffer`, their length, and their
     /// [`ColumnBlocks`] steps.
-    start: usize,
+    first: usize,
     len: usize,
     column_step: usize,
     row_stride: usize,
@@ -247,24 +285,29 @@ struct PackedB {
 
 impl PackedB {
     const EMPTY: PackedB =
-        PackedB { call: NO_CALL, buffer: Vec::new(), start: 0, len: 0, column_step: 0, row_stride: 0 };
+        PackedB { call: NO_CALL, buffer: Vec::new(), first: 0, len: 0, column_step: 0, row_stride: 0 };
 
-    /// The column blocks of `call`'s B: packed by `pack` on this thread's first part of
-    /// the call, reused by its later parts.
-    fn for_call(&mut self, call: u64, pack: impl FnOnce(&mut Vec<f32>) -> ColumnBlocks<'_>) -> ColumnBlocks<'_> {
-        if self.call != call {
-            let blocks = pack(&mut self.buffer);
-            let (first, len) = (blocks.data.as_ptr().addr(), blocks.data.len());
-            (self.column_step, self.row_stride) = (blocks.column_step, blocks.row_stride);
-            (self.start, self.len) = ((first - self.buffer.as_ptr().addr()) / size_of::<f32>(), len);
-            self.call = call;
+    /// The column blocks of `call`'s B: packed by `pack` (or to be packed as the tiles read
+    /// them) on this thread's first part of the call, reused by its later parts.
+    fn for_call<'s>(&'s mut self, call: u64, pack: impl FnOnce(&'s mut Vec<f32>) -> Columns<'s>) -> Columns<'s> {
+        if self.call == call {
+            let start = (self.first - self.buffer.as_ptr().addr()) / size_of::<f32>();
+            return Columns::Blocks(ColumnBlocks {
+                data: &self.buffer[start..][..self.len],
+                column_step: self.column_step,
+                row_stride: self.row_stride,
+                edge: &[],
+            });
         }
-        ColumnBlocks {
-            data: &self.buffer[self.start..][..self.len],
-            column_step: self.column_step,
-            row_stride: self.row_stride,
-            edge: &[],
-        }
+        self.call = call;
+        let columns = pack(&mut self.buffer);
+        let (blocks, column_step, row_stride) = match &columns {
+            Columns::Blocks(blocks) => (blocks.data, blocks.column_step, blocks.row_stride),
+            Columns::PackedAsRead { blocks, k, width, .. } => (&blocks[..], *k, *width),
+        };
+        (self.first, self.len) = (blocks.as_ptr().addr(), blocks.len());
+        (self.column_step, self.row_stride) = (column_step, row_stride);
+        columns
     }
 }
 
@@ -327,13 +370,6 @@ struct ColumnBlocks<'a> {
 }
 
 impl<'a> ColumnBlocks<'a> {
-    /// B packed into `buffer` as `NR`-wide blocks of `k` rows (zero-padded at the right
-    /// edge): the block at column `j0 = s * NR` starts at `s * k * NR = j0 * k`.
-    fn packed<const NR: usize>(b: MatRef, k: usize, n: usize, buffer: &'a mut Vec<f32>) -> Self {
-        let slivers = pack_b::<f32, Widened, NR>(b, 0, k, 0, n, buffer, false);
-        ColumnBlocks { data: slivers.as_flattened(), column_step: k, row_stride: NR, edge: &[] }
-    }
-
     /// The block of `cols` columns at `j0` (of at most `width`) and its row stride.
     fn block(&self, j0: usize, cols: usize, width: usize) -> (&'a [f32], usize) {
         if cols < width && !self.edge.is_empty() {
@@ -344,28 +380,99 @@ impl<'a> ColumnBlocks<'a> {
     }
 }
 
+/// Where [`tiles`] reads B.
+enum Columns<'a> {
+    /// Column blocks to read.
+    Blocks(ColumnBlocks<'a>),
+    /// B's rows, read in place by the first register tile of each column block and copied
+    /// as they are read into `blocks` (laid out as packed [`ColumnBlocks`]: the block at
+    /// column `j0` is `k` rows of `width` values from `j0 * k`), which the block's other
+    /// tiles then read: the copy's loads are the tile's own, and its stores go by between
+    /// the multiply-adds, instead of a pass over B of its own before the tiles
+    /// ([`packs_as_read`] has the measurements). A last block narrower than `width` is
+    /// packed, zero-padded, before the tiles.
+    PackedAsRead { b: MatRef<'a>, blocks: &'a mut [f32], k: usize, width: usize },
+}
+
+impl<'a> Columns<'a> {
+    /// B in `NR`-wide column blocks of `k` rows (zero-padded at the right edge) in
+    /// `buffer`: the block at column `j0 = s * NR` starts at `s * k * NR = j0 * k`.
+    fn packed<const NR: usize>(b: MatRef<'a>, k: usize, n: usize, as_read: bool, buffer: &'a mut Vec<f32>) -> Self {
+        if !as_read {
+            let slivers = pack_b::<f32, Widened, NR>(b, 0, k, 0, n, buffer, false);
+            return Columns::Blocks(ColumnBlocks {
+                data: slivers.as_flattened(),
+                column_step: k,
+                row_stride: NR,
+                edge: &[],
+            });
+        }
+        let slivers = sliver_buffer::<f32, NR>(buffer, n.div_ceil(NR), k);
+        let whole = n / NR;
+        if whole * NR < n {
+            let edge = &mut slivers[whole * k..];
+            pack_slivers::<f32, Widened, NR>(b.transposed(), Operand::B, whole * NR..n, 0, k, edge, false);
+        }
+        Columns::PackedAsRead { b, blocks: slivers.as_flattened_mut(), k, width: NR }
+    }
+
+    /// The block of `cols` columns at `j0` (of at most `width`) and its row stride, for
+    /// the tiles after a block's first.
+    fn block(&self, j0: usize, cols: usize, width: usize) -> (&[f32], usize) {
+        match self {
+            Columns::Blocks(blocks) => blocks.block(j0, cols, width),
+            Columns::PackedAsRead { blocks, k, width, .. } => (&blocks[j0 * k..], *width),
+        }
+    }
+}
+
 kernel! {
     /// Every register tile of `C = A @ B` (see the module docs for the loop order).
-    fn tiles(m: usize, n: usize, k: usize, a: MatRef<'_>, b: ColumnBlocks<'_>, c: &mut [f32]) {
-        let lanes = V::LANES;
-        let step = balanced_tile_rows(m, tile_rows(lanes));
-        // Whole tiles of rows, as many as A_BLOCK_VALUES holds (at least one).
-        let block_rows = (A_BLOCK_VALUES / k).max(step) / step * step;
-        for r0 in (0..m).step_by(block_rows) {
-            let r_end = m.min(r0 + block_rows);
-            for j0 in (0..n).step_by(2 * lanes) {
-                let cols = (n - j0).min(2 * lanes);
-                let (b_block, ldb) = b.block(j0, cols, 2 * lanes);
-                let b = BlockRows { b: b_block, ldb };
-                for i0 in (r0..r_end).step_by(step) {
-                    let tile = Tile { k, b, cols, c: &mut c[i0 * n + j0..], ldc: n, start: TileStart::Zero };
-                    let rows = step.min(r_end - i0);
-                    // A block of at most one vector's columns takes one accumulator per row.
-                    if cols <= lanes {
-                        row_tile::<V, 1, _>(a, i0, rows, tile);
-                    } else {
-                        row_tile::<V, 2, _>(a, i0, rows, tile);
-                    }
+    fn tiles(m: usize, n: usize, k: usize, a: MatRef<'_>, b: Columns<'_>, c: &mut [f32]) {
+        // One loop nest per kind of B, each compiled for it: with the first tiles' packing
+        // in the same loops, the tiles of already packed blocks ran 2-4% slower.
+        match b {
+            Columns::Blocks(blocks) => every_tile::<V>([m, n, k], a, Columns::Blocks(blocks), c),
+            as_read => every_tile::<V>([m, n, k], a, as_read, c),
+        }
+    }
+}
+
+/// The loops of [`tiles`].
+#[inline(always)]
+fn every_tile<V: F32Vector>([m, n, k]: [usize; 3], a: MatRef, mut b: Columns, c: &mut [f32]) {
+    let lanes = V::LANES;
+    let step = balanced_tile_rows(m, tile_rows(lanes));
+    // Whole tiles of rows, as many as A_BLOCK_VALUES holds (at least one).
+    let block_rows = (A_BLOCK_VALUES / k).max(step) / step * step;
+    for r0 in (0..m).step_by(block_rows) {
+        let r_end = m.min(r0 + block_rows);
+        for j0 in (0..n).step_by(2 * lanes) {
+            let cols = (n - j0).min(2 * lanes);
+            let mut first = r0;
+            if let Columns::PackedAsRead { b: source, blocks, width, .. } = &mut b
+                && r0 == 0
+                && cols == *width
+            {
+                // The block's first tile packs it as it reads it.
+                let rows = step.min(r_end);
+                let rows_of_b = &source.data[source.offset + j0..][..(k - 1) * source.row_stride + cols];
+                let b =
+                    PackingRows { source: rows_of_b, ld: source.row_stride, packed: &mut blocks[j0 * k..][..k * cols] };
+                let tile = Tile { k, b, cols, c: &mut c[j0..], ldc: n, start: TileStart::Zero };
+                row_tile::<V, 2, _>(a, 0, rows, tile);
+                first = rows;
+            }
+            let (b_block, ldb) = b.block(j0, cols, 2 * lanes);
+            let b = BlockRows { b: b_block, ldb };
+            for i0 in (first..r_end).step_by(step) {
+                let tile = Tile { k, b, cols, c: &mut c[i0 * n + j0..], ldc: n, start: TileStart::Zero };
+                let rows = step.min(r_end - i0);
+                // A block of at most one vector's columns takes one accumulator per row.
+                if cols <= lanes {
+                    row_tile::<V, 1, _>(a, i0, rows, tile);
+                } else {
+                    row_tile::<V, 2, _>(a, i0, rows, tile);
                 }
             }
         }
@@ -450,9 +557,9 @@ fn a_rows<V: F32Vector, const R: usize, const NV: usize, B: TileColumns<V, NV>>(
 
 /// Where a register tile reads B: the `NV` vectors of each of B's rows at the tile's
 /// columns.
-pub(super) trait TileColumns<V: F32Vector, const NV: usize>: Copy {
+pub(super) trait TileColumns<V: F32Vector, const NV: usize> {
     /// Calls `f(p, row p)` for every depth step `p` in `0..depth`, in order.
-    fn for_each_row(&self, depth: usize, f: impl FnMut(usize, [V; NV]));
+    fn for_each_row(self, depth: usize, f: impl FnMut(usize, [V; NV]));
 }
 
 /// A column block of B in memory: row `p` is `b[p * ldb..]`, readable for `NV` whole
@@ -461,6 +568,30 @@ pub(super) trait TileColumns<V: F32Vector, const NV: usize>: Copy {
 pub(super) struct BlockRows<'b> {
     pub b: &'b [f32],
     pub ldb: usize,
+}
+
+/// A column block of B read in place, rows `ld` apart, and copied as it is read into
+/// `packed`, its rows one after another (as [`BlockRows`] then reads them): the first
+/// register tile of a column block packs it for the others ([`Columns::PackedAsRead`]).
+pub(super) struct PackingRows<'b> {
+    pub source: &'b [f32],
+    pub ld: usize,
+    pub packed: &'b mut [f32],
+}
+
+impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for PackingRows<'_> {
+    #[inline(always)]
+    fn for_each_row(self, depth: usize, mut f: impl FnMut(usize, [V; NV])) {
+        let width = NV * V::LANES;
+        let rows = self.source.chunks(self.ld).zip(self.packed.chunks_exact_mut(width)).take(depth);
+        for (p, (source_row, packed_row)) in rows.enumerate() {
+            let row: [V; NV] = load_row(&source_row[..width]);
+            f(p, row);
+            for (v, vector) in row.iter().enumerate() {
+                vector.store(&mut packed_row[v * V::LANES..]);
+            }
+        }
+    }
 }
 
 /// Rows of a packed column block that [`BlockRows`] hands out per group (see there).
@@ -481,7 +612,7 @@ impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for BlockRows<'_> {
     /// AVX2's 6-row tile: -2% to +4%. Groups of 2 and 8 gained less (`256^3` +5% and +6%,
     /// against +9% in the same run), groups of 4 with each row's bounds checked nothing.
     #[inline(always)]
-    fn for_each_row(&self, depth: usize, mut f: impl FnMut(usize, [V; NV])) {
+    fn for_each_row(self, depth: usize, mut f: impl FnMut(usize, [V; NV])) {
         let width = NV * V::LANES;
         if self.ldb != width {
             // Rows `ldb` apart: B read in place, or a block of a wider buffer.
