@@ -148,8 +148,8 @@ const PACK_AS_READ_MAX_VALUES: usize = 1 << 18;
 /// lost, which is the limit: B then comes from L3, and the tile, which asks for one row
 /// of B per 12 depth steps' multiply-adds, keeps too few of those reads in flight (the
 /// pass of its own streams them): `64 x 784 x 288` -5% to -13%, `384^3` -2-3%, `512^3`
-/// -1% to -6%. AVX2's 6-row tiles, on the same CPU: -3% to +5% (`256^3` -3%, `64 x 784 x
-/// 64` at two threads +5%), so they keep the pass.
+/// -1% to -6%. AVX2's 6-row tiles, on the same CPU: -4% to +7% (`256^3` and `200 x 300 x
+/// 100` -3-4%, `64 x 784 x 64` at two threads +4-7%), so they keep the pass.
 fn packs_as_read(isa: Isa, [m, n, k]: [usize; 3], b: MatRef) -> bool {
     tile_rows(vector_lanes(isa)) == WIDE_ROWS
         && b.col_stride == 1
