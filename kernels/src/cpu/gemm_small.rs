@@ -147,8 +147,8 @@ const PACK_AS_READ_MAX_VALUES: usize = 1 << 18;
 /// operands evicted to L3 before each call, `128^3` +1-6%, `96^3` +7%. Larger products
 /// lost, which is the limit: B then comes from L3, and the tile, which asks for one row
 /// of B per 12 depth steps' multiply-adds, keeps too few of those reads in flight (the
-/// pass of its own streams them): `64 x 784 x 288` -5% to -13%, `384^3` -2-3%, `512^3`
-/// -1% to -6%. AVX2's 6-row tiles, on the same CPU: -4% to +7% (`256^3` and `200 x 300 x
+/// pass of its own streams them): `64 x 784 x 288` -13% to -22% (-5% to -14% from L3),
+/// `128 x 784 x 288` -4% to -6%, `384^3` -2% to -4%, `512^3` -1% to -6%. AVX2's 6-row tiles, on the same CPU: -4% to +7% (`256^3` and `200 x 300 x
 /// 100` -3-4%, `64 x 784 x 64` at two threads +4-7%), so they keep the pass.
 fn packs_as_read(isa: Isa, [m, n, k]: [usize; 3], b: MatRef) -> bool {
     tile_rows(vector_lanes(isa)) == WIDE_ROWS
@@ -421,7 +421,7 @@ impl<'a> Columns<'a> {
     fn block(&self, j0: usize, cols: usize, width: usize) -> (&[f32], usize) {
         match self {
             Columns::Blocks(blocks) => blocks.block(j0, cols, width),
-            Columns::PackedAsRead { blocks, k, width, .. } => (&blocks[j0 * k..], *width),
+            Columns::PackedAsRead { blocks, k, width: block_width, .. } => (&blocks[j0 * k..], *block_width),
         }
     }
 }
@@ -573,10 +573,10 @@ pub(super) struct BlockRows<'b> {
 /// A column block of B read in place, rows `ld` apart, and copied as it is read into
 /// `packed`, its rows one after another (as [`BlockRows`] then reads them): the first
 /// register tile of a column block packs it for the others ([`Columns::PackedAsRead`]).
-pub(super) struct PackingRows<'b> {
-    pub source: &'b [f32],
-    pub ld: usize,
-    pub packed: &'b mut [f32],
+struct PackingRows<'b> {
+    source: &'b [f32],
+    ld: usize,
+    packed: &'b mut [f32],
 }
 
 impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for PackingRows<'_> {
