@@ -457,8 +457,8 @@ fn every_tile<V: F32Vector>([m, n, k]: [usize; 3], a: MatRef, mut b: Columns, c:
                 // The block's first tile packs it as it reads it.
                 let rows = step.min(r_end);
                 let rows_of_b = &source.data[source.offset + j0..][..(k - 1) * source.row_stride + cols];
-                let b =
-                    PackingRows { source: rows_of_b, ld: source.row_stride, packed: &mut blocks[j0 * k..][..k * cols] };
+                let packed = &mut blocks[j0 * k..][..k * cols];
+                let b = PackingRows { source: rows_of_b, ld: source.row_stride, packed };
                 let tile = Tile { k, b, cols, c: &mut c[j0..], ldc: n, start: TileStart::Zero };
                 row_tile::<V, 2, _>(a, 0, rows, tile);
                 first = rows;
@@ -573,6 +573,15 @@ pub(super) struct BlockRows<'b> {
 /// A column block of B read in place, rows `ld` apart, and copied as it is read into
 /// `packed`, its rows one after another (as [`BlockRows`] then reads them): the first
 /// register tile of a column block packs it for the others ([`Columns::PackedAsRead`]).
+///
+/// Each row is stored to the packed block before the tile's multiply-adds use it, and
+/// the rows come from `chunks_exact` (the last one apart), so that the loop has one exit
+/// and no bounds check. Read through `chunks(ld).zip(..).take(depth)`, with the stores
+/// after the multiply-adds, the loop had two exits and carried copies of the
+/// accumulators (three of them through the stack) from one step to the next; that tile
+/// took 1.6 times a plain tile's time at `128^3`. Same process, builds alternated (with
+/// [`Tile::multiply`]'s stores of C), GFLOP/s at one thread: `128^3` 159-161 -> 163-166,
+/// `96^3` 152-153 -> 155-160.
 struct PackingRows<'b> {
     source: &'b [f32],
     ld: usize,
@@ -583,15 +592,24 @@ impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for PackingRows<'_> {
     #[inline(always)]
     fn for_each_row(self, depth: usize, mut f: impl FnMut(usize, [V; NV])) {
         let width = NV * V::LANES;
-        let rows = self.source.chunks(self.ld).zip(self.packed.chunks_exact_mut(width)).take(depth);
+        let (packed, last_packed) = self.packed[..depth * width].split_at_mut((depth - 1) * width);
+        let (source, last_source) = self.source.split_at((depth - 1) * self.ld);
+        let rows = source.chunks_exact(self.ld).zip(packed.chunks_exact_mut(width));
         for (p, (source_row, packed_row)) in rows.enumerate() {
-            let row: [V; NV] = load_row(&source_row[..width]);
-            f(p, row);
-            for (v, vector) in row.iter().enumerate() {
-                vector.store(&mut packed_row[v * V::LANES..]);
-            }
+            f(p, copied_row(source_row, packed_row));
         }
+        f(depth - 1, copied_row(last_source, last_packed));
     }
+}
+
+/// The `NV` vectors at the start of `source`, stored at the start of `packed` too.
+#[inline(always)]
+fn copied_row<V: F32Vector, const NV: usize>(source: &[f32], packed: &mut [f32]) -> [V; NV] {
+    let row: [V; NV] = load_row(source);
+    for (v, vector) in row.iter().enumerate() {
+        vector.store(&mut packed[v * V::LANES..]);
+    }
+    row
 }
 
 /// Rows of a packed column block that [`BlockRows`] hands out per group (see there).
@@ -672,6 +690,13 @@ impl<B> Tile<'_, B> {
     /// accumulators per row (twelve for `R = 6`, `NV = 2`), one B row (`NV` vectors) and
     /// `R` broadcasts per depth step. Only C's columns past `cols` are left unwritten
     /// (and unread).
+    ///
+    /// The accumulators stay in registers from the first multiply-add to the stores of C
+    /// when every loop that indexes them is unrolled: the loads and stores of a partial
+    /// tile (C's right edge, whose copies through a buffer keep their loops rolled) take
+    /// the accumulators by value ([`loaded`], [`store_edge`]). With those loops in
+    /// this function, every tile went through the stack: its accumulators zeroed there
+    /// (a `memset`), copied there after the last step and read back for the stores.
     #[inline(always)]
     fn multiply<V: F32Vector, const R: usize, const NV: usize>(self, a: impl Fn(usize, usize) -> f32)
     where
@@ -687,19 +712,7 @@ impl<B> Tile<'_, B> {
                     *acc_row = [V::splat(value); NV];
                 }
             }
-            TileStart::Output => {
-                for (r, acc_row) in acc.iter_mut().enumerate() {
-                    let c_row = &c[r * ldc..][..cols];
-                    for (v, acc) in acc_row.iter_mut().enumerate() {
-                        let first = v * lanes;
-                        if first + lanes <= cols {
-                            *acc = V::load(&c_row[first..]);
-                        } else if first < cols {
-                            *acc = V::load_partial(&c_row[first..], 0.0);
-                        }
-                    }
-                }
-            }
+            TileStart::Output => acc = loaded::<V, R, NV>(c, ldc, cols),
         }
         b.for_each_row(
             k,
@@ -713,16 +726,58 @@ impl<B> Tile<'_, B> {
                 }
             },
         );
-        for (r, acc_row) in acc.iter().enumerate() {
-            let c_row = &mut c[r * ldc..][..cols];
-            for (v, acc) in acc_row.iter().enumerate() {
-                let start = v * lanes;
-                if start + lanes <= cols {
-                    acc.store(&mut c_row[start..]);
-                } else if start < cols {
-                    // The right edge of C.
-                    acc.store_partial(&mut c_row[start..]);
+        if cols == NV * lanes {
+            for (r, acc_row) in acc.iter().enumerate() {
+                let c_row = &mut c[r * ldc..][..cols];
+                for (v, acc) in acc_row.iter().enumerate() {
+                    acc.store(&mut c_row[v * lanes..]);
                 }
+            }
+        } else {
+            store_edge::<V, R, NV>(acc, c, ldc, cols);
+        }
+    }
+}
+
+/// The tile of C at `c` (rows `ldc` apart, `cols` columns of `NV` vectors' width read,
+/// the rest zero): the sums of [`TileStart::Output`].
+#[inline(always)]
+fn loaded<V: F32Vector, const R: usize, const NV: usize>(c: &[f32], ldc: usize, cols: usize) -> [[V; NV]; R] {
+    let lanes = V::LANES;
+    let mut acc = [[V::splat(0.0); NV]; R];
+    for (r, acc_row) in acc.iter_mut().enumerate() {
+        let c_row = &c[r * ldc..][..cols];
+        for (v, acc) in acc_row.iter_mut().enumerate() {
+            let first = v * lanes;
+            if first + lanes <= cols {
+                *acc = V::load(&c_row[first..]);
+            } else if first < cols {
+                *acc = V::load_partial(&c_row[first..], 0.0);
+            }
+        }
+    }
+    acc
+}
+
+/// Stores the first `cols` columns of a register tile `acc` (fewer than its `NV`
+/// vectors hold: C's right edge) to `c`, rows `ldc` apart.
+#[inline(always)]
+fn store_edge<V: F32Vector, const R: usize, const NV: usize>(
+    acc: [[V; NV]; R],
+    c: &mut [f32],
+    ldc: usize,
+    cols: usize,
+) {
+    let lanes = V::LANES;
+    for (r, acc_row) in acc.iter().enumerate() {
+        let c_row = &mut c[r * ldc..][..cols];
+        for (v, acc) in acc_row.iter().enumerate() {
+            let start = v * lanes;
+            if start + lanes <= cols {
+                acc.store(&mut c_row[start..]);
+            } else if start < cols {
+                // The right edge of C.
+                acc.store_partial(&mut c_row[start..]);
             }
         }
     }
