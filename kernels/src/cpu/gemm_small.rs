@@ -579,9 +579,9 @@ pub(super) struct BlockRows<'b> {
 /// and no bounds check. Read through `chunks(ld).zip(..).take(depth)`, with the stores
 /// after the multiply-adds, the loop had two exits and carried copies of the
 /// accumulators (three of them through the stack) from one step to the next; that tile
-/// took 1.6 times a plain tile's time at `128^3`. Same process, builds alternated (with
-/// [`Tile::multiply`]'s stores of C), GFLOP/s at one thread: `128^3` 159-161 -> 163-166,
-/// `96^3` 152-153 -> 155-160.
+/// took 1.6-1.7 times a plain tile's time at `128^3` (now 1.1-1.2). Same process, builds
+/// alternated (with [`Tile::multiply`]'s stores of C), GFLOP/s at one thread: `128^3`
+/// 157-158 -> 163-164, `96^3` 149-150 -> 155-156. `depth` is at least 1.
 struct PackingRows<'b> {
     source: &'b [f32],
     ld: usize,
@@ -739,8 +739,8 @@ impl<B> Tile<'_, B> {
     }
 }
 
-/// The tile of C at `c` (rows `ldc` apart, `cols` columns of `NV` vectors' width read,
-/// the rest zero): the sums of [`TileStart::Output`].
+/// The first `cols` columns of the `R`-row tile of C at `c` (rows `ldc` apart) as a
+/// register tile, zero past them: the starting sums of [`TileStart::Output`].
 #[inline(always)]
 fn loaded<V: F32Vector, const R: usize, const NV: usize>(c: &[f32], ldc: usize, cols: usize) -> [[V; NV]; R] {
     let lanes = V::LANES;
