@@ -148,8 +148,9 @@ const PACK_AS_READ_MAX_VALUES: usize = 1 << 18;
 /// lost, which is the limit: B then comes from L3, and the tile, which asks for one row
 /// of B per 12 depth steps' multiply-adds, keeps too few of those reads in flight (the
 /// pass of its own streams them): `64 x 784 x 288` -13% to -22% (-5% to -14% from L3),
-/// `128 x 784 x 288` -4% to -6%, `384^3` -2% to -4%, `512^3` -1% to -6%. AVX2's 6-row tiles, on the same CPU: -4% to +7% (`256^3` and `200 x 300 x
-/// 100` -3-4%, `64 x 784 x 64` at two threads +4-7%), so they keep the pass.
+/// `128 x 784 x 288` -4% to -6%, `384^3` -2% to -4%, `512^3` -1% to -6%. AVX2's 6-row
+/// tiles, on the same CPU: -4% to +7% (`256^3` and `200 x 300 x 100` -3-4%, `64 x 784 x
+/// 64` at two threads +4-7%), so they keep the pass.
 fn packs_as_read(isa: Isa, [m, n, k]: [usize; 3], b: MatRef) -> bool {
     tile_rows(vector_lanes(isa)) == WIDE_ROWS
         && b.col_stride == 1
@@ -695,8 +696,9 @@ impl<B> Tile<'_, B> {
     /// when every loop that indexes them is unrolled: the loads and stores of a partial
     /// tile (C's right edge, whose copies through a buffer keep their loops rolled) take
     /// the accumulators by value ([`loaded`], [`store_edge`]). With those loops in
-    /// this function, every tile went through the stack: its accumulators zeroed there
-    /// (a `memset`), copied there after the last step and read back for the stores.
+    /// this function, the tiles went through the stack (seen in the disassembly of the
+    /// packing tile, [`PackingRows`]): their accumulators zeroed there (a `memset`),
+    /// copied there after the last step and read back for the stores.
     #[inline(always)]
     fn multiply<V: F32Vector, const R: usize, const NV: usize>(self, a: impl Fn(usize, usize) -> f32)
     where
