@@ -697,8 +697,9 @@ impl<B> Tile<'_, B> {
     /// tile (C's right edge, whose copies through a buffer keep their loops rolled) take
     /// the accumulators by value ([`loaded`], [`store_edge`]). With those loops in
     /// this function, the tiles went through the stack (seen in the disassembly of the
-    /// packing tile, [`PackingRows`]): their accumulators zeroed there (a `memset`),
-    /// copied there after the last step and read back for the stores.
+    /// packing tile, [`PackingRows`]): their accumulators copied there after the last
+    /// step and read back for the stores (and, in one variant's build, zeroed there first
+    /// with a `memset`).
     #[inline(always)]
     fn multiply<V: F32Vector, const R: usize, const NV: usize>(self, a: impl Fn(usize, usize) -> f32)
     where
