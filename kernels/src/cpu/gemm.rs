@@ -495,7 +495,7 @@ pub(super) fn tile_shape(isa: Isa) -> [usize; 2] {
 /// computed transposed (`C^T = B^T A^T`), because its rows are few:
 ///
 /// - too few to split evenly across the threads (fewer than four row tiles per thread):
-///   row blocks are whole tiles, so 16 rows on 2 threads would split 12 + 4 (one
+///   row blocks are whole tiles, so 16 rows on 2 threads would split 6 + 10 (one
 ///   recurrent step of a batch of 16; a decoding step has 1 row), while the transposed
 ///   product's rows split evenly;
 /// - or, on any number of threads, at most two vectors of them, when the transposed
@@ -681,8 +681,9 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
 ) {
     let parallel = m * n * k >= PARALLEL_MIN_WORK;
     let threads = if parallel { parallel::threads() } else { 1 };
-    // Split the rows evenly into blocks of at most MC rows, as many blocks as a multiple
-    // of the threads (so that every thread gets the same number of rows), in whole A slivers.
+    // Split the rows into blocks of at most MC rows, as many blocks as a multiple of the
+    // threads, each of whole A slivers and as even as whole slivers allow (so that every
+    // thread gets the same number of rows, give or take a sliver).
     let block_depth = match a {
         Left::Strided(_) => depth_block(k, P::KC, P::DEPTH_PER_WORD, threads > 1),
         Left::Packed { block_depth, .. } => block_depth,
@@ -691,7 +692,7 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
     let block_bytes = block_depth.div_ceil(P::DEPTH_PER_WORD) * size_of::<P::Word>();
     let mc_max = (MC * KC * size_of::<f32>() / block_bytes).max(MR);
     let blocks = m.div_ceil(mc_max).next_multiple_of(threads);
-    let mc = m.div_ceil(blocks).next_multiple_of(MR);
+    let block_start = |index: usize| (index * m.div_ceil(MR) / blocks * MR).min(m);
     // The packing buffers are reused from call to call (one per thread): a fresh
     // allocation would fault its pages in on every call, and its first writes miss.
     let [packed_a_buffer, packed_b_buffer] = P::Word::buffers();
@@ -703,14 +704,16 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
             let words = kc.div_ceil(P::DEPTH_PER_WORD);
             let last_depth_block = pc + kc == k;
             let b_slivers = pack_b::<T, P, NR>(b, pc, kc, jc, nc, &mut packed_b, parallel);
-            let block = |(block_index, c_rows): (usize, &mut [f32])| {
-                let ic = block_index * mc;
+            let block = |ic: usize, c_rows: &mut [f32]| {
                 let rows = c_rows.len() / n;
+                if rows == 0 {
+                    return; // more blocks than slivers (a product of few rows on many threads)
+                }
                 let mut packed_a = packed_a_buffer.take();
                 let a_slivers = match a {
                     Left::Strided(a) => pack_a::<T, P, MR>(a, ic, rows, pc, kc, &mut packed_a),
                     Left::Packed { words: all, .. } => {
-                        // Depth block `pc`, from sliver `ic / MR` (`mc` is whole slivers).
+                        // Depth block `pc`, from sliver `ic / MR` (`ic` is whole slivers).
                         let start = (m.div_ceil(MR) * pc / P::DEPTH_PER_WORD + ic / MR * words) * MR;
                         all[start..][..rows.div_ceil(MR) * words * MR].as_chunks::<MR>().0
                     }
@@ -745,9 +748,17 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
                 packed_a_buffer.set(packed_a);
             };
             if parallel {
-                parallel::for_each_chunk_mut(c, mc * n, |index, rows| block((index, rows)));
+                parallel::for_each_split_mut(
+                    c,
+                    blocks,
+                    |index| block_start(index) * n,
+                    |index, rows| block(block_start(index), rows),
+                );
             } else {
-                c.chunks_mut(mc * n).enumerate().for_each(block);
+                for index in 0..blocks {
+                    let rows = block_start(index)..block_start(index + 1);
+                    block(rows.start, &mut c[rows.start * n..rows.end * n]);
+                }
             }
         }
     }
