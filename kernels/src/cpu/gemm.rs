@@ -495,9 +495,9 @@ pub(super) fn tile_shape(isa: Isa) -> [usize; 2] {
 /// computed transposed (`C^T = B^T A^T`), because its rows are few:
 ///
 /// - too few to split evenly across the threads (fewer than four row tiles per thread):
-///   row blocks are whole tiles, so 16 rows on 2 threads would split 6 + 10 (one
-///   recurrent step of a batch of 16; a decoding step has 1 row), while the transposed
-///   product's rows split evenly;
+///   row blocks are whole tiles, so 16 rows on 2 threads would split 6 + 10 with AVX2's
+///   tiles of 6 rows, 14 + 2 with AVX-512's of 14 (one recurrent step of a batch of 16; a
+///   decoding step has 1 row), while the transposed product's rows split evenly;
 /// - or, on any number of threads, at most two vectors of them, when the transposed
 ///   product, one column block, then streams `B^T` unpacked instead of packing `B` (see
 ///   `gemm_small::is_faster_unpacked`). Past the unpacked depth limit the transposed
