@@ -692,7 +692,6 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
     let block_bytes = block_depth.div_ceil(P::DEPTH_PER_WORD) * size_of::<P::Word>();
     let mc_max = (MC * KC * size_of::<f32>() / block_bytes).max(MR);
     let blocks = m.div_ceil(mc_max).next_multiple_of(threads);
-    let block_start = |index: usize| (index * m.div_ceil(MR) / blocks * MR).min(m);
     // The packing buffers are reused from call to call (one per thread): a fresh
     // allocation would fault its pages in on every call, and its first writes miss.
     let [packed_a_buffer, packed_b_buffer] = P::Word::buffers();
@@ -748,15 +747,12 @@ fn blocked_gemm<T: GemmInput, P: Packing<T>, const MR: usize, const NR: usize>(
                 packed_a_buffer.set(packed_a);
             };
             if parallel {
-                parallel::for_each_split_mut(
-                    c,
-                    blocks,
-                    |index| block_start(index) * n,
-                    |index, rows| block(block_start(index), rows),
-                );
+                parallel::for_each_part_mut(c, MR * n, blocks, |offset, c_rows| block(offset / n, c_rows));
             } else {
+                // The same blocks as `for_each_part_mut` makes, on this thread.
+                let block_start = |index: usize| index * m.div_ceil(MR) / blocks * MR;
                 for index in 0..blocks {
-                    let rows = block_start(index)..block_start(index + 1);
+                    let rows = block_start(index)..block_start(index + 1).min(m);
                     block(rows.start, &mut c[rows.start * n..rows.end * n]);
                 }
             }
