@@ -52,8 +52,15 @@
 //! to come from memory (a store must own its line). AVX-512 on Zen 4 (EPYC, 2 vCPU, 32 MB
 //! of L3), (4096, 1024), two builds, runs alternated three times, median ms at one thread /
 //! two: 1.82-2.08 -> 1.56-1.58 / 0.92-1.11 -> 0.79-0.82, against 1.08-1.29 / 0.61-0.81 for
-//! a copy of the same bytes in the same runs. (Log-softmax writes its output in its second
-//! pass, from the side job's loop, and does not ask: not measured.)
+//! a copy of the same bytes in the same runs. Log-softmax writes its output in its second
+//! pass, from the side job's loop, and does not ask: asking in its sum pass was within
+//! the noise (one thread, median ms of runs alternated three times in one binary: 2.02-2.82
+//! against 2.27-2.49).
+//!
+//! Non-temporal stores for outputs past 8 MB (no read of each output line before it is
+//! written; softmax's exponentials then kept in a row of scratch) were no faster on
+//! Zen 4, though a copy with them took 1.2 ms against 2.2 with plain stores: (4096, 1024)
+//! at one thread, median ms, softmax 1.93-2.02 -> 1.96-2.34, LayerNorm 2.28 -> 2.20-2.66.
 //!
 //! The other dims, dtypes and layouts take the generic kernel, which reads each line into
 //! a scratch buffer through `Rows`.
