@@ -382,17 +382,19 @@ pub fn map<V: F32Vector, const N: usize>(inputs: [Operand; N], dst: &mut [f32], 
 /// within the noise.
 ///
 /// The side job's loads come before the stores beside them. The next row's vector at
-/// `j` and this row's output at `j` are a row apart in buffers that, when both are large
-/// allocations, start at the same offset within a page: their addresses agree in the low
-/// 12 bits, and a load issued after a store that matches it there waits on that store
-/// ("4K aliasing") even though they do not overlap. Loaded first, AVX-512 on Zen 4,
+/// `j` lies `(input start - output start) + 4n` bytes after this row's output at `j`:
+/// when both buffers are large allocations (which start at the same offset within a
+/// page) and a row is a multiple of 1024 values, the two addresses agree in their low 12
+/// bits, and a load issued after a store that matches it there waits on that store ("4K
+/// aliasing") even though they do not overlap. Loaded first, AVX-512 on Zen 4,
 /// (64, 1024) from L2, one thread, cycles in the kernel (perf, fixed-period samples, three
 /// runs each): LayerNorm 7630-9110 -> 6460-6880 samples, softmax 12520-14530 ->
 /// 10680-14780, log-softmax 11960-12690 -> 10950-11590; (4096, 1024) from memory:
 /// log-softmax 6080-6960 -> 4870-6550, softmax 4160-4400 -> 3700-4280, LayerNorm the same.
 /// With the input moved 1 KB against the output (the aliasing store is then one written
-/// 48 stores earlier, still in the store buffer), LayerNorm from L2 went 6460-6600 ->
-/// 6850-7680: the order suits buffers at the same page offset, as fresh tensors are.
+/// 48 stores earlier, presumably still in the store queue), LayerNorm from L2 went
+/// 6460-6600 -> 6850-7680: the order suits buffers at the same page offset, as fresh
+/// tensors are.
 #[inline(always)]
 pub fn map_alongside<V: F32Vector, const N: usize>(
     inputs: [Operand; N],
