@@ -337,6 +337,33 @@ fn load_all<V: F32Vector, const N: usize>(inputs: &[Operand; N], start: usize, t
     out
 }
 
+/// The vectors of `inputs` at `start`, `start + LANES`, .. (`U` of each), every slice cut
+/// once for all `U`: one bounds check per operand rather than two per vector. Against a
+/// [`load_all`] per vector, AVX-512 on Zen 4, (64, 1024) from L2, one thread, cycles in the kernel over
+/// cycles of a copy of the same bytes in the same run (perf, four alternated runs):
+/// LayerNorm 2.60-2.97 -> 2.21-2.40, log-softmax 4.09-4.45 -> 3.49-4.15; from memory,
+/// (4096, 1024), LayerNorm 1.28-1.40 -> 1.30-1.37.
+#[inline(always)]
+fn load_block<V: F32Vector, const N: usize, const U: usize>(inputs: &[Operand; N], start: usize) -> [[V; N]; U] {
+    let mut out = [[V::splat(0.0); N]; U];
+    for k in 0..N {
+        match inputs[k] {
+            Operand::Slice(s) => {
+                let block = &s[start..start + U * V::LANES];
+                for (u, vectors) in out.iter_mut().enumerate() {
+                    vectors[k] = V::load(&block[u * V::LANES..]);
+                }
+            }
+            Operand::Splat(v) => {
+                for vectors in &mut out {
+                    vectors[k] = V::splat(v);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Panics unless every slice input has `len` elements.
 #[inline(always)]
 fn check_lens<const N: usize>(inputs: &[Operand; N], len: usize) {
@@ -479,7 +506,8 @@ fn map_loop<V: F32Vector, const N: usize>(
             Some(v) => Some((V::load(v), V::load(&v[V::LANES..]))),
             None => None,
         };
-        let (y0, y1) = (f(load_all(&inputs, start, false)), f(load_all(&inputs, start + V::LANES, false)));
+        let [x0, x1] = load_block::<V, N, 2>(&inputs, start);
+        let (y0, y1) = (f(x0), f(x1));
         y0.store(d);
         y1.store(&mut d[V::LANES..]);
         if let Some((v0, v1)) = side_pair {
@@ -665,8 +693,8 @@ fn sums_loop<V: F32Vector, const N: usize, const K: usize>(
     let body = len - len % V::LANES;
     let mut start = 0;
     while start + 4 * V::LANES <= body {
-        for (u, a) in acc.iter_mut().enumerate() {
-            accumulate(a, f(load_all(&inputs, start + u * V::LANES, false)));
+        for (a, x) in acc.iter_mut().zip(load_block::<V, N, 4>(&inputs, start)) {
+            accumulate(a, f(x));
         }
         start += 4 * V::LANES;
     }
