@@ -60,7 +60,8 @@
 //! Non-temporal stores for outputs past 8 MB (no read of each output line before it is
 //! written; softmax's exponentials then kept in a row of scratch) were no faster on
 //! Zen 4, though a copy with them took 1.2 ms against 2.2 with plain stores: (4096, 1024)
-//! at one thread, median ms, softmax 1.93-2.02 -> 1.96-2.34, LayerNorm 2.28 -> 2.20-2.66.
+//! at one thread, median ms, softmax 1.93-2.02 -> 1.96-2.34 (that build also loaded the
+//! side job's vectors first, see `simd::map_alongside`), LayerNorm 2.28 -> 2.20-2.66.
 //!
 //! The other dims, dtypes and layouts take the generic kernel, which reads each line into
 //! a scratch buffer through `Rows`.

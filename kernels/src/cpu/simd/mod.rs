@@ -339,7 +339,8 @@ fn load_all<V: F32Vector, const N: usize>(inputs: &[Operand; N], start: usize, t
 
 /// The vectors of `inputs` at `start`, `start + LANES`, .. (`U` of each), every slice cut
 /// once for all `U`: one bounds check per operand rather than two per vector. Against a
-/// [`load_all`] per vector, AVX-512 on Zen 4, (64, 1024) from L2, one thread, cycles in the kernel over
+/// [`load_all`] per vector (a build that also carried a non-temporal-store path, switched
+/// off), AVX-512 on Zen 4, (64, 1024) from L2, one thread, cycles in the kernel over the
 /// cycles of a copy of the same bytes in the same run (perf, four alternated runs):
 /// LayerNorm 2.60-2.97 -> 2.21-2.40, log-softmax 4.09-4.45 -> 3.49-4.15; from memory,
 /// (4096, 1024), LayerNorm 1.28-1.40 -> 1.30-1.37.
@@ -415,8 +416,8 @@ pub fn map<V: F32Vector, const N: usize>(inputs: [Operand; N], dst: &mut [f32], 
 /// bits, and a load issued after a store that matches it there waits on that store ("4K
 /// aliasing") even though they do not overlap. Loaded first, AVX-512 on Zen 4,
 /// (64, 1024) from L2, one thread, cycles in the kernel (perf, fixed-period samples, three
-/// runs each): LayerNorm 7630-9110 -> 6460-6880 samples, softmax 12520-14530 ->
-/// 10680-14780, log-softmax 11960-12690 -> 10950-11590; (4096, 1024) from memory:
+/// runs each; LayerNorm six): LayerNorm 7350-9110 -> 6400-6880 samples, softmax
+/// 12520-14530 -> 10680-14780, log-softmax 11960-12690 -> 10950-11590; (4096, 1024) from memory:
 /// log-softmax 6080-6960 -> 4870-6550, softmax 4160-4400 -> 3700-4280, LayerNorm the same.
 /// With the input moved 1 KB against the output (the aliasing store is then one written
 /// 48 stores earlier, presumably still in the store queue), LayerNorm from L2 went
