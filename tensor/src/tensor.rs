@@ -8,11 +8,23 @@
 use crate::storage::{CpuStorage, Storage, map_any, with_any};
 use crate::{DType, Device, Error, Result, Shape, WithDType};
 use aigc_kernels::{Layout, cpu};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 /// An n-dimensional array of one dtype on one device.
+///
+/// The value is one pointer to a shared `View` (buffer, layout, dtype, device): moving a
+/// tensor, cloning it, or holding it in a `Cow` or a `Result` copies eight bytes, not the
+/// 136-byte layout (six sizes and six strides held inline). Moves of the layout were
+/// copied in 16-byte pieces that straddled the 8-byte stores just made, which the CPU
+/// cannot forward (an add of two 64-float tensors took 131-134 ns with the layout in the
+/// value, 120 with this handle, on Zen 4). Ops make a new view for their result, as they
+/// make a new buffer.
 #[derive(Clone)]
-pub struct Tensor {
+pub struct Tensor(Arc<View>);
+
+/// A buffer seen through a strided layout: what a [`Tensor`] points to. Views of one
+/// buffer (reshape, permute, narrow, ...) share the `storage`.
+struct View {
     storage: Arc<RwLock<Storage>>,
     layout: Layout,
     dtype: DType,
@@ -25,24 +37,24 @@ impl Tensor {
     /// Wraps a freshly computed row-major CPU buffer of shape `shape`.
     pub(crate) fn from_cpu(storage: CpuStorage, shape: &[usize]) -> Tensor {
         debug_assert_eq!(storage.len(), shape.iter().product::<usize>());
-        Tensor {
+        Tensor(Arc::new(View {
             dtype: storage.dtype(),
             device: Device::Cpu,
             storage: Arc::new(RwLock::new(Storage::Cpu(storage))),
             layout: Layout::contiguous(shape),
-        }
+        }))
     }
 
     /// The same buffer seen through another layout (a view: nothing is copied).
     pub(crate) fn with_layout(&self, layout: Layout) -> Tensor {
-        Tensor { storage: self.storage.clone(), layout, dtype: self.dtype, device: self.device }
+        Tensor(Arc::new(View { storage: self.0.storage.clone(), layout, dtype: self.0.dtype, device: self.0.device }))
     }
 
     /// Runs `f` on the CPU buffer and this tensor's layout.
     pub(crate) fn read_cpu<R>(&self, f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>) -> Result<R> {
-        let guard = self.storage.read().unwrap_or_else(|e| e.into_inner());
+        let guard = self.0.storage.read().unwrap_or_else(|e| e.into_inner());
         match &*guard {
-            Storage::Cpu(s) => f(s, &self.layout),
+            Storage::Cpu(s) => f(s, &self.0.layout),
         }
     }
 
@@ -56,32 +68,51 @@ impl Tensor {
     ) -> Result<R> {
         self.same_device(other, op)?;
         if self.shares_storage_with(other) {
-            return self.read_cpu(|a, la| f(a, la, a, &other.layout));
+            return self.read_cpu(|a, la| f(a, la, a, &other.0.layout));
         }
         self.read_cpu(|a, la| other.read_cpu(|b, lb| f(a, la, b, lb)))
     }
 
+    /// Read locks on the buffers of `tensors`, one per distinct buffer: entry `k` holds
+    /// the lock when tensor `k` is the first on its buffer, else `None`. A second read
+    /// lock on a buffer this thread already reads could wait forever: std's `RwLock`
+    /// queues new readers behind a writer that is waiting, and that writer waits for the
+    /// first lock (views of one buffer are common: `k` and `v` sliced from one QKV
+    /// projection, `x * x`).
+    fn lock_buffers<'t>(tensors: &[&'t Tensor]) -> Vec<Option<RwLockReadGuard<'t, Storage>>> {
+        (0..tensors.len())
+            .map(|k| {
+                (Tensor::first_on_buffer(tensors, k) == k)
+                    .then(|| tensors[k].0.storage.read().unwrap_or_else(|e| e.into_inner()))
+            })
+            .collect()
+    }
+
+    /// The position of the first tensor of `tensors` on tensor `k`'s buffer.
+    fn first_on_buffer(tensors: &[&Tensor], k: usize) -> usize {
+        tensors.iter().position(|t| t.shares_storage_with(tensors[k])).expect("tensor k itself")
+    }
+
+    /// Tensor `k`'s CPU buffer, under the locks `lock_buffers(tensors)` took.
+    fn locked_buffer<'g>(
+        guards: &'g [Option<RwLockReadGuard<Storage>>],
+        tensors: &[&Tensor],
+        k: usize,
+    ) -> &'g CpuStorage {
+        let guard = guards[Tensor::first_on_buffer(tensors, k)].as_ref();
+        let Storage::Cpu(s) = &**guard.expect("the first tensor on a buffer holds its lock");
+        s
+    }
+
     /// Runs `f` on the CPU buffer and layout of every tensor of `tensors`, taking one
-    /// read lock per distinct buffer. A second read lock on a buffer this thread already
-    /// reads could wait forever: std's `RwLock` queues new readers behind a writer that
-    /// is waiting, and that writer waits for the first lock (views of one buffer are
-    /// common: `k` and `v` sliced from one QKV projection, `x * x`).
+    /// read lock per distinct buffer.
     pub(crate) fn read_cpu_all<R>(
         tensors: &[&Tensor],
         f: impl FnOnce(&[(&CpuStorage, &Layout)]) -> Result<R>,
     ) -> Result<R> {
-        let first_on_buffer =
-            |k: usize| tensors.iter().position(|t| t.shares_storage_with(tensors[k])).expect("tensor k itself");
-        let guards: Vec<_> = (0..tensors.len())
-            .map(|k| (first_on_buffer(k) == k).then(|| tensors[k].storage.read().unwrap_or_else(|e| e.into_inner())))
-            .collect();
-        let views: Vec<_> = (0..tensors.len())
-            .map(|k| {
-                let guard = guards[first_on_buffer(k)].as_ref().expect("the first tensor on a buffer holds its lock");
-                let Storage::Cpu(s) = &**guard;
-                (s, &tensors[k].layout)
-            })
-            .collect();
+        let guards = Tensor::lock_buffers(tensors);
+        let views: Vec<_> =
+            (0..tensors.len()).map(|k| (Tensor::locked_buffer(&guards, tensors, k), &tensors[k].0.layout)).collect();
         f(&views)
     }
 
@@ -96,22 +127,23 @@ impl Tensor {
             let copies = tensors.iter().map(|t| t.contiguous()).collect::<Result<Vec<_>>>()?;
             return Tensor::read_contiguous(&copies.iter().collect::<Vec<_>>(), op, f);
         }
-        Tensor::read_cpu_all(tensors, |views| {
-            let mut slices = Vec::with_capacity(views.len());
-            for (&(s, layout), t) in views.iter().zip(tensors) {
-                let buf = T::from_storage(s).ok_or(Error::DTypeMismatch { op, lhs: T::DTYPE, rhs: t.dtype })?;
-                slices.push(&buf[layout.offset()..layout.offset() + t.numel()]);
-            }
-            Ok(f(&slices))
-        })
+        let guards = Tensor::lock_buffers(tensors);
+        let mut slices = Vec::with_capacity(tensors.len());
+        for (k, t) in tensors.iter().enumerate() {
+            let buf = T::from_storage(Tensor::locked_buffer(&guards, tensors, k))
+                .ok_or_else(|| Error::DTypeMismatch { op, lhs: T::DTYPE, rhs: t.0.dtype })?;
+            let start = t.0.layout.offset();
+            slices.push(&buf[start..start + t.numel()]);
+        }
+        Ok(f(&slices))
     }
 
     /// Mutable access to the CPU buffer, for in-place writes. The caller must only write
     /// positions its own layout addresses.
     pub(crate) fn write_cpu<R>(&self, f: impl FnOnce(&mut CpuStorage, &Layout) -> Result<R>) -> Result<R> {
-        let mut guard = self.storage.write().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.0.storage.write().unwrap_or_else(|e| e.into_inner());
         match &mut *guard {
-            Storage::Cpu(s) => f(s, &self.layout),
+            Storage::Cpu(s) => f(s, &self.0.layout),
         }
     }
 
@@ -155,13 +187,13 @@ impl Tensor {
     }
     /// Zeros with this tensor's shape, dtype and device.
     pub fn zeros_like(&self) -> Result<Tensor> {
-        Tensor::zeros(self.shape(), self.dtype, &self.device)
+        Tensor::zeros(self.shape(), self.0.dtype, &self.0.device)
     }
     pub fn ones_like(&self) -> Result<Tensor> {
-        Tensor::ones(self.shape(), self.dtype, &self.device)
+        Tensor::ones(self.shape(), self.0.dtype, &self.0.device)
     }
     pub fn full_like(&self, value: f64) -> Result<Tensor> {
-        Tensor::full(value, self.shape(), self.dtype, &self.device)
+        Tensor::full(value, self.shape(), self.0.dtype, &self.0.device)
     }
 
     /// `start, start + step, ...` up to but excluding `end` (like `torch.arange`).
@@ -203,56 +235,57 @@ impl Tensor {
 
     /// The sizes of the dimensions.
     pub fn dims(&self) -> &[usize] {
-        self.layout.shape()
+        self.0.layout.shape()
     }
     /// The shape as a value that prints like `[64, 400]`.
     pub fn shape(&self) -> Shape {
         Shape(self.dims().to_vec())
     }
     pub fn rank(&self) -> usize {
-        self.layout.rank()
+        self.0.layout.rank()
     }
     /// The size of dimension `dim` (negative counts from the end).
     pub fn dim(&self, dim: isize) -> Result<usize> {
         Ok(self.dims()[crate::shape::resolve_dim("dim", dim, self.rank())?])
     }
     pub fn numel(&self) -> usize {
-        self.layout.numel()
+        self.0.layout.numel()
     }
     pub fn dtype(&self) -> DType {
-        self.dtype
+        self.0.dtype
     }
     pub fn device(&self) -> Device {
-        self.device
+        self.0.device
     }
     pub fn layout(&self) -> &Layout {
-        &self.layout
+        &self.0.layout
     }
     pub fn strides(&self) -> &[usize] {
-        self.layout.strides()
+        self.0.layout.strides()
     }
     pub fn is_contiguous(&self) -> bool {
-        self.layout.is_contiguous()
+        self.0.layout.is_contiguous()
     }
-    /// How many tensors hold this tensor's buffer (this one included).
-    pub(crate) fn storage_handle_count(&self) -> usize {
-        Arc::strong_count(&self.storage)
+    /// Whether this tensor is the only holder of its buffer: no clone of it and no other
+    /// view of the buffer exists.
+    pub(crate) fn holds_buffer_alone(&self) -> bool {
+        Arc::strong_count(&self.0) == 1 && Arc::strong_count(&self.0.storage) == 1
     }
 
     /// Whether two tensors are views of the same buffer.
     pub fn shares_storage_with(&self, other: &Tensor) -> bool {
-        Arc::ptr_eq(&self.storage, &other.storage)
+        Arc::ptr_eq(&self.0.storage, &other.0.storage)
     }
 
     pub(crate) fn same_device(&self, other: &Tensor, op: &'static str) -> Result<()> {
-        if self.device != other.device {
-            return Err(Error::DeviceMismatch { op, lhs: self.device, rhs: other.device });
+        if self.0.device != other.0.device {
+            return Err(Error::DeviceMismatch { op, lhs: self.0.device, rhs: other.0.device });
         }
         Ok(())
     }
     pub(crate) fn same_dtype(&self, other: &Tensor, op: &'static str) -> Result<()> {
-        if self.dtype != other.dtype {
-            return Err(Error::DTypeMismatch { op, lhs: self.dtype, rhs: other.dtype });
+        if self.0.dtype != other.0.dtype {
+            return Err(Error::DTypeMismatch { op, lhs: self.0.dtype, rhs: other.0.dtype });
         }
         Ok(())
     }
@@ -272,18 +305,18 @@ impl Tensor {
         Ok(())
     }
     pub(crate) fn expect_float(&self, op: &'static str) -> Result<()> {
-        if !self.dtype.is_float() {
+        if !self.0.dtype.is_float() {
             return Err(Error::UnsupportedDType {
                 op,
-                dtype: self.dtype,
+                dtype: self.0.dtype,
                 expected: "a float dtype (f32, f64, f16, bf16)",
             });
         }
         Ok(())
     }
     pub(crate) fn expect_index(&self, op: &'static str) -> Result<()> {
-        if self.dtype != DType::I64 {
-            return Err(Error::UnsupportedDType { op, dtype: self.dtype, expected: "i64 indices" });
+        if self.0.dtype != DType::I64 {
+            return Err(Error::UnsupportedDType { op, dtype: self.0.dtype, expected: "i64 indices" });
         }
         Ok(())
     }
@@ -306,7 +339,7 @@ impl Tensor {
 
     /// Converts to another dtype (a copy; the same tensor when the dtype already matches).
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
-        if dtype == self.dtype {
+        if dtype == self.0.dtype {
             return Ok(self.clone());
         }
         let out = self.read_cpu(|s, l| {
@@ -330,8 +363,8 @@ impl Tensor {
 
     /// The elements in row-major order. `T` must be the tensor's dtype.
     pub fn to_vec<T: WithDType>(&self) -> Result<Vec<T>> {
-        if T::DTYPE != self.dtype {
-            return Err(Error::DTypeMismatch { op: "to_vec", lhs: self.dtype, rhs: T::DTYPE });
+        if T::DTYPE != self.0.dtype {
+            return Err(Error::DTypeMismatch { op: "to_vec", lhs: self.0.dtype, rhs: T::DTYPE });
         }
         self.read_cpu(|s, l| Ok(T::from_storage(s).map(|b| cpu::copy::contiguous(b, l)).expect("dtype checked")))
     }
@@ -377,7 +410,7 @@ impl Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor{} {} {}", self.shape(), self.dtype, self.device)
+        write!(f, "Tensor{} {} {}", self.shape(), self.0.dtype, self.0.device)
     }
 }
 
@@ -407,7 +440,7 @@ impl std::fmt::Display for Tensor {
         }
         match self.to_f64_vec() {
             Ok(v) => {
-                rec(f, &v, self.dims(), self.dtype.is_int())?;
+                rec(f, &v, self.dims(), self.0.dtype.is_int())?;
                 write!(f, " {:?}", self)
             }
             Err(e) => write!(f, "<{e}>"),

@@ -61,7 +61,7 @@ impl Tensor {
     /// Whether no other tensor shares this tensor's buffer: writing into it in place
     /// then changes nothing anyone else can see.
     pub fn is_sole_owner(&self) -> bool {
-        self.storage_handle_count() == 1
+        self.holds_buffer_alone()
     }
 
     /// Checks that the optimizer operands fit this parameter: same shape and dtype,
@@ -313,6 +313,10 @@ mod tests {
         x.add_(&x).unwrap(); // from its own buffer: read first
         assert_eq!(x.to_vec::<f32>().unwrap(), vec![22.0, 24.0, 26.0, 48.0, 50.0, 52.0]);
         drop(t);
+        assert!(x.is_sole_owner());
+        let handle = x.clone(); // the same tensor, not a view: it holds the buffer too
+        assert!(!x.is_sole_owner() && !handle.is_sole_owner());
+        drop(handle);
         assert!(x.is_sole_owner());
         let h = Tensor::from_slice(&[1.5f64, -2.0], [2], &dev).unwrap().to_dtype(DType::BF16).unwrap();
         h.add_(&h.ones_like().unwrap()).unwrap();

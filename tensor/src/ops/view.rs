@@ -239,8 +239,13 @@ impl Tensor {
     }
 
     /// The view with `dims` permuted to the end, in order (for reductions, which fold
-    /// trailing dims).
+    /// trailing dims). `dims` ascending and already last (a row sum, a mean over the
+    /// features) give this tensor itself.
     pub(crate) fn move_dims_last(&self, dims: &[usize]) -> Tensor {
+        let first = self.rank() - dims.len();
+        if dims.iter().enumerate().all(|(k, &d)| d == first + k) {
+            return self.clone();
+        }
         let mut perm: Vec<usize> = (0..self.rank()).filter(|d| !dims.contains(d)).collect();
         perm.extend_from_slice(dims);
         self.with_layout(self.layout().permute(&perm))
