@@ -44,6 +44,7 @@ use super::gemm_small::{Tile, TileColumns, TileStart, balanced_tile_rows, row_ti
 use super::simd::{F32Vector, kernel};
 use super::transpose::transpose;
 use crate::{buffers, parallel};
+use std::ops::Range;
 
 /// The fewest input channels per group this path takes: with 16, an AVX-512 vector (or
 /// two AVX2 ones) is full; a group of 24 fills three quarters of two.
@@ -84,10 +85,27 @@ pub(super) fn channels_last(
     [rows, width]: [usize; 2],
     out: &mut [f32],
 ) {
-    assert!(top + h <= rows && left + w <= width, "channels_last: the planes do not fit the copy");
+    assert!(top + h <= rows, "channels_last: the planes do not fit the copy");
+    channels_last_rows(isa, planes, channels, [h, w], [top, left], 0..rows, width, out);
+}
+
+/// The rows `rows` of [`channels_last`]'s copy (of width `width`), `out`'s row 0 being
+/// the copy's row `rows.start`: the part of a copy that a share of the work reads.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn channels_last_rows(
+    isa: Isa,
+    planes: &[f32],
+    channels: usize,
+    [h, w]: [usize; 2],
+    [top, left]: [usize; 2],
+    rows: Range<usize>,
+    width: usize,
+    out: &mut [f32],
+) {
+    assert!(left + w <= width, "channels_last: the planes do not fit the copy");
     assert_eq!(planes.len(), channels * h * w, "channels_last: planes size");
     let row_values = width * channels;
-    for (y, row) in out[..rows * row_values].chunks_exact_mut(row_values).enumerate() {
+    for (y, row) in rows.clone().zip(out[..rows.len() * row_values].chunks_exact_mut(row_values)) {
         let Some(iy) = y.checked_sub(top).filter(|&iy| iy < h) else {
             row.fill(0.0);
             continue;

@@ -41,7 +41,7 @@
 //! runs by Winograd ([`applies`]); the measurements are there.
 
 use super::conv::ConvGeometry;
-use super::conv_weight_grad::channels_last;
+use super::conv_weight_grad::channels_last_rows;
 use super::conv_winograd::{
     F2x2, F4x4, LINE_VALUES, MAX_PATCH, MAX_TILE, Method, Minimal, Split, Tiles, aligned, array_of, split_line,
     split_lines, transform_isa, transform_patches,
@@ -101,15 +101,37 @@ fn weight_grad_by(
     let ([h, w], [oh, ow]) = (g.in_size, g.out_size);
     assert_eq!(image.len(), g.batch * g.in_channels * h * w, "conv_winograd_grad: image size");
     assert_eq!(features.len(), g.batch * g.out_channels * oh * ow, "conv_winograd_grad: features size");
-    let per_sum = entries_per_sum.max(1);
-    let chunks: Vec<Vec<f32>> = parallel::map(g.batch.div_ceil(per_sum), |chunk| {
-        let entries = chunk * per_sum..((chunk + 1) * per_sum).min(g.batch);
+    let tile = match method {
+        Method::F2x2 => F2x2::TILE,
+        Method::F4x4 => F4x4::TILE,
+    };
+    let tiles = Tiles::of(g, tile);
+    let count = g.batch * tiles.per_plane();
+    let per_sum = tiles_per_sum(count, tiles, entries_per_sum);
+    let chunks: Vec<Vec<f32>> = parallel::map(count.div_ceil(per_sum), |chunk| {
+        let tiles = chunk * per_sum..((chunk + 1) * per_sum).min(count);
         match method {
-            Method::F2x2 => chunk_filters::<F2x2>(isa, g, image, features, entries),
-            Method::F4x4 => chunk_filters::<F4x4>(isa, g, image, features, entries),
+            Method::F2x2 => chunk_filters::<F2x2>(isa, g, image, features, tiles),
+            Method::F4x4 => chunk_filters::<F4x4>(isa, g, image, features, tiles),
         }
     });
     sum_chunks(g, chunks, vector_lanes(isa))
+}
+
+/// Fewest partial sums [`tiles_per_sum`] aims for: enough for the threads of a small
+/// machine to share a batch of one entry.
+const FEWEST_SUMS: usize = 4;
+
+/// The tiles of each partial sum of [`weight_grad_by`], numbered across the batch's
+/// planes, of `count` in all: `entries_per_sum` entries' worth, or where that leaves
+/// fewer than [`FEWEST_SUMS`] sums (a batch of up to `entries_per_sum` entries was one
+/// sum, on one thread), whole rows of tiles making that many sums, or as many as have a
+/// block of [`BLOCK_TILES`] each. It depends on the geometry only, not on the threads,
+/// so neither do the order of the additions and the rounding.
+fn tiles_per_sum(count: usize, tiles: Tiles, entries_per_sum: usize) -> usize {
+    let whole_entries = entries_per_sum.max(1) * tiles.per_plane();
+    let sums = FEWEST_SUMS.min(count / BLOCK_TILES).max(1);
+    whole_entries.min(count.div_ceil(sums).next_multiple_of(tiles.per_row))
 }
 
 /// The rows of V and of the sums, and of [`chunk_filters`]' filters: whole vectors of
@@ -119,27 +141,29 @@ fn row_len(g: &ConvGeometry, lanes: usize) -> usize {
     (g.out_channels / g.groups).next_multiple_of(lanes)
 }
 
-/// The filters of the batch `entries` by `T` (see the module doc), `[group][ci][tap][co]`
-/// with rows of [`row_len`].
+/// The filters of the `tiles` (numbered across the batch's planes) by `T` (see the
+/// module doc), `[group][ci][tap][co]` with rows of [`row_len`].
 fn chunk_filters<T: Minimal>(
     isa: Isa,
     g: &ConvGeometry,
     image: &[f32],
     features: &[f32],
-    entries: Range<usize>,
+    chunk: Range<usize>,
 ) -> Vec<f32> {
     let (cin_g, cout_g) = (g.in_channels / g.groups, g.out_channels / g.groups);
     let ([h, w], [oh, ow]) = (g.in_size, g.out_size);
     let (lanes, m, positions) = (vector_lanes(isa), T::TILE, T::POSITIONS);
     let tiles = Tiles::of(g, m);
-    // The channels-last copy of an entry's gradient planes covers its tiles whole.
-    let copy_size = [m * tiles.rows, m * tiles.per_row];
+    // The channels-last copy of an entry's gradient planes covers the chunk's rows of its
+    // tiles whole (`n` tiles in a row reach into at most `n / per_row + 1` rows of tiles,
+    // rounded up).
+    let copy_rows = tiles.rows.min(chunk.len().div_ceil(tiles.per_row) + 1);
+    let copy_size = [m * copy_rows, m * tiles.per_row];
     let copy_len = copy_size[0] * copy_size[1] * cout_g;
     let ldv = row_len(g, lanes);
     let line_len = split_line(g, m, tiles, lanes);
     let per_group = 9 * cin_g * ldv;
-    let count = entries.len() * tiles.per_plane();
-    let per_block = BLOCK_TILES.min(count);
+    let per_block = BLOCK_TILES.min(chunk.len());
     // U's rows hold a block's tiles and room for the last vector of a run to write past
     // its end.
     let stride = per_block + 2 * lanes;
@@ -154,25 +178,32 @@ fn chunk_filters<T: Minimal>(
     let patches_isa = transform_isa(isa, tiles);
     for (group, filters) in filters.chunks_exact_mut(per_group).enumerate() {
         let mut copied = None;
-        for first in (0..count).step_by(per_block) {
-            let block = first..(first + per_block).min(count);
+        for first in chunk.clone().step_by(per_block) {
+            let block = first..(first + per_block).min(chunk.end);
             for piece in tiles.pieces(block.clone()) {
-                let n = entries.start + piece.entry;
+                let n = piece.entry;
                 let planes = &image[(n * g.in_channels + group * cin_g) * h * w..][..cin_g * h * w];
                 let (u, split) = (&mut patches[piece.slot..], Split { lines: &mut lines, line_len });
                 transform_patches(patches_isa, T::METHOD, g, planes, tiles, piece.tiles.clone(), stride, u, split);
+                // The copy holds the rows of tiles of entry `n` that the chunk covers, from
+                // tile row `first_row`.
+                let first_row = chunk.start.saturating_sub(n * tiles.per_plane()) / tiles.per_row;
                 if copied != Some(n) {
+                    let last_row = (chunk.end - n * tiles.per_plane()).min(tiles.per_plane()).div_ceil(tiles.per_row);
                     let planes = &features[(n * g.out_channels + group * cout_g) * oh * ow..][..cout_g * oh * ow];
-                    channels_last(isa, planes, cout_g, g.out_size, [0, 0], copy_size, &mut copy);
+                    let rows = m * first_row..m * last_row;
+                    channels_last_rows(isa, planes, cout_g, g.out_size, [0, 0], rows, copy_size[1], &mut copy);
                     copied = Some(n);
                 }
+                let shift = first_row * tiles.per_row;
+                let in_copy = piece.tiles.start - shift..piece.tiles.end - shift;
                 let (v, rows) = (&mut gradients[piece.slot * ldv..], [per_block * ldv, ldv]);
-                transform_gradients(isa, T::METHOD, &copy, [copy_size[1], cout_g], tiles, piece.tiles, rows, v);
+                transform_gradients(isa, T::METHOD, &copy, [copy_size[1], cout_g], tiles, in_copy, rows, v);
             }
             let u = MatRef { data: patches, offset: 0, row_stride: stride, col_stride: 1 };
             let v = Positions { values: gradients, len: per_block * ldv, ldv };
             // The first block's products start the sums.
-            let start = if first == 0 { TileStart::Zero } else { TileStart::Output };
+            let start = if first == chunk.start { TileStart::Zero } else { TileStart::Output };
             multiply(isa, positions, u, v, block.len(), [cin_g, cout_g], start, &mut sums);
         }
         fold_filters(isa, T::METHOD, &sums, cin_g, ldv, filters);
@@ -454,15 +485,42 @@ mod tests {
 
     #[test]
     fn sums_go_on_across_blocks_and_entries() {
-        // Three entries of 28 x 27 features in one chunk: 588 F(2 x 2) tiles and 147
-        // F(4 x 4) tiles, so several blocks of `BLOCK_TILES`, the later ones adding into
-        // the sums the first started, and blocks that run from one entry into the next.
+        // Three entries of 28 x 27 features: 588 F(2 x 2) tiles in four sums of 154 (11
+        // rows of 14 tiles) and 147 F(4 x 4) tiles in one, so several blocks of
+        // `BLOCK_TILES`, the later ones adding into the sums the first started, and
+        // blocks and sums that run from one entry into the next.
         let g = geometry(3, 1, [16, 17], (28, 27), (1, 1)).expect("a geometry");
         for isa in test_isas().into_iter().filter(|&isa| applies(isa, &g)) {
             for method in [Method::F2x2, Method::F4x4] {
                 let tiles = Tiles::of(&g, if method == Method::F2x2 { 2 } else { 4 }).per_plane();
                 assert!(3 * tiles > BLOCK_TILES, "{method:?}: one block");
                 check(isa, method, &g, 3, 5).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn small_batches_are_summed_in_rows_of_tiles_whatever_the_threads() {
+        let entries = crate::cpu::conv::WEIGHT_GRAD_ENTRIES;
+        // A large batch: sums of whole entries (64 of 28 x 28 features: 7 x 7 F(4 x 4)
+        // tiles each).
+        let g = geometry(64, 1, [32, 64], (28, 28), (1, 1)).expect("a geometry");
+        assert_eq!(tiles_per_sum(64 * 49, Tiles::of(&g, 4), entries), entries * 49);
+        // Fewer entries than a sum takes: sums of whole rows of tiles that start and end
+        // inside planes. F(2 x 2), one entry of 17 x 17 tiles: sums of 9 and 8 rows;
+        // F(4 x 4), two entries of 15 x 15: three sums of 10 rows, the second from the
+        // first entry's row 10 into the second's row 4.
+        let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a pool");
+        for (batch, size, method, want) in [(1, 34, Method::F2x2, 153), (2, 60, Method::F4x4, 150)] {
+            let g = geometry(batch, 1, [16, 17], (size, size), (1, 1)).expect("a geometry");
+            let tiles = Tiles::of(&g, if method == Method::F2x2 { 2 } else { 4 });
+            assert_eq!(tiles_per_sum(batch * tiles.per_plane(), tiles, entries), want);
+            for isa in test_isas().into_iter().filter(|&isa| applies(isa, &g)) {
+                check(isa, method, &g, entries, 7).unwrap();
+                let (image, features) = (values(batch * 16 * size * size, 1), values(batch * 17 * size * size, 2));
+                let got = weight_grad_by(isa, method, &g, &image, &features, entries);
+                let alone = one_thread.install(|| weight_grad_by(isa, method, &g, &image, &features, entries));
+                assert_eq!(got, alone, "{isa:?} {method:?}: the sums depend on the threads");
             }
         }
     }
