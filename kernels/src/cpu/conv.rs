@@ -437,7 +437,11 @@ pub(super) const WEIGHT_GRAD_ENTRIES: usize = 4;
 /// Otherwise the columns of [`conv2d`] again, per batch entry and group, and one GEMM
 /// `columns (cin_g * taps x fp) @ features_n^T (fp x cout_g)`, the transpose of the
 /// group's rows of `dw`, added into them. Either way batch entries are summed in fixed
-/// chunks of `WEIGHT_GRAD_ENTRIES` in parallel, then the chunks' partial sums in order.
+/// chunks of `WEIGHT_GRAD_ENTRIES` in parallel, then the chunks' partial sums in order;
+/// the first two cut a batch too small for four such chunks into rows of output
+/// positions (of tiles) instead (`conv_weight_grad::positions_per_sum`), so a batch of
+/// one runs on every thread. The columns path runs a batch of up to
+/// `WEIGHT_GRAD_ENTRIES` on one thread.
 ///
 /// The Winograd weight gradient against the channels-last one, measured on this crate's
 /// AVX2 host (2 vCPUs, noisy: the same runs' direct times vary up to 1.6x), one thread,
@@ -609,6 +613,38 @@ pub(super) mod tests {
         let mut dw = vec![0.0; g.out_channels * g.in_channels_per_group() * g.taps()];
         for_each_term(g, |o, i, w| dw[w] += features[o] * image[i]);
         dw
+    }
+
+    #[test]
+    fn small_batches_are_summed_in_rows_of_positions_whatever_the_threads() {
+        // Channels-last: one entry of 20 x 20 outputs (4 x 4 filters, stride 2) in sums of
+        // 7, 7 and 6 rows; two entries of 15 x 15 (3 x 3, stride 1) in three sums of 10
+        // rows, the second from the first entry's row 10 into the second's row 5.
+        let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a pool");
+        let cases = [(1, (40, 40), (4, 4), (2, 2), 140), (2, (15, 15), (3, 3), (1, 1), 150)];
+        for (batch, size, kernel, stride, want_per_sum) in cases {
+            let g = geometry(batch, 1, (16, 5), size, kernel, stride, (1, 1), (1, 1)).expect("a geometry");
+            let [oh, ow] = g.out_size;
+            let per_sum = conv_weight_grad::positions_per_sum(batch * oh * ow, [oh * ow, ow], WEIGHT_GRAD_ENTRIES);
+            assert_eq!(per_sum, want_per_sum);
+            let values = |len: usize, salt: usize| -> Vec<f64> {
+                (0..len).map(|i| (((i + salt) * 2654435761 % 1000) as f64) / 500.0 - 1.0).collect()
+            };
+            let image = values(batch * 16 * size.0 * size.1, 1);
+            let features = values(batch * 5 * oh * ow, 2);
+            let want = naive_weight_grad(&g, &image, &features);
+            let (image32, features32): (Vec<f32>, Vec<f32>) =
+                (image.iter().map(|&v| v as f32).collect(), features.iter().map(|&v| v as f32).collect());
+            for isa in Isa::ALL.into_iter().filter(|isa| isa.is_available()) {
+                let by =
+                    || conv_weight_grad::weight_grad_channels_last(isa, &g, &image32, &features32, WEIGHT_GRAD_ENTRIES);
+                let got = by();
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()), "{isa:?}: {a} vs {b}");
+                }
+                assert_eq!(got, one_thread.install(by), "{isa:?}: the sums depend on the threads");
+            }
+        }
     }
 
     proptest::proptest! {

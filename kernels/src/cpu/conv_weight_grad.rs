@@ -72,6 +72,30 @@ fn pad_channels_last(isa: Isa, g: &ConvGeometry, planes: &[f32], padded: &mut [f
     channels_last(isa, planes, g.in_channels / g.groups, g.in_size, g.padding, size, padded);
 }
 
+/// Fewest partial sums [`positions_per_sum`] aims for: enough for the threads of a small
+/// machine to share a batch of one entry.
+const FEWEST_SUMS: usize = 4;
+
+/// Fewest output positions in a partial sum cut out of an entry: the depth of its
+/// products.
+const FEWEST_POSITIONS: usize = 128;
+
+/// The output positions of each partial sum of [`weight_grad_channels_last`], numbered
+/// across the batch's planes of `positions` each, of `count` in all: `entries_per_sum`
+/// entries' worth, or where that leaves fewer than [`FEWEST_SUMS`] sums (a batch of up to
+/// `entries_per_sum` entries was one sum, on one thread), that many sums of whole rows of
+/// `row` positions, or as many as have [`FEWEST_POSITIONS`] each. It depends on the
+/// geometry only, not on the threads, so neither do the order of the additions and the
+/// rounding. (`conv_winograd_grad` cuts its tiles the same way.)
+pub(super) fn positions_per_sum(count: usize, [positions, row]: [usize; 2], entries_per_sum: usize) -> usize {
+    if count == 0 {
+        return 1; // no positions: no sums
+    }
+    let whole_entries = entries_per_sum.max(1) * positions;
+    let sums = FEWEST_SUMS.min(count / FEWEST_POSITIONS).max(1);
+    whole_entries.min(count.div_ceil(sums).next_multiple_of(row))
+}
+
 /// Copies `channels` planes of `[h, w]` values (row-major, one after another) into `out`
 /// channels-last, `out[(y * width + x) * channels + c]` for the `[rows, width]` pixels of
 /// `out`, with the planes' pixel `(y, x)` at `(top + y, left + x)` and zero wherever no
@@ -163,9 +187,9 @@ kernel! {
     /// The weight gradient `[out_channels, in_channels / groups, kh, kw]` (row-major f32)
     /// of a convolution with geometry `g` (one [`applies`] accepts) for `image`
     /// `[batch, in_channels, ih, iw]` and `features` (the output's gradient)
-    /// `[batch, out_channels, oh, ow]`, both row-major f32. Batch entries are summed in
-    /// chunks of `entries_per_sum`, in order, in parallel; then the chunks' sums in order
-    /// (so the rounding does not depend on the number of threads).
+    /// `[batch, out_channels, oh, ow]`, both row-major f32. The batch's output positions
+    /// are summed in chunks of [`positions_per_sum`], in order, in parallel; then the
+    /// chunks' sums in order (so the rounding does not depend on the number of threads).
     pub(super) fn weight_grad_channels_last(
         g: &ConvGeometry,
         image: &[f32],
@@ -189,20 +213,27 @@ kernel! {
             (0..taps).map(|tap| (tap / kw) * g.dilation[0] * width + (tap % kw) * g.dilation[1]).collect();
         let step_rows = balanced_tile_rows(cout_g, tile_rows(lanes));
         // Per chunk of entries, the gradient tap-major: `[out_channels, taps, cin_g]`.
-        let sums: Vec<Vec<f32>> = parallel::map(g.batch.div_ceil(entries_per_sum.max(1)), |chunk| {
+        let count = g.batch * positions;
+        let per_sum = positions_per_sum(count, [positions, g.out_size[1]], entries_per_sum);
+        let sums: Vec<Vec<f32>> = parallel::map(count.div_ceil(per_sum), |chunk| {
             let mut sum = buffers::filled(g.out_channels * depth, 0.0f32);
             // The last block of channels may read one block past the copy's last value.
             let mut padded = buffers::for_overwrite(padded_len + block);
             padded[padded_len..].fill(0.0);
-            let entries = chunk * entries_per_sum..((chunk + 1) * entries_per_sum).min(g.batch);
+            // Entry `n`'s positions `at[n]` (numbered across the batch's planes: those of
+            // the chunk).
+            let chunk = chunk * per_sum..((chunk + 1) * per_sum).min(count);
+            let at = |n: usize| chunk.start.max(n * positions) - n * positions..chunk.end.min((n + 1) * positions) - n * positions;
+            let entries = chunk.start / positions..chunk.end.div_ceil(positions);
             for (n, group) in entries.flat_map(|n| (0..g.groups).map(move |group| (n, group))) {
                 let first_plane = n * g.in_channels + group * cin_g;
                 // The copy is exact on any ISA: the best one (the kernel's own is not named here).
                 let planes = &image[first_plane * plane..][..cin_g * plane];
                 pad_channels_last(Isa::best(), g, planes, &mut padded);
+                let at = at(n);
                 let grads = MatRef {
                     data: features,
-                    offset: (n * g.out_channels + group * cout_g) * positions,
+                    offset: (n * g.out_channels + group * cout_g) * positions + at.start,
                     row_stride: positions,
                     col_stride: 1,
                 };
@@ -210,11 +241,13 @@ kernel! {
                 for (tap, &offset) in offsets.iter().enumerate() {
                     for ci0 in (0..cin_g).step_by(block) {
                         let cols = block.min(cin_g - ci0);
-                        let rows_of_b = ChannelsLast { padded: &padded, base: &base, start: offset * cin_g + ci0, channels: cin_g };
+                        let base = &base[at.clone()];
+                        let rows_of_b = ChannelsLast { padded: &padded, base, start: offset * cin_g + ci0, channels: cin_g };
                         for i0 in (0..cout_g).step_by(step_rows) {
                             let rows = step_rows.min(cout_g - i0);
                             let c = &mut sum_g[i0 * depth + tap * cin_g + ci0..];
-                            let tile = Tile { k: positions, b: rows_of_b, cols, c, ldc: depth, start: TileStart::Output };
+                            let k = at.len();
+                            let tile = Tile { k, b: rows_of_b, cols, c, ldc: depth, start: TileStart::Output };
                             if cols <= lanes {
                                 row_tile::<V, 1, _>(grads, i0, rows, tile);
                             } else {

@@ -24,11 +24,13 @@
 //! channels-last copy of each entry's gradient planes (zero past the features, where a
 //! tile overhangs them), into `V[e][tile][co]`: rows of whole vectors, the product's B,
 //! read by the unpacked GEMM's register tiles (`gemm_small.rs`) as in
-//! `conv_weight_grad.rs`. Tiles are numbered across the planes of a chunk of batch
-//! entries and run in blocks of [`BLOCK_TILES`] (the products' depth); each block's
-//! products add into the chunk's sums of `dW_e`, which `G^T (.) G` then folds into the
-//! chunk's 3 x 3 filters. Chunks of a fixed number of entries run in parallel and their
-//! filters are summed in order, so the rounding does not depend on the threads.
+//! `conv_weight_grad.rs`. Tiles are numbered across the batch's planes and cut into
+//! chunks, of whole entries or, for a small batch, of whole rows of tiles
+//! (`conv_weight_grad::positions_per_sum`), which run in blocks of [`BLOCK_TILES`] (the
+//! products' depth); each block's products add into the chunk's sums of `dW_e`, which
+//! `G^T (.) G` then folds into the chunk's 3 x 3 filters. The chunks run in parallel and
+//! their filters are summed in order; the cut depends on the geometry only, so the
+//! rounding does not depend on the threads.
 //!
 //! **Accuracy.** The transforms' coefficients are small integers but for `G`'s 1/6,
 //! 1/12 and 1/24 (`conv_winograd.rs`); the larger ones, up to 8 in F(4 x 4, 3 x 3)'s `A`
@@ -41,7 +43,7 @@
 //! runs by Winograd ([`applies`]); the measurements are there.
 
 use super::conv::ConvGeometry;
-use super::conv_weight_grad::channels_last_rows;
+use super::conv_weight_grad::{channels_last_rows, positions_per_sum};
 use super::conv_winograd::{
     F2x2, F4x4, LINE_VALUES, MAX_PATCH, MAX_TILE, Method, Minimal, Split, Tiles, aligned, array_of, split_line,
     split_lines, transform_isa, transform_patches,
@@ -65,8 +67,8 @@ pub(super) fn applies(isa: Isa, g: &ConvGeometry) -> bool {
 /// The weight gradient `[out_channels, in_channels / groups, 3, 3]` (row-major f32) of a
 /// convolution `g` that [`applies`] with `isa`, for `image` `[batch, in_channels, ih,
 /// iw]` and `features` (the output's gradient) `[batch, out_channels, oh, ow]`, by
-/// [`method`]: batch entries summed in chunks of `entries_per_sum`, in order, in
-/// parallel, then the chunks' sums in order.
+/// [`method`]: batch entries summed in chunks of `entries_per_sum` (rows of tiles when
+/// the batch is small), in order, in parallel, then the chunks' sums in order.
 pub(super) fn weight_grad(
     isa: Isa,
     g: &ConvGeometry,
@@ -107,7 +109,9 @@ fn weight_grad_by(
     };
     let tiles = Tiles::of(g, tile);
     let count = g.batch * tiles.per_plane();
-    let per_sum = tiles_per_sum(count, tiles, entries_per_sum);
+    // Sums of whole entries, or of rows of tiles for a small batch (as the channels-last
+    // gradient cuts its positions).
+    let per_sum = positions_per_sum(count, [tiles.per_plane(), tiles.per_row], entries_per_sum);
     let chunks: Vec<Vec<f32>> = parallel::map(count.div_ceil(per_sum), |chunk| {
         let tiles = chunk * per_sum..((chunk + 1) * per_sum).min(count);
         match method {
@@ -116,22 +120,6 @@ fn weight_grad_by(
         }
     });
     sum_chunks(g, chunks, vector_lanes(isa))
-}
-
-/// Fewest partial sums [`tiles_per_sum`] aims for: enough for the threads of a small
-/// machine to share a batch of one entry.
-const FEWEST_SUMS: usize = 4;
-
-/// The tiles of each partial sum of [`weight_grad_by`], numbered across the batch's
-/// planes, of `count` in all: `entries_per_sum` entries' worth, or where that leaves
-/// fewer than [`FEWEST_SUMS`] sums (a batch of up to `entries_per_sum` entries was one
-/// sum, on one thread), whole rows of tiles making that many sums, or as many as have a
-/// block of [`BLOCK_TILES`] each. It depends on the geometry only, not on the threads,
-/// so neither do the order of the additions and the rounding.
-fn tiles_per_sum(count: usize, tiles: Tiles, entries_per_sum: usize) -> usize {
-    let whole_entries = entries_per_sum.max(1) * tiles.per_plane();
-    let sums = FEWEST_SUMS.min(count / BLOCK_TILES).max(1);
-    whole_entries.min(count.div_ceil(sums).next_multiple_of(tiles.per_row))
 }
 
 /// The rows of V and of the sums, and of [`chunk_filters`]' filters: whole vectors of
@@ -505,7 +493,7 @@ mod tests {
         // A large batch: sums of whole entries (64 of 28 x 28 features: 7 x 7 F(4 x 4)
         // tiles each).
         let g = geometry(64, 1, [32, 64], (28, 28), (1, 1)).expect("a geometry");
-        assert_eq!(tiles_per_sum(64 * 49, Tiles::of(&g, 4), entries), entries * 49);
+        assert_eq!(positions_per_sum(64 * 49, [49, 7], entries), entries * 49);
         // Fewer entries than a sum takes: sums of whole rows of tiles that start and end
         // inside planes. F(2 x 2), one entry of 17 x 17 tiles: sums of 9 and 8 rows;
         // F(4 x 4), two entries of 15 x 15: three sums of 10 rows, the second from the
@@ -514,7 +502,7 @@ mod tests {
         for (batch, size, method, want) in [(1, 34, Method::F2x2, 153), (2, 60, Method::F4x4, 150)] {
             let g = geometry(batch, 1, [16, 17], (size, size), (1, 1)).expect("a geometry");
             let tiles = Tiles::of(&g, if method == Method::F2x2 { 2 } else { 4 });
-            assert_eq!(tiles_per_sum(batch * tiles.per_plane(), tiles, entries), want);
+            assert_eq!(positions_per_sum(batch * tiles.per_plane(), [tiles.per_plane(), tiles.per_row], entries), want);
             for isa in test_isas().into_iter().filter(|&isa| applies(isa, &g)) {
                 check(isa, method, &g, entries, 7).unwrap();
                 let (image, features) = (values(batch * 16 * size * size, 1), values(batch * 17 * size * size, 2));
