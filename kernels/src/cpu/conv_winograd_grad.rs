@@ -493,6 +493,8 @@ mod tests {
         // A large batch: sums of whole entries (64 of 28 x 28 features: 7 x 7 F(4 x 4)
         // tiles each).
         let g = geometry(64, 1, [32, 64], (28, 28), (1, 1)).expect("a geometry");
+        let tiles = Tiles::of(&g, 4);
+        assert_eq!((tiles.rows, tiles.per_row), (7, 7));
         assert_eq!(positions_per_sum(64 * 49, [49, 7], entries), entries * 49);
         // Fewer entries than a sum takes: sums of whole rows of tiles that start and end
         // inside planes. F(2 x 2), one entry of 17 x 17 tiles: sums of 9 and 8 rows;
