@@ -212,7 +212,7 @@ kernel! {
         let offsets: Vec<usize> =
             (0..taps).map(|tap| (tap / kw) * g.dilation[0] * width + (tap % kw) * g.dilation[1]).collect();
         let step_rows = balanced_tile_rows(cout_g, tile_rows(lanes));
-        // Per chunk of entries, the gradient tap-major: `[out_channels, taps, cin_g]`.
+        // Per chunk of positions, the gradient tap-major: `[out_channels, taps, cin_g]`.
         let count = g.batch * positions;
         let per_sum = positions_per_sum(count, [positions, g.out_size[1]], entries_per_sum);
         let sums: Vec<Vec<f32>> = parallel::map(count.div_ceil(per_sum), |chunk| {
@@ -220,10 +220,13 @@ kernel! {
             // The last block of channels may read one block past the copy's last value.
             let mut padded = buffers::for_overwrite(padded_len + block);
             padded[padded_len..].fill(0.0);
-            // Entry `n`'s positions `at[n]` (numbered across the batch's planes: those of
-            // the chunk).
+            // `at(n)`: the positions of entry `n`'s plane that the chunk holds. Each entry
+            // it reaches pads its whole image (a small batch's chunks each pad theirs).
             let chunk = chunk * per_sum..((chunk + 1) * per_sum).min(count);
-            let at = |n: usize| chunk.start.max(n * positions) - n * positions..chunk.end.min((n + 1) * positions) - n * positions;
+            let plane_start = |n: usize| n * positions;
+            let at = |n: usize| {
+                chunk.start.max(plane_start(n)) - plane_start(n)..chunk.end.min(plane_start(n + 1)) - plane_start(n)
+            };
             let entries = chunk.start / positions..chunk.end.div_ceil(positions);
             for (n, group) in entries.flat_map(|n| (0..g.groups).map(move |group| (n, group))) {
                 let first_plane = n * g.in_channels + group * cin_g;
@@ -246,8 +249,8 @@ kernel! {
                         for i0 in (0..cout_g).step_by(step_rows) {
                             let rows = step_rows.min(cout_g - i0);
                             let c = &mut sum_g[i0 * depth + tap * cin_g + ci0..];
-                            let k = at.len();
-                            let tile = Tile { k, b: rows_of_b, cols, c, ldc: depth, start: TileStart::Output };
+                            let (k, start) = (at.len(), TileStart::Output);
+                            let tile = Tile { k, b: rows_of_b, cols, c, ldc: depth, start };
                             if cols <= lanes {
                                 row_tile::<V, 1, _>(grads, i0, rows, tile);
                             } else {

@@ -113,10 +113,10 @@ fn weight_grad_by(
     // gradient cuts its positions).
     let per_sum = positions_per_sum(count, [tiles.per_plane(), tiles.per_row], entries_per_sum);
     let chunks: Vec<Vec<f32>> = parallel::map(count.div_ceil(per_sum), |chunk| {
-        let tiles = chunk * per_sum..((chunk + 1) * per_sum).min(count);
+        let chunk = chunk * per_sum..((chunk + 1) * per_sum).min(count);
         match method {
-            Method::F2x2 => chunk_filters::<F2x2>(isa, g, image, features, tiles),
-            Method::F4x4 => chunk_filters::<F4x4>(isa, g, image, features, tiles),
+            Method::F2x2 => chunk_filters::<F2x2>(isa, g, image, features, chunk),
+            Method::F4x4 => chunk_filters::<F4x4>(isa, g, image, features, chunk),
         }
     });
     sum_chunks(g, chunks, vector_lanes(isa))
@@ -129,7 +129,7 @@ fn row_len(g: &ConvGeometry, lanes: usize) -> usize {
     (g.out_channels / g.groups).next_multiple_of(lanes)
 }
 
-/// The filters of the `tiles` (numbered across the batch's planes) by `T` (see the
+/// The filters of the tiles `chunk` (numbered across the batch's planes) by `T` (see the
 /// module doc), `[group][ci][tap][co]` with rows of [`row_len`].
 fn chunk_filters<T: Minimal>(
     isa: Isa,
@@ -142,9 +142,9 @@ fn chunk_filters<T: Minimal>(
     let ([h, w], [oh, ow]) = (g.in_size, g.out_size);
     let (lanes, m, positions) = (vector_lanes(isa), T::TILE, T::POSITIONS);
     let tiles = Tiles::of(g, m);
-    // The channels-last copy of an entry's gradient planes covers the chunk's rows of its
-    // tiles whole (`n` tiles in a row reach into at most `n / per_row + 1` rows of tiles,
-    // rounded up).
+    // The channels-last copy of an entry's gradient planes covers the rows of its tiles
+    // that the chunk reaches into, whole: `n` consecutive tiles reach into at most
+    // `ceil(n / per_row) + 1` rows.
     let copy_rows = tiles.rows.min(chunk.len().div_ceil(tiles.per_row) + 1);
     let copy_size = [m * copy_rows, m * tiles.per_row];
     let copy_len = copy_size[0] * copy_size[1] * cout_g;
