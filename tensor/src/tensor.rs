@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 /// 136-byte layout (six sizes and six strides held inline). Moves of the layout were
 /// copied in 16-byte pieces that straddled the 8-byte stores just made, which the CPU
 /// cannot forward (an add of two 64-float tensors took 131-134 ns with the layout in the
-/// value, 118-127 with this handle, on Zen 4). Ops make a new view for their result, as they
+/// value, 120 with this handle, on Zen 4). Ops make a new view for their result, as they
 /// make a new buffer.
 #[derive(Clone)]
 pub struct Tensor(Arc<View>);

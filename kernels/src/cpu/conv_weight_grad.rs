@@ -233,7 +233,10 @@ kernel! {
                 // The copy is exact on any ISA: the best one (the kernel's own is not named here).
                 let planes = &image[first_plane * plane..][..cin_g * plane];
                 pad_channels_last(Isa::best(), g, planes, &mut padded);
+                // The chunk's positions of this plane: their columns of the gradient rows,
+                // their pixels of the copy.
                 let at = at(n);
+                let (k, base) = (at.len(), &base[at.clone()]);
                 let grads = MatRef {
                     data: features,
                     offset: (n * g.out_channels + group * cout_g) * positions + at.start,
@@ -244,13 +247,11 @@ kernel! {
                 for (tap, &offset) in offsets.iter().enumerate() {
                     for ci0 in (0..cin_g).step_by(block) {
                         let cols = block.min(cin_g - ci0);
-                        let base = &base[at.clone()];
                         let rows_of_b = ChannelsLast { padded: &padded, base, start: offset * cin_g + ci0, channels: cin_g };
                         for i0 in (0..cout_g).step_by(step_rows) {
                             let rows = step_rows.min(cout_g - i0);
                             let c = &mut sum_g[i0 * depth + tap * cin_g + ci0..];
-                            let (k, start) = (at.len(), TileStart::Output);
-                            let tile = Tile { k, b: rows_of_b, cols, c, ldc: depth, start };
+                            let tile = Tile { k, b: rows_of_b, cols, c, ldc: depth, start: TileStart::Output };
                             if cols <= lanes {
                                 row_tile::<V, 1, _>(grads, i0, rows, tile);
                             } else {

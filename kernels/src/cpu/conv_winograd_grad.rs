@@ -494,8 +494,8 @@ mod tests {
         // tiles each).
         let g = geometry(64, 1, [32, 64], (28, 28), (1, 1)).expect("a geometry");
         let tiles = Tiles::of(&g, 4);
-        assert_eq!((tiles.rows, tiles.per_row), (7, 7));
-        assert_eq!(positions_per_sum(64 * 49, [49, 7], entries), entries * 49);
+        let per_sum = positions_per_sum(64 * tiles.per_plane(), [tiles.per_plane(), tiles.per_row], entries);
+        assert_eq!(per_sum, entries * 49);
         // Fewer entries than a sum takes: sums of whole rows of tiles that start and end
         // inside planes. F(2 x 2), one entry of 17 x 17 tiles: sums of 9 and 8 rows;
         // F(4 x 4), two entries of 15 x 15: three sums of 10 rows, the second from the
