@@ -130,11 +130,12 @@ pub(super) fn tap_window(g: &ConvGeometry, ky: usize, kx: usize) -> (Range<usize
 }
 
 /// Calls `f(tap, feature_pos, image_pos, len)` for every kernel tap (row-major index into
-/// one filter) and every run of `len` feature positions along a row whose tap lands
-/// inside the image: feature positions `feature_pos..feature_pos + len` meet image
-/// positions `image_pos, image_pos + stride_x, ..`. Positions are flat row-major
-/// indices within one plane.
-fn for_each_tap(g: &ConvGeometry, mut f: impl FnMut(usize, usize, usize, usize)) {
+/// one filter) and every run of `len` feature positions along a row of `out_rows` whose
+/// tap lands inside the image: feature positions `feature_pos..feature_pos + len` meet
+/// image positions `image_pos, image_pos + stride_x, ..`. Image positions are flat
+/// row-major indices within one plane, feature positions within the rows `out_rows`
+/// (counted from the first of them).
+fn for_each_tap(g: &ConvGeometry, out_rows: Range<usize>, mut f: impl FnMut(usize, usize, usize, usize)) {
     let [kh, kw] = g.kernel;
     let [iw, ow] = [g.in_size[1], g.out_size[1]];
     for ky in 0..kh {
@@ -144,21 +145,21 @@ fn for_each_tap(g: &ConvGeometry, mut f: impl FnMut(usize, usize, usize, usize))
                 continue;
             }
             let tap = ky * kw + kx;
-            for oy in rows {
+            for oy in rows.start.max(out_rows.start)..rows.end.min(out_rows.end) {
                 let iy = oy * g.stride[0] + ky * g.dilation[0] - g.padding[0];
                 let ix = cols.start * g.stride[1] + kx * g.dilation[1] - g.padding[1];
-                f(tap, oy * ow + cols.start, iy * iw + ix, cols.len());
+                f(tap, (oy - out_rows.start) * ow + cols.start, iy * iw + ix, cols.len());
             }
         }
     }
 }
 
-/// Sets to zero the feature positions of one im2col row (one tap, `feature_plane`
-/// values) at which the tap lands in the padding: the rows outside its window, and the
-/// left and right margins of the rows inside it.
-fn zero_padding_taps<A: Element>(g: &ConvGeometry, ky: usize, kx: usize, row: &mut [A]) {
+/// Sets to zero the feature positions of one im2col row (one tap, the feature rows
+/// `out_rows`) at which the tap lands in the padding: the rows outside its window, and
+/// the left and right margins of the rows inside it.
+fn zero_padding_taps<A: Element>(g: &ConvGeometry, ky: usize, kx: usize, out_rows: Range<usize>, row: &mut [A]) {
     let (rows, cols) = tap_window(g, ky, kx);
-    for (oy, feature_row) in row.chunks_mut(g.out_size[1].max(1)).enumerate() {
+    for (oy, feature_row) in out_rows.zip(row.chunks_mut(g.out_size[1].max(1))) {
         if rows.contains(&oy) && !cols.is_empty() {
             feature_row[..cols.start].fill(A::zero());
             feature_row[cols.end..].fill(A::zero());
@@ -173,21 +174,30 @@ fn bias_of<R: Real>(bias: Option<&[R]>, c: usize) -> R {
     bias.map_or(R::zero(), |b| b[c])
 }
 
-/// im2col for batch entry `n` and one group: row `ci * taps + tap` of `columns` (the
-/// group's `cin_g * taps` rows of `feature_plane` values) holds the image values that tap
-/// meets, and zeros where it lands in the padding. Every element is written, so the
-/// buffer may hold anything before.
-fn im2col<A: Element>(g: &ConvGeometry, image: &[A], n: usize, group: usize, columns: &mut [A]) {
-    let (cin_g, taps, fp) = (g.in_channels_per_group(), g.taps(), g.feature_plane());
+/// im2col for batch entry `n`, one group and the feature rows `out_rows`: row
+/// `ci * taps + tap` of `columns` (the group's `cin_g * taps` rows of `out_rows.len() *
+/// out_width` values) holds the image values that tap meets at those positions, and
+/// zeros where it lands in the padding. Every element is written, so the buffer may
+/// hold anything before.
+fn im2col<A: Element>(
+    g: &ConvGeometry,
+    image: &[A],
+    n: usize,
+    group: usize,
+    out_rows: Range<usize>,
+    columns: &mut [A],
+) {
+    let (cin_g, taps) = (g.in_channels_per_group(), g.taps());
+    let positions = out_rows.len() * g.out_size[1];
     for ci_in_group in 0..cin_g {
         let plane = &image[(n * g.in_channels + group * cin_g + ci_in_group) * g.image_plane()..];
-        let rows = &mut columns[ci_in_group * taps * fp..(ci_in_group + 1) * taps * fp];
-        for (tap, row) in rows.chunks_mut(fp.max(1)).enumerate() {
-            zero_padding_taps(g, tap / g.kernel[1], tap % g.kernel[1], row);
+        let rows = &mut columns[ci_in_group * taps * positions..(ci_in_group + 1) * taps * positions];
+        for (tap, row) in rows.chunks_mut(positions.max(1)).enumerate() {
+            zero_padding_taps(g, tap / g.kernel[1], tap % g.kernel[1], out_rows.clone(), row);
         }
         let sx = g.stride[1];
-        for_each_tap(g, |tap, o, i, len| {
-            let dst = &mut rows[tap * fp + o..][..len];
+        for_each_tap(g, out_rows.clone(), |tap, o, i, len| {
+            let dst = &mut rows[tap * positions + o..][..len];
             if sx == 1 {
                 dst.copy_from_slice(&plane[i..i + len]);
             } else {
@@ -286,7 +296,7 @@ pub fn conv2d<T: FloatElem>(
         // The product of a group, where the output's type is not the accumulator's.
         let mut features = None;
         for group in 0..g.groups {
-            im2col(g, &image, n, group, &mut columns);
+            im2col(g, &image, n, group, 0..g.out_size[0], &mut columns);
             let filters = &weight[group * cout_g * depth..(group + 1) * cout_g * depth];
             let out_group = &mut out_n[group * cout_g * fp..(group + 1) * cout_g * fp];
             let product = |c: &mut [T::Acc]| gemm_acc(cout_g, fp, depth, (filters, depth, 1), (&columns, fp, 1), c);
@@ -393,7 +403,7 @@ pub fn conv_transpose2d<T: FloatElem>(
                 let plane = &mut image[(group * cin_g + ci_in_group) * ip..(group * cin_g + ci_in_group + 1) * ip];
                 let rows = &columns[ci_in_group * taps * fp..(ci_in_group + 1) * taps * fp];
                 let sx = g.stride[1];
-                for_each_tap(g, |tap, o, i, len| {
+                for_each_tap(g, 0..g.out_size[0], |tap, o, i, len| {
                     let src = &rows[tap * fp + o..][..len];
                     if sx == 1 {
                         plane[i..i + len].iter_mut().zip(src).for_each(|(p, &v)| *p += v);
@@ -418,7 +428,9 @@ pub fn conv_transpose2d<T: FloatElem>(
 }
 
 /// Batch entries per partial sum of [`conv2d_weight_grad`]: a fixed count, so that the
-/// order of the additions (and the rounding) does not depend on the number of threads.
+/// order in which the sums are added (and the rounding) does not depend on the number of
+/// threads. (In the columns path each sum's GEMM may still block its depth by the
+/// threads, as any GEMM here does.)
 pub(super) const WEIGHT_GRAD_ENTRIES: usize = 4;
 
 /// The weight gradient of [`conv2d`]: for features `[batch, out_channels, out_size..]`
@@ -436,12 +448,18 @@ pub(super) const WEIGHT_GRAD_ENTRIES: usize = 4;
 /// `conv_weight_grad.rs`, from a padded channels-last copy of each image.
 /// Otherwise the columns of [`conv2d`] again, per batch entry and group, and one GEMM
 /// `columns (cin_g * taps x fp) @ features_n^T (fp x cout_g)`, the transpose of the
-/// group's rows of `dw`, added into them. Either way batch entries are summed in fixed
-/// chunks of `WEIGHT_GRAD_ENTRIES` in parallel, then the chunks' partial sums in order;
-/// the first two cut a batch too small for four such chunks into rows of output
-/// positions (of tiles) instead (`conv_weight_grad::positions_per_sum`), so a batch of
-/// one runs on every thread. The columns path runs a batch of up to
-/// `WEIGHT_GRAD_ENTRIES` on one thread.
+/// group's rows of `dw`, added into them. Every path sums batch entries in fixed chunks
+/// of `WEIGHT_GRAD_ENTRIES` in parallel, then the chunks' partial sums in order, and
+/// cuts a batch too small for four such chunks into rows of output positions (of tiles)
+/// instead (`conv_weight_grad::positions_per_sum`; the columns path then takes im2col of
+/// those rows only), so a batch of one runs on every thread. For the columns path this
+/// took a batch of 1-4 at two threads (Zen 4, median ms of 15, three alternated rounds
+/// of two builds; one thread about the same) from 4.4-6.0 to 2.5-3.5 ms (1 entry, 3 ->
+/// 64 channels, 256 x 256, 3 x 3), 1.24-1.33 to 0.62-0.97 (2, 3 -> 32, 128 x 128),
+/// 0.56-0.59 to 0.17-0.26 (4, 1 -> 32, 64 x 64), 0.83-1.01 to 0.51-0.81 (4, 3 -> 64,
+/// 64 x 64) and 0.37-0.40 to 0.26-0.33 (1, 3 -> 64, 128 x 128, 4 x 4 stride 2). (Before,
+/// two threads were slower than one on some: the single sum's deep GEMM took the packed
+/// path there.)
 ///
 /// The Winograd weight gradient against the channels-last one, measured on this crate's
 /// AVX2 host (2 vCPUs, noisy: the same runs' direct times vary up to 1.6x), one thread,
@@ -492,20 +510,32 @@ pub fn conv2d_weight_grad<T: FloatElem>(
         return rounded;
     }
     let zero = T::Acc::zero();
-    let partials: Vec<Vec<T::Acc>> = parallel::map(g.batch.div_ceil(WEIGHT_GRAD_ENTRIES), |chunk| {
+    if g.out_channels * depth == 0 {
+        release(image);
+        release(features);
+        return Vec::new(); // no weights
+    }
+    // The batch's output positions, numbered across its planes, in sums of whole rows.
+    let (count, ow) = (g.batch * fp, g.out_size[1]);
+    let per_sum = conv_weight_grad::positions_per_sum(count, [fp, ow], WEIGHT_GRAD_ENTRIES);
+    let partials: Vec<Vec<T::Acc>> = parallel::map(count.div_ceil(per_sum), |chunk| {
         let mut dw = vec![zero; g.out_channels * depth];
-        // im2col and the GEMM write every element of these.
-        let (mut columns, mut product) = (buffers::for_overwrite(depth * fp), buffers::for_overwrite(cout_g * depth));
-        let entries = chunk * WEIGHT_GRAD_ENTRIES..((chunk + 1) * WEIGHT_GRAD_ENTRIES).min(g.batch);
-        for n in entries {
+        let chunk = chunk * per_sum..((chunk + 1) * per_sum).min(count);
+        // im2col and the GEMM write every element of these (up to a plane's positions).
+        let most = per_sum.min(fp);
+        let (mut columns, mut product) = (buffers::for_overwrite(depth * most), buffers::for_overwrite(cout_g * depth));
+        for n in chunk.start / fp..chunk.end.div_ceil(fp) {
+            // The chunk's positions of entry `n`: whole rows (`per_sum` and the planes are).
+            let at = chunk.start.max(n * fp) - n * fp..chunk.end.min((n + 1) * fp) - n * fp;
+            let k = at.len();
             for group in 0..g.groups {
-                im2col(g, &image, n, group, &mut columns);
+                im2col(g, &image, n, group, at.start / ow..at.end / ow, &mut columns[..depth * k]);
                 let start = (n * g.out_channels + group * cout_g) * fp;
-                let grads = &features[start..start + cout_g * fp];
+                let grads = &features[start + at.start..start + cout_g * fp];
                 // dw^T = columns @ features^T: the columns are the product's A, read in
-                // place, and the features (`cout_g x fp`, fewer values) are what gets
+                // place, and the features (`cout_g x k`, fewer values) are what gets
                 // packed, 3-6% faster than `features @ columns^T` at the layer.
-                gemm_acc(depth, cout_g, fp, (&columns, fp, 1), (grads, 1, fp), &mut product);
+                gemm_acc(depth, cout_g, k, (&columns, k, 1), (grads, 1, fp), &mut product);
                 let rows = &mut dw[group * cout_g * depth..(group + 1) * cout_g * depth];
                 for (co, row) in rows.chunks_exact_mut(depth).enumerate() {
                     row.iter_mut().zip(product[co..].iter().step_by(cout_g)).for_each(|(d, &p)| *d += p);
@@ -647,6 +677,54 @@ pub(super) mod tests {
         }
     }
 
+    #[test]
+    fn small_batches_of_few_channels_are_summed_in_rows_of_positions() {
+        // The columns path (fewer than 16 input channels per group): one entry of 40 x 40
+        // outputs in four sums of 10 rows; three entries of 15 x 15 in two groups, in sums
+        // of 12 rows that cross entries (the second from the first entry's row 12 into the
+        // second's row 9); one entry of 20 x 20 outputs (4 x 4 filters, stride 2) in 7, 7
+        // and 6 rows.
+        let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a pool");
+        let cases = [
+            (1, 1, (40, 40), (3, 3), (1, 1), 400),
+            (3, 2, (15, 15), (3, 3), (1, 1), 180),
+            (1, 1, (40, 40), (4, 4), (2, 2), 140),
+        ];
+        for (batch, groups, size, kernel, stride, want_per_sum) in cases {
+            let g = geometry(batch, groups, (3, 5), size, kernel, stride, (1, 1), (1, 1)).expect("a geometry");
+            let [oh, ow] = g.out_size;
+            let per_sum = conv_weight_grad::positions_per_sum(batch * oh * ow, [oh * ow, ow], WEIGHT_GRAD_ENTRIES);
+            assert_eq!(per_sum, want_per_sum);
+            let values = |len: usize, salt: usize| -> Vec<f64> {
+                (0..len).map(|i| (((i + salt) * 2654435761 % 1000) as f64) / 500.0 - 1.0).collect()
+            };
+            let image = values(batch * g.in_channels * size.0 * size.1, 1);
+            let features = values(batch * g.out_channels * oh * ow, 2);
+            let want = naive_weight_grad(&g, &image, &features);
+            let (image_layout, features_layout) = (
+                Layout::contiguous(&[batch, g.in_channels, size.0, size.1]),
+                Layout::contiguous(&[batch, g.out_channels, oh, ow]),
+            );
+            // f64 takes the reference product: the sums are added in the same order, so the
+            // same bits on any number of threads.
+            let by = || conv2d_weight_grad(&g, &image, &image_layout, &features, &features_layout);
+            let got = by();
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+            assert_eq!(got, one_thread.install(by), "the sums depend on the threads");
+            // f32 through the SIMD GEMM (whose own blocking may depend on the threads).
+            let (image32, features32): (Vec<f32>, Vec<f32>) =
+                (image.iter().map(|&v| v as f32).collect(), features.iter().map(|&v| v as f32).collect());
+            let by = || conv2d_weight_grad(&g, &image32, &image_layout, &features32, &features_layout);
+            for got in [by(), one_thread.install(by)] {
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+                }
+            }
+        }
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
         /// The weight gradient against its definition: f64 (im2col and the reference
@@ -693,33 +771,42 @@ pub(super) mod tests {
             }
         }
 
-        /// im2col against its definition on a buffer poisoned with NaN: every element is
-        /// written, with the image value a tap meets or zero where it lands in the padding.
+        /// im2col against its definition on a buffer poisoned with NaN, for the whole plane
+        /// and a band of its feature rows: every element is written, with the image value a
+        /// tap meets or zero where it lands in the padding, and nothing past the band's.
         #[test]
         fn im2col_writes_every_element_zero_where_a_tap_lands_in_the_padding(
             groups in 1usize..3, cin in 1usize..3, size in (1usize..7, 1usize..7), kernel in (1usize..4, 1usize..4),
             stride in (1usize..3, 1usize..3), padding in (0usize..3, 0usize..3), dilation in (1usize..3, 1usize..3),
+            band in (0usize..7, 0usize..7),
         ) {
             let Some(g) = geometry(2, groups, (cin, 1), size, kernel, stride, padding, dilation) else {
                 return Ok(());
             };
             let [oh, ow] = g.out_size;
             let image: Vec<f64> = (0..2 * g.in_channels * g.image_plane()).map(|i| i as f64 + 1.0).collect();
-            let (taps, fp) = (g.taps(), g.feature_plane());
-            for (n, group) in [(0, 0), (1, groups - 1)] {
-                let mut columns = vec![f64::NAN; cin * taps * fp];
-                im2col(&g, &image, n, group, &mut columns);
+            let first = band.0 % (oh + 1);
+            let bands = [0..oh, first..first + band.1 % (oh - first + 1)];
+            let taps = g.taps();
+            for ((n, group), out_rows) in [(0, 0), (1, groups - 1)].into_iter().flat_map(|e| bands.clone().map(|b| (e, b))) {
+                let positions = out_rows.len() * ow;
+                let mut columns = vec![f64::NAN; cin * taps * positions + 5];
+                im2col(&g, &image, n, group, out_rows.clone(), &mut columns);
                 for ci in 0..cin {
                     for (ky, kx, oy, ox) in every_tap_and_position(kernel, (oh, ow)) {
+                        if !out_rows.contains(&oy) {
+                            continue;
+                        }
                         let iy = (oy * stride.0 + ky * dilation.0) as isize - padding.0 as isize;
                         let ix = (ox * stride.1 + kx * dilation.1) as isize - padding.1 as isize;
                         let inside = (0..size.0 as isize).contains(&iy) && (0..size.1 as isize).contains(&ix);
                         let channel = n * g.in_channels + group * cin + ci;
                         let want = if inside { image[(channel * size.0 + iy as usize) * size.1 + ix as usize] } else { 0.0 };
-                        let got = columns[(ci * taps + ky * kernel.1 + kx) * fp + oy * ow + ox];
-                        proptest::prop_assert_eq!(got, want, "tap ({}, {}) at ({}, {})", ky, kx, oy, ox);
+                        let got = columns[(ci * taps + ky * kernel.1 + kx) * positions + (oy - out_rows.start) * ow + ox];
+                        proptest::prop_assert_eq!(got, want, "rows {:?}: tap ({}, {}) at ({}, {})", out_rows, ky, kx, oy, ox);
                     }
                 }
+                proptest::prop_assert!(columns[cin * taps * positions..].iter().all(|v| v.is_nan()), "past the band");
             }
         }
     }

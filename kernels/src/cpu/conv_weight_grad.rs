@@ -80,13 +80,14 @@ const FEWEST_SUMS: usize = 4;
 /// products.
 const FEWEST_POSITIONS: usize = 128;
 
-/// The output positions of each partial sum of [`weight_grad_channels_last`], numbered
-/// across the batch's planes of `positions` each, of `count` in all: `entries_per_sum`
-/// entries' worth, or where that leaves fewer than [`FEWEST_SUMS`] sums (a batch of up to
-/// `entries_per_sum` entries was one sum, on one thread), that many sums of whole rows of
-/// `row` positions, or as many as have [`FEWEST_POSITIONS`] each. It depends on the
-/// geometry only, not on the threads, so neither do the order of the additions and the
-/// rounding. (`conv_winograd_grad` cuts its tiles the same way.)
+/// The output positions of each partial sum of [`weight_grad_channels_last`] and of the
+/// columns path of `conv::conv2d_weight_grad`, numbered across the batch's planes of
+/// `positions` each, of `count` in all: `entries_per_sum` entries' worth, or where that
+/// leaves fewer than [`FEWEST_SUMS`] sums (a batch of up to `entries_per_sum` entries was
+/// one sum, on one thread), that many sums of whole rows of `row` positions, or as many
+/// as have [`FEWEST_POSITIONS`] each. It depends on the geometry only, not on the
+/// threads, so neither do the order of the additions and the rounding.
+/// (`conv_winograd_grad` cuts its tiles the same way.)
 pub(super) fn positions_per_sum(count: usize, [positions, row]: [usize; 2], entries_per_sum: usize) -> usize {
     if count == 0 {
         return 1; // no positions: no sums
