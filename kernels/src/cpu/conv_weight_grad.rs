@@ -19,14 +19,15 @@
 //! computed in the unpacked GEMM's register tiles (`gemm_small.rs`), the tiles adding into
 //! the gradient entry after entry. Any stride, padding and dilation; the copy is
 //! `(ih + 2 py)(iw + 2 px) cin` values per entry where im2col writes
-//! `positions * taps * cin`.
+//! `positions * taps * cin` (and a share of the positions copies only the band of rows
+//! their taps reach).
 //!
 //! Input channels come in vectors, so a group needs enough of them ([`applies`]): the
 //! first layer of an RGB network (3 channels) keeps im2col, whose products are as deep
 //! as `3 * taps` there.
 //!
 //! Measured at one thread, interleaved with the im2col method in one process (with the
-//! first, channel-by-channel copy, which the pixel-by-pixel copy of [`pad_channels_last`]
+//! first, channel-by-channel copy, which the pixel-by-pixel copy of [`channels_last_rows`]
 //! then made 7-14% faster): the layer (batch 64, 32 -> 64 channels, 28 x 28,
 //! 3 x 3, padding 1) 19.4 ms against 22.1; 64 -> 64 channels at 14 x 14, 10.8 against
 //! 15.3; 128 -> 128 at 14 x 14 (batch 16), 10.1 against 13.0; a 4 x 4 stride-2 layer
@@ -63,15 +64,6 @@ fn padded_size(g: &ConvGeometry) -> (usize, usize) {
     (width, (g.in_size[0] + 2 * g.padding[0]) * width * (g.in_channels / g.groups))
 }
 
-/// Copies the `cin_g` planes of one group of one image into `padded` (channels-last,
-/// `padding` zeros around, see the module docs), writing every value of its first
-/// `padded_size` values.
-fn pad_channels_last(isa: Isa, g: &ConvGeometry, planes: &[f32], padded: &mut [f32]) {
-    let ([ih, iw], [py, px]) = (g.in_size, g.padding);
-    let size = [ih + 2 * py, iw + 2 * px];
-    channels_last(isa, planes, g.in_channels / g.groups, g.in_size, g.padding, size, padded);
-}
-
 /// Fewest partial sums [`positions_per_sum`] aims for: enough for the threads of a small
 /// machine to share a batch of one entry.
 const FEWEST_SUMS: usize = 4;
@@ -97,25 +89,12 @@ pub(super) fn positions_per_sum(count: usize, [positions, row]: [usize; 2], entr
     whole_entries.min(count.div_ceil(sums).next_multiple_of(row))
 }
 
-/// Copies `channels` planes of `[h, w]` values (row-major, one after another) into `out`
-/// channels-last, `out[(y * width + x) * channels + c]` for the `[rows, width]` pixels of
-/// `out`, with the planes' pixel `(y, x)` at `(top + y, left + x)` and zero wherever no
-/// value lands. Every value of `out`'s first `rows * width * channels` is written.
-pub(super) fn channels_last(
-    isa: Isa,
-    planes: &[f32],
-    channels: usize,
-    [h, w]: [usize; 2],
-    [top, left]: [usize; 2],
-    [rows, width]: [usize; 2],
-    out: &mut [f32],
-) {
-    assert!(top + h <= rows, "channels_last: the planes do not fit the copy");
-    channels_last_rows(isa, planes, channels, [h, w], [top, left], 0..rows, width, out);
-}
-
-/// The rows `rows` of [`channels_last`]'s copy (of width `width`), `out`'s row 0 being
-/// the copy's row `rows.start`: the part of a copy that a share of the work reads.
+/// Copies the rows `rows` of the channels-last copy of `channels` planes of `[h, w]`
+/// values (row-major, one after another) into `out`, whose row 0 is the copy's row
+/// `rows.start`. The copy is `width` pixels wide and holds the planes' pixel `(y, x)` at
+/// `(top + y, left + x)`, its channel `c` at `(pixel * channels + c)`, and zero wherever
+/// no value lands. Every value of `out`'s first `rows.len() * width * channels` is
+/// written.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn channels_last_rows(
     isa: Isa,
@@ -127,8 +106,8 @@ pub(super) fn channels_last_rows(
     width: usize,
     out: &mut [f32],
 ) {
-    assert!(left + w <= width, "channels_last: the planes do not fit the copy");
-    assert_eq!(planes.len(), channels * h * w, "channels_last: planes size");
+    assert!(left + w <= width, "channels_last_rows: the planes do not fit the copy");
+    assert_eq!(planes.len(), channels * h * w, "channels_last_rows: planes size");
     let row_values = width * channels;
     for (y, row) in rows.clone().zip(out[..rows.len() * row_values].chunks_exact_mut(row_values)) {
         let Some(iy) = y.checked_sub(top).filter(|&iy| iy < h) else {
@@ -207,6 +186,8 @@ kernel! {
         let lanes = V::LANES;
         let block = 2 * lanes;
         let (width, padded_len) = padded_size(g);
+        // The padded rows one output row's taps reach.
+        let reach = (kh - 1) * g.dilation[0] + 1;
         let base: Vec<usize> = (0..positions)
             .map(|j| (j / g.out_size[1]) * g.stride[0] * width + (j % g.out_size[1]) * g.stride[1])
             .collect();
@@ -220,9 +201,8 @@ kernel! {
             let mut sum = buffers::filled(g.out_channels * depth, 0.0f32);
             // The last block of channels may read one block past the copy's last value.
             let mut padded = buffers::for_overwrite(padded_len + block);
-            padded[padded_len..].fill(0.0);
-            // `at(n)`: the positions of entry `n`'s plane that the chunk holds. Each entry
-            // it reaches pads its whole image (a small batch's chunks each pad theirs).
+            let mut band_base = Vec::with_capacity(per_sum.min(positions));
+            // `at(n)`: the positions of entry `n`'s plane that the chunk holds.
             let chunk = chunk * per_sum..((chunk + 1) * per_sum).min(count);
             let plane_start = |n: usize| n * positions;
             let at = |n: usize| {
@@ -230,14 +210,24 @@ kernel! {
             };
             let entries = chunk.start / positions..chunk.end.div_ceil(positions);
             for (n, group) in entries.flat_map(|n| (0..g.groups).map(move |group| (n, group))) {
+                // The chunk's positions of this plane (their columns of the gradient rows),
+                // and the band of the padded image's rows that their taps reach: only
+                // that band is copied, so a small batch's chunks do not each pad the
+                // whole image.
+                let at = at(n);
+                let k = at.len();
+                let out_rows = at.start / g.out_size[1]..at.end.div_ceil(g.out_size[1]);
+                let band = out_rows.start * g.stride[0]..(out_rows.end - 1) * g.stride[0] + reach;
                 let first_plane = n * g.in_channels + group * cin_g;
                 // The copy is exact on any ISA: the best one (the kernel's own is not named here).
                 let planes = &image[first_plane * plane..][..cin_g * plane];
-                pad_channels_last(Isa::best(), g, planes, &mut padded);
-                // The chunk's positions of this plane: their columns of the gradient rows,
-                // their pixels of the copy.
-                let at = at(n);
-                let (k, base) = (at.len(), &base[at.clone()]);
+                channels_last_rows(Isa::best(), planes, cin_g, g.in_size, g.padding, band.clone(), width, &mut padded);
+                let copied = band.len() * width * cin_g;
+                padded[copied..copied + block].fill(0.0);
+                // Their pixels in the band.
+                band_base.clear();
+                band_base.extend(base[at.clone()].iter().map(|&b| b - band.start * width));
+                let base = &band_base[..];
                 let grads = MatRef {
                     data: features,
                     offset: (n * g.out_channels + group * cout_g) * positions + at.start,
@@ -295,22 +285,25 @@ mod tests {
         #[test]
         fn channels_last_matches_its_definition(
             channels in 1usize..20, h in 1usize..12, w in 1usize..20,
-            margins in (0usize..3, 0usize..3, 0usize..3, 0usize..3),
+            margins in (0usize..3, 0usize..3, 0usize..3, 0usize..3), band in (0usize..20, 0usize..20),
         ) {
             let (top, left, bottom, right) = margins;
-            let [rows, width] = [top + h + bottom, left + w + right];
+            let [height, width] = [top + h + bottom, left + w + right];
+            let first = band.0 % (height + 1);
+            let rows = first..first + band.1 % (height - first + 1);
             let planes: Vec<f32> = (0..channels * h * w).map(|v| v as f32 + 1.0).collect();
+            let len = rows.len() * width * channels;
             for isa in crate::cpu::simd::test_isas() {
-                let mut out = vec![f32::NAN; rows * width * channels + 3];
-                channels_last(isa, &planes, channels, [h, w], [top, left], [rows, width], &mut out);
-                for (k, &v) in out[..rows * width * channels].iter().enumerate() {
+                let mut out = vec![f32::NAN; len + 3];
+                channels_last_rows(isa, &planes, channels, [h, w], [top, left], rows.clone(), width, &mut out);
+                for (k, &v) in out[..len].iter().enumerate() {
                     let (pixel, c) = (k / channels, k % channels);
-                    let (y, x) = (pixel / width, pixel % width);
+                    let (y, x) = (rows.start + pixel / width, pixel % width);
                     let inside = (top..top + h).contains(&y) && (left..left + w).contains(&x);
                     let want = if inside { planes[(c * h + y - top) * w + x - left] } else { 0.0 };
                     prop_assert_eq!(v, want, "{:?}: pixel ({}, {}) channel {}", isa, y, x, c);
                 }
-                prop_assert!(out[rows * width * channels..].iter().all(|v| v.is_nan()));
+                prop_assert!(out[len..].iter().all(|v| v.is_nan()));
             }
         }
     }
