@@ -52,10 +52,10 @@
 //! to an output line otherwise waits for it). With AVX2 on Zen 3, staged: see
 //! [`stages_columns`] and `conv_phases::pays_on`.
 
-use super::gemm::{Isa, MatRef};
+use super::gemm::{Isa, MatRef, PARALLEL_MIN_WORK};
 use super::gemm_small::{BlockRows, Tile, TileColumns, TileStart, balanced_tile_rows, row_tile, tile_rows};
 use super::simd::{F32Vector, kernel, prefetch, vector_lanes};
-use crate::parallel;
+use crate::{buffers, parallel};
 use std::ops::Range;
 
 /// Positions per word of [`ShiftedProduct`]'s mask bits: a block of two vectors of
@@ -274,53 +274,85 @@ impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for ShiftedPlanes<'_, V::
 
 /// The product `p` (prepared for `isa`) of `planes` (at least `p.extent()` values) into
 /// `out` (`[out_channels, positions]` row-major), each row starting from `start[co]` (or
-/// zero). Every element of `out` is written. The tiles of output channels are shared
-/// among the threads ([`product_rows`] of whole tiles each): every part reads all of the
-/// planes, and each value is computed by the same tile on any number of threads. Inside
-/// a parallel loop over batch entries (two or more per thread) it runs on one; a batch
-/// too small for that ran every product on one thread before. Zen 4, two threads, batch
-/// of one, the min over five runs of each build (alternated) of the median ms of 7,
-/// before -> after: 3 x 3 3 -> 64 channels at 256 x 256 4.86 -> 3.75; 4 x 4 stride 2 64
-/// -> 128 at 64 x 64 2.74 -> 2.14, its transposed convolution 2.74 -> 1.73; 1 x 1 128 ->
-/// 128 at 32 x 32 0.34 -> 0.22 and 0.35 -> 0.25. A product of one tile (3 or 16
-/// channels) still runs on one thread; one thread unchanged.
+/// zero). Every element of `out` is written.
+///
+/// A product of [`PARALLEL_MIN_WORK`] multiply-adds or more is shared among the threads:
+/// its tiles of output channels where there are as many as threads (each part reads all
+/// of the planes), else its positions, in whole blocks, each part computed into scratch
+/// and copied into place (a product of one tile: 3 or 16 output channels). Each value is
+/// computed by the same tile and block on any number of threads. Inside a parallel loop
+/// over batch entries (two or more per thread) it runs on one; a batch too small for that
+/// ran every product on one thread before. Zen 4, two threads, batch of one, the min over
+/// five runs of each build (alternated) of the median ms of 7, before -> after: 3 x 3 3
+/// -> 64 channels at 256 x 256 4.86 -> 3.75; 4 x 4 stride 2 64 -> 128 at 64 x 64 2.74 ->
+/// 2.14, its transposed convolution 2.74 -> 1.73; 1 x 1 128 -> 128 at 32 x 32 0.34 ->
+/// 0.22 and 0.35 -> 0.25 (by tiles); by positions, 3 x 3 16 -> 3 at 128 x 128 (batch
+/// 2) 1.00 -> 0.66, the transposed convolution of the 3 -> 64 one 9.83 -> 5.61. One
+/// thread unchanged.
 pub(super) fn shifted_product(isa: Isa, p: &ShiftedProduct, planes: &[f32], start: Option<&[f32]>, out: &mut [f32]) {
-    let positions = p.positions;
-    assert_eq!(out.len(), p.out_channels * positions, "shifted product: output size");
+    let (rows, positions) = (p.out_channels, p.positions);
+    assert_eq!(out.len(), rows * positions, "shifted product: output size");
     if out.is_empty() {
         return;
     }
-    let parts = parallel::threads().min(p.out_channels.div_ceil(p.tile_rows));
-    parallel::for_each_part_mut(out, p.tile_rows * positions, parts, |offset, part| {
-        let first = offset / positions;
-        product_rows(isa, p, first..first + part.len() / positions, planes, start, part);
+    let work = out.len().saturating_mul(p.offsets.len() * p.channels);
+    let threads = if work < PARALLEL_MIN_WORK { 1 } else { parallel::threads() };
+    let (tiles, blocks) = (rows.div_ceil(p.tile_rows), positions.div_ceil(2 * p.lanes));
+    if tiles >= threads || blocks < threads {
+        let parts = threads.min(tiles);
+        parallel::for_each_part_mut(out, p.tile_rows * positions, parts, |offset, part| {
+            let first = offset / positions;
+            product_part(isa, p, [first..first + part.len() / positions, 0..positions], planes, start, part);
+        });
+        return;
+    }
+    let per_part = blocks.div_ceil(threads) * 2 * p.lanes;
+    let spans = |i: usize| i * per_part..((i + 1) * per_part).min(positions);
+    let parts = parallel::map(positions.div_ceil(per_part), |i| {
+        let mut part = buffers::for_overwrite(rows * spans(i).len());
+        product_part(isa, p, [0..rows, spans(i)], planes, start, &mut part);
+        part
     });
+    for (i, part) in parts.into_iter().enumerate() {
+        let span = spans(i);
+        for (row, values) in out.chunks_exact_mut(positions).zip(part.chunks_exact(span.len())) {
+            row[span.clone()].copy_from_slice(values);
+        }
+        buffers::recycle(part);
+    }
 }
 
 kernel! {
     /// The output channels `rows` (from a tile's first row to another's, or to the last
-    /// channel) of [`shifted_product`] into `out` (`[rows.len(), positions]`).
-    fn product_rows(
+    /// channel) at the positions `span` (from a block's first, two vectors, to another's or
+    /// to the last position) of [`shifted_product`], into `out` (`[rows.len(),
+    /// span.len()]`).
+    fn product_part(
         p: &ShiftedProduct,
-        rows: Range<usize>,
+        part: [Range<usize>; 2],
         planes: &[f32],
         start: Option<&[f32]>,
         out: &mut [f32],
     ) {
+        let [rows, span] = part;
         assert_eq!(p.lanes, V::LANES, "shifted product: prepared for another ISA");
         assert!(planes.len() >= p.extent, "shifted product: {} plane values, the taps read {}", planes.len(), p.extent);
         assert!(
             rows.end <= p.out_channels && rows.start.is_multiple_of(p.tile_rows),
             "shifted product: rows {rows:?} are not whole tiles of {} rows", p.tile_rows,
         );
-        let positions = p.positions;
-        assert_eq!(out.len(), rows.len() * positions, "shifted product: output size");
+        assert!(
+            span.end <= p.positions && span.start.is_multiple_of(2 * V::LANES),
+            "shifted product: positions {span:?} are not whole blocks of {}", 2 * V::LANES,
+        );
+        let width = span.len();
+        assert_eq!(out.len(), rows.len() * width, "shifted product: output size");
         if let Some(start) = start {
             assert_eq!(start.len(), p.out_channels, "shifted product: one start value per output channel");
         }
         let depth = p.offsets.len() * p.channels;
         if depth == 0 {
-            for (co, row) in rows.zip(out.chunks_exact_mut(positions.max(1))) {
+            for (co, row) in rows.zip(out.chunks_exact_mut(width.max(1))) {
                 row.fill(start.map_or(0.0, |start| start[co]));
             }
             return;
@@ -331,8 +363,8 @@ kernel! {
         // Staged: each block's columns are loaded once into this buffer (every value
         // written before the tiles read it), and every tile reads them from there.
         let mut staged = p.staged.then(|| crate::buffers::for_overwrite(depth * block));
-        for j0 in (0..positions).step_by(block) {
-            let cols = block.min(positions - j0);
+        for j0 in span.clone().step_by(block) {
+            let cols = block.min(span.end - j0);
             for (t, masks) in masks.iter_mut().enumerate() {
                 let bits = p.bits_at(t, j0, block);
                 *masks = [V::mask_from_bits(bits), V::mask_from_bits(bits >> lanes)];
@@ -346,11 +378,12 @@ kernel! {
                 masks: &masks,
             };
             let Some(staged) = &mut staged else {
-                block_tiles::<V, _>(p, rows.clone(), columns, j0, cols, start, out);
+                block_tiles::<V, _>(p, [rows.clone(), span.clone()], columns, j0, cols, start, out);
                 continue;
             };
             columns.stage::<V>(staged);
-            block_tiles::<V, _>(p, rows.clone(), BlockRows { b: staged, ldb: block }, j0, cols, start, out);
+            let staged = BlockRows { b: staged, ldb: block };
+            block_tiles::<V, _>(p, [rows.clone(), span.clone()], staged, j0, cols, start, out);
         }
         if let Some(staged) = staged {
             crate::buffers::recycle(staged);
@@ -359,29 +392,30 @@ kernel! {
 }
 
 /// Every register tile of the output channels `rows` at the block of `cols` positions
-/// from `j0`, its B read through `columns`; `out` holds those channels' rows.
+/// from `j0`, its B read through `columns`; `out` holds those channels' values at the
+/// positions `span`.
 #[inline(always)]
 fn block_tiles<V: F32Vector, B: TileColumns<V, 1> + TileColumns<V, 2> + Copy>(
     p: &ShiftedProduct,
-    rows: Range<usize>,
+    [rows, span]: [Range<usize>; 2],
     columns: B,
     j0: usize,
     cols: usize,
     start: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    let positions = p.positions;
+    let (width, column) = (span.len(), j0 - span.start);
     let depth = p.offsets.len() * p.channels;
     for i0 in rows.clone().step_by(p.tile_rows) {
         let tile_height = p.tile_rows.min(rows.end - i0);
         let at = i0 - rows.start;
         for r in at..at + tile_height {
-            prefetch(&out[r * positions + j0]);
-            prefetch(&out[r * positions + j0 + cols - 1]);
+            prefetch(&out[r * width + column]);
+            prefetch(&out[r * width + column + cols - 1]);
         }
         let start = start.map_or(TileStart::Zero, |start| TileStart::RowValues(&start[i0..][..tile_height]));
-        let c = &mut out[at * positions + j0..];
-        let tile = Tile { k: depth, b: columns, cols, c, ldc: positions, start };
+        let c = &mut out[at * width + column..];
+        let tile = Tile { k: depth, b: columns, cols, c, ldc: width, start };
         let filters = MatRef {
             data: &p.filters[i0 * depth..][..tile_height * depth],
             offset: 0,
@@ -447,15 +481,14 @@ mod tests {
         /// Every ISA, its columns staged and not, against the definition: random windows
         /// and offsets (reads from the planes' first value to their last: `planes` is
         /// exactly `extent` long, so staging takes both its plain and its masked loads),
-        /// zero to five taps, output channels over several register tiles (shared among
-        /// the threads: the same values as on one thread), into a NaN-filled output.
+        /// zero to five taps, output channels over several register tiles, into a
+        /// NaN-filled output.
         #[test]
         fn shifted_products_match_their_definition_on_every_isa(
             (size, taps) in ((1usize..6, 1usize..40).prop_map(|(r, w)| [r, w]))
                 .prop_flat_map(|size| (Just(size), prop::collection::vec(tap_in(size), 0..5))),
             out_channels in 1usize..30, channels in 0usize..4, channel_stride in 0usize..60, with_start: bool,
         ) {
-            let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a pool");
             for isa in Isa::ALL.into_iter().filter(|isa| isa.is_available()) {
                 let mut product = ShiftedProduct::new(isa, out_channels, (channels, channel_stride), size, &taps, filter_value);
                 let planes: Vec<f32> = (0..product.extent()).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
@@ -472,10 +505,43 @@ mod tests {
                             "{:?} staged {} [{}]: {} vs {}", isa, staged, i, got, want
                         );
                     }
-                    let mut alone = vec![f32::NAN; want.len()];
-                    one_thread.install(|| shifted_product(isa, &product, &planes, start.as_deref(), &mut alone));
-                    prop_assert_eq!(&out, &alone, "{:?} staged {}: the threads changed a value", isa, staged);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn large_products_are_shared_among_the_threads_by_tiles_or_by_positions() {
+        // 41 x 39 positions (50 blocks of 32, the last part ending in a partial block),
+        // 16 channels and 9 taps with windows and shifts: 3 output channels (one tile,
+        // cut by positions) and 40 (several tiles); the same values on one thread.
+        let (size, channels) = ([41, 39], 16);
+        let taps: Vec<Tap> = (0..9)
+            .map(|t| Tap { offset: (t * 37) as isize, rows: t / 3..41 - t % 3, cols: t % 3..39 - t / 3 })
+            .collect();
+        let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a pool");
+        for out_channels in [3, 40] {
+            assert!(out_channels * 41 * 39 * channels * taps.len() >= PARALLEL_MIN_WORK);
+            for isa in Isa::ALL.into_iter().filter(|isa| isa.is_available()) {
+                let product = ShiftedProduct::new(isa, out_channels, (channels, 41 * 39), size, &taps, filter_value);
+                let planes: Vec<f32> =
+                    (0..product.extent()).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+                let start: Vec<f32> = (0..out_channels).map(|co| co as f32 - 3.0).collect();
+                let want = naive(out_channels, (channels, 41 * 39), size, &taps, &planes, Some(&start));
+                let run = || {
+                    let mut out = vec![f32::NAN; want.len()];
+                    shifted_product(isa, &product, &planes, Some(&start), &mut out);
+                    out
+                };
+                let got = run();
+                for (i, (&got, &want)) in got.iter().zip(&want).enumerate() {
+                    assert!((got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "{isa:?} [{i}]: {got} vs {want}");
+                }
+                assert_eq!(
+                    got,
+                    one_thread.install(run),
+                    "{isa:?}, {out_channels} channels: the threads changed a value"
+                );
             }
         }
     }
