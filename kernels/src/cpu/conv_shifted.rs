@@ -279,10 +279,11 @@ impl<V: F32Vector, const NV: usize> TileColumns<V, NV> for ShiftedPlanes<'_, V::
 /// A product of [`PARALLEL_MIN_WORK`] multiply-adds or more is shared among the threads:
 /// its tiles of output channels where there are as many as threads (each part reads all
 /// of the planes), else its positions, in whole blocks, each part computed into scratch
-/// and copied into place (a product of one tile: 3 or 16 output channels). Each value is
-/// computed by the same tile and block on any number of threads. Inside a parallel loop
-/// over batch entries (two or more per thread) it runs on one; a batch too small for that
-/// ran every product on one thread before. Zen 4, two threads, batch of one, the min over
+/// and copied into place (on two threads, a product of one tile: up to 12 output
+/// channels with AVX-512, 6 with AVX2). Each value is computed by the same tile and block
+/// on any number of threads. Inside a parallel loop over batch entries (two or more per
+/// thread) it runs on one; a batch too small for that ran every product on one thread
+/// before. Zen 4, two threads, batch of one, the min over
 /// five runs of each build (alternated) of the median ms of 7, before -> after: 3 x 3 3
 /// -> 64 channels at 256 x 256 4.86 -> 3.75; 4 x 4 stride 2 64 -> 128 at 64 x 64 2.74 ->
 /// 2.14, its transposed convolution 2.74 -> 1.73; 1 x 1 128 -> 128 at 32 x 32 0.34 ->
@@ -512,9 +513,10 @@ mod tests {
 
     #[test]
     fn large_products_are_shared_among_the_threads_by_tiles_or_by_positions() {
-        // 41 x 39 positions (50 blocks of 32, the last part ending in a partial block),
-        // 16 channels and 9 taps with windows and shifts: 3 output channels (one tile,
-        // cut by positions) and 40 (several tiles); the same values on one thread.
+        // 41 x 39 positions (50 blocks of 32 with AVX-512, the last part ending in a
+        // partial block), 16 channels and 9 taps with windows and shifts: 3 output
+        // channels (one tile, cut by positions) and 40 (several tiles, cut by tiles); the
+        // same values on one thread.
         let (size, channels) = ([41, 39], 16);
         let taps: Vec<Tap> = (0..9)
             .map(|t| Tap { offset: (t * 37) as isize, rows: t / 3..41 - t % 3, cols: t % 3..39 - t / 3 })
