@@ -524,9 +524,8 @@ pub fn conv2d_weight_grad<T: FloatElem>(
         // im2col and the GEMM write every element of these (up to a plane's positions).
         let most = per_sum.min(fp);
         let (mut columns, mut product) = (buffers::for_overwrite(depth * most), buffers::for_overwrite(cout_g * depth));
-        for n in chunk.start / fp..chunk.end.div_ceil(fp) {
-            // The chunk's positions of entry `n`: whole rows (`per_sum` and the planes are).
-            let at = chunk.start.max(n * fp) - n * fp..chunk.end.min((n + 1) * fp) - n * fp;
+        for (n, at) in conv_weight_grad::entry_spans(chunk, fp) {
+            // The chunk's positions of entry `n` are whole rows (`per_sum` and the planes are).
             let k = at.len();
             for group in 0..g.groups {
                 im2col(g, &image, n, group, at.start / ow..at.end / ow, &mut columns[..depth * k]);

@@ -89,6 +89,16 @@ pub(super) fn positions_per_sum(count: usize, [positions, row]: [usize; 2], entr
     whole_entries.min(count.div_ceil(sums).next_multiple_of(row))
 }
 
+/// The entries whose planes (of `positions` each, `positions > 0`) the positions `chunk`
+/// (numbered across the batch's planes) reach, each with the positions of its plane that
+/// the chunk holds: what one partial sum of [`positions_per_sum`] covers.
+pub(super) fn entry_spans(chunk: Range<usize>, positions: usize) -> impl Iterator<Item = (usize, Range<usize>)> {
+    (chunk.start / positions..chunk.end.div_ceil(positions)).map(move |n| {
+        let plane = n * positions;
+        (n, chunk.start.max(plane) - plane..chunk.end.min(plane + positions) - plane)
+    })
+}
+
 /// Copies the rows `rows` of the channels-last copy of `channels` planes of `[h, w]`
 /// values (row-major, one after another) into `out`, whose row 0 is the copy's row
 /// `rows.start`. The copy is `width` pixels wide and holds the planes' pixel `(y, x)` at
@@ -201,52 +211,47 @@ kernel! {
             let mut sum = buffers::filled(g.out_channels * depth, 0.0f32);
             // The last block of channels may read one block past the copy's last value.
             let mut padded = buffers::for_overwrite(padded_len + block);
-            let mut band_base = Vec::with_capacity(per_sum.min(positions));
-            // `at(n)`: the positions of entry `n`'s plane that the chunk holds.
             let chunk = chunk * per_sum..((chunk + 1) * per_sum).min(count);
-            let plane_start = |n: usize| n * positions;
-            let at = |n: usize| {
-                chunk.start.max(plane_start(n)) - plane_start(n)..chunk.end.min(plane_start(n + 1)) - plane_start(n)
-            };
-            let entries = chunk.start / positions..chunk.end.div_ceil(positions);
-            for (n, group) in entries.flat_map(|n| (0..g.groups).map(move |group| (n, group))) {
+            for (n, at) in entry_spans(chunk, positions) {
                 // The chunk's positions of this plane (their columns of the gradient rows),
                 // and the band of the padded image's rows that their taps reach: only
                 // that band is copied, so a small batch's chunks do not each pad the
-                // whole image.
-                let at = at(n);
+                // whole image. A position's pixel in the band is the pixel of the position
+                // as many rows up as the band starts down (`base` grows by `sy` rows of the
+                // copy per row of positions).
                 let k = at.len();
                 let out_rows = at.start / g.out_size[1]..at.end.div_ceil(g.out_size[1]);
                 let band = out_rows.start * g.stride[0]..(out_rows.end - 1) * g.stride[0] + reach;
-                let first_plane = n * g.in_channels + group * cin_g;
-                // The copy is exact on any ISA: the best one (the kernel's own is not named here).
-                let planes = &image[first_plane * plane..][..cin_g * plane];
-                channels_last_rows(Isa::best(), planes, cin_g, g.in_size, g.padding, band.clone(), width, &mut padded);
-                let copied = band.len() * width * cin_g;
-                padded[copied..copied + block].fill(0.0);
-                // Their pixels in the band.
-                band_base.clear();
-                band_base.extend(base[at.clone()].iter().map(|&b| b - band.start * width));
-                let base = &band_base[..];
-                let grads = MatRef {
-                    data: features,
-                    offset: (n * g.out_channels + group * cout_g) * positions + at.start,
-                    row_stride: positions,
-                    col_stride: 1,
-                };
-                let sum_g = &mut sum[group * cout_g * depth..][..cout_g * depth];
-                for (tap, &offset) in offsets.iter().enumerate() {
-                    for ci0 in (0..cin_g).step_by(block) {
-                        let cols = block.min(cin_g - ci0);
-                        let rows_of_b = ChannelsLast { padded: &padded, base, start: offset * cin_g + ci0, channels: cin_g };
-                        for i0 in (0..cout_g).step_by(step_rows) {
-                            let rows = step_rows.min(cout_g - i0);
-                            let c = &mut sum_g[i0 * depth + tap * cin_g + ci0..];
-                            let tile = Tile { k, b: rows_of_b, cols, c, ldc: depth, start: TileStart::Output };
-                            if cols <= lanes {
-                                row_tile::<V, 1, _>(grads, i0, rows, tile);
-                            } else {
-                                row_tile::<V, 2, _>(grads, i0, rows, tile);
+                let base = &base[at.start - out_rows.start * g.out_size[1]..][..k];
+                for group in 0..g.groups {
+                    let first_plane = n * g.in_channels + group * cin_g;
+                    // The copy is exact on any ISA: the best one (the kernel's own is not named here).
+                    let planes = &image[first_plane * plane..][..cin_g * plane];
+                    let rows = band.clone();
+                    channels_last_rows(Isa::best(), planes, cin_g, g.in_size, g.padding, rows, width, &mut padded);
+                    let copied = band.len() * width * cin_g;
+                    padded[copied..copied + block].fill(0.0);
+                    let grads = MatRef {
+                        data: features,
+                        offset: (n * g.out_channels + group * cout_g) * positions + at.start,
+                        row_stride: positions,
+                        col_stride: 1,
+                    };
+                    let sum_g = &mut sum[group * cout_g * depth..][..cout_g * depth];
+                    for (tap, &offset) in offsets.iter().enumerate() {
+                        for ci0 in (0..cin_g).step_by(block) {
+                            let cols = block.min(cin_g - ci0);
+                            let start = offset * cin_g + ci0;
+                            let rows_of_b = ChannelsLast { padded: &padded, base, start, channels: cin_g };
+                            for i0 in (0..cout_g).step_by(step_rows) {
+                                let rows = step_rows.min(cout_g - i0);
+                                let c = &mut sum_g[i0 * depth + tap * cin_g + ci0..];
+                                let tile = Tile { k, b: rows_of_b, cols, c, ldc: depth, start: TileStart::Output };
+                                if cols <= lanes {
+                                    row_tile::<V, 1, _>(grads, i0, rows, tile);
+                                } else {
+                                    row_tile::<V, 2, _>(grads, i0, rows, tile);
+                                }
                             }
                         }
                     }
