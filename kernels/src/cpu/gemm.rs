@@ -82,8 +82,9 @@ const BF16_TILES_MIN_WORK: usize = 1 << 18;
 /// Below this many values a B panel is packed on the calling thread.
 const PARALLEL_PACK_MIN: usize = 1 << 16;
 
-/// The instruction sets the GEMM has a microkernel for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The instruction sets the GEMM has a microkernel for, narrowest first (the order of
+/// `<`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// Portable Rust, any target.
     Scalar,
@@ -110,12 +111,45 @@ impl Isa {
         }
     }
 
-    /// The fastest available ISA, detected once per process.
+    /// The fastest available ISA, detected once per process, at most the one the
+    /// environment variable [`ISA_CAP_VARIABLE`] names where it is set (`scalar`, `avx2`
+    /// or `avx512`): every kernel that dispatches on the ISA then runs the narrower
+    /// kernels, to compare them or reproduce another machine's rounding. A value that
+    /// names no ISA is reported once on stderr and ignored.
     pub fn best() -> Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
-        *BEST.get_or_init(|| Isa::ALL.into_iter().rev().find(|isa| isa.is_available()).unwrap_or(Isa::Scalar))
+        *BEST.get_or_init(|| {
+            let detected = Isa::ALL.into_iter().rev().find(|isa| isa.is_available()).unwrap_or(Isa::Scalar);
+            let setting = std::env::var(ISA_CAP_VARIABLE).ok();
+            Isa::capped(detected, setting.as_deref()).unwrap_or_else(|message| {
+                eprintln!("aigc: {message}; using {detected:?}");
+                detected
+            })
+        })
+    }
+
+    /// `detected` capped by the setting of [`ISA_CAP_VARIABLE`] (`None`: unset), or why
+    /// the setting names no ISA.
+    fn capped(detected: Isa, setting: Option<&str>) -> Result<Isa, String> {
+        let Some(setting) = setting else {
+            return Ok(detected);
+        };
+        let cap = match setting.trim().to_ascii_lowercase().as_str() {
+            "scalar" => Isa::Scalar,
+            "avx2" => Isa::Avx2Fma,
+            "avx512" => Isa::Avx512,
+            _ => {
+                return Err(format!("{ISA_CAP_VARIABLE}={setting:?} is not one of scalar, avx2, avx512"));
+            }
+        };
+        Ok(detected.min(cap))
     }
 }
+
+/// The environment variable that caps [`Isa::best`]: `AIGC_CPU_ISA=avx2` runs the AVX2
+/// kernels on an AVX-512 CPU, `scalar` the portable ones. It cannot raise the ISA above
+/// what the CPU has.
+pub const ISA_CAP_VARIABLE: &str = "AIGC_CPU_ISA";
 
 /// How the packed GEMM multiplies bf16 operands (f32 accumulation in every case).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1607,6 +1641,17 @@ mod tests {
             check::<16>();
             check::<32>();
         }
+    }
+
+    #[test]
+    fn the_isa_cap_lowers_the_detected_isa_and_never_raises_it() {
+        assert_eq!(Isa::capped(Isa::Avx512, None), Ok(Isa::Avx512));
+        assert_eq!(Isa::capped(Isa::Avx512, Some("avx2")), Ok(Isa::Avx2Fma));
+        assert_eq!(Isa::capped(Isa::Avx512, Some(" Scalar ")), Ok(Isa::Scalar));
+        assert_eq!(Isa::capped(Isa::Avx2Fma, Some("avx512")), Ok(Isa::Avx2Fma));
+        assert_eq!(Isa::capped(Isa::Scalar, Some("AVX2")), Ok(Isa::Scalar));
+        let err = Isa::capped(Isa::Avx512, Some("sse4")).unwrap_err();
+        assert!(err.contains("AIGC_CPU_ISA=\"sse4\"") && err.contains("scalar, avx2, avx512"), "{err}");
     }
 
     #[test]
