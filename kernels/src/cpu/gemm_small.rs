@@ -233,11 +233,11 @@ pub(super) fn small_sgemm(
 }
 
 /// The ISA whose register tiles waste no lanes on a product of `n` columns: AVX2's for
-/// at most 8 (`isa` otherwise). An AVX-512 tile there computes 8 of its 16 lanes, in twice
-/// as many rows as AVX2's, which issues two 8-lane multiply-adds in the time of one of
-/// AVX-512's on Zen 4, or one of the same on CPUs with two 512-bit units. Zen 4, median ms
-/// at one thread: `8 x 1024 x 1024` (`h W^T`, computed transposed: 1024 x 8 columns) 0.51
-/// -> 0.22.
+/// at most 8 (`isa` otherwise). An AVX-512 tile there uses 8 of each multiply-add's 16
+/// lanes. Zen 4 issues two 8-lane multiply-adds (AVX2) per cycle or one 16-lane one
+/// (AVX-512), so AVX2 does twice the useful work; CPUs with two 512-bit units issue two of
+/// either, the same useful work. Zen 4, median ms at one thread: `8 x 1024 x 1024` (`h
+/// W^T`, computed transposed: 1024 x 8 columns) 0.51 -> 0.22.
 fn narrowest_fit(isa: Isa, n: usize) -> Isa {
     if isa == Isa::Avx512 && n <= 8 && Isa::Avx2Fma.is_available() { Isa::Avx2Fma } else { isa }
 }
