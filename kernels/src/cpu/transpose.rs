@@ -2,8 +2,9 @@
 //! src[i * src_stride + j]`. With AVX2 (and on AVX-512 CPUs) 8 x 8 blocks go through
 //! registers (eight row loads, the shuffles of `gemm`'s packing, eight row stores);
 //! the edges, and other CPUs, copy value by value. Convolutions use it for their
-//! channels-last copies (`conv_weight_grad::channels_last`), a transpose of each image
-//! row's `[channels][width]` values.
+//! channels-last copies (`conv_weight_grad::channels_last_rows`), a transpose of each
+//! image row's `[channels][width]` values, and the GEMM to turn a product it computed
+//! transposed (few rows: `C^T = B^T A^T`) back into C.
 
 use super::gemm::Isa;
 
