@@ -114,6 +114,89 @@ pub fn exp_nonpositive<V: F32Vector>(x: V) -> V {
     er * shifted.pow2_shifted()
 }
 
+/// `log2(e) - LOG2_E`: with it, `x log2(e)` is carried to 48 bits.
+const LOG2_E_LO: f32 = 1.925_963e-8;
+/// `2^(r/8) ~ 1 + r P(r)` on `|r| <= 0.511` ([`RowExp`]'s `r`, at most `1/2` plus
+/// `8 |x| (log2(e) - LOG2_E)`), `P` of degree 2: fitted for this crate, minimax in
+/// relative error (Lawson's iteratively reweighted least squares), within 2.7e-8 of
+/// `2^(r/8)` (0.45 ulp).
+const EXP2_EIGHTHS_P: [f32; 3] = [1.083_904_3e-4, 3.754_045_3e-3, 8.664_340_5e-2];
+
+/// The exponentials `e^(x - m)` of the values `x <= m` of a row (softmax's) whose max is
+/// `m`, each times one factor `2^s` with `|s| <= 1/16`, the same for the whole row
+/// ([`RowExp::log_factor`] gives `s ln 2`), which cancels when the row is normalised.
+/// Results under the normal range (`2^-126`) are within `2^-126.9` of the exact value,
+/// and 0 under `2^-127`.
+///
+/// Max error: 1.2 ulp (measured) against `2^s e^(x - m)` with `x - m` exact, over
+/// `x - m` in `[-87, 0]` for maxima from `-2^16` to `2^16`.
+///
+/// Method: `2^s e^(x - m) = 2^(k/8) 2^(r/8)` with `k` an integer and `|r| <= 0.511`.
+/// The row's constant `c = ROUNDING_SHIFTER + 8 (127 - m log2(e))`, rounded to f32 once
+/// per row (its rounding is `8 s`), is added to `8 x LOG2_E` in the fused multiply-add
+/// that rounds the sum to the integer `k + 8 * 127` (see `EXP_SHIFTER`); a second one
+/// gives the remainder `r` with one rounding (the product and the difference in it are
+/// exact), and a third adds `8 x LOG2_E_LO`. `2^(k/8)` is
+/// [`F32Vector::pow2_eighths_shifted`] of the rounded sum (a table of eight and the
+/// exponent bits), `2^(r/8) = 1 + q` a polynomial of degree 3, and the result
+/// `2^(k/8) + 2^(k/8) q` one more multiply-add, so that it is rounded once. Neither
+/// `x - m` nor a Cody-Waite split of `k ln 2` is computed, and the polynomial is half
+/// as long as [`exp_nonpositive`]'s: 7 multiplies and multiply-adds a value against its
+/// 10, the operations that bound it. And `x - m` is never rounded: in
+/// `exp_nonpositive(x - m)` its rounding (half an ulp of it) is a relative error of up
+/// to `|x - m| 2^-24` in the result, tens of ulp at `x - m = -80`.
+#[derive(Clone, Copy)]
+pub struct RowExp<V> {
+    /// `c`, in every lane.
+    offset: V,
+    /// `m - 104`: lower values are raised to it, so that `k` stays within what
+    /// [`F32Vector::pow2_eighths_shifted`] takes (their results are 0 either way).
+    floor: V,
+    /// `s ln 2`.
+    log_factor: f64,
+}
+
+impl<V: F32Vector> RowExp<V> {
+    /// The largest `|m|` taken. `k` is rounded before the low part of `log2(e)` is
+    /// added in, which moves `r` by up to `8 |x| LOG2_E_LO` (0.01 here) outside
+    /// `[-1/2, 1/2]`; and beyond `|m| = 5.4e5` the sum that rounds `k` leaves the binade
+    /// where the shifter works.
+    pub const MAX_ABS: f32 = 65_536.0;
+
+    /// The exponentials of a row whose max is `max`, or `None` if `max` is NaN or
+    /// `|max| > MAX_ABS` (infinities included), or if `V`'s multiply-adds are not fused
+    /// (the method needs the products `8 x log2(e)` exact).
+    #[inline(always)]
+    pub fn new(max: f32) -> Option<Self> {
+        if !V::FUSED || max.is_nan() || max.abs() > Self::MAX_ABS {
+            return None;
+        }
+        let exact = super::ROUNDING_SHIFTER as f64 + 8.0 * (127.0 - max as f64 * std::f64::consts::LOG2_E);
+        let offset = exact as f32;
+        let log_factor = (offset as f64 - exact) / 8.0 * std::f64::consts::LN_2;
+        Some(Self { offset: V::splat(offset), floor: V::splat(max - 104.0), log_factor })
+    }
+
+    /// `2^s e^(x - m)` for `x <= m`.
+    #[inline(always)]
+    pub fn at(&self, x: V) -> V {
+        // `floor.max(x)` keeps a NaN `x`, and NaN survives every step after it.
+        let x = self.floor.max(x);
+        let shifted = x.mul_add(V::splat(8.0 * LOG2_E), self.offset);
+        // `offset - shifted` is exact (the two are within a factor of 2).
+        let r = x.mul_add(V::splat(8.0 * LOG2_E), self.offset - shifted);
+        let r = x.mul_add(V::splat(8.0 * LOG2_E_LO), r);
+        let q = horner(r, EXP2_EIGHTHS_P) * r;
+        let power = shifted.pow2_eighths_shifted();
+        power.mul_add(q, power)
+    }
+
+    /// `s ln 2`: the logarithm of the factor every result carries.
+    pub fn log_factor(&self) -> f64 {
+        self.log_factor
+    }
+}
+
 /// `sqrt(1/2)`: `ln` evaluates its polynomial on `[sqrt(1/2), sqrt(2))`.
 const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// Cephes `logf` polynomial: `ln(1 + f) ~ f - f^2/2 + f^3 P(f)` for `f` in `[sqrt(1/2) - 1, sqrt(2) - 1)`.
@@ -596,6 +679,74 @@ mod tests {
                 (-1e30, 0.0),
             ],
         );
+    }
+
+    kernel! {
+        /// [`RowExp`] for a row whose max is `max` at every element of `xs`, with its
+        /// `log_factor`.
+        fn apply_row_exp(max: f32, xs: &[f32]) -> Option<(Vec<f32>, f64)> {
+            let exp = RowExp::<V>::new(max)?;
+            let mut out = vec![0.0; xs.len()];
+            map1::<V>(xs, &mut out, |x| exp.at(x));
+            Some((out, exp.log_factor()))
+        }
+    }
+
+    /// The vector types with fused multiply-adds, which [`RowExp`] needs: all but the
+    /// portable scalar one (on x86; on aarch64 `Isa::Scalar` runs NEON's).
+    fn isas_with_row_exp() -> Vec<Isa> {
+        let isas: Vec<Isa> = test_isas().into_iter().filter(|&isa| apply_row_exp(isa, 0.0, &[0.0]).is_some()).collect();
+        assert!(test_isas().iter().all(|isa| *isa == Isa::Scalar || isas.contains(isa)));
+        isas
+    }
+
+    #[test]
+    fn row_exponentials_are_within_1_25_ulp_of_the_row_factor_times_the_exact_exponential() {
+        let mut worst = 0.0f64;
+        for max in [0.0, 1.0, -3.7, 0.123, 37.25, -88.0, 1000.1, -3e4 + 0.5, 65_536.0, -65_536.0] {
+            // Values `x <= max`, their exact `x - max` from 0 down to -87.2 (below, the
+            // result may fall under the normal range): the rounded `max - t` and, where
+            // `t` is tiny, `max` itself.
+            let xs: Vec<f32> = sweep(-87.2, 0.0, 509).iter().map(|&t| (max + t).min(max)).collect();
+            for isa in isas_with_row_exp() {
+                let (got, log_factor) = apply_row_exp(isa, max, &xs).expect("|max| <= 2^16");
+                assert!(log_factor.abs() <= std::f64::consts::LN_2 / 16.0, "s ln 2 = {log_factor} for max {max}");
+                for (&x, &y) in xs.iter().zip(&got) {
+                    let want = (x as f64 - max as f64 + log_factor).exp();
+                    let err = (y as f64 - want).abs() / ulp(want);
+                    assert!(err <= 1.25, "row max {max}: e^({x} - max) = {y}, want {want} ({err} ulp, {isa:?})");
+                    worst = worst.max(err);
+                }
+            }
+        }
+        println!("RowExp: max {worst:.3} ulp");
+        // Results under the normal range: within 2^-126.9 (0 under 2^-127).
+        let tiny = 2f64.powi(-127);
+        for max in [0.0, 37.25] {
+            let xs: Vec<f32> = (0..4000).map(|i| max - 86.9 - i as f32 * 4e-4).collect();
+            for isa in isas_with_row_exp() {
+                let (got, log_factor) = apply_row_exp(isa, max, &xs).unwrap();
+                for (&x, &y) in xs.iter().zip(&got) {
+                    let want = (x as f64 - max as f64 + log_factor).exp();
+                    let ok = if want < 2f64.powf(-125.9) {
+                        (y as f64 - want).abs() <= 2f64.powf(-126.9) && (want >= tiny || y == 0.0)
+                    } else {
+                        (y as f64 - want).abs() <= 1.25 * ulp(want)
+                    };
+                    assert!(ok, "row max {max}: e^({x} - max) = {y:e}, want {want:e} ({isa:?})");
+                }
+            }
+        }
+        // Far below the max the result is 0, and NaN stays NaN; for a max of NaN, inf or
+        // beyond 2^16 there is no `RowExp`.
+        for isa in isas_with_row_exp() {
+            let (got, _) = apply_row_exp(isa, 3.0, &[-80.0, -101.0, -1e30, -INF, NAN, 3.0]).unwrap();
+            assert_eq!(&got[1..4], &[0.0; 3], "{isa:?}");
+            assert!(got[0] > 0.0 && got[4].is_nan() && (0.95..1.05).contains(&got[5]), "{got:?} ({isa:?})");
+            for max in [NAN, INF, -INF, 65_536.01, -6e5] {
+                assert!(apply_row_exp(isa, max, &[0.0]).is_none(), "row max {max} ({isa:?})");
+            }
+        }
     }
 
     #[test]

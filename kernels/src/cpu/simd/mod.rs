@@ -69,6 +69,21 @@ pub(crate) const ROUNDING_SHIFTER: f32 = 12_582_912.0;
 /// The bits of [`ROUNDING_SHIFTER`].
 pub(crate) const SHIFTER_BITS: i32 = ROUNDING_SHIFTER.to_bits() as i32;
 
+/// The table of [`F32Vector::pow2_eighths_shifted`]: the bits of `2^(j/8)` (rounded to
+/// f32) less those that `m << 20` puts in the same places for `m = 8 * 127 + j`, so that
+/// adding `m << 20` to entry `m mod 8` gives the bits of `2^(m/8 - 127)` with no masking.
+pub(crate) const EIGHTHS: [i32; 8] = {
+    let powers: [f32; 8] =
+        [1.0, 1.090_507_7, 1.189_207_1, 1.296_839_6, std::f32::consts::SQRT_2, 1.542_210_8, 1.681_792_9, 1.834_008_1];
+    let mut table = [0; 8];
+    let mut j = 0;
+    while j < 8 {
+        table[j] = powers[j].to_bits() as i32 - (127 << 23) - ((j as i32) << 20);
+        j += 1;
+    }
+    table
+};
+
 /// A vector of `LANES` f32 values and the operations the kernels are written with.
 ///
 /// Arithmetic uses the operators (`a * b + c`); the rest are methods. Lanes are
@@ -78,6 +93,9 @@ pub trait F32Vector:
 {
     /// Number of f32 lanes.
     const LANES: usize;
+    /// Whether [`F32Vector::mul_add`] rounds once (a fused multiply-add), as every ISA's
+    /// does but [`Scalar`]'s.
+    const FUSED: bool = true;
     /// The per-lane result of a comparison.
     type Mask: Copy;
     /// The vector to compute long dependent chains on (the functions of [`math`]):
@@ -94,7 +112,8 @@ pub trait F32Vector:
     /// Stores into `dst[..LANES]`. Panics if `dst` is shorter.
     fn store(self, dst: &mut [f32]);
     /// `self * b + c`, rounded once where the ISA has fused multiply-add (all but
-    /// [`Scalar`], which rounds twice rather than call a slow software `fmaf`).
+    /// [`Scalar`], which rounds twice rather than call a slow software `fmaf`; see
+    /// [`F32Vector::FUSED`]).
     fn mul_add(self, b: Self, c: Self) -> Self;
     /// Lane-wise minimum. A lane where either input is NaN gets `other` or NaN (which
     /// depends on the ISA), so NaN wherever `other` is NaN: `V::splat(c).min(x)` clamps
@@ -138,6 +157,12 @@ pub trait F32Vector:
     /// `m` is already where the exponent field goes once shifted by 23 bits. Lanes with
     /// `m <= 0` (and NaN lanes) give `0`.
     fn pow2_shifted(self) -> Self;
+    /// `2^(m/8 - 127)` for lanes holding `ROUNDING_SHIFTER + m` with an integer
+    /// `m < 2040` (the sum that rounds `m`): `2^(j/8)`, `j = m mod 8`, from a table of
+    /// eight (`EIGHTHS`), with `m / 8` added to its exponent field. Lanes with `m <= 0`
+    /// (and NaN lanes) give 0; those with `0 < m < 8`, whose results are under the
+    /// normal range, are within `2^-127` of them.
+    fn pow2_eighths_shifted(self) -> Self;
 
     /// `self * 2^n` (C's `ldexp`) for lanes of `n` holding integers in `[-252, 254]`,
     /// rounded once wherever `self * 2^(n/2)` is a normal float (as it is for the
@@ -806,6 +831,22 @@ mod tests {
             check(shifted.pow2_shifted(), &want, "pow2_shifted");
         }
         check(V::splat(f32::NAN).pow2_shifted(), &|_| 0.0, "pow2_shifted of NaN");
+        // m = first + lane: 2^(j/8) rounded to f32, times 2^(m/8 - 127 - j/8) exactly
+        // (j = m mod 8), or 0 for m <= 0; for 0 < m < 8, within 2^-127 of 2^(m/8 - 127).
+        for first in [-40, -7, 8, 100, 1016, 2040 - V::LANES as i32] {
+            let shifted = (x + V::splat(2.5)) + V::splat(ROUNDING_SHIFTER + first as f32);
+            let mut got = vec![0.0; V::LANES];
+            shifted.pow2_eighths_shifted().store(&mut got);
+            for (l, g) in got.into_iter().enumerate() {
+                let m = first + l as i32;
+                let power = 2f64.powf(m.rem_euclid(8) as f64 / 8.0) as f32 as f64;
+                let want = if m <= 0 { 0.0 } else { power * 2f64.powi(m.div_euclid(8) - 127) };
+                let close =
+                    if (1..8).contains(&m) { (g as f64 - want).abs() <= 2f64.powi(-127) } else { g as f64 == want };
+                assert!(close, "pow2_eighths_shifted at m = {m}: {g:e}, want {want:e}");
+            }
+        }
+        check(V::splat(f32::NAN).pow2_eighths_shifted(), &|_| 0.0, "pow2_eighths_shifted of NaN");
         for bits in [0u32, 1, 0b1011_0110_0101_1001, u32::MAX, 1 << (V::LANES - 1)] {
             let mask = V::mask_from_bits(bits);
             check(V::select(mask, one, zero), &|l| (bits >> (l + 2.5) as u32 & 1) as f32, "mask_from_bits");

@@ -145,6 +145,19 @@ impl F32Vector for Neon {
         )))))
     }
     #[inline(always)]
+    fn pow2_eighths_shifted(self) -> Self {
+        arch!({
+            let m = vmaxq_s32(vreinterpretq_s32_f32(self.0), vdupq_n_s32(super::SHIFTER_BITS));
+            // The table lookup as a byte shuffle: lane `l` takes bytes `4 j .. 4 j + 4`
+            // of the table, `j = m mod 8`.
+            let table = vld1q_u8_x2(super::EIGHTHS.as_ptr().cast());
+            let first_byte = vshlq_n_u32::<2>(vandq_u32(vreinterpretq_u32_s32(m), vdupq_n_u32(7)));
+            let bytes = vaddq_u32(vmulq_n_u32(first_byte, 0x0101_0101), vdupq_n_u32(0x0302_0100));
+            let entry = vreinterpretq_s32_u8(vqtbl2q_u8(table, vreinterpretq_u8_u32(bytes)));
+            Self(vreinterpretq_f32_s32(vaddq_s32(vshlq_n_s32::<20>(m), entry)))
+        })
+    }
+    #[inline(always)]
     fn frexp(self) -> (Self, Self) {
         arch!({
             let bits = vreinterpretq_s32_f32(self.0);

@@ -58,6 +58,7 @@ macro_rules! halves {
 
 impl<V: F32Vector> F32Vector for Pair<V> {
     const LANES: usize = 2 * V::LANES;
+    const FUSED: bool = V::FUSED;
     type Mask = (V::Mask, V::Mask);
     type Wide = Self;
 
@@ -71,6 +72,7 @@ impl<V: F32Vector> F32Vector for Pair<V> {
         round() -> Pair,
         pow2i() -> Pair,
         pow2_shifted() -> Pair,
+        pow2_eighths_shifted() -> Pair,
         ldexp(n) -> Pair,
         lt(other) -> Mask,
         le(other) -> Mask,

@@ -31,6 +31,7 @@ impl Neg for Scalar {
 
 impl F32Vector for Scalar {
     const LANES: usize = 1;
+    const FUSED: bool = false;
     type Mask = bool;
     type Wide = Self;
 
@@ -132,6 +133,11 @@ impl F32Vector for Scalar {
     #[inline(always)]
     fn pow2_shifted(self) -> Self {
         Scalar(f32::from_bits(((self.0.to_bits() as i32).max(super::SHIFTER_BITS) as u32) << 23))
+    }
+    #[inline(always)]
+    fn pow2_eighths_shifted(self) -> Self {
+        let m = (self.0.to_bits() as i32).max(super::SHIFTER_BITS);
+        Scalar(f32::from_bits((m << 20).wrapping_add(super::EIGHTHS[(m & 7) as usize]) as u32))
     }
     #[inline(always)]
     fn frexp(self) -> (Self, Self) {

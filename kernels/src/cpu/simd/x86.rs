@@ -95,6 +95,15 @@ pub(super) mod avx2 {
         (_mm256_permute2f128_ps::<0x20>(low, high), _mm256_permute2f128_ps::<0x31>(low, high))
     }
 
+    /// Entry `m mod 8` of [`EIGHTHS`](super::super::EIGHTHS) in each lane: one `vpermd`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub fn eighths(m: __m256i) -> __m256i {
+        // SAFETY: the table is eight i32s, the 32 bytes read.
+        let table = unsafe { _mm256_loadu_si256(super::super::EIGHTHS.as_ptr().cast()) };
+        _mm256_permutevar8x32_epi32(table, m)
+    }
+
     /// The sum of the eight lanes: the two 128-bit halves, then pairs, then the last two.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -167,6 +176,16 @@ pub(super) mod avx512 {
         let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
         let high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
         (_mm512_permutex2var_ps(a, low, b), _mm512_permutex2var_ps(a, high, b))
+    }
+
+    /// Entry `m mod 8` of [`EIGHTHS`](super::super::EIGHTHS) in each lane: one `vpermd`
+    /// of the table written twice (it reads the index's low four bits).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub fn eighths(m: __m512i) -> __m512i {
+        // SAFETY: the table is eight i32s, the 32 bytes read.
+        let table = unsafe { _mm256_loadu_si256(super::super::EIGHTHS.as_ptr().cast()) };
+        _mm512_permutexvar_epi32(m, _mm512_broadcast_i64x4(table))
     }
 
     /// `t` where the mask bit is set, else `f`.
@@ -299,6 +318,13 @@ macro_rules! x86_vector {
                 arch!({
                     let floor = $isa::splat_i(super::SHIFTER_BITS);
                     Self($isa::from_bits($isa::shl::<23>($isa::max_i($isa::to_bits(self.0), floor))))
+                })
+            }
+            #[inline(always)]
+            fn pow2_eighths_shifted(self) -> Self {
+                arch!({
+                    let m = $isa::max_i($isa::to_bits(self.0), $isa::splat_i(super::SHIFTER_BITS));
+                    Self($isa::from_bits($isa::add_i($isa::shl::<20>(m), $isa::eighths(m))))
                 })
             }
             $(
