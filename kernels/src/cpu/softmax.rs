@@ -308,19 +308,20 @@ kernel! {
             let exp = RowExp::<Wide<V>>::new(max);
             match kind {
                 SoftmaxKind::Softmax => {
-                    let mut sum = 0.0;
+                    let mut sum = Wide::<V>::splat(0.0);
                     in_pieces_fetching(next, |piece| {
                         // The next row's output lines too (none after the last row).
                         if let Some(next_y_piece) = next_y.get(piece.clone()) {
                             prefetch_lines(next_y_piece);
                         }
                         let (x, e) = (&row[piece.clone()], &mut y[piece]);
-                        sum += match &exp {
+                        let piece_sum = match &exp {
                             Some(exp) => map1_sum::<Wide<V>>(x, e, |v| exp.at(v)),
                             None => map1_sum::<Wide<V>>(x, e, |v| math::exp_nonpositive(v - wide_max)),
                         };
+                        sum = sum + piece_sum;
                     });
-                    let scale = V::splat(1.0 / sum);
+                    let scale = V::splat(1.0 / sum.reduce_add());
                     update_alongside::<V>(y, |e| e * scale, next, take_next_max);
                 }
                 SoftmaxKind::LogSoftmax => {

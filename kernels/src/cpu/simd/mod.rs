@@ -564,12 +564,17 @@ pub fn map1<V: F32Vector>(src: &[f32], dst: &mut [f32], f: impl Fn(V) -> V) {
 
 /// `dst[i] = f(src[i])` and the sum of the results in one pass (a softmax writing its
 /// exponentials while it sums them); the padded lanes of the tail are left out of the sum.
+/// The sum is returned lane by lane (`reduce_add` totals it), so that a caller that
+/// sums a row piece by piece reduces across the lanes once: a reduction per softmax
+/// piece of 256 values took a tenth of its samples in `perf`, and without it softmax of
+/// (64, 1024) and (256, 1024) (rows in L2) takes 0.234 ns a value instead of 0.248 (one
+/// thread, AVX-512 on Zen 4, median of three runs of each build alternated).
 ///
 /// Two vectors per iteration: the functions are long dependency chains (a polynomial by
 /// Horner's rule), and two independent chains side by side keep more of the FMA units
 /// busy (GELU 10% faster on Zen 1).
 #[inline(always)]
-pub fn map1_sum<V: F32Vector>(src: &[f32], dst: &mut [f32], f: impl Fn(V) -> V) -> f32 {
+pub fn map1_sum<V: F32Vector>(src: &[f32], dst: &mut [f32], f: impl Fn(V) -> V) -> V {
     assert_eq!(src.len(), dst.len(), "simd: operand and output lengths differ");
     let zero = V::splat(0.0);
     let (mut acc0, mut acc1) = (zero, zero);
@@ -595,7 +600,7 @@ pub fn map1_sum<V: F32Vector>(src: &[f32], dst: &mut [f32], f: impl Fn(V) -> V) 
         y.store_partial(d);
         acc1 = acc1 + V::select(first_lanes::<V>(s.len()), y, zero);
     }
-    (acc0 + acc1).reduce_add()
+    acc0 + acc1
 }
 
 /// Updates `M` buffers in place, reading `N` more inputs:
