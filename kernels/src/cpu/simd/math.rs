@@ -1,5 +1,6 @@
 //! Vectorised f32 transcendental functions, written once over [`F32Vector`]: `exp`, `ln`,
-//! `tanh`, `erf`, `sigmoid`, `silu`, and GELU in its erf and tanh forms.
+//! `tanh`, `erf`, `sigmoid`, `silu`, GELU in its erf and tanh forms, and [`RowExp`], the
+//! exponentials of a row less its max (softmax's).
 //!
 //! The method is the classic one of the Cephes library (S. L. Moshier, *Methods and
 //! Programs for Mathematical Functions*, 1989): reduce the argument to a short interval
@@ -9,7 +10,9 @@
 //! reduction and coefficients, `tanh` Cephes' `tanhf` polynomial; `erf` uses
 //! polynomials fitted for this crate (minimax in relative error, by Lawson's iteratively
 //! reweighted least squares) in the form `erf(x) = x + x P(x^2)` near 0 and
-//! `erf(x) = 1 - exp(Q(x))` beyond, where `Q` approximates `ln(erfc(x))`.
+//! `erf(x) = 1 - exp(Q(x))` beyond, where `Q` approximates `ln(erfc(x))`. [`RowExp`]
+//! reduces to eighths of a power of two, taken from a table of eight, and a cubic fitted
+//! the same way.
 //!
 //! Every function is branch-free: all cases are computed and the right one is selected
 //! per lane, so a vector of mixed inputs costs the same as any other. Special values are
