@@ -566,9 +566,10 @@ pub fn map1<V: F32Vector>(src: &[f32], dst: &mut [f32], f: impl Fn(V) -> V) {
 /// exponentials while it sums them); the padded lanes of the tail are left out of the sum.
 /// The sum is returned lane by lane (`reduce_add` totals it), so that a caller that
 /// sums a row piece by piece reduces across the lanes once: a reduction per softmax
-/// piece of 256 values took a tenth of its samples in `perf`, and without it softmax of
-/// (64, 1024) and (256, 1024) (rows in L2) takes 0.234 ns a value instead of 0.248 (one
-/// thread, AVX-512 on Zen 4, median of three runs of each build alternated).
+/// piece of 256 values took a tenth of its samples in `perf`, and without it softmax
+/// (rows in L2) takes 0.234 ns a value instead of 0.248 on (64, 1024), 0.233 instead of
+/// 0.246 on (256, 1024) (one thread, AVX-512 on Zen 4, median of three runs of each build
+/// alternated).
 ///
 /// Two vectors per iteration: the functions are long dependency chains (a polynomial by
 /// Horner's rule), and two independent chains side by side keep more of the FMA units
