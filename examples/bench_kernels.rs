@@ -16,7 +16,8 @@
 //! - softmax and LayerNorm on (4096, 1024), GELU (erf and tanh forms) on 16M floats,
 //!   against candle, in milliseconds, with `copy_ms`, a plain copy of the same bytes into
 //!   an existing buffer (the memory-bound floor), raced against the op separately
-//!   (`ms_beside_copy` is the op in that race);
+//!   (`ms_beside_copy` is the op in that race); cross-entropy of logits (4096, 1024),
+//!   forward and backward, against candle's;
 //! - small ops on 64 floats (`add` of tensors and of `Var`s, a number operand, a row sum,
 //!   a concatenation), against candle, in nanoseconds per call: the fixed cost of an op.
 //!
@@ -126,6 +127,7 @@ fn elementwise_and_rows(threads: usize, reps: usize) {
     let layer_norm = || drop(x.layer_norm(1, Some(&w), Some(&b), 1e-5).unwrap());
     let candle_layer_norm = || drop(candle_nn::ops::layer_norm(&cx, &cw, &cb, 1e-5).unwrap());
     memory_bound_line("layer_norm", &[4096, 1024], threads, reps, layer_norm, candle_layer_norm, &mut copy);
+    cross_entropy_line(&x, &cx, threads, reps);
 
     let n = 16 << 20;
     let (x, cx, values) = pair(&[n], 4);
@@ -176,6 +178,33 @@ fn elementwise_and_rows(threads: usize, reps: usize) {
         batched(inner, || drop(black_box(candle_core::Tensor::cat(&[&cm, &cm], 0).unwrap()))),
     );
     small_op_line("cat", &[8, 8], threads, ours * ns_per_call, peer * ns_per_call);
+}
+
+/// Cross-entropy of logits (4096, 1024) against a class for each row, forward and
+/// backward (the gradient of the mean loss with respect to the logits), ours against
+/// candle's (`candle_nn::loss::cross_entropy`: log-softmax, then gather).
+fn cross_entropy_line(x: &Tensor, cx: &candle_core::Tensor, threads: usize, reps: usize) {
+    let rows = x.dims()[0];
+    let classes: Vec<usize> = (0..rows).map(|i| i * 7919 % x.dims()[1]).collect();
+    let targets = Tensor::from_vec(classes.iter().map(|&c| c as i64).collect(), [rows], &Device::Cpu).unwrap();
+    let candle_targets = candle_core::Tensor::from_vec(
+        classes.iter().map(|&c| c as u32).collect::<Vec<u32>>(),
+        rows,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let ours = || {
+        let logits = Var::leaf(x.clone());
+        logits.cross_entropy(&targets, Default::default()).unwrap().backward().unwrap();
+        drop(black_box(logits.grad()));
+    };
+    let candle = || {
+        let logits = candle_core::Var::from_tensor(cx).unwrap();
+        let loss = candle_nn::loss::cross_entropy(logits.as_tensor(), &candle_targets).unwrap();
+        drop(black_box(loss.backward().unwrap()));
+    };
+    let (ms, peer_ms) = race(reps, ours, candle);
+    line("cross_entropy_fwd_bwd", x.dims(), threads, ms * 1e3, peer_ms * 1e3);
 }
 
 /// Prints one measurement of an op on 64 elements against candle's, in nanoseconds per

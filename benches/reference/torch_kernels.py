@@ -46,6 +46,10 @@ def main():
         line(op="softmax", shape=[4096, 1024], threads=threads, ms=median_ms(lambda: torch.softmax(x, -1)),
              peer="torch", copy_ms=median_ms(lambda: out.copy_(x)))
         line(op="layer_norm", shape=[4096, 1024], threads=threads, ms=median_ms(lambda: F.layer_norm(x, (1024,), w, b)))
+        logits = x.clone().requires_grad_(True)
+        classes = torch.tensor([i * 7919 % 1024 for i in range(4096)])
+        line(op="cross_entropy_fwd_bwd", shape=[4096, 1024], threads=threads,
+             ms=median_ms(lambda: F.cross_entropy(logits, classes).backward()))
         g = torch.randn(1 << 24)
         line(op="gelu_erf", shape=[1 << 24], threads=threads, ms=median_ms(lambda: F.gelu(g)))
         line(op="gelu_tanh", shape=[1 << 24], threads=threads, ms=median_ms(lambda: F.gelu(g, approximate="tanh")))

@@ -37,6 +37,7 @@ pub use device::Device;
 pub use dtype::{DType, WithDType};
 pub use error::{Error, Result};
 pub use ops::conv::{Conv1dParams, Conv2dParams, ConvTranspose1dParams, ConvTranspose2dParams};
+pub use ops::cross_entropy::CrossEntropyOptions;
 pub use ops::recurrent::{RecurrentCell, RecurrentGrads, RecurrentStates};
 pub use shape::Shape;
 pub use tensor::Tensor;

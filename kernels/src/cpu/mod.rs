@@ -15,6 +15,7 @@ mod conv_weight_grad;
 mod conv_winograd;
 mod conv_winograd_grad;
 pub mod copy;
+pub mod cross_entropy;
 pub mod gemm;
 #[cfg(target_arch = "x86_64")]
 mod gemm_amx;

@@ -248,13 +248,18 @@ pub(crate) fn for_row_blocks(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [
     if out.len() <= PARALLEL_THRESHOLD {
         return f(0, out);
     }
-    // Blocks of about ROW_BLOCK_VALUES, at least four per thread (so that a thread that
-    // starts late finds others' work to share), as many as a multiple of the thread
-    // count, so that every thread gets the same number of rows.
-    let (rows, threads) = (out.len() / n, parallel::threads());
-    let blocks = out.len().div_ceil(ROW_BLOCK_VALUES).max(4 * threads).next_multiple_of(threads);
-    let rows_per_block = rows.div_ceil(blocks).max(1);
+    let rows_per_block = rows_per_block(out.len() / n, n);
     parallel::for_each_chunk_mut(out, rows_per_block * n, |b, block| f(b * rows_per_block, block));
+}
+
+/// The rows in each block of [`for_row_blocks`], for `rows` rows of `n` values: blocks of
+/// about [`ROW_BLOCK_VALUES`], at least four per thread (so that a thread that starts late
+/// finds others' work to share), as many as a multiple of the thread count, so that every
+/// thread gets the same number of rows.
+pub(crate) fn rows_per_block(rows: usize, n: usize) -> usize {
+    let threads = parallel::threads();
+    let blocks = (rows * n).div_ceil(ROW_BLOCK_VALUES).max(4 * threads).next_multiple_of(threads);
+    rows.div_ceil(blocks).max(1)
 }
 
 /// The values of a block of rows that [`for_row_blocks`] hands one thread at a time (1 MB
@@ -274,7 +279,7 @@ const FETCH_PIECE: usize = 256;
 /// ([`prefetch_lines`]), so that the next row comes from memory while a pass over this
 /// row runs from L1.
 #[inline(always)]
-fn in_pieces_fetching(next: &[f32], mut pass: impl FnMut(std::ops::Range<usize>)) {
+pub(crate) fn in_pieces_fetching(next: &[f32], mut pass: impl FnMut(std::ops::Range<usize>)) {
     for start in (0..next.len()).step_by(FETCH_PIECE) {
         let piece = start..next.len().min(start + FETCH_PIECE);
         prefetch_lines(&next[piece.clone()]);

@@ -6,6 +6,7 @@ pub mod arith;
 pub mod attention;
 pub mod bytes;
 pub mod conv;
+pub mod cross_entropy;
 pub mod elementwise;
 pub mod index;
 pub mod inplace;
