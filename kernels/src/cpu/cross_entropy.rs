@@ -42,13 +42,18 @@ use crate::parallel;
 use crate::{Element, FloatElem, Real};
 
 /// What the forward gives for one line.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LineLoss {
     /// `(1 - eps) (lse - x_t) + eps (lse - mean x)`; 0 for an ignored line.
     pub loss: f64,
     /// `ln sum_c e^(x_c)`, what [`cross_entropy_backward`] takes; NaN for an ignored line
     /// (not computed).
     pub log_sum_exp: f64,
+}
+
+impl LineLoss {
+    /// An ignored line's.
+    pub const IGNORED: LineLoss = LineLoss { loss: 0.0, log_sum_exp: f64::NAN };
 }
 
 /// The loss of every line along `dim` of a strided view of class scores, with
@@ -63,7 +68,7 @@ pub fn cross_entropy<T: FloatElem>(
     targets: &[Option<usize>],
     smoothing: f64,
 ) -> Vec<LineLoss> {
-    let mut out = vec![LineLoss::default(); targets.len()];
+    let mut out = vec![LineLoss::IGNORED; targets.len()];
     let classes = layout.shape()[dim];
     if dim + 1 == layout.rank()
         && let Some(x) = T::as_f32(x)
@@ -364,6 +369,7 @@ mod tests {
         let targets = [None, None, Some(1), Some(0)];
         let lines = cross_entropy(&x, &layout, 1, &targets, 0.0);
         assert_eq!((lines[0].loss, lines[1].loss), (0.0, 0.0));
+        assert!(lines[0].log_sum_exp.is_nan() && lines[1].log_sum_exp.is_nan());
         // A class at -inf has probability 0: the other class's loss is 0 (up to the
         // rounding of the sum of exponentials, which carries `RowExp`'s factor).
         assert!(lines[2].loss.abs() < 1e-7, "{}", lines[2].loss);
@@ -396,7 +402,7 @@ mod tests {
         let lse: Vec<f64> = want.iter().map(|l| l.log_sum_exp).collect();
         let want_dx = cross_entropy_backward(&wide, &layout, 1, &targets, &lse, 0.2, 1.5);
         for isa in crate::cpu::simd::test_isas() {
-            let mut got = vec![LineLoss::default(); 4];
+            let mut got = vec![LineLoss::IGNORED; 4];
             cross_entropy_f32(isa, &x, &rows, 0, &targets, 0.2, &mut got);
             // Losses near 100: the f32 max and sums give about 1e-7 relative of `lse`.
             assert_close(got.iter().map(|l| l.loss), want.iter().map(|l| l.loss), 1e-5, 1e-4, "loss");
