@@ -239,8 +239,10 @@ kernel! {
                 continue;
             };
             let (row, lse) = (rows.row(x, first + i), log_sum_exp[i]);
-            // `e^(x - lse) = e^(x - m) e^(m - lse)`, `m` the f32 nearest `lse`: `x` may
-            // lie above `m` by half an ulp of it, which `RowExp` takes (`k` one more).
+            // `e^(x - lse) = e^(x - m) e^(m - lse)`, `m` the f32 nearest `lse`. The row's
+            // max may lie a little above `m` (the forward's `lse` carries the rounding of
+            // its f32 sum, so it can fall short of the max when one class has nearly all
+            // the mass); `RowExp` takes `x` above its max (`k` one or two more).
             let m = lse as f32;
             let shift = m as f64 - lse;
             let x = [Operand::Slice(row)];
@@ -409,6 +411,13 @@ mod tests {
             let mut dx = vec![0.0; 4 * n];
             cross_entropy_backward_f32(isa, &x, &rows, 0, &targets, &lse, (0.2, 1.5), &mut dx);
             assert_close(dx.iter().map(|&v| v as f64), want_dx.iter().copied(), 1e-5, 1e-9, "backward");
+            // A log-sum-exp below the row's max (as the f32 forward's rounding can leave
+            // it): the exponentials of the scores above it, against the f64 kernel's.
+            let low: Vec<f64> =
+                x.chunks(n).map(|row| row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64 - 1e-3).collect();
+            let want_low = cross_entropy_backward(&wide, &layout, 1, &targets, &low, 0.2, 1.5);
+            cross_entropy_backward_f32(isa, &x, &rows, 0, &targets, &low, (0.2, 1.5), &mut dx);
+            assert_close(dx.iter().map(|&v| v as f64), want_low, 1e-5, 1e-9, "backward, lse below the max");
         }
     }
 }

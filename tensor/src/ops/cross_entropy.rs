@@ -13,8 +13,7 @@
 
 use crate::storage::{CpuStorage, map_float};
 use crate::{DType, Error, Result, Tensor};
-use aigc_kernels::cpu::cross_entropy::{self, LineLoss};
-use aigc_kernels::{FloatElem, Layout};
+use aigc_kernels::cpu::cross_entropy;
 
 /// PyTorch's options of a classification loss.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -108,16 +107,13 @@ impl Tensor {
     ) -> Result<(Tensor, Tensor)> {
         const OP: &str = "cross_entropy_lines";
         let (dim, classes) = self.cross_entropy_args(OP, dim, targets, opts)?;
+        let eps = opts.label_smoothing;
         let lines = self.read_cpu(|s, l| {
-            fn run<T: FloatElem>(x: &[T], l: &Layout, dim: usize, c: &[Option<usize>], eps: f64) -> Vec<LineLoss> {
-                cross_entropy::cross_entropy(x, l, dim, c, eps)
-            }
-            let eps = opts.label_smoothing;
             Ok(match s {
-                CpuStorage::F32(x) => run(x, l, dim, &classes, eps),
-                CpuStorage::F64(x) => run(x, l, dim, &classes, eps),
-                CpuStorage::F16(x) => run(x, l, dim, &classes, eps),
-                CpuStorage::BF16(x) => run(x, l, dim, &classes, eps),
+                CpuStorage::F32(x) => cross_entropy::cross_entropy(x, l, dim, &classes, eps),
+                CpuStorage::F64(x) => cross_entropy::cross_entropy(x, l, dim, &classes, eps),
+                CpuStorage::F16(x) => cross_entropy::cross_entropy(x, l, dim, &classes, eps),
+                CpuStorage::BF16(x) => cross_entropy::cross_entropy(x, l, dim, &classes, eps),
                 CpuStorage::I64(_) | CpuStorage::U8(_) => unreachable!("class_targets checked a float dtype"),
             })
         })?;
